@@ -1,0 +1,29 @@
+"""Dependencies routes declare with Annotated aliases; all come from the lifespan's Resources."""
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from api.resources import Resources
+from shared.events.service import EventService
+from shared.purchases.service import PurchaseService
+
+
+def get_resources(request: Request) -> Resources:
+    resources: Resources = request.app.state.resources
+    return resources
+
+
+ResourcesDep = Annotated[Resources, Depends(get_resources)]
+
+
+def get_event_service(resources: ResourcesDep) -> EventService:
+    return resources.events
+
+
+def get_purchase_service(resources: ResourcesDep) -> PurchaseService:
+    return resources.purchases
+
+
+EventServiceDep = Annotated[EventService, Depends(get_event_service)]
+PurchaseServiceDep = Annotated[PurchaseService, Depends(get_purchase_service)]

@@ -1,0 +1,122 @@
+"""The one place where errors become HTTP responses (problem+json)."""
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.problems import problem_response
+from shared.errors import (
+    Conflict,
+    DomainError,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+    VersionMismatch,
+)
+from shared.retry import DATABASE_UNAVAILABLE
+
+log = logging.getLogger(__name__)
+
+# Most specific first.
+STATUS_OF: list[tuple[type[DomainError], int]] = [
+    (NotFound, 404),
+    (VersionMismatch, 412),
+    (Conflict, 409),
+    (InvalidRequest, 422),
+    (ServiceUnavailable, 503),
+]
+
+HTTP_TITLES = {
+    400: "Bad request",
+    404: "Not found",
+    405: "Method not allowed",
+    406: "Not acceptable",
+    413: "Content too large",
+    415: "Unsupported media type",
+}
+
+
+def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 400)
+    headers = None
+    if isinstance(exc, ServiceUnavailable):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    return problem_response(
+        status, exc.title, exc.detail, instance=request.url.path, headers=headers
+    )
+
+
+def _clean_error(error: Any) -> dict[str, Any]:
+    # Echo where and why, never the input itself: it may be 64 KiB, or not even printable.
+    return {
+        "loc": list(error.get("loc", ())),
+        "msg": error.get("msg", ""),
+        "type": error.get("type"),
+    }
+
+
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [_clean_error(error) for error in exc.errors()]
+    if any(error["type"] == "json_invalid" for error in errors):
+        return problem_response(
+            400,
+            "Malformed JSON",
+            "The request body is not valid JSON.",
+            instance=request.url.path,
+            errors=errors,
+        )
+    summary = "; ".join(
+        f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in errors[:5]
+    )
+    return problem_response(
+        422,
+        "Invalid request",
+        summary or "The request is invalid.",
+        instance=request.url.path,
+        errors=errors,
+    )
+
+
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    title = HTTP_TITLES.get(exc.status_code, "Request failed")
+    detail = exc.detail if isinstance(exc.detail, str) else title
+    return problem_response(
+        exc.status_code,
+        title,
+        detail,
+        instance=request.url.path,
+        headers=dict(exc.headers) if exc.headers else None,
+    )
+
+
+def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, (*DATABASE_UNAVAILABLE, TimeoutError)):
+        log.warning("database unavailable on %s: %r", request.url.path, exc)
+        return problem_response(
+            503,
+            "Database unavailable",
+            "The database is unavailable; retry shortly.",
+            instance=request.url.path,
+            headers={"Retry-After": "1"},
+        )
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem_response(
+        500,
+        "Internal error",
+        "Something went wrong on our side; it has been logged.",
+        instance=request.url.path,
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

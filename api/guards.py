@@ -1,0 +1,100 @@
+"""ASGI middleware that refuses what must never reach a route: oversized or non-JSON bodies."""
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.problems import PROBLEM_JSON, PROBLEM_TYPE_BASE, Problem, slug
+
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while a body without Content-Length streams in; FastAPI lets an HTTPException from
+    the body read through, and the error handler answers 413."""
+
+    def __init__(self, max_body_bytes: int) -> None:
+        super().__init__(413, f"The request body must be at most {max_body_bytes} bytes.")
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+async def _send_problem(send: Send, status: int, title: str, detail: str) -> None:
+    body = Problem(type=PROBLEM_TYPE_BASE + slug(title), title=title, status=status, detail=detail)
+    payload = body.model_dump_json(exclude_none=True).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_JSON.encode()),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            await _send_problem(
+                send,
+                413,
+                "Content too large",
+                f"The request body must be at most {self.max_body_bytes} bytes.",
+            )
+            return
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
+        has_body = declared != b"0" and (declared is not None or b"transfer-encoding" in headers)
+        if has_body and not _is_json(content_type):
+            await _send_problem(
+                send,
+                415,
+                "Unsupported media type",
+                "Send the request body as JSON with Content-Type: application/json.",
+            )
+            return
+
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if response_started:
+                raise
+            await _send_problem(
+                send,
+                413,
+                "Content too large",
+                f"The request body must be at most {self.max_body_bytes} bytes.",
+            )

@@ -1,0 +1,51 @@
+"""The API application: create_app() and its lifespan."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from api.errors import install_error_handlers
+from api.guards import RequestGuard
+from api.resources import open_resources
+from api.routes import events, health, purchases
+from shared.settings import Settings, get_settings
+
+DESCRIPTION = """
+Ticket sales that survive a flash sale. Purchases are accepted here (`202`), queued durably in
+RabbitMQ and decided by workers; poll `GET /purchases/{id}` (honour `Retry-After`) for the outcome.
+Every error is `application/problem+json` (RFC 9457).
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with open_resources(settings) as resources:
+            app.state.resources = resources
+            yield
+
+    app = FastAPI(
+        title="Ticketing API",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    # Added last so it is outermost: even a 413 or a 503 carries the CORS headers a browser needs.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+        allow_headers=["Content-Type", "Idempotency-Key", "If-Match"],
+        expose_headers=["Location", "Retry-After", "ETag"],
+        max_age=600,
+    )
+    app.include_router(events.router)
+    app.include_router(purchases.router)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,65 @@
+"""Every long-lived resource of the API, opened and closed in one place by the lifespan."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aio_pika.abc
+import asyncpg
+
+from shared import broker
+from shared.db import create_pool
+from shared.events.cache import EventCache
+from shared.events.service import EventService
+from shared.publisher import PurchasePublisher
+from shared.purchases.ids import PurchaseIds
+from shared.purchases.service import PurchaseService, RecentlyAccepted
+from shared.settings import DEV_PURCHASE_ID_SECRET, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    settings: Settings
+    pool: asyncpg.Pool
+    connection: aio_pika.abc.AbstractRobustConnection
+    publisher: PurchasePublisher
+    events: EventService
+    purchases: PurchaseService
+
+
+@asynccontextmanager
+async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
+    if settings.purchase_id_secret == DEV_PURCHASE_ID_SECRET:
+        log.warning("PURCHASE_ID_SECRET is the development default; set it in production")
+    pool = await create_pool(settings)
+    try:
+        connection = await broker.connect(settings)
+        try:
+            publisher = PurchasePublisher(
+                broker.Topology.from_settings(settings), timeout_s=settings.publish_timeout_s
+            )
+            await publisher.start(connection)
+            event_service = EventService(pool)
+            cache = EventCache(event_service.find, ttl_s=settings.event_cache_ttl_s)
+            yield Resources(
+                settings=settings,
+                pool=pool,
+                connection=connection,
+                publisher=publisher,
+                events=event_service,
+                purchases=PurchaseService(
+                    pool=pool,
+                    events=cache,
+                    publisher=publisher,
+                    ids=PurchaseIds(settings.purchase_id_secret),
+                    recent=RecentlyAccepted(),
+                ),
+            )
+        finally:
+            await publisher.close()
+            await connection.close()
+    finally:
+        await pool.close()

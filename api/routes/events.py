@@ -1,0 +1,89 @@
+"""Events: create, list, read, update, delete."""
+
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Header, Query, Response, status
+
+from api.deps import EventServiceDep
+from api.problems import problem_responses
+from shared.errors import InvalidRequest
+from shared.events.models import Event, EventCreate, EventPage, EventUpdate
+
+router = APIRouter(prefix="/events", tags=["events"])
+
+IfMatch = Annotated[
+    str | None,
+    Header(
+        description='The event\'s version as its ETag (`"3"`): the change applies only if the '
+        "event is still at that version, else 412.",
+    ),
+]
+
+
+def etag(event: Event) -> str:
+    return f'"{event.version}"'
+
+
+def parse_if_match(value: str | None) -> int | None:
+    if value is None or value.strip() == "*":
+        return None
+    tag = value.strip().removeprefix("W/").strip('"')
+    if not tag.isdigit() or len(tag) > 9:
+        raise InvalidRequest('If-Match must be an ETag of this API, such as "3".')
+    return int(tag)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Event,
+    responses=problem_responses(400, 413, 415, 422),
+)
+async def create_event(body: EventCreate, events: EventServiceDep, response: Response) -> Event:
+    event = await events.create(body)
+    response.headers["Location"] = f"/events/{event.id}"
+    response.headers["ETag"] = etag(event)
+    return event
+
+
+@router.get("", response_model=EventPage, responses=problem_responses(422))
+async def list_events(
+    events: EventServiceDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> EventPage:
+    return await events.list(limit=limit, cursor=cursor)
+
+
+@router.get("/{event_id}", response_model=Event, responses=problem_responses(404, 422))
+async def get_event(event_id: UUID, events: EventServiceDep, response: Response) -> Event:
+    event = await events.get(event_id)
+    response.headers["ETag"] = etag(event)
+    return event
+
+
+@router.patch(
+    "/{event_id}",
+    response_model=Event,
+    responses=problem_responses(400, 404, 409, 412, 413, 415, 422),
+)
+async def update_event(
+    event_id: UUID,
+    body: EventUpdate,
+    events: EventServiceDep,
+    response: Response,
+    if_match: IfMatch = None,
+) -> Event:
+    event = await events.update(event_id, body, expected_version=parse_if_match(if_match))
+    response.headers["ETag"] = etag(event)
+    return event
+
+
+@router.delete(
+    "/{event_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=problem_responses(404, 409, 412, 422),
+)
+async def delete_event(event_id: UUID, events: EventServiceDep, if_match: IfMatch = None) -> None:
+    await events.delete(event_id, expected_version=parse_if_match(if_match))

@@ -1,0 +1,2 @@
+DROP TABLE partition_leases;
+DROP TABLE workers;

@@ -1,0 +1,1 @@
+"""Code shared by the API and the worker: settings, schema access, broker topology, messages."""

@@ -1,0 +1,28 @@
+"""The PostgreSQL connection pool."""
+
+from typing import TYPE_CHECKING, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from shared.retry import DATABASE_UNAVAILABLE, wait_for_service
+from shared.settings import Settings
+
+
+async def create_pool(settings: Settings, *, wait_s: float = 30.0) -> asyncpg.Pool:
+    async for attempt in wait_for_service("postgresql", DATABASE_UNAVAILABLE, wait_s):
+        with attempt:
+            pool: asyncpg.Pool = await asyncpg.create_pool(
+                settings.database_url,
+                min_size=settings.db_pool_min,
+                max_size=settings.db_pool_max,
+                command_timeout=30,
+            )
+    return pool
+
+
+# What repositories take: a plain connection or one borrowed from the pool.
+if TYPE_CHECKING:
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+else:
+    Connection = asyncpg.Connection

@@ -1,0 +1,116 @@
+"""SQL for events. Functions take a connection and never commit: the service owns the transaction."""
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from shared.db import Connection
+
+INSERT_EVENT = """
+    INSERT INTO events (id, name, description, venue, starts_at, total_tickets,
+                        available_tickets, max_tickets_per_purchase)
+    VALUES ($1, $2, $3, $4, $5, $6, $6, $7)
+    RETURNING *
+"""
+
+SELECT_EVENT = "SELECT * FROM events WHERE id = $1"
+
+SELECT_EVENT_FOR_UPDATE = "SELECT * FROM events WHERE id = $1 FOR UPDATE"
+
+LIST_EVENTS_FIRST_PAGE = """
+    SELECT * FROM events
+    ORDER BY created_at, id
+    LIMIT $1
+"""
+
+LIST_EVENTS_AFTER_CURSOR = """
+    SELECT * FROM events
+    WHERE (created_at, id) > ($1, $2)
+    ORDER BY created_at, id
+    LIMIT $3
+"""
+
+UPDATE_EVENT = """
+    UPDATE events
+    SET name = $3, description = $4, venue = $5, starts_at = $6, total_tickets = $7,
+        available_tickets = $8, max_tickets_per_purchase = $9,
+        version = version + 1, updated_at = now()
+    WHERE id = $1 AND version = $2
+    RETURNING *
+"""
+
+DELETE_EVENT = "DELETE FROM events WHERE id = $1 AND version = $2"
+
+EVENT_HAS_PURCHASES = "SELECT EXISTS (SELECT 1 FROM purchases WHERE event_id = $1)"
+
+
+async def insert_event(
+    conn: Connection,
+    *,
+    event_id: UUID,
+    name: str,
+    description: str | None,
+    venue: str | None,
+    starts_at: datetime,
+    total_tickets: int,
+    max_tickets_per_purchase: int,
+) -> asyncpg.Record:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        INSERT_EVENT,
+        event_id,
+        name,
+        description,
+        venue,
+        starts_at,
+        total_tickets,
+        max_tickets_per_purchase,
+    )
+    assert row is not None  # INSERT ... RETURNING always returns the row
+    return row
+
+
+async def get_event(
+    conn: Connection, event_id: UUID, *, for_update: bool = False
+) -> asyncpg.Record | None:
+    query = SELECT_EVENT_FOR_UPDATE if for_update else SELECT_EVENT
+    row: asyncpg.Record | None = await conn.fetchrow(query, event_id)
+    return row
+
+
+async def list_events(
+    conn: Connection, *, limit: int, after: tuple[datetime, UUID] | None
+) -> list[asyncpg.Record]:
+    if after is None:
+        return await conn.fetch(LIST_EVENTS_FIRST_PAGE, limit)
+    return await conn.fetch(LIST_EVENTS_AFTER_CURSOR, after[0], after[1], limit)
+
+
+async def update_event(
+    conn: Connection, *, event_id: UUID, expected_version: int, fields: dict[str, Any]
+) -> asyncpg.Record | None:
+    """Write every column of `fields`; None when the version moved (optimistic lock lost)."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        UPDATE_EVENT,
+        event_id,
+        expected_version,
+        fields["name"],
+        fields["description"],
+        fields["venue"],
+        fields["starts_at"],
+        fields["total_tickets"],
+        fields["available_tickets"],
+        fields["max_tickets_per_purchase"],
+    )
+    return row
+
+
+async def delete_event(conn: Connection, *, event_id: UUID, expected_version: int) -> bool:
+    status: str = await conn.execute(DELETE_EVENT, event_id, expected_version)
+    return status == "DELETE 1"
+
+
+async def event_has_purchases(conn: Connection, event_id: UUID) -> bool:
+    found: bool = await conn.fetchval(EVENT_HAS_PURCHASES, event_id)
+    return found

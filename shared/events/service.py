@@ -1,0 +1,125 @@
+"""Event use cases: each opens one transaction and speaks in DTOs and domain errors."""
+
+import base64
+import binascii
+from datetime import datetime
+from uuid import UUID, uuid4
+
+import asyncpg
+import orjson
+
+from shared.errors import (
+    Conflict,
+    EventHasPurchases,
+    EventNotFound,
+    InvalidRequest,
+    VersionMismatch,
+)
+from shared.events import repository
+from shared.events.models import Event, EventCreate, EventPage, EventUpdate
+
+
+def encode_cursor(event: Event) -> str:
+    raw = orjson.dumps([event.created_at.isoformat(), str(event.id)])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, event_id = orjson.loads(raw)
+        after = (datetime.fromisoformat(created_at), UUID(event_id))
+    except (binascii.Error, orjson.JSONDecodeError, ValueError, TypeError) as exc:
+        raise InvalidRequest("The cursor is malformed; pass back a next_cursor as given.") from exc
+    if after[0].tzinfo is None:
+        raise InvalidRequest("The cursor is malformed; pass back a next_cursor as given.")
+    return after
+
+
+class EventService:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def create(self, data: EventCreate) -> Event:
+        async with self._pool.acquire() as conn:
+            row = await repository.insert_event(
+                conn,
+                event_id=uuid4(),
+                name=data.name,
+                description=data.description,
+                venue=data.venue,
+                starts_at=data.starts_at,
+                total_tickets=data.total_tickets,
+                max_tickets_per_purchase=data.max_tickets_per_purchase,
+            )
+        return Event.model_validate(dict(row))
+
+    async def find(self, event_id: UUID) -> Event | None:
+        async with self._pool.acquire() as conn:
+            row = await repository.get_event(conn, event_id)
+        return None if row is None else Event.model_validate(dict(row))
+
+    async def get(self, event_id: UUID) -> Event:
+        event = await self.find(event_id)
+        if event is None:
+            raise EventNotFound(event_id)
+        return event
+
+    async def list(self, *, limit: int, cursor: str | None) -> EventPage:
+        after = decode_cursor(cursor) if cursor else None
+        async with self._pool.acquire() as conn:
+            # One row more than asked tells whether another page exists.
+            rows = await repository.list_events(conn, limit=limit + 1, after=after)
+        items = [Event.model_validate(dict(row)) for row in rows[:limit]]
+        next_cursor = encode_cursor(items[-1]) if len(rows) > limit else None
+        return EventPage(items=items, next_cursor=next_cursor)
+
+    async def update(
+        self, event_id: UUID, data: EventUpdate, *, expected_version: int | None
+    ) -> Event:
+        async with self._pool.acquire() as conn, conn.transaction():
+            # The row lock serialises this edit against the worker's ticket commits; the
+            # version check then catches a client editing from a stale read (If-Match).
+            current = await repository.get_event(conn, event_id, for_update=True)
+            if current is None:
+                raise EventNotFound(event_id)
+            if expected_version is not None and expected_version != current["version"]:
+                raise VersionMismatch(
+                    f"Event {event_id} is at version {current['version']}, "
+                    f"not {expected_version}; read it again and retry."
+                )
+            fields = dict(current) | data.model_dump(exclude_unset=True)
+            if fields["name"] is None or fields["starts_at"] is None:
+                raise InvalidRequest("name and starts_at cannot be null.")
+            for required in ("total_tickets", "max_tickets_per_purchase"):
+                if fields[required] is None:
+                    raise InvalidRequest(f"{required} cannot be null.")
+            sold = current["total_tickets"] - current["available_tickets"]
+            if fields["total_tickets"] < sold:
+                raise Conflict(
+                    f"{sold} tickets are already sold; total_tickets cannot go below that."
+                )
+            fields["available_tickets"] = fields["total_tickets"] - sold
+            row = await repository.update_event(
+                conn, event_id=event_id, expected_version=current["version"], fields=fields
+            )
+            if row is None:  # unreachable while we hold the row lock; kept as the invariant
+                raise VersionMismatch(f"Event {event_id} changed concurrently; retry.")
+        return Event.model_validate(dict(row))
+
+    async def delete(self, event_id: UUID, *, expected_version: int | None) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            current = await repository.get_event(conn, event_id, for_update=True)
+            if current is None:
+                raise EventNotFound(event_id)
+            if expected_version is not None and expected_version != current["version"]:
+                raise VersionMismatch(
+                    f"Event {event_id} is at version {current['version']}, not {expected_version}."
+                )
+            if await repository.event_has_purchases(conn, event_id):
+                raise EventHasPurchases(
+                    f"Event {event_id} has recorded purchases and cannot be deleted."
+                )
+            await repository.delete_event(
+                conn, event_id=event_id, expected_version=current["version"]
+            )

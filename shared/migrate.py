@@ -1,0 +1,79 @@
+"""Create the database if it is missing, then apply the SQL migrations (yoyo) in order.
+
+`python -m shared.migrate` (or `make migrate`). Re-running is a no-op; yoyo records what it
+applied and takes a lock, so two processes migrating at once apply each migration once.
+"""
+
+import logging
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors, sql
+from yoyo import get_backend, read_migrations
+
+from shared.settings import Settings, get_settings
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+log = logging.getLogger(__name__)
+
+
+def _with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def database_name(url: str) -> str:
+    name = urlsplit(url).path.lstrip("/")
+    if not name:
+        raise ValueError(f"DATABASE_URL names no database: {url!r}")
+    return name
+
+
+def create_database_if_missing(url: str) -> bool:
+    """Return True when the database had to be created."""
+    name = database_name(url)
+    with psycopg.connect(_with_database(url, "postgres"), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists:
+            return False
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        except (errors.DuplicateDatabase, errors.UniqueViolation):
+            return False  # another process created it first
+    return True
+
+
+def drop_database(url: str) -> None:
+    name = database_name(url)
+    with psycopg.connect(_with_database(url, "postgres"), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def apply_migrations(url: str) -> int:
+    """Apply pending migrations; return how many were applied."""
+    backend = get_backend(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    migrations = read_migrations(str(MIGRATIONS_DIR))
+    with backend.lock():
+        pending = backend.to_apply(migrations)
+        backend.apply_migrations(pending)
+    return len(pending)
+
+
+def migrate(settings: Settings) -> None:
+    if create_database_if_missing(settings.database_url):
+        log.info("created database %s", database_name(settings.database_url))
+    applied = apply_migrations(settings.database_url)
+    log.info("migrations applied: %d", applied)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    migrate(get_settings())
+
+
+if __name__ == "__main__":
+    main()

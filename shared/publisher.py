@@ -1,0 +1,114 @@
+"""Publishes accepted purchases to their partition queue and waits for the broker's confirm.
+
+Concurrent requests for one partition are coalesced, the way a Kafka producer lingers: while one
+message of a partition awaits its confirm, the purchases arriving meanwhile queue up and go out
+together as the next message. An idle partition publishes at once (no added latency); a hot one
+sends fewer, larger messages, one confirm each. Each caller returns only once the message holding
+its purchase is confirmed, and one partition has one message in flight at a time, so the queue
+holds purchases in the order they were accepted.
+"""
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.exceptions import DeliveryError, PublishError
+
+from shared.broker import Topology, declare_topology
+from shared.errors import BrokerUnavailable, QueueFull, ServiceUnavailable
+from shared.messages import CONTENT_TYPE, MESSAGE_TYPE, PurchaseMessage, PurchaseRequested
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Lane:
+    pending: list[tuple[PurchaseRequested, asyncio.Future[None]]] = field(default_factory=list)
+    drainer: asyncio.Task[None] | None = None
+
+
+class PurchasePublisher:
+    def __init__(self, topology: Topology, *, timeout_s: float, max_batch: int = 256) -> None:
+        self._topology = topology
+        self._timeout_s = timeout_s
+        self._max_batch = max_batch
+        self._lanes: defaultdict[int, _Lane] = defaultdict(_Lane)
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._exchange = await declare_topology(self._channel, self._topology)
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+
+    @property
+    def is_ready(self) -> bool:
+        return self._channel is not None and not self._channel.is_closed
+
+    async def publish(self, purchase: PurchaseRequested) -> None:
+        """Return once the broker confirmed the purchase; raise ServiceUnavailable otherwise."""
+        partition = self._topology.partition_of(purchase.event_id)
+        lane = self._lanes[partition]
+        confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        lane.pending.append((purchase, confirmed))
+        if lane.drainer is None:
+            lane.drainer = asyncio.create_task(self._drain(partition, lane))
+        # Shielded: a caller that gives up (client gone) must not cancel its neighbours' publish.
+        await asyncio.shield(confirmed)
+
+    async def _drain(self, partition: int, lane: _Lane) -> None:
+        try:
+            while lane.pending:
+                batch = lane.pending[: self._max_batch]
+                del lane.pending[: self._max_batch]
+                try:
+                    await self._send(partition, [purchase for purchase, _ in batch])
+                except ServiceUnavailable as exc:
+                    for _, confirmed in batch:
+                        if not confirmed.done():
+                            confirmed.set_exception(exc)
+                            confirmed.exception()  # its caller may be gone; don't warn
+                else:
+                    for _, confirmed in batch:
+                        if not confirmed.done():
+                            confirmed.set_result(None)
+        finally:
+            lane.drainer = None
+
+    async def _send(self, partition: int, purchases: list[PurchaseRequested]) -> None:
+        if self._exchange is None or not self.is_ready:
+            raise BrokerUnavailable("The message broker connection is down; retry shortly.")
+        message = aio_pika.Message(
+            PurchaseMessage(partition=partition, purchases=purchases).to_body(),
+            content_type=CONTENT_TYPE,
+            type=MESSAGE_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        try:
+            await self._exchange.publish(
+                message,
+                routing_key=self._topology.routing_key(partition),
+                mandatory=True,
+                timeout=self._timeout_s,
+            )
+        except PublishError as exc:  # returned: no queue bound for the partition
+            log.error("purchase message unroutable (partition %d): %s", partition, exc)
+            raise BrokerUnavailable("The purchase could not be queued; retry shortly.") from exc
+        except DeliveryError as exc:  # nacked: the partition queue is full (reject-publish)
+            raise QueueFull(
+                "Too many purchases are waiting for this event; retry shortly.", retry_after_s=2
+            ) from exc
+        except TimeoutError as exc:
+            raise BrokerUnavailable(
+                "The message broker did not confirm the purchase in time; retry with the same "
+                "Idempotency-Key."
+            ) from exc
+        except Exception as exc:  # connection or channel lost mid-publish
+            log.warning("publish failed (partition %d): %r", partition, exc)
+            raise BrokerUnavailable("The message broker is unavailable; retry shortly.") from exc

@@ -1,0 +1,133 @@
+"""Purchase use cases: accept a purchase (validate, publish, 202) and report its status."""
+
+from collections import OrderedDict
+from datetime import UTC, datetime
+from uuid import UUID
+
+import asyncpg
+
+from shared.errors import (
+    EventNotFound,
+    IdempotencyKeyReused,
+    InvalidRequest,
+    PurchaseNotFound,
+    SoldOut,
+)
+from shared.events.cache import EventCache
+from shared.messages import PurchaseRequested
+from shared.publisher import PurchasePublisher
+from shared.purchases import repository
+from shared.purchases.ids import PurchaseIds
+from shared.purchases.models import Purchase, PurchaseAccepted, PurchaseCreate, PurchaseStatus
+
+
+class RecentlyAccepted:
+    """What this replica accepted lately, so a pending status can show the purchase's details
+    before the worker has recorded it. Bounded: the oldest entries go first."""
+
+    def __init__(self, max_entries: int = 200_000) -> None:
+        self._max_entries = max_entries
+        self._items: OrderedDict[UUID, PurchaseRequested] = OrderedDict()
+
+    def remember(self, purchase: PurchaseRequested) -> None:
+        self._items[purchase.purchase_id] = purchase
+        while len(self._items) > self._max_entries:
+            self._items.popitem(last=False)
+
+    def get(self, purchase_id: UUID) -> PurchaseRequested | None:
+        return self._items.get(purchase_id)
+
+
+def status_url(purchase_id: UUID) -> str:
+    return f"/purchases/{purchase_id}"
+
+
+class PurchaseService:
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        events: EventCache,
+        publisher: PurchasePublisher,
+        ids: PurchaseIds,
+        recent: RecentlyAccepted,
+    ) -> None:
+        self._pool = pool
+        self._events = events
+        self._publisher = publisher
+        self._ids = ids
+        self._recent = recent
+
+    async def submit(
+        self, event_id: UUID, request: PurchaseCreate, *, idempotency_key: str | None
+    ) -> PurchaseAccepted:
+        event = await self._events.get(event_id)
+        if event is None:
+            raise EventNotFound(event_id)
+        if request.quantity > event.max_tickets_per_purchase:
+            raise InvalidRequest(
+                f"quantity must be at most {event.max_tickets_per_purchase} for this event."
+            )
+        if event.available_tickets == 0:
+            raise SoldOut(event_id)
+
+        if idempotency_key is None:
+            purchase_id = self._ids.new()
+        else:
+            purchase_id = self._ids.for_idempotency_key(
+                event_id=event_id, customer_id=request.customer_id, key=idempotency_key
+            )
+            if await self._already_recorded(purchase_id, request):
+                return self._accepted(purchase_id, event_id, request)
+
+        purchase = PurchaseRequested(
+            purchase_id=purchase_id,
+            event_id=event_id,
+            customer_id=request.customer_id,
+            quantity=request.quantity,
+            accepted_at=datetime.now(UTC),
+        )
+        await self._publisher.publish(purchase)
+        self._recent.remember(purchase)
+        return self._accepted(purchase_id, event_id, request)
+
+    async def _already_recorded(self, purchase_id: UUID, request: PurchaseCreate) -> bool:
+        """True when a retry's purchase is already decided (nothing to publish again); refuse a
+        key reused for a different quantity, since the decided purchase would not match it."""
+        async with self._pool.acquire() as conn:
+            row = await repository.get_purchase(conn, purchase_id)
+        if row is None or row["status"] == PurchaseStatus.FAILED:
+            return False
+        if row["quantity"] != request.quantity:
+            raise IdempotencyKeyReused(
+                f"This Idempotency-Key was already used for a purchase of {row['quantity']} "
+                f"ticket(s); use a new key for a different purchase."
+            )
+        return True
+
+    @staticmethod
+    def _accepted(purchase_id: UUID, event_id: UUID, request: PurchaseCreate) -> PurchaseAccepted:
+        return PurchaseAccepted(
+            purchase_id=purchase_id,
+            event_id=event_id,
+            customer_id=request.customer_id,
+            quantity=request.quantity,
+            status_url=status_url(purchase_id),
+        )
+
+    async def status(self, purchase_id: UUID) -> Purchase:
+        if not self._ids.is_issued(purchase_id):
+            raise PurchaseNotFound(purchase_id)
+        async with self._pool.acquire() as conn:
+            row = await repository.get_purchase(conn, purchase_id)
+        if row is not None:
+            return Purchase.model_validate(dict(row))
+        known = self._recent.get(purchase_id)
+        return Purchase(
+            purchase_id=purchase_id,
+            event_id=known.event_id if known else None,
+            customer_id=known.customer_id if known else None,
+            quantity=known.quantity if known else None,
+            status=PurchaseStatus.PENDING,
+            accepted_at=known.accepted_at if known else None,
+        )

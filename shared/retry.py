@@ -1,0 +1,40 @@
+"""Every retry policy in one place: start-up waits and transient faults, nothing else."""
+
+import logging
+
+import asyncpg
+from aio_pika.exceptions import AMQPConnectionError
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+
+log = logging.getLogger(__name__)
+
+# Errors that say "the server is not there (yet)", as opposed to "your request is wrong".
+DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+BROKER_UNAVAILABLE: tuple[type[BaseException], ...] = (OSError, AMQPConnectionError)
+
+
+def wait_for_service(
+    what: str, errors: tuple[type[BaseException], ...], timeout_s: float
+) -> AsyncRetrying:
+    """Retry a connect at start-up, so a service that boots a little later is simply waited for."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(errors),
+        wait=wait_exponential(multiplier=0.2, max=3),
+        stop=stop_after_delay(timeout_s),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )

@@ -1,0 +1,60 @@
+"""Configuration from environment variables, validated once at start-up.
+
+Every field is documented in README.md ("Configuration"); the defaults run against the local
+PostgreSQL and RabbitMQ of a developer machine.
+"""
+
+import os
+import socket
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEV_PURCHASE_ID_SECRET = "dev-only-purchase-id-secret-change-me"
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/ticketing"
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # Prefix of every exchange and queue name, so several deployments (or test runs) share a broker.
+    broker_namespace: str = Field(default="ticketing", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    partitions: int = Field(default=32, ge=1, le=1024)
+    queue_max_length: int = Field(default=1_000_000, ge=1)
+    delivery_limit: int = Field(default=5, ge=1)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+    api_workers: int = Field(default=1, ge=1)
+    purchase_id_secret: str = Field(default=DEV_PURCHASE_ID_SECRET, min_length=16)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
+    publish_timeout_s: float = Field(default=5.0, gt=0)
+    event_cache_ttl_s: float = Field(default=0.5, ge=0)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    db_pool_min: int = Field(default=1, ge=1)
+    db_pool_max: int = Field(default=10, ge=1)
+
+    worker_id: str = Field(default_factory=_default_worker_id, min_length=1, max_length=200)
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    batch_max_wait_ms: int = Field(default=20, ge=0)
+    lease_ttl_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        # Accept a comma-separated list, the form people type in a shell or a compose file.
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
