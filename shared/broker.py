@@ -18,6 +18,7 @@ from uuid import UUID
 import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractQueue,
     AbstractRobustConnection,
@@ -92,14 +93,27 @@ class Topology:
 
 
 async def connect(settings: Settings, *, wait_s: float = 30.0) -> AbstractRobustConnection:
+    """A connection that reopens itself and its channels (the API's publisher)."""
     async for attempt in wait_for_service("rabbitmq", BROKER_UNAVAILABLE, wait_s):
         with attempt:
             connection = await aio_pika.connect_robust(
-                settings.rabbitmq_url,
-                heartbeat=HEARTBEAT_S,
-                client_properties={"connection_name": f"ticketing-{settings.worker_id}"},
+                settings.rabbitmq_url, heartbeat=HEARTBEAT_S, client_properties=_name("api")
             )
     return connection
+
+
+async def connect_plain(settings: Settings) -> AbstractConnection:
+    """A connection that stays closed once lost (the worker's): a robust one would silently
+    re-subscribe consumers to partitions the worker may no longer lease."""
+    return await aio_pika.connect(
+        settings.rabbitmq_url,
+        heartbeat=HEARTBEAT_S,
+        client_properties=_name(f"worker {settings.worker_id}"),
+    )
+
+
+def _name(role: str) -> dict[str, Any]:
+    return {"connection_name": f"ticketing {role}"}
 
 
 async def declare_topology(channel: AbstractChannel, topology: Topology) -> AbstractExchange:

@@ -1,6 +1,7 @@
 """Every retry policy in one place: start-up waits and transient faults, nothing else."""
 
 import logging
+from collections.abc import Callable
 
 import asyncpg
 from aio_pika.exceptions import AMQPConnectionError
@@ -35,6 +36,33 @@ def wait_for_service(
         retry=retry_if_exception_type(errors),
         wait=wait_exponential(multiplier=0.2, max=3),
         stop=stop_after_delay(timeout_s),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )
+
+
+# Worth retrying the same transaction for: the server went away or the transaction lost a race.
+TRANSIENT_DATABASE: tuple[type[BaseException], ...] = (
+    *DATABASE_UNAVAILABLE,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+
+def until_stopped(
+    errors: tuple[type[BaseException], ...], should_stop: Callable[[], bool]
+) -> AsyncRetrying:
+    """Retry with backoff (capped at 5 s) for as long as the caller still wants the result.
+
+    The worker holds its messages unacked meanwhile: a database outage delays purchases, it
+    never drops them.
+    """
+    return AsyncRetrying(
+        retry=retry_if_exception_type(errors),
+        wait=wait_exponential(multiplier=0.05, max=5),
+        stop=lambda _state: should_stop(),
         before_sleep=before_sleep_log(log, logging.WARNING),
         reraise=True,
     )

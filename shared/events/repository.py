@@ -114,3 +114,40 @@ async def delete_event(conn: Connection, *, event_id: UUID, expected_version: in
 async def event_has_purchases(conn: Connection, event_id: UUID) -> bool:
     found: bool = await conn.fetchval(EVENT_HAS_PURCHASES, event_id)
     return found
+
+
+# The worker's side. Rows are locked in id order so that two transactions touching the same
+# events always queue up in the same order and can never deadlock.
+LOCK_EVENTS_FOR_SALE = """
+    SELECT id, available_tickets, version
+    FROM events
+    WHERE id = ANY($1::uuid[])
+    ORDER BY id
+    FOR UPDATE
+"""
+
+SET_AVAILABLE_TICKETS = """
+    UPDATE events AS e
+    SET available_tickets = u.available_tickets, version = e.version + 1, updated_at = now()
+    FROM unnest($1::uuid[], $2::int[], $3::int[]) AS u(id, available_tickets, version)
+    WHERE e.id = u.id AND e.version = u.version
+    RETURNING e.id
+"""
+
+
+async def lock_events_for_sale(conn: Connection, event_ids: list[UUID]) -> list[asyncpg.Record]:
+    return await conn.fetch(LOCK_EVENTS_FOR_SALE, event_ids)
+
+
+async def set_available_tickets(conn: Connection, changes: list[tuple[UUID, int, int]]) -> int:
+    """Write (event id, available tickets, expected version) triples; return rows updated.
+
+    Fewer rows than triples means some version moved since it was read: the caller rolls back.
+    """
+    rows = await conn.fetch(
+        SET_AVAILABLE_TICKETS,
+        [event_id for event_id, _, _ in changes],
+        [available for _, available, _ in changes],
+        [version for _, _, version in changes],
+    )
+    return len(rows)

@@ -1,0 +1,182 @@
+"""Consumes one partition queue: batches in arrival order, one transaction per batch, then acks.
+
+One channel per partition: `ack(multiple=True)` acknowledges everything up to a delivery tag on
+its channel, and a channel of its own keeps that to this partition's messages. Deliveries go into
+an inbox in the order the broker sent them and are handled by a single loop, never by concurrent
+callbacks, so purchases of one event are applied in the order they were accepted.
+"""
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from pydantic import ValidationError
+
+from shared.broker import Topology
+from shared.messages import PurchaseMessage, PurchaseRequested
+from shared.purchases.models import PurchaseStatus
+from shared.retry import TRANSIENT_DATABASE, until_stopped
+from worker.leases import LeaseLost
+from worker.processor import Lease, VersionConflict, apply_batch
+
+log = logging.getLogger(__name__)
+
+
+class PartitionConsumer:
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        topology: Topology,
+        lease: Lease,
+        batch_size: int,
+        batch_max_wait_s: float,
+    ) -> None:
+        self.lease = lease
+        self._pool = pool
+        self._topology = topology
+        self._batch_size = batch_size
+        self._batch_max_wait_s = batch_max_wait_s
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._draining = asyncio.Event()  # stop taking; finish what was delivered
+        self._aborted = False  # stop now; unacked messages go back to the queue
+        self._task: asyncio.Task[None] | None = None
+        self.applied = 0
+        self.lost_lease = False
+
+    @property
+    def partition(self) -> int:
+        return self.lease.partition
+
+    @property
+    def done(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    async def start(self, connection: AbstractConnection) -> None:
+        self._channel = await connection.channel()
+        # Enough for the next batch to be on its way while this one commits.
+        await self._channel.set_qos(prefetch_count=self._batch_size * 2)
+        self._queue = await self._channel.get_queue(self._topology.queue(self.partition))
+        self._consumer_tag = await self._queue.consume(self._deliver)
+        self._task = asyncio.create_task(self._run(), name=f"partition-{self.partition}")
+
+    async def _deliver(self, message: AbstractIncomingMessage) -> None:
+        self._inbox.put_nowait(message)
+
+    async def stop(self) -> None:
+        """Hand the partition back cleanly: cancel the subscription, apply and ack everything
+        already delivered, close the channel."""
+        if self._queue is not None and self._consumer_tag is not None and not self._aborted:
+            try:
+                await self._queue.cancel(self._consumer_tag)
+            except Exception as exc:  # channel already gone: its messages are requeued anyway
+                log.warning("partition %d: cancel failed: %r", self.partition, exc)
+            # Deliveries that raced the cancel reach the inbox on the next loop turns.
+            await asyncio.sleep(0.05)
+        self._draining.set()
+        if self._task is not None:
+            await asyncio.wait({self._task})
+        await self._close_channel()
+
+    async def abort(self) -> None:
+        """Stop without acking what is in hand (lease lost, connection lost, shutdown during an
+        outage): the broker redelivers it to the partition's next owner."""
+        self._aborted = True
+        self._draining.set()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})
+        await self._close_channel()
+
+    async def _close_channel(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            try:
+                await self._channel.close()
+            except Exception as exc:
+                log.debug("partition %d: channel close: %r", self.partition, exc)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                messages = await self._next_batch()
+                if not messages:
+                    return
+                await self._handle(messages)
+        except LeaseLost:
+            self.lost_lease = True
+            log.warning("partition %d: lease lost; leaving the batch unacked", self.partition)
+        except asyncio.CancelledError:
+            if not self._aborted:
+                raise
+        except Exception:
+            log.exception(
+                "partition %d: consumer failed; leaving the batch unacked", self.partition
+            )
+
+    async def _next_batch(self) -> list[AbstractIncomingMessage]:
+        """Wait for a first message, then gather more for up to BATCH_MAX_WAIT_MS.
+        Empty once draining and nothing delivered is left."""
+        first = await self._get(wait_s=None)
+        if first is None:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self._batch_max_wait_s
+        while len(batch) < self._batch_size:
+            message = await self._get(wait_s=max(0.0, deadline - time.monotonic()))
+            if message is None:
+                break
+            batch.append(message)
+        return batch
+
+    async def _get(self, wait_s: float | None) -> AbstractIncomingMessage | None:
+        """The next delivery; None on timeout, or when draining and the inbox is empty."""
+        if not self._inbox.empty():
+            return self._inbox.get_nowait()
+        if self._draining.is_set() or wait_s == 0:
+            return None
+        get = asyncio.ensure_future(self._inbox.get())
+        drain = asyncio.ensure_future(self._draining.wait())
+        try:
+            await asyncio.wait({get, drain}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drain.cancel()
+            if not get.done():
+                get.cancel()  # Queue.get leaves the item queued when cancelled
+        if get.done() and not get.cancelled():
+            return get.result()
+        return self._inbox.get_nowait() if not self._inbox.empty() else None
+
+    async def _handle(self, messages: list[AbstractIncomingMessage]) -> None:
+        purchases: list[PurchaseRequested] = []
+        for message in messages:
+            try:
+                decoded = PurchaseMessage.from_body(message.body)
+            except ValidationError:
+                # A poison message must not block the partition: dead-letter it (the recorder
+                # marks its readable purchase ids failed) and go on with the rest.
+                log.error("partition %d: undecodable message dead-lettered", self.partition)
+                await message.reject(requeue=False)
+                continue
+            purchases.extend(decoded.purchases)
+
+        if purchases:
+            async for attempt in until_stopped(
+                (*TRANSIENT_DATABASE, VersionConflict), lambda: self._aborted
+            ):
+                with attempt:
+                    result = await apply_batch(self._pool, self.lease, purchases)
+            self.applied += len(result.outcomes)
+            log.debug(
+                "partition %d: %d confirmed, %d rejected, %d duplicates",
+                self.partition,
+                result.count(PurchaseStatus.CONFIRMED),
+                result.count(PurchaseStatus.REJECTED),
+                result.duplicates,
+            )
+        # Committed (or nothing to commit): one ack covers the batch on this channel.
+        await messages[-1].ack(multiple=True)

@@ -1,0 +1,97 @@
+"""Marks dead-lettered purchases `failed`, so a client polling them gets an answer.
+
+The dead-letter exchange fans out to two queues: one keeps the messages for inspection and
+replay, the other (read here, by every worker) only records what died and why.
+"""
+
+import asyncio
+import logging
+from typing import Any
+
+import asyncpg
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from pydantic import ValidationError
+
+from shared.broker import Topology
+from shared.messages import PurchaseMessage, readable_purchase_ids
+from shared.purchases import repository as purchases
+from shared.purchases.models import FailReason
+from shared.retry import TRANSIENT_DATABASE, until_stopped
+
+log = logging.getLogger(__name__)
+
+REASONS = {
+    "rejected": FailReason.UNDECODABLE_MESSAGE,  # workers reject only what they cannot read
+    "delivery_limit": FailReason.DELIVERY_LIMIT_EXCEEDED,
+}
+
+
+def death_reason(headers: dict[str, Any]) -> FailReason:
+    raw = headers.get("x-first-death-reason")
+    deaths = headers.get("x-death")
+    if raw is None and isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        raw = deaths[0].get("reason")
+    if isinstance(raw, bytes):
+        raw = raw.decode(errors="replace")
+    return REASONS.get(str(raw), FailReason.DEAD_LETTERED)
+
+
+class DeadLetterRecorder:
+    def __init__(self, pool: asyncpg.Pool, topology: Topology) -> None:
+        self._pool = pool
+        self._topology = topology
+        self._channel: AbstractChannel | None = None
+        self._stopped = False
+        self.recorded = 0
+
+    async def start(self, connection: AbstractConnection) -> None:
+        self._channel = await connection.channel()
+        await self._channel.set_qos(prefetch_count=16)
+        queue = await self._channel.get_queue(self._topology.dead_letter_record_queue)
+        await queue.consume(self._record)
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+
+    async def _record(self, message: AbstractIncomingMessage) -> None:
+        reason = death_reason(dict(message.headers or {}))
+        try:
+            async for attempt in until_stopped(TRANSIENT_DATABASE, lambda: self._stopped):
+                with attempt:
+                    await self._record_failed(message.body, reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("dead letter not recorded; it stays queued")
+            return
+        await message.ack()
+
+    async def _record_failed(self, body: bytes, reason: FailReason) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            try:
+                decoded = PurchaseMessage.from_body(body)
+            except ValidationError:
+                for purchase_id in readable_purchase_ids(body):
+                    await purchases.record_failed(conn, purchase_id=purchase_id, reason=reason)
+                    self.recorded += 1
+                log.warning("dead letter (%s) could not be decoded", reason.value)
+                return
+            for purchase in decoded.purchases:
+                await purchases.record_failed(
+                    conn,
+                    purchase_id=purchase.purchase_id,
+                    reason=reason,
+                    event_id=purchase.event_id,
+                    customer_id=purchase.customer_id,
+                    quantity=purchase.quantity,
+                    accepted_at=purchase.accepted_at,
+                    partition=decoded.partition,
+                )
+                self.recorded += 1
+            log.warning(
+                "dead letter (%s): %d purchase(s) marked failed",
+                reason.value,
+                len(decoded.purchases),
+            )

@@ -1,0 +1,144 @@
+"""Partition leases in PostgreSQL: who consumes which partition, and the epoch that fences commits.
+
+Every worker heartbeats a row in `workers`; all of them compute the same balanced assignment of
+partitions to the live workers; each takes the leases assigned to it once they are free (released
+by their previous owner, or expired). Taking a lease raises its epoch, and every commit checks the
+epoch inside its transaction, so a worker that lost its lease (paused, partitioned away) can never
+commit again. See README, "Partitions and leases".
+"""
+
+import hashlib
+from collections.abc import Sequence
+
+from shared.db import Connection
+
+HEARTBEAT = """
+    INSERT INTO workers (worker_id, heartbeat_at, expires_at)
+    VALUES ($1, now(), now() + make_interval(secs => $2))
+    ON CONFLICT (worker_id) DO UPDATE
+        SET heartbeat_at = excluded.heartbeat_at, expires_at = excluded.expires_at
+"""
+
+LIVE_WORKERS = "SELECT worker_id FROM workers WHERE expires_at > now() ORDER BY worker_id"
+
+LEAVE = "DELETE FROM workers WHERE worker_id = $1"
+
+FORGET_LONG_DEAD_WORKERS = "DELETE FROM workers WHERE expires_at < now() - interval '1 day'"
+
+ENSURE_PARTITIONS = """
+    INSERT INTO partition_leases (partition)
+    SELECT generate_series(0, $1::int - 1)
+    ON CONFLICT (partition) DO NOTHING
+"""
+
+# Free, expired, or held by an earlier incarnation of this worker id: take it and raise the epoch,
+# which fences out whoever held it before.
+ACQUIRE = """
+    UPDATE partition_leases
+    SET owner = $2, epoch = epoch + 1, expires_at = now() + make_interval(secs => $3),
+        updated_at = now()
+    WHERE partition = $1 AND (owner IS NULL OR owner = $2 OR expires_at <= now())
+    RETURNING epoch
+"""
+
+RENEW = """
+    UPDATE partition_leases AS l
+    SET expires_at = now() + make_interval(secs => $4), updated_at = now()
+    FROM unnest($2::int[], $3::bigint[]) AS mine(partition, epoch)
+    WHERE l.partition = mine.partition AND l.epoch = mine.epoch AND l.owner = $1
+    RETURNING l.partition
+"""
+
+RELEASE = """
+    UPDATE partition_leases
+    SET owner = NULL, expires_at = NULL, updated_at = now()
+    WHERE partition = $1 AND owner = $2 AND epoch = $3
+"""
+
+# FOR SHARE: a takeover (an UPDATE of this row) waits until the commit holding it is done, so a
+# commit that passed this check is never overtaken halfway.
+FENCE = """
+    SELECT 1 FROM partition_leases
+    WHERE partition = $1 AND owner = $2 AND epoch = $3
+    FOR SHARE
+"""
+
+LEASES = """
+    SELECT partition, owner, epoch, expires_at, expires_at > now() AS live
+    FROM partition_leases
+    ORDER BY partition
+"""
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the partition's lease at the epoch it consumed under."""
+
+
+def _score(worker_id: str, partition: int) -> bytes:
+    return hashlib.blake2b(f"{worker_id}/{partition}".encode(), digest_size=8).digest()
+
+
+def assign(partitions: int, workers: Sequence[str]) -> dict[int, str]:
+    """Spread partitions over workers evenly (each gets floor or ceil of P/N) and stably.
+
+    Rendezvous hashing picks each partition's preferred workers; a capacity per worker keeps
+    the spread even. Every worker computes this from the same live list and gets the same answer.
+    """
+    if not workers:
+        return {}
+    ordered = sorted(set(workers), key=lambda w: hashlib.blake2b(w.encode()).digest())
+    base, extra = divmod(partitions, len(ordered))
+    capacity = {worker: base + (1 if i < extra else 0) for i, worker in enumerate(ordered)}
+    owner: dict[int, str] = {}
+    for partition in range(partitions):
+        ranked = sorted(ordered, key=lambda w: _score(w, partition), reverse=True)
+        chosen = next(w for w in ranked if capacity[w] > 0)
+        capacity[chosen] -= 1
+        owner[partition] = chosen
+    return owner
+
+
+async def heartbeat(conn: Connection, worker_id: str, ttl_s: float) -> None:
+    await conn.execute(HEARTBEAT, worker_id, ttl_s)
+
+
+async def live_workers(conn: Connection) -> list[str]:
+    return [row["worker_id"] for row in await conn.fetch(LIVE_WORKERS)]
+
+
+async def leave(conn: Connection, worker_id: str) -> None:
+    await conn.execute(LEAVE, worker_id)
+
+
+async def forget_long_dead_workers(conn: Connection) -> None:
+    await conn.execute(FORGET_LONG_DEAD_WORKERS)
+
+
+async def ensure_partitions(conn: Connection, partitions: int) -> None:
+    await conn.execute(ENSURE_PARTITIONS, partitions)
+
+
+async def acquire(conn: Connection, partition: int, worker_id: str, ttl_s: float) -> int | None:
+    """Return the new epoch, or None while another live worker holds the lease."""
+    epoch: int | None = await conn.fetchval(ACQUIRE, partition, worker_id, ttl_s)
+    return epoch
+
+
+async def renew(conn: Connection, worker_id: str, held: dict[int, int], ttl_s: float) -> set[int]:
+    """Extend the leases held (partition -> epoch); return the partitions still ours."""
+    rows = await conn.fetch(RENEW, worker_id, list(held), list(held.values()), ttl_s)
+    return {row["partition"] for row in rows}
+
+
+async def release(conn: Connection, partition: int, worker_id: str, epoch: int) -> None:
+    await conn.execute(RELEASE, partition, worker_id, epoch)
+
+
+async def check_fence(conn: Connection, partition: int, worker_id: str, epoch: int) -> None:
+    """Inside a commit's transaction: raise LeaseLost unless the lease is still ours."""
+    if await conn.fetchval(FENCE, partition, worker_id, epoch) is None:
+        raise LeaseLost(f"partition {partition}: lease epoch {epoch} no longer held")
+
+
+async def all_leases(conn: Connection) -> list[dict[str, object]]:
+    return [dict(row) for row in await conn.fetch(LEASES)]

@@ -1,0 +1,93 @@
+"""Apply one batch of a partition's purchases in one transaction."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from shared.events import repository as events
+from shared.messages import PurchaseRequested
+from shared.purchases import repository as purchases
+from shared.purchases.models import PurchaseStatus
+from worker import leases
+from worker.decision import Outcome, decide
+
+
+class VersionConflict(Exception):
+    """An event's version moved between the locked read and the update; the batch rolls back."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    partition: int
+    owner: str
+    epoch: int
+
+
+@dataclass(slots=True)
+class BatchResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+    duplicates: int = 0
+
+    def count(self, status: PurchaseStatus) -> int:
+        return sum(1 for outcome in self.outcomes if outcome.status == status)
+
+
+async def apply_batch(
+    pool: asyncpg.Pool, lease: Lease, batch: Sequence[PurchaseRequested]
+) -> BatchResult:
+    """Decide and record `batch` (in order) atomically; raise LeaseLost or VersionConflict."""
+    async with pool.acquire() as conn, conn.transaction():
+        # 1. Fencing: only the current lease holder commits for this partition.
+        await leases.check_fence(conn, lease.partition, lease.owner, lease.epoch)
+
+        # 2. Redelivered messages and Idempotency-Key retries carry ids already decided.
+        decided = await purchases.final_purchase_ids(conn, [p.purchase_id for p in batch])
+        fresh: list[PurchaseRequested] = []
+        for purchase in batch:
+            if purchase.purchase_id not in decided:
+                decided.add(purchase.purchase_id)  # also drops repeats within the batch
+                fresh.append(purchase)
+        result = BatchResult(duplicates=len(batch) - len(fresh))
+        if not fresh:
+            return result
+
+        # 3. Row locks, in id order. The lease already makes this worker the partition's only
+        # writer, but events are also written by PATCH /events and by any worker whose partition
+        # count changed under it; the lock makes those wait instead of interleaving, and the
+        # version check below proves that nothing wrote the row between our read and our write.
+        rows = await events.lock_events_for_sale(conn, sorted({p.event_id for p in fresh}))
+        available = {row["id"]: row["available_tickets"] for row in rows}
+        version = {row["id"]: row["version"] for row in rows}
+
+        # 4. The decision itself is pure.
+        left, result.outcomes = decide(available, fresh)
+
+        # 5. Every purchase row of the batch in one statement.
+        await purchases.record_decisions(
+            conn,
+            partition=lease.partition,
+            decisions=[
+                {
+                    "purchase_id": o.purchase.purchase_id,
+                    "event_id": o.purchase.event_id,
+                    "customer_id": o.purchase.customer_id,
+                    "quantity": o.purchase.quantity,
+                    "status": o.status.value,
+                    "reason": o.reason.value if o.reason else None,
+                    "accepted_at": o.purchase.accepted_at,
+                }
+                for o in result.outcomes
+            ],
+        )
+
+        # 6. Optimistic lock: update only at the version read; fewer rows means a conflict.
+        changes = [
+            (event_id, tickets, version[event_id])
+            for event_id, tickets in left.items()
+            if tickets != available[event_id]
+        ]
+        if changes and await events.set_available_tickets(conn, changes) != len(changes):
+            raise VersionConflict(f"partition {lease.partition}: an event version moved")
+    # 7. Committed; the caller acks.
+    return result

@@ -1,0 +1,220 @@
+"""The worker process: joins the membership, holds its fair share of partition leases, runs a
+consumer per leased partition, and on SIGTERM hands everything back cleanly."""
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import asyncpg
+from aio_pika.abc import AbstractConnection
+
+from shared import broker
+from shared.db import create_pool
+from shared.retry import BROKER_UNAVAILABLE, TRANSIENT_DATABASE
+from shared.settings import Settings
+from worker import leases
+from worker.consumer import PartitionConsumer
+from worker.dead_letters import DeadLetterRecorder
+from worker.processor import Lease
+
+log = logging.getLogger(__name__)
+
+# How long a shutdown waits for in-flight batches before leaving them to be redelivered.
+DRAIN_TIMEOUT_S = 10.0
+
+
+class Worker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id
+        self.topology = broker.Topology.from_settings(settings)
+        self.tick_s = settings.lease_ttl_s / 3
+        self._stopping = asyncio.Event()
+        self._pool: asyncpg.Pool | None = None
+        self._connection: AbstractConnection | None = None
+        self._recorder: DeadLetterRecorder | None = None
+        self._held: dict[int, int] = {}  # partition -> lease epoch
+        self._consumers: dict[int, PartitionConsumer] = {}
+        self._retired_applied = 0
+
+    @property
+    def applied(self) -> int:
+        """Purchases this process decided (confirmed or rejected), for logs and tests."""
+        return self._retired_applied + sum(c.applied for c in self._consumers.values())
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    @property
+    def partitions(self) -> list[int]:
+        return sorted(self._held)
+
+    async def run(self) -> None:
+        started = time.monotonic()
+        self._pool = await create_pool(self.settings)
+        try:
+            async with self._pool.acquire() as conn:
+                await leases.ensure_partitions(conn, self.topology.partitions)
+            log.info("worker %s started", self.worker_id)
+            while not self._stopping.is_set():
+                connection = await self._connect()
+                if connection is None:
+                    break
+                try:
+                    await self._serve(connection)
+                finally:
+                    await self._disconnect(graceful=self._stopping.is_set())
+        finally:
+            await self._leave()
+            await self._pool.close()
+            log.info(
+                "worker %s stopped after %.1f s: %d purchases decided",
+                self.worker_id,
+                time.monotonic() - started,
+                self.applied,
+            )
+
+    async def _connect(self) -> AbstractConnection | None:
+        delay = 0.2
+        while not self._stopping.is_set():
+            try:
+                connection = await broker.connect_plain(self.settings)
+                channel = await connection.channel()
+                await broker.declare_topology(channel, self.topology)
+                await channel.close()
+                self._connection = connection
+                self._recorder = DeadLetterRecorder(self._pool_or_fail(), self.topology)
+                await self._recorder.start(connection)
+                return connection
+            except BROKER_UNAVAILABLE as exc:
+                log.warning("rabbitmq unavailable (%r); retrying in %.1f s", exc, delay)
+                await self._sleep(delay)
+                delay = min(delay * 2, 5.0)
+        return None
+
+    async def _serve(self, connection: AbstractConnection) -> None:
+        while not self._stopping.is_set() and not connection.is_closed:
+            try:
+                await self._rebalance(connection)
+            except TRANSIENT_DATABASE as exc:
+                # Consumers keep their batches and retry; leases are re-checked next tick.
+                log.warning("lease tick failed: %r", exc)
+            await self._sleep(self.tick_s)
+        if connection.is_closed:
+            log.warning("rabbitmq connection lost; reconnecting")
+
+    async def _rebalance(self, connection: AbstractConnection) -> None:
+        pool = self._pool_or_fail()
+        async with pool.acquire() as conn:
+            await leases.heartbeat(conn, self.worker_id, self.settings.lease_ttl_s)
+            workers = await leases.live_workers(conn)
+            if self._held:
+                still_mine = await leases.renew(
+                    conn, self.worker_id, self._held, self.settings.lease_ttl_s
+                )
+                for partition in set(self._held) - still_mine:
+                    log.warning("partition %d: lease taken over", partition)
+                    await self._drop(partition, graceful=False)
+
+        # Consumers that ended on their own (lease lost at commit, unexpected error).
+        for partition, consumer in list(self._consumers.items()):
+            if consumer.done:
+                await consumer.abort()
+                self._retire(partition)
+                if consumer.lost_lease:
+                    self._held.pop(partition, None)
+
+        assignment = leases.assign(self.topology.partitions, workers or [self.worker_id])
+        mine = {p for p, owner in assignment.items() if owner == self.worker_id}
+        surplus = set(self._held) - mine
+        if surplus:
+            await asyncio.gather(*(self._drop(p, graceful=True) for p in surplus))
+
+        async with pool.acquire() as conn:
+            for partition in sorted(mine - set(self._held)):
+                epoch = await leases.acquire(
+                    conn, partition, self.worker_id, self.settings.lease_ttl_s
+                )
+                if epoch is not None:
+                    self._held[partition] = epoch
+                    log.info("partition %d: lease taken (epoch %d)", partition, epoch)
+
+        for partition, epoch in self._held.items():
+            if partition not in self._consumers:
+                await self._start_consumer(connection, partition, epoch)
+
+    async def _start_consumer(
+        self, connection: AbstractConnection, partition: int, epoch: int
+    ) -> None:
+        consumer = PartitionConsumer(
+            pool=self._pool_or_fail(),
+            topology=self.topology,
+            lease=Lease(partition=partition, owner=self.worker_id, epoch=epoch),
+            batch_size=self.settings.batch_size,
+            batch_max_wait_s=self.settings.batch_max_wait_ms / 1000,
+        )
+        await consumer.start(connection)
+        self._consumers[partition] = consumer
+
+    async def _drop(self, partition: int, *, graceful: bool) -> None:
+        """Stop consuming a partition; when graceful, finish and ack its batch, then release."""
+        consumer = self._consumers.get(partition)
+        if consumer is not None:
+            if graceful:
+                try:
+                    await asyncio.wait_for(consumer.stop(), DRAIN_TIMEOUT_S)
+                except TimeoutError:
+                    log.warning("partition %d: drain timed out; batch left unacked", partition)
+                    await consumer.abort()
+            else:
+                await consumer.abort()
+            self._retire(partition)
+        epoch = self._held.pop(partition, None)
+        if graceful and epoch is not None:
+            try:
+                async with self._pool_or_fail().acquire() as conn:
+                    await leases.release(conn, partition, self.worker_id, epoch)
+                log.info("partition %d: lease released", partition)
+            except TRANSIENT_DATABASE as exc:
+                log.warning("partition %d: release failed (%r); it will expire", partition, exc)
+
+    def _retire(self, partition: int) -> None:
+        consumer = self._consumers.pop(partition)
+        self._retired_applied += consumer.applied
+
+    async def _disconnect(self, *, graceful: bool) -> None:
+        if graceful:
+            await asyncio.gather(*(self._drop(p, graceful=True) for p in list(self._held)))
+        else:
+            # The connection is gone: nothing in hand can be acked; keep the leases and
+            # re-subscribe once reconnected.
+            for partition, consumer in list(self._consumers.items()):
+                await consumer.abort()
+                self._retire(partition)
+        if self._recorder is not None:
+            await self._recorder.stop()
+        if self._connection is not None and not self._connection.is_closed:
+            await self._connection.close()
+        self._connection = None
+
+    async def _leave(self) -> None:
+        if self._pool is None:
+            return
+        try:
+            async with self._pool.acquire() as conn:
+                for partition, epoch in list(self._held.items()):
+                    await leases.release(conn, partition, self.worker_id, epoch)
+                self._held.clear()
+                await leases.leave(conn, self.worker_id)
+        except TRANSIENT_DATABASE as exc:
+            log.warning("could not leave cleanly (%r); leases will expire", exc)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def _pool_or_fail(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("worker not started")
+        return self._pool
