@@ -57,9 +57,12 @@ def apply_migrations(url: str) -> int:
     """Apply pending migrations; return how many were applied."""
     backend = get_backend(url.replace("postgresql://", "postgresql+psycopg://", 1))
     migrations = read_migrations(str(MIGRATIONS_DIR))
-    with backend.lock():
-        pending = backend.to_apply(migrations)
-        backend.apply_migrations(pending)
+    try:
+        with backend.lock():
+            pending = backend.to_apply(migrations)
+            backend.apply_migrations(pending)
+    finally:
+        backend.connection.close()
     return len(pending)
 
 

@@ -1,0 +1,54 @@
+# Every habit is one target. `make run` and `make test` install first when needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install migrate run api worker test test-fast lint format openapi bench clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+migrate: install
+	$(PY) -m shared.migrate
+
+# API + one worker in the foreground; Ctrl-C (or either one exiting) stops both.
+run: migrate
+	@$(PY) -m worker & worker=$$!; \
+	$(PY) -m api & api=$$!; \
+	trap 'kill -TERM $$worker $$api 2>/dev/null; wait' INT TERM; \
+	wait -n; status=$$?; kill -TERM $$worker $$api 2>/dev/null; wait; exit $$status
+
+api: migrate
+	$(PY) -m api
+
+worker: migrate
+	$(PY) -m worker
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+openapi: install
+	$(PY) -m api.openapi > openapi.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,82 @@
+"""Helpers that build test data through the public API and check invariants in SQL."""
+
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import httpx
+
+FINAL = ("confirmed", "rejected", "failed")
+
+
+def event_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "name": "Flash sale",
+        "starts_at": "2027-06-12T19:30:00+02:00",
+        "total_tickets": 100,
+        "max_tickets_per_purchase": 10,
+    }
+    body.update(overrides)
+    return body
+
+
+async def create_event(client: httpx.AsyncClient, **overrides: Any) -> dict[str, Any]:
+    response = await client.post("/events", json=event_body(**overrides))
+    assert response.status_code == 201, response.text
+    event: dict[str, Any] = response.json()
+    return event
+
+
+async def purchase(
+    client: httpx.AsyncClient,
+    event_id: str | UUID,
+    *,
+    quantity: int = 1,
+    customer_id: str = "customer-1",
+    idempotency_key: str | None = None,
+) -> httpx.Response:
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    return await client.post(
+        f"/events/{event_id}/tickets/purchase",
+        json={"customer_id": customer_id, "quantity": quantity},
+        headers=headers,
+    )
+
+
+async def wait_until_final(
+    pool: asyncpg.Pool, purchase_ids: Iterable[str | UUID], *, timeout_s: float = 60.0
+) -> dict[UUID, asyncpg.Record]:
+    """Wait until every purchase has a final status; return their rows by id."""
+    wanted = [UUID(str(p)) for p in purchase_ids]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = await pool.fetch(
+            "SELECT * FROM purchases WHERE id = ANY($1::uuid[]) AND status = ANY($2::text[])",
+            wanted,
+            list(FINAL),
+        )
+        if len(rows) == len(set(wanted)) or time.monotonic() > deadline:
+            found = {row["id"]: row for row in rows}
+            missing = set(wanted) - set(found)
+            assert not missing, f"{len(missing)} of {len(set(wanted))} purchases never became final"
+            return found
+        await asyncio.sleep(0.1)
+
+
+async def assert_no_oversell(pool: asyncpg.Pool) -> None:
+    """For every event: confirmed + available = total, and available never negative."""
+    broken = await pool.fetch(
+        """
+        SELECT e.id, e.total_tickets, e.available_tickets,
+               coalesce(sum(p.quantity) FILTER (WHERE p.status = 'confirmed'), 0) AS confirmed
+        FROM events e LEFT JOIN purchases p ON p.event_id = e.id
+        GROUP BY e.id
+        HAVING coalesce(sum(p.quantity) FILTER (WHERE p.status = 'confirmed'), 0)
+               + e.available_tickets <> e.total_tickets
+            OR e.available_tickets < 0
+        """
+    )
+    assert not broken, f"oversold or lost tickets: {[dict(r) for r in broken]}"
