@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     broker_namespace: str = Field(default="ticketing", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     partitions: int = Field(default=32, ge=1, le=1024)
     queue_max_length: int = Field(default=1_000_000, ge=1)
-    delivery_limit: int = Field(default=5, ge=1)
+    delivery_limit: int = Field(default=20, ge=1)
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     worker_id: str = Field(default_factory=_default_worker_id, min_length=1, max_length=200)
     batch_size: int = Field(default=500, ge=1, le=10_000)
     batch_max_wait_ms: int = Field(default=20, ge=0)
-    lease_ttl_s: float = Field(default=10.0, gt=0)
+    lease_ttl_s: float = Field(default=6.0, gt=0)
 
     @field_validator("cors_origins", mode="before")
     @classmethod
