@@ -11,6 +11,8 @@ from uuid import UUID
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.text import CustomerId, Quantity
+
 MESSAGE_VERSION = 1
 CONTENT_TYPE = "application/json"
 MESSAGE_TYPE = "purchase.v1"
@@ -21,8 +23,9 @@ class PurchaseRequested(BaseModel):
 
     purchase_id: UUID
     event_id: UUID
-    customer_id: Annotated[str, Field(min_length=1, max_length=100)]
-    quantity: Annotated[int, Field(ge=1, le=100)]
+    # The API's own input types: a message the API could not have sent is undecodable.
+    customer_id: CustomerId
+    quantity: Quantity
     accepted_at: datetime
 
 

@@ -54,8 +54,11 @@ class PartitionConsumer:
         return self.lease.partition
 
     @property
-    def done(self) -> bool:
-        return self._task is not None and self._task.done()
+    def broken(self) -> bool:
+        """The loop ended on its own (lease lost, unexpected error) or the broker closed the
+        channel under it: the supervisor replaces it."""
+        ended = self._task is not None and self._task.done()
+        return ended or (self._channel is not None and self._channel.is_closed)
 
     async def start(self, connection: AbstractConnection) -> None:
         self._channel = await connection.channel()
@@ -153,6 +156,7 @@ class PartitionConsumer:
 
     async def _handle(self, messages: list[AbstractIncomingMessage]) -> None:
         purchases: list[PurchaseRequested] = []
+        last_good: AbstractIncomingMessage | None = None
         for message in messages:
             try:
                 decoded = PurchaseMessage.from_body(message.body)
@@ -163,6 +167,7 @@ class PartitionConsumer:
                 await message.reject(requeue=False)
                 continue
             purchases.extend(decoded.purchases)
+            last_good = message
 
         if purchases:
             async for attempt in until_stopped(
@@ -178,5 +183,7 @@ class PartitionConsumer:
                 result.count(PurchaseStatus.REJECTED),
                 result.duplicates,
             )
-        # Committed (or nothing to commit): one ack covers the batch on this channel.
-        await messages[-1].ack(multiple=True)
+        if last_good is not None:
+            # Committed: one ack covers the batch. multiple=True reaches only this channel's
+            # deliveries, and every earlier one is in this batch (or was already settled).
+            await last_good.ack(multiple=True)

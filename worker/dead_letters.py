@@ -4,7 +4,6 @@ The dead-letter exchange fans out to two queues: one keeps the messages for insp
 replay, the other (read here, by every worker) only records what died and why.
 """
 
-import asyncio
 import logging
 from typing import Any
 
@@ -60,24 +59,30 @@ class DeadLetterRecorder:
         try:
             async for attempt in until_stopped(TRANSIENT_DATABASE, lambda: self._stopped):
                 with attempt:
-                    await self._record_failed(message.body, reason)
-        except asyncio.CancelledError:
-            raise
+                    self.recorded += await self._record_failed(message.body, reason)
+        except TRANSIENT_DATABASE:
+            return  # stopping during an outage: unacked, so it is redelivered
         except Exception:
-            log.exception("dead letter not recorded; it stays queued")
+            # Not a fault that waiting cures. The message itself stays in the dead-letter queue;
+            # only this record-keeping copy is dropped.
+            log.exception("dead letter could not be recorded; see the dead-letter queue")
+            await message.reject(requeue=False)
             return
         await message.ack()
 
-    async def _record_failed(self, body: bytes, reason: FailReason) -> None:
+    async def _record_failed(self, body: bytes, reason: FailReason) -> int:
+        """Mark the message's purchases failed; return how many."""
         async with self._pool.acquire() as conn, conn.transaction():
             try:
                 decoded = PurchaseMessage.from_body(body)
             except ValidationError:
-                for purchase_id in readable_purchase_ids(body):
+                ids = readable_purchase_ids(body)
+                for purchase_id in ids:
                     await purchases.record_failed(conn, purchase_id=purchase_id, reason=reason)
-                    self.recorded += 1
-                log.warning("dead letter (%s) could not be decoded", reason.value)
-                return
+                log.warning(
+                    "dead letter (%s) undecodable: %d id(s) readable", reason.value, len(ids)
+                )
+                return len(ids)
             for purchase in decoded.purchases:
                 await purchases.record_failed(
                     conn,
@@ -89,9 +94,9 @@ class DeadLetterRecorder:
                     accepted_at=purchase.accepted_at,
                     partition=decoded.partition,
                 )
-                self.recorded += 1
             log.warning(
                 "dead letter (%s): %d purchase(s) marked failed",
                 reason.value,
                 len(decoded.purchases),
             )
+        return len(decoded.purchases)

@@ -119,7 +119,7 @@ class Worker:
 
         # Consumers that ended on their own (lease lost at commit, unexpected error).
         for partition, consumer in list(self._consumers.items()):
-            if consumer.done:
+            if consumer.broken:
                 await consumer.abort()
                 self._retire(partition)
                 if consumer.lost_lease:
