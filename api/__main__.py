@@ -2,6 +2,7 @@
 
 import uvicorn
 
+from shared.logs import logging_config
 from shared.settings import get_settings
 
 
@@ -16,6 +17,9 @@ def main() -> None:
         proxy_headers=True,
         server_header=False,
         timeout_graceful_shutdown=10,
+        log_config=logging_config(settings, service="api"),
+        # One line per request would double the CPU of a flood; /metrics counts requests.
+        access_log=settings.log_level == "DEBUG",
     )
 
 

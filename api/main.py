@@ -8,6 +8,8 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from api.errors import install_error_handlers
 from api.guards import RequestGuard
+from api.metrics import RequestMetrics
+from api.metrics import router as metrics_router
 from api.resources import open_resources
 from api.routes import events, health, purchases
 from shared.settings import Settings, get_settings
@@ -36,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics)
     # Added last so it is outermost: even a 413 or a 503 carries the CORS headers a browser needs.
     app.add_middleware(
         CORSMiddleware,
@@ -48,4 +51,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.include_router(purchases.router)
     app.include_router(health.router)
+    app.include_router(metrics_router)
     return app

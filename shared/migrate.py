@@ -12,6 +12,7 @@ import psycopg
 from psycopg import errors, sql
 from yoyo import get_backend, read_migrations
 
+from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -74,8 +75,9 @@ def migrate(settings: Settings) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    migrate(get_settings())
+    settings = get_settings()
+    configure_logging(settings, service="migrate")
+    migrate(settings)
 
 
 if __name__ == "__main__":

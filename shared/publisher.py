@@ -16,12 +16,27 @@ from dataclasses import dataclass, field
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import DeliveryError, PublishError
+from prometheus_client import Counter, Histogram
 
 from shared.broker import Topology, declare_topology
 from shared.errors import BrokerUnavailable, QueueFull, ServiceUnavailable
 from shared.messages import CONTENT_TYPE, MESSAGE_TYPE, PurchaseMessage, PurchaseRequested
 
 log = logging.getLogger(__name__)
+
+PUBLISHES = Counter(
+    "ticketing_publishes_total",
+    "Purchase messages published, by broker answer",
+    ["outcome"],  # confirmed | nacked | timed_out | unroutable | failed
+)
+PUBLISHED_PURCHASES = Counter(
+    "ticketing_published_purchases_total", "Purchases in confirmed messages"
+)
+MESSAGE_PURCHASES = Histogram(
+    "ticketing_publish_message_purchases",
+    "Purchases coalesced into one message",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 
 
 @dataclass
@@ -51,9 +66,12 @@ class PurchasePublisher:
     def is_ready(self) -> bool:
         return self._channel is not None and not self._channel.is_closed
 
+    def partition_of(self, purchase: PurchaseRequested) -> int:
+        return self._topology.partition_of(purchase.event_id)
+
     async def publish(self, purchase: PurchaseRequested) -> None:
         """Return once the broker confirmed the purchase; raise ServiceUnavailable otherwise."""
-        partition = self._topology.partition_of(purchase.event_id)
+        partition = self.partition_of(purchase)
         lane = self._lanes[partition]
         confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lane.pending.append((purchase, confirmed))
@@ -98,17 +116,24 @@ class PurchasePublisher:
                 timeout=self._timeout_s,
             )
         except PublishError as exc:  # returned: no queue bound for the partition
+            PUBLISHES.labels("unroutable").inc()
             log.error("purchase message unroutable (partition %d): %s", partition, exc)
             raise BrokerUnavailable("The purchase could not be queued; retry shortly.") from exc
         except DeliveryError as exc:  # nacked: the partition queue is full (reject-publish)
+            PUBLISHES.labels("nacked").inc()
             raise QueueFull(
                 "Too many purchases are waiting for this event; retry shortly.", retry_after_s=2
             ) from exc
         except TimeoutError as exc:
+            PUBLISHES.labels("timed_out").inc()
             raise BrokerUnavailable(
                 "The message broker did not confirm the purchase in time; retry with the same "
                 "Idempotency-Key."
             ) from exc
         except Exception as exc:  # connection or channel lost mid-publish
+            PUBLISHES.labels("failed").inc()
             log.warning("publish failed (partition %d): %r", partition, exc)
             raise BrokerUnavailable("The message broker is unavailable; retry shortly.") from exc
+        PUBLISHES.labels("confirmed").inc()
+        PUBLISHED_PURCHASES.inc(len(purchases))
+        MESSAGE_PURCHASES.observe(len(purchases))

@@ -7,7 +7,7 @@ PostgreSQL and RabbitMQ of a developer machine.
 import os
 import socket
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     queue_max_length: int = Field(default=1_000_000, ge=1)
     delivery_limit: int = Field(default=20, ge=1)
 
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # json for machines (the default), text for people reading a terminal.
+    log_format: Literal["json", "text"] = "json"
+
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
     api_workers: int = Field(default=1, ge=1)
@@ -45,6 +49,13 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=500, ge=1, le=10_000)
     batch_max_wait_ms: int = Field(default=20, ge=0)
     lease_ttl_s: float = Field(default=6.0, gt=0)
+    # 0 turns the worker's /metrics endpoint off.
+    worker_metrics_port: int = Field(default=9100, ge=0, le=65535)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -2,15 +2,18 @@
 
 import argparse
 import asyncio
-import logging
 import signal
 
+from shared.logs import configure_logging
 from shared.settings import get_settings
+from worker.metrics import serve_metrics
 from worker.supervisor import Worker
 
 
 async def run() -> None:
-    worker = Worker(get_settings())
+    settings = get_settings()
+    serve_metrics(settings.worker_metrics_port)
+    worker = Worker(settings)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)
@@ -21,11 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     parser.add_argument("command", nargs="?", default="run", choices=["run"])
     parser.parse_args()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("aiormq").setLevel(logging.WARNING)
-    logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    configure_logging(get_settings(), service="worker")
     asyncio.run(run())
 
 

@@ -9,6 +9,7 @@ callbacks, so purchases of one event are applied in the order they were accepted
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime
 
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
@@ -16,10 +17,10 @@ from pydantic import ValidationError
 
 from shared.broker import Topology
 from shared.messages import PurchaseMessage, PurchaseRequested
-from shared.purchases.models import PurchaseStatus
 from shared.retry import TRANSIENT_DATABASE, until_stopped
+from worker import metrics
 from worker.leases import LeaseLost
-from worker.processor import Lease, VersionConflict, apply_batch
+from worker.processor import BatchResult, Lease, VersionConflict, apply_batch
 
 log = logging.getLogger(__name__)
 
@@ -154,35 +155,59 @@ class PartitionConsumer:
             return get.result()
         return self._inbox.get_nowait() if not self._inbox.empty() else None
 
+    def _observe(
+        self, purchases: list[PurchaseRequested], result: BatchResult, seconds: float
+    ) -> None:
+        self.applied += len(result.outcomes)
+        metrics.COMMIT_SECONDS.observe(seconds)
+        metrics.BATCH_SIZE.observe(len(purchases))
+        metrics.DUPLICATES.inc(result.duplicates)
+        oldest = min(p.accepted_at for p in purchases)
+        metrics.LAG_SECONDS.labels(str(self.partition)).set(
+            max(0.0, (datetime.now(UTC) - oldest).total_seconds())
+        )
+        verbose = log.isEnabledFor(logging.INFO)
+        for outcome in result.outcomes:
+            reason = outcome.reason.value if outcome.reason else ""
+            metrics.PURCHASES.labels(outcome.status.value, reason).inc()
+            if verbose:
+                log.info(
+                    "purchase decided",
+                    extra={
+                        "purchase_id": str(outcome.purchase.purchase_id),
+                        "event_id": str(outcome.purchase.event_id),
+                        "partition": self.partition,
+                        "status": outcome.status.value,
+                        "reason": reason or None,
+                    },
+                )
+
     async def _handle(self, messages: list[AbstractIncomingMessage]) -> None:
         purchases: list[PurchaseRequested] = []
         last_good: AbstractIncomingMessage | None = None
         for message in messages:
+            if message.redelivered:
+                metrics.REDELIVERIES.inc()
             try:
                 decoded = PurchaseMessage.from_body(message.body)
             except ValidationError:
                 # A poison message must not block the partition: dead-letter it (the recorder
                 # marks its readable purchase ids failed) and go on with the rest.
-                log.error("partition %d: undecodable message dead-lettered", self.partition)
+                log.error("undecodable message dead-lettered", extra={"partition": self.partition})
+                metrics.DEAD_LETTERS.labels("undecodable_message").inc()
                 await message.reject(requeue=False)
                 continue
             purchases.extend(decoded.purchases)
             last_good = message
 
         if purchases:
+            started = time.perf_counter()
             async for attempt in until_stopped(
                 (*TRANSIENT_DATABASE, VersionConflict), lambda: self._aborted
             ):
                 with attempt:
                     result = await apply_batch(self._pool, self.lease, purchases)
-            self.applied += len(result.outcomes)
-            log.debug(
-                "partition %d: %d confirmed, %d rejected, %d duplicates",
-                self.partition,
-                result.count(PurchaseStatus.CONFIRMED),
-                result.count(PurchaseStatus.REJECTED),
-                result.duplicates,
-            )
+            self._observe(purchases, result, time.perf_counter() - started)
         if last_good is not None:
             # Committed: one ack covers the batch. multiple=True reaches only this channel's
             # deliveries, and every earlier one is in this batch (or was already settled).

@@ -16,6 +16,7 @@ from shared.messages import PurchaseMessage, readable_purchase_ids
 from shared.purchases import repository as purchases
 from shared.purchases.models import FailReason
 from shared.retry import TRANSIENT_DATABASE, until_stopped
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class DeadLetterRecorder:
 
     async def _record(self, message: AbstractIncomingMessage) -> None:
         reason = death_reason(dict(message.headers or {}))
+        if reason != FailReason.UNDECODABLE_MESSAGE:  # those were counted when rejected
+            metrics.DEAD_LETTERS.labels(reason.value).inc()
         try:
             async for attempt in until_stopped(TRANSIENT_DATABASE, lambda: self._stopped):
                 with attempt:

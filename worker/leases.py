@@ -9,6 +9,7 @@ commit again. See README, "Partitions and leases".
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from shared.db import Connection
 
@@ -34,11 +35,13 @@ ENSURE_PARTITIONS = """
 # Free, expired, or held by an earlier incarnation of this worker id: take it and raise the epoch,
 # which fences out whoever held it before.
 ACQUIRE = """
-    UPDATE partition_leases
-    SET owner = $2, epoch = epoch + 1, expires_at = now() + make_interval(secs => $3),
+    UPDATE partition_leases AS l
+    SET owner = $2, epoch = l.epoch + 1, expires_at = now() + make_interval(secs => $3),
         updated_at = now()
-    WHERE partition = $1 AND (owner IS NULL OR owner = $2 OR expires_at <= now())
-    RETURNING epoch
+    FROM (SELECT partition, owner FROM partition_leases WHERE partition = $1 FOR UPDATE) AS before
+    WHERE l.partition = before.partition
+      AND (l.owner IS NULL OR l.owner = $2 OR l.expires_at <= now())
+    RETURNING l.epoch, before.owner AS previous_owner
 """
 
 RENEW = """
@@ -118,10 +121,18 @@ async def ensure_partitions(conn: Connection, partitions: int) -> None:
     await conn.execute(ENSURE_PARTITIONS, partitions)
 
 
-async def acquire(conn: Connection, partition: int, worker_id: str, ttl_s: float) -> int | None:
-    """Return the new epoch, or None while another live worker holds the lease."""
-    epoch: int | None = await conn.fetchval(ACQUIRE, partition, worker_id, ttl_s)
-    return epoch
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    epoch: int
+    previous_owner: str | None  # another worker's id when its expired lease was taken over
+
+
+async def acquire(
+    conn: Connection, partition: int, worker_id: str, ttl_s: float
+) -> Acquired | None:
+    """Take the lease if free or expired; None while another live worker holds it."""
+    row = await conn.fetchrow(ACQUIRE, partition, worker_id, ttl_s)
+    return None if row is None else Acquired(row["epoch"], row["previous_owner"])
 
 
 async def renew(conn: Connection, worker_id: str, held: dict[int, int], ttl_s: float) -> set[int]:

@@ -13,7 +13,7 @@ from shared import broker
 from shared.db import create_pool
 from shared.retry import BROKER_UNAVAILABLE, TRANSIENT_DATABASE
 from shared.settings import Settings
-from worker import leases
+from worker import leases, metrics
 from worker.consumer import PartitionConsumer
 from worker.dead_letters import DeadLetterRecorder
 from worker.processor import Lease
@@ -114,7 +114,8 @@ class Worker:
                     conn, self.worker_id, self._held, self.settings.lease_ttl_s
                 )
                 for partition in set(self._held) - still_mine:
-                    log.warning("partition %d: lease taken over", partition)
+                    log.warning("lease taken over", extra={"partition": partition})
+                    metrics.LEASES_LOST.inc()
                     await self._drop(partition, graceful=False)
 
         # Consumers that ended on their own (lease lost at commit, unexpected error).
@@ -123,6 +124,7 @@ class Worker:
                 await consumer.abort()
                 self._retire(partition)
                 if consumer.lost_lease:
+                    metrics.LEASES_LOST.inc()
                     self._held.pop(partition, None)
 
         assignment = leases.assign(self.topology.partitions, workers or [self.worker_id])
@@ -133,12 +135,24 @@ class Worker:
 
         async with pool.acquire() as conn:
             for partition in sorted(mine - set(self._held)):
-                epoch = await leases.acquire(
+                acquired = await leases.acquire(
                     conn, partition, self.worker_id, self.settings.lease_ttl_s
                 )
-                if epoch is not None:
-                    self._held[partition] = epoch
-                    log.info("partition %d: lease taken (epoch %d)", partition, epoch)
+                if acquired is None:
+                    continue
+                self._held[partition] = acquired.epoch
+                metrics.LEASES_ACQUIRED.inc()
+                if acquired.previous_owner not in (None, self.worker_id):
+                    metrics.LEASE_TAKEOVERS.inc()
+                log.info(
+                    "lease acquired",
+                    extra={
+                        "partition": partition,
+                        "epoch": acquired.epoch,
+                        "previous_owner": acquired.previous_owner,
+                    },
+                )
+        metrics.PARTITIONS_OWNED.set(len(self._held))
 
         for partition, epoch in self._held.items():
             if partition not in self._consumers:
@@ -175,7 +189,7 @@ class Worker:
             try:
                 async with self._pool_or_fail().acquire() as conn:
                     await leases.release(conn, partition, self.worker_id, epoch)
-                log.info("partition %d: lease released", partition)
+                log.info("lease released", extra={"partition": partition})
             except TRANSIENT_DATABASE as exc:
                 log.warning("partition %d: release failed (%r); it will expire", partition, exc)
 

@@ -1,5 +1,6 @@
 """Purchase use cases: accept a purchase (validate, publish, 202) and report its status."""
 
+import logging
 from collections import OrderedDict
 from datetime import UTC, datetime
 from uuid import UUID
@@ -19,6 +20,8 @@ from shared.publisher import PurchasePublisher
 from shared.purchases import repository
 from shared.purchases.ids import PurchaseIds
 from shared.purchases.models import Purchase, PurchaseAccepted, PurchaseCreate, PurchaseStatus
+
+log = logging.getLogger(__name__)
 
 
 class RecentlyAccepted:
@@ -89,6 +92,17 @@ class PurchaseService:
         )
         await self._publisher.publish(purchase)
         self._recent.remember(purchase)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "purchase accepted",
+                extra={
+                    "purchase_id": str(purchase_id),
+                    "event_id": str(event_id),
+                    "partition": self._publisher.partition_of(purchase),
+                    "customer_id": request.customer_id,
+                    "quantity": request.quantity,
+                },
+            )
         return self._accepted(purchase_id, event_id, request)
 
     async def _already_recorded(self, purchase_id: UUID, request: PurchaseCreate) -> bool:

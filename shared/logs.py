@@ -1,0 +1,51 @@
+"""Logging for both services: one JSON object per line (python-json-logger), or plain text.
+
+Log calls pass context as `extra={"purchase_id": ..., "event_id": ..., "partition": ...}`, which
+becomes fields of the JSON line, so one purchase can be followed from the API to the worker.
+The configuration is a dictConfig so uvicorn can apply it in each of its worker processes too.
+"""
+
+import logging.config
+from typing import Any
+
+from shared.settings import Settings
+
+
+def logging_config(settings: Settings, *, service: str) -> dict[str, Any]:
+    formatter: dict[str, Any]
+    if settings.log_format == "json":
+        formatter = {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "datefmt": "%Y-%m-%dT%H:%M:%S%z",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+            "static_fields": {"service": service},
+        }
+    else:
+        formatter = {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"}
+    # The AMQP libraries narrate every frame at INFO; their warnings are what matters.
+    quiet = max(logging.WARNING, logging.getLevelName(settings.log_level))
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": formatter},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "default",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"level": settings.log_level, "handlers": ["stderr"]},
+        "loggers": {
+            "aiormq": {"level": quiet},
+            "aio_pika": {"level": quiet},
+            "uvicorn": {"handlers": [], "propagate": True},
+            "uvicorn.error": {"handlers": [], "propagate": True},
+            "uvicorn.access": {"handlers": [], "propagate": True},
+        },
+    }
+
+
+def configure_logging(settings: Settings, *, service: str) -> None:
+    logging.config.dictConfig(logging_config(settings, service=service))
