@@ -23,6 +23,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.exceptions import ChannelPreconditionFailed
 
 from shared.retry import BROKER_UNAVAILABLE, wait_for_service
 from shared.settings import Settings
@@ -116,8 +117,23 @@ def _name(role: str) -> dict[str, Any]:
     return {"connection_name": f"ticketing {role}"}
 
 
+class TopologyMismatch(RuntimeError):
+    """A queue or exchange exists with other arguments than these settings ask for."""
+
+
 async def declare_topology(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
     """Declare every exchange, queue and binding (idempotent); return the purchases exchange."""
+    try:
+        return await _declare(channel, topology)
+    except ChannelPreconditionFailed as exc:
+        raise TopologyMismatch(
+            f"{exc}. RabbitMQ cannot change a queue's arguments in place: keep the earlier "
+            "setting (PARTITIONS, QUEUE_MAX_LENGTH, DELIVERY_LIMIT), or drain and delete the "
+            f"{topology.namespace}.purchases.* queues, or use another BROKER_NAMESPACE."
+        ) from exc
+
+
+async def _declare(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
     exchange = await channel.declare_exchange(
         topology.exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )

@@ -11,6 +11,20 @@ from typing import Any
 from shared.settings import Settings
 
 
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class TextFormatter(logging.Formatter):
+    """Plain lines for a terminal, with the `extra` context appended as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        context = " ".join(
+            f"{key}={value}" for key, value in vars(record).items() if key not in _STANDARD
+        )
+        return f"{line}  {context}" if context else line
+
+
 def logging_config(settings: Settings, *, service: str) -> dict[str, Any]:
     formatter: dict[str, Any]
     if settings.log_format == "json":
@@ -22,7 +36,10 @@ def logging_config(settings: Settings, *, service: str) -> dict[str, Any]:
             "static_fields": {"service": service},
         }
     else:
-        formatter = {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"}
+        formatter = {
+            "()": "shared.logs.TextFormatter",
+            "fmt": "%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        }
     # The AMQP libraries narrate every frame at INFO; their warnings are what matters.
     quiet = max(logging.WARNING, logging.getLevelName(settings.log_level))
     return {

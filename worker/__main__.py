@@ -1,17 +1,22 @@
-"""`python -m worker`: run a worker until SIGTERM/SIGINT, then drain and exit 0."""
+"""`python -m worker [run | status | replay-dead-letters]`.
+
+run                  (default) consume partitions until SIGTERM/SIGINT, then drain and exit 0
+status               each partition's owner, epoch, lease state and queue depth; dead letters
+replay-dead-letters  move dead letters back to their partitions after a fix
+"""
 
 import argparse
 import asyncio
 import signal
 
 from shared.logs import configure_logging
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
+from worker import admin
 from worker.metrics import serve_metrics
 from worker.supervisor import Worker
 
 
-async def run() -> None:
-    settings = get_settings()
+async def run(settings: Settings) -> None:
     serve_metrics(settings.worker_metrics_port)
     worker = Worker(settings)
     loop = asyncio.get_running_loop()
@@ -21,11 +26,23 @@ async def run() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
-    parser.add_argument("command", nargs="?", default="run", choices=["run"])
-    parser.parse_args()
-    configure_logging(get_settings(), service="worker")
-    asyncio.run(run())
+    parser = argparse.ArgumentParser(
+        prog="python -m worker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "command", nargs="?", default="run", choices=["run", "status", "replay-dead-letters"]
+    )
+    command = parser.parse_args().command
+    settings = get_settings()
+    configure_logging(settings, service="worker")
+    if command == "status":
+        admin.run_status(settings)
+    elif command == "replay-dead-letters":
+        admin.run_replay(settings)
+    else:
+        asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""Operator commands: `python -m worker status` and `python -m worker replay-dead-letters`."""
+
+import asyncio
+import sys
+from collections import defaultdict
+from typing import TextIO
+
+import aio_pika
+from pydantic import ValidationError
+
+from shared import broker
+from shared.db import create_pool
+from shared.messages import CONTENT_TYPE, MESSAGE_TYPE, PurchaseMessage, PurchaseRequested
+from shared.settings import Settings
+from worker import leases
+
+
+async def status(settings: Settings, out: TextIO = sys.stdout) -> None:
+    """Print each partition's owner, epoch, lease state and queue depth, and the dead letters."""
+    topology = broker.Topology.from_settings(settings)
+    pool = await create_pool(settings, wait_s=5)
+    try:
+        async with pool.acquire() as conn:
+            rows = {row["partition"]: row for row in await leases.all_leases(conn)}
+            workers = await leases.live_workers(conn)
+    finally:
+        await pool.close()
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    try:
+        channel = await connection.channel()
+        depths = [
+            await broker.queue_depth(channel, topology.queue(p)) for p in range(topology.partitions)
+        ]
+        dead = await broker.queue_depth(channel, topology.dead_letter_queue)
+    finally:
+        await connection.close()
+
+    out.write(f"live workers ({len(workers)}): {', '.join(workers) or '-'}\n")
+    out.write(f"{'partition':>9}  {'owner':<30} {'epoch':>6}  {'lease':<7} {'queued':>8}\n")
+    for partition in range(topology.partitions):
+        row = rows.get(partition)
+        owner = str(row["owner"]) if row and row["owner"] else "-"
+        epoch = str(row["epoch"]) if row else "0"
+        state = "live" if row and row["live"] else ("expired" if row and row["owner"] else "free")
+        out.write(f"{partition:>9}  {owner:<30} {epoch:>6}  {state:<7} {depths[partition]:>8}\n")
+    out.write(f"queued in all partitions: {sum(depths)}\n")
+    out.write(f"dead letters ({topology.dead_letter_queue}): {dead}\n")
+
+
+async def replay_dead_letters(settings: Settings, out: TextIO = sys.stdout) -> tuple[int, int]:
+    """Move dead letters back to their partitions (after the fault that killed them is fixed).
+
+    Each replayed purchase is republished (persistent, confirmed) before its dead letter is acked,
+    so a crash in between replays it twice at worst, and the worker applies an id once. Purchases
+    recorded `failed` are decided anew; ones already confirmed or rejected are skipped by the
+    worker. Undecodable dead letters cannot be replayed and stay where they are.
+    Returns (purchases replayed, messages left in the dead-letter queue).
+    """
+    topology = broker.Topology.from_settings(settings)
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    replayed = kept = 0
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.get_exchange(topology.exchange)  # passive: never (re)declares
+        queue = await channel.get_queue(topology.dead_letter_queue)
+        unreadable: list[aio_pika.abc.AbstractIncomingMessage] = []
+        while (message := await queue.get(no_ack=False, fail=False)) is not None:
+            try:
+                decoded = PurchaseMessage.from_body(message.body)
+            except ValidationError:
+                unreadable.append(message)  # held unacked so the loop does not get it again
+                continue
+            # Re-route by the current partition count, in the original order.
+            by_partition: dict[int, list[PurchaseRequested]] = defaultdict(list)
+            for purchase in decoded.purchases:
+                by_partition[topology.partition_of(purchase.event_id)].append(purchase)
+            for partition, purchases in by_partition.items():
+                body = PurchaseMessage(partition=partition, purchases=purchases).to_body()
+                await exchange.publish(
+                    aio_pika.Message(
+                        body,
+                        content_type=CONTENT_TYPE,
+                        type=MESSAGE_TYPE,
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    routing_key=topology.routing_key(partition),
+                    mandatory=True,
+                )
+                replayed += len(purchases)
+            await message.ack()
+        for message in unreadable:
+            await message.nack(requeue=True)
+        kept = len(unreadable)
+    finally:
+        await connection.close()
+    out.write(f"replayed {replayed} purchase(s); {kept} undecodable dead letter(s) left in place\n")
+    return replayed, kept
+
+
+def run_status(settings: Settings) -> None:
+    asyncio.run(status(settings))
+
+
+def run_replay(settings: Settings) -> None:
+    asyncio.run(replay_dead_letters(settings))
