@@ -10,7 +10,6 @@ from typing import Any
 
 from shared.settings import Settings
 
-
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
