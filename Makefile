@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install migrate run api worker test test-fast lint format openapi bench clean
+.PHONY: install install-load migrate run api worker test test-fast lint format openapi bench bench-quick clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,19 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
+LOAD_INSTALLED := $(VENV)/.installed-load
+$(LOAD_INSTALLED): $(INSTALLED)
+	$(PY) -m pip install --quiet -e '.[dev,load]'
+	touch $(LOAD_INSTALLED)
+
+# locust, matplotlib and uvloop: only the benchmark and the load-test kit need them.
+install-load: $(LOAD_INSTALLED)
+
 migrate: install
 	$(PY) -m shared.migrate
 
 # API + one worker in the foreground; Ctrl-C (or either one exiting) stops both.
+run: export LOG_FORMAT ?= text
 run: migrate
 	@$(PY) -m worker & worker=$$!; \
 	$(PY) -m api & api=$$!; \
@@ -49,6 +58,13 @@ format: install
 
 openapi: install
 	$(PY) -m api.openapi > openapi.json
+
+# A flash sale against the synchronous design; figures to bench/results/ (see README).
+bench: install-load
+	$(PY) -m bench.run
+
+bench-quick: install-load
+	$(PY) -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,604 @@
+"""`make bench` / `make bench-quick`: a flash sale against the synchronous design, in one run.
+
+Starts every process it measures itself (API, workers, the baseline app, the bare app) against
+the local PostgreSQL and RabbitMQ, in a database and broker namespace of its own (`ticketing_bench`,
+`bench`), prints one table, writes the figures to bench/results/ (JSON) and draws a PNG chart.
+
+    python -m bench.run [--quick]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.request import urlopen
+
+import aio_pika
+import asyncpg
+import orjson
+
+from bench.loadgen import LoadResult, run_load
+from shared import broker
+from shared.messages import CONTENT_TYPE, MESSAGE_TYPE, PurchaseMessage, PurchaseRequested
+from shared.migrate import create_database_if_missing, drop_database
+from shared.migrate import migrate as apply_schema
+from shared.settings import Settings
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Sizes:
+    drain: int  # purchases queued for one hot event
+    accept_s: float  # seconds of load per accept measurement
+    flash_requests: int
+    flash_tickets: int
+    flash_concurrency: int
+    baseline_requests: int
+    many_events: int
+    many_purchases: int
+
+
+FULL = Sizes(100_000, 10.0, 50_000, 20_000, 256, 50_000, 1_000, 100_000)
+QUICK = Sizes(20_000, 3.0, 10_000, 4_000, 256, 10_000, 1_000, 20_000)
+
+
+def bench_settings() -> Settings:
+    base = Settings()
+    url = base.database_url.rsplit("/", 1)[0] + "/ticketing_bench"
+    return base.model_copy(
+        update={
+            "database_url": url,
+            "broker_namespace": "bench",
+            "api_port": 8801,
+            "log_level": "WARNING",
+            "worker_metrics_port": 0,
+            "purchase_id_secret": "bench-secret-" + uuid.uuid4().hex,
+        }
+    )
+
+
+def env_of(settings: Settings, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        env[name.upper()] = ",".join(value) if isinstance(value, list) else str(value)
+    env.update(extra)
+    return env
+
+
+class Processes:
+    """The processes under measurement; every one is stopped at the end, whatever happens."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env_of(self.settings, **env))
+        self.running.append(proc)
+        return proc
+
+    def api(self) -> subprocess.Popen[bytes]:
+        proc = self.start("-m", "api")
+        wait_http(f"http://127.0.0.1:{self.settings.api_port}/readyz")
+        return proc
+
+    def worker(self, name: str) -> subprocess.Popen[bytes]:
+        return self.start("-m", "worker", WORKER_ID=name)
+
+    def uvicorn(self, app: str, port: int) -> subprocess.Popen[bytes]:
+        proc = self.start(
+            "-m", "uvicorn", app, "--port", str(port), "--log-level", "warning", "--no-access-log"
+        )
+        wait_http(f"http://127.0.0.1:{port}/docs")
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc in self.running:
+            self.running.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(self.running):
+            self.stop(proc)
+
+
+def wait_http(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not come up")
+        time.sleep(0.1)
+
+
+def peak_rss_mb(proc: subprocess.Popen[bytes]) -> float:
+    """VmHWM: the process's peak resident set so far."""
+    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Bench:
+    def __init__(self, sizes: Sizes) -> None:
+        self.sizes = sizes
+        self.settings = bench_settings()
+        self.topology = broker.Topology.from_settings(self.settings)
+        self.procs = Processes(self.settings)
+        self.pool: asyncpg.Pool | None = None
+        self.figures: dict[str, dict[str, Any]] = {}
+
+    # -- setup ------------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        drop_database(self.settings.database_url)
+        create_database_if_missing(self.settings.database_url)
+        apply_schema(self.settings)
+        self.pool = await asyncpg.create_pool(self.settings.database_url, min_size=1, max_size=4)
+        connection = await aio_pika.connect(self.settings.rabbitmq_url)
+        channel = await connection.channel()
+        await broker.delete_topology(channel, self.topology)
+        await broker.declare_topology(channel, self.topology)
+        await connection.close()
+
+    async def teardown(self) -> None:
+        self.procs.stop_all()
+        if self.pool is not None:
+            await self.pool.close()
+        connection = await aio_pika.connect(self.settings.rabbitmq_url)
+        channel = await connection.channel()
+        await broker.delete_topology(channel, self.topology)
+        await connection.close()
+        drop_database(self.settings.database_url)
+
+    @property
+    def db(self) -> asyncpg.Pool:
+        assert self.pool is not None
+        return self.pool
+
+    async def reset(self) -> None:
+        await self.db.execute(
+            "TRUNCATE purchases, events, workers; UPDATE partition_leases "
+            "SET owner = NULL, expires_at = NULL"
+        )
+        connection = await aio_pika.connect(self.settings.rabbitmq_url)
+        channel = await connection.channel()
+        for partition in range(self.topology.partitions):
+            queue = await channel.get_queue(self.topology.queue(partition))
+            await queue.purge()
+        await connection.close()
+
+    async def create_events(self, count: int, tickets: int) -> list[uuid.UUID]:
+        ids = [uuid.uuid4() for _ in range(count)]
+        await self.db.execute(
+            """
+            INSERT INTO events (id, name, starts_at, total_tickets, available_tickets,
+                                max_tickets_per_purchase)
+            SELECT id, 'bench', now() + interval '30 days', $2, $2, 10 FROM unnest($1::uuid[]) id
+            """,
+            ids,
+            tickets,
+        )
+        return ids
+
+    async def prefill(self, event_ids: list[uuid.UUID], count: int) -> None:
+        """Queue `count` purchases (one per message, the worst case for the worker) spread over
+        `event_ids`, exactly as the API would publish them."""
+        connection = await aio_pika.connect(self.settings.rabbitmq_url)
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(self.topology.exchange)
+        now = datetime.now(UTC)
+
+        async def publish(i: int) -> None:
+            event_id = event_ids[i % len(event_ids)]
+            partition = self.topology.partition_of(event_id)
+            purchase = PurchaseRequested(
+                purchase_id=uuid.uuid4(),
+                event_id=event_id,
+                customer_id=f"c{i}",
+                quantity=1,
+                accepted_at=now,
+            )
+            body = PurchaseMessage(partition=partition, purchases=[purchase]).to_body()
+            await exchange.publish(
+                aio_pika.Message(
+                    body,
+                    content_type=CONTENT_TYPE,
+                    type=MESSAGE_TYPE,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key=self.topology.routing_key(partition),
+            )
+
+        for start in range(0, count, 2000):
+            await asyncio.gather(*(publish(i) for i in range(start, min(start + 2000, count))))
+        await connection.close()
+
+    async def wait_final(self, expected: int, timeout_s: float = 600.0) -> float:
+        """Seconds from the first decided purchase until `expected` are decided."""
+        first_seen: float | None = None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            decided = await self.db.fetchval("SELECT count(*) FROM purchases")
+            now = time.perf_counter()
+            if decided and first_seen is None:
+                first_seen = now
+            if decided >= expected:
+                return now - (first_seen or now)
+            await asyncio.sleep(0.1)  # count(*) is not free: poll gently
+        raise RuntimeError(f"only {decided} of {expected} purchases decided in {timeout_s} s")
+
+    async def check_no_oversell(self) -> dict[str, int]:
+        row = await self.db.fetchrow(
+            """
+            SELECT coalesce(sum(e.total_tickets), 0) AS total,
+                   coalesce(sum(e.available_tickets), 0) AS available,
+                   (SELECT coalesce(sum(quantity), 0) FROM purchases WHERE status = 'confirmed')
+                       AS confirmed,
+                   (SELECT count(*) FROM purchases WHERE status = 'rejected') AS rejected,
+                   (SELECT count(*) - count(DISTINCT id) FROM purchases) AS duplicated,
+                   (SELECT count(*) FROM events WHERE available_tickets < 0) AS negative
+            FROM events e
+            """
+        )
+        figures = {key: int(value) for key, value in row.items()}
+        figures["oversold"] = max(0, figures["confirmed"] - figures["total"])
+        if figures["confirmed"] + figures["available"] != figures["total"] or figures["negative"]:
+            raise AssertionError(f"INVARIANT BROKEN: {figures}")
+        return figures
+
+    # -- scenarios --------------------------------------------------------------------------
+
+    async def baseline(self) -> None:
+        """The synchronous design under the flash-sale load."""
+        await self.reset()
+        (event_id,) = await self.create_events(1, self.sizes.flash_tickets)
+        proc = self.procs.uvicorn("bench.baseline_app:app", 8802)
+        try:
+            load = await run_load(
+                "http://127.0.0.1:8802",
+                purchase_request(event_id),
+                total=self.sizes.baseline_requests,
+                concurrency=self.sizes.flash_concurrency,
+            )
+        finally:
+            self.procs.stop(proc)
+        check = await self.check_no_oversell()
+        self.figures["baseline"] = {
+            "purchases_per_s": load.rate,
+            "requests": load.requests,
+            "seconds": load.seconds,
+            "p50_ms": load.percentile(0.5) * 1000,
+            "p99_ms": load.percentile(0.99) * 1000,
+            "statuses": dict(load.statuses),
+            "loadgen_cpu_share": load.cpu_share,
+            **check,
+        }
+
+    async def hot_drain(self, workers: int) -> None:
+        await self.reset()
+        (event_id,) = await self.create_events(1, self.sizes.drain)
+        await self.prefill([event_id], self.sizes.drain)
+        procs = [self.procs.worker(f"bench-{i}") for i in range(workers)]
+        try:
+            seconds = await self.wait_final(self.sizes.drain)
+            rss = max(peak_rss_mb(p) for p in procs)
+        finally:
+            for proc in procs:
+                self.procs.stop(proc)
+        check = await self.check_no_oversell()
+        self.figures[f"hot_drain_{workers}w"] = {
+            "purchases_per_s": self.sizes.drain / seconds,
+            "purchases": self.sizes.drain,
+            "seconds": seconds,
+            "worker_peak_rss_mb": rss,
+            **check,
+        }
+
+    async def many_events(self, workers: int) -> None:
+        await self.reset()
+        event_ids = await self.create_events(self.sizes.many_events, 1_000)
+        random.shuffle(event_ids)
+        await self.prefill(event_ids, self.sizes.many_purchases)
+        procs = [self.procs.worker(f"bench-{i}") for i in range(workers)]
+        try:
+            seconds = await self.wait_final(self.sizes.many_purchases)
+        finally:
+            for proc in procs:
+                self.procs.stop(proc)
+        check = await self.check_no_oversell()
+        self.figures[f"many_events_{workers}w"] = {
+            "purchases_per_s": self.sizes.many_purchases / seconds,
+            "purchases": self.sizes.many_purchases,
+            "events": self.sizes.many_events,
+            "seconds": seconds,
+            **check,
+        }
+
+    async def api_accept(self) -> None:
+        await self.reset()
+        (event_id,) = await self.create_events(1, 1_000_000)
+        api = self.procs.api()
+        try:
+            real = await run_load(
+                f"http://127.0.0.1:{self.settings.api_port}",
+                purchase_request(event_id),
+                duration_s=self.sizes.accept_s,
+                concurrency=64,
+            )
+            api_rss = peak_rss_mb(api)
+        finally:
+            self.procs.stop(api)
+        bare_proc = self.procs.uvicorn("bench.bare_app:app", 8803)
+        try:
+            bare = await run_load(
+                "http://127.0.0.1:8803",
+                purchase_request(event_id),
+                duration_s=self.sizes.accept_s,
+                concurrency=64,
+            )
+        finally:
+            self.procs.stop(bare_proc)
+        self.figures["api_accept"] = {
+            **load_figures(real),
+            "api_peak_rss_mb": api_rss,
+            "ratio_to_bare": real.rate / bare.rate if bare.rate else 0.0,
+        }
+        self.figures["bare_accept"] = load_figures(bare)
+        await self.reset()
+
+    async def flash_sale(self) -> None:
+        await self.reset()
+        (event_id,) = await self.create_events(1, self.sizes.flash_tickets)
+        api = self.procs.api()
+        worker = self.procs.worker("bench-flash")
+        try:
+            started = time.perf_counter()
+            load = await run_load(
+                f"http://127.0.0.1:{self.settings.api_port}",
+                purchase_request(event_id),
+                total=self.sizes.flash_requests,
+                concurrency=self.sizes.flash_concurrency,
+            )
+            accepted = load.statuses.get(202, 0)
+            await self.wait_final(accepted)
+            seconds = time.perf_counter() - started
+            api_rss, worker_rss = peak_rss_mb(api), peak_rss_mb(worker)
+        finally:
+            self.procs.stop(worker)
+            self.procs.stop(api)
+        check = await self.check_no_oversell()
+        self.figures["flash_sale"] = {
+            "purchases_per_s": self.sizes.flash_requests / seconds,
+            "requests": self.sizes.flash_requests,
+            "seconds_until_all_final": seconds,
+            "accepted_202": accepted,
+            "fast_rejected_409": load.statuses.get(409, 0),
+            "unavailable_503": load.statuses.get(503, 0),
+            "statuses": dict(load.statuses),
+            "p50_ms": load.percentile(0.5) * 1000,
+            "p99_ms": load.percentile(0.99) * 1000,
+            "loadgen_cpu_share": load.cpu_share,
+            "api_peak_rss_mb": api_rss,
+            "worker_peak_rss_mb": worker_rss,
+            **check,
+        }
+
+
+def purchase_request(event_id: uuid.UUID) -> Callable[[int], tuple[str, str, bytes]]:
+    path = f"/events/{event_id}/tickets/purchase"
+
+    def make(i: int) -> tuple[str, str, bytes]:
+        return "POST", path, orjson.dumps({"customer_id": f"customer-{i}", "quantity": 1})
+
+    return make
+
+
+def load_figures(load: LoadResult) -> dict[str, Any]:
+    return {
+        "requests_per_s": load.rate,
+        "requests": load.requests,
+        "p50_ms": load.percentile(0.5) * 1000,
+        "p99_ms": load.percentile(0.99) * 1000,
+        "statuses": dict(load.statuses),
+        "loadgen_cpu_share": load.cpu_share,
+    }
+
+
+def report(figures: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> dict[str, Any]:
+    base = figures["baseline"]["purchases_per_s"]
+    ratios = {
+        "hot_drain_vs_baseline": figures["hot_drain_1w"]["purchases_per_s"] / base,
+        "api_accept_vs_bare": figures["api_accept"]["ratio_to_bare"],
+        "flash_sale_vs_baseline": figures["flash_sale"]["purchases_per_s"] / base,
+    }
+    targets = {
+        "hot_drain_vs_baseline >= 10": ratios["hot_drain_vs_baseline"] >= 10,
+        "api_accept_vs_bare >= 0.6": ratios["api_accept_vs_bare"] >= 0.6,
+        "api_accept p99 < 50 ms": figures["api_accept"]["p99_ms"] < 50,
+        "flash_sale_vs_baseline >= 3": ratios["flash_sale_vs_baseline"] >= 3,
+        "zero oversell": all(f.get("oversold", 0) == 0 for f in figures.values()),
+        "api RSS < 150 MB": figures["flash_sale"]["api_peak_rss_mb"] < 150,
+        "worker RSS < 150 MB": figures["flash_sale"]["worker_peak_rss_mb"] < 150,
+    }
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        "mode": "quick" if quick else "full",
+        "sizes": asdict(sizes),
+        "figures": figures,
+        "ratios": ratios,
+        "targets_met": targets,
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    f = result["figures"]
+    rows = [
+        (
+            "baseline (1 request = 1 transaction)",
+            f["baseline"]["purchases_per_s"],
+            "purchases/s",
+            f"p99 {f['baseline']['p99_ms']:.0f} ms",
+        ),
+        (
+            "hot-event drain, 1 worker",
+            f["hot_drain_1w"]["purchases_per_s"],
+            "purchases/s",
+            f"{f['hot_drain_1w']['purchases']} queued",
+        ),
+        (
+            "hot-event drain, 2 workers",
+            f["hot_drain_2w"]["purchases_per_s"],
+            "purchases/s",
+            "one event = one partition",
+        ),
+        (
+            "many events, 1 worker",
+            f["many_events_1w"]["purchases_per_s"],
+            "purchases/s",
+            f"{f['many_events_1w']['events']} events",
+        ),
+        ("many events, 2 workers", f["many_events_2w"]["purchases_per_s"], "purchases/s", ""),
+        (
+            "API accept (202 after confirm), 64 conn",
+            f["api_accept"]["requests_per_s"],
+            "req/s",
+            f"p50 {f['api_accept']['p50_ms']:.1f} / p99 {f['api_accept']['p99_ms']:.1f} ms",
+        ),
+        (
+            "bare validate-and-202, 64 conn",
+            f["bare_accept"]["requests_per_s"],
+            "req/s",
+            f"p50 {f['bare_accept']['p50_ms']:.1f} / p99 {f['bare_accept']['p99_ms']:.1f} ms",
+        ),
+        (
+            "flash sale end to end, 256 clients",
+            f["flash_sale"]["purchases_per_s"],
+            "purchases/s",
+            f"{f['flash_sale']['seconds_until_all_final']:.1f} s until all final",
+        ),
+    ]
+    print(f"\nBenchmark ({result['mode']}) {result['date']} on {result['machine']}")
+    print(f"{'scenario':<42} {'rate':>10}  {'unit':<12} note")
+    for name, rate, unit, note in rows:
+        print(f"{name:<42} {rate:>10,.0f}  {unit:<12} {note}")
+    fs = f["flash_sale"]
+    print(
+        f"\nflash sale: {fs['accepted_202']} accepted, {fs['fast_rejected_409']} fast-rejected (409),"
+        f" {fs['unavailable_503']} 503; confirmed {fs['confirmed']} of {fs['total']} tickets,"
+        f" {fs['rejected']} rejected, available {fs['available']}, oversold {fs['oversold']},"
+        f" duplicated {fs['duplicated']}"
+    )
+    print(
+        f"peak RSS: API {fs['api_peak_rss_mb']:.0f} MB, worker {fs['worker_peak_rss_mb']:.0f} MB;"
+        f" load generator CPU: {f['api_accept']['loadgen_cpu_share']:.0%} of a core (accept),"
+        f" {fs['loadgen_cpu_share']:.0%} (flash sale)"
+    )
+    print("\nratios: " + ", ".join(f"{k} {v:.1f}x" for k, v in result["ratios"].items()))
+    for target, met in result["targets_met"].items():
+        print(f"  [{'x' if met else ' '}] {target}")
+
+
+def draw_chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f = result["figures"]
+    labels = [
+        "baseline\n(sync)",
+        "hot drain\n1 worker",
+        "hot drain\n2 workers",
+        "many events\n1 worker",
+        "many events\n2 workers",
+        "flash sale\nend to end",
+    ]
+    values = [
+        f["baseline"]["purchases_per_s"],
+        f["hot_drain_1w"]["purchases_per_s"],
+        f["hot_drain_2w"]["purchases_per_s"],
+        f["many_events_1w"]["purchases_per_s"],
+        f["many_events_2w"]["purchases_per_s"],
+        f["flash_sale"]["purchases_per_s"],
+    ]
+    colors = ["#999999"] + ["#1f77b4"] * 5
+    fig, ax = plt.subplots(figsize=(10, 5))
+    bars = ax.bar(labels, values, color=colors)
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values])
+    ax.set_ylabel("purchases / s")
+    ax.set_title(
+        f"Purchases per second ({result['mode']}, {result['date'][:10]}, {result['machine']})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+async def main(quick: bool) -> None:
+    sizes = QUICK if quick else FULL
+    bench = Bench(sizes)
+    await bench.setup()
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        ("baseline", bench.baseline),
+        ("hot-event drain, 1 worker", lambda: bench.hot_drain(1)),
+        ("hot-event drain, 2 workers", lambda: bench.hot_drain(2)),
+        ("many events, 1 worker", lambda: bench.many_events(1)),
+        ("many events, 2 workers", lambda: bench.many_events(2)),
+        ("API accept vs bare endpoint", bench.api_accept),
+        ("flash sale end to end", bench.flash_sale),
+    ]
+    try:
+        for name, step in steps:
+            print(f"== {name}", flush=True)
+            await step()
+    finally:
+        await bench.teardown()
+    result = report(bench.figures, sizes, quick)
+    RESULTS.mkdir(exist_ok=True)
+    stem = f"bench-{'quick' if quick else 'full'}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    draw_chart(result, RESULTS / f"{stem}.png")
+    print_table(result)
+    print(f"\nwritten: {RESULTS / (stem + '.json')}, {RESULTS / (stem + '.png')}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.run")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, under 2 minutes")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(main(args.quick))
