@@ -1,11 +1,13 @@
 """Publishes accepted purchases to their partition queue and waits for the broker's confirm.
 
-Concurrent requests for one partition are coalesced, the way a Kafka producer lingers: while one
-message of a partition awaits its confirm, the purchases arriving meanwhile queue up and go out
-together as the next message. An idle partition publishes at once (no added latency); a hot one
-sends fewer, larger messages, one confirm each. Each caller returns only once the message holding
-its purchase is confirmed, and one partition has one message in flight at a time, so the queue
-holds purchases in the order they were accepted.
+Concurrent requests for one partition are coalesced, the way a Kafka producer lingers: while the
+partition's messages in flight await their confirms, the purchases arriving meanwhile queue up and
+go out together in the next message. An idle partition publishes at once (no added latency); a hot
+one sends fewer, larger messages, one confirm each. A few messages per partition may be in flight
+at once, because a quorum queue confirms only after an fsync: with one in flight, a hot event would
+be capped at one message per disk flush. Each caller returns only once the message holding its
+purchase is confirmed. Messages of one partition are published in order on one channel, and
+RabbitMQ keeps a channel's order, so the queue holds purchases in the order they were accepted.
 """
 
 import asyncio
@@ -42,14 +44,22 @@ MESSAGE_PURCHASES = Histogram(
 @dataclass
 class _Lane:
     pending: list[tuple[PurchaseRequested, asyncio.Future[None]]] = field(default_factory=list)
-    drainer: asyncio.Task[None] | None = None
+    in_flight: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class PurchasePublisher:
-    def __init__(self, topology: Topology, *, timeout_s: float, max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        timeout_s: float,
+        max_batch: int = 256,
+        max_in_flight: int = 4,
+    ) -> None:
         self._topology = topology
         self._timeout_s = timeout_s
         self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
         self._lanes: defaultdict[int, _Lane] = defaultdict(_Lane)
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -75,29 +85,38 @@ class PurchasePublisher:
         lane = self._lanes[partition]
         confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lane.pending.append((purchase, confirmed))
-        if lane.drainer is None:
-            lane.drainer = asyncio.create_task(self._drain(partition, lane))
+        self._flush(partition, lane)
         # Shielded: a caller that gives up (client gone) must not cancel its neighbours' publish.
         await asyncio.shield(confirmed)
 
-    async def _drain(self, partition: int, lane: _Lane) -> None:
+    def _flush(self, partition: int, lane: _Lane) -> None:
+        """Start sending what is pending, up to max_in_flight messages for the partition.
+        Synchronous, so messages start (and reach the channel) in the order they were taken."""
+        while lane.pending and len(lane.in_flight) < self._max_in_flight:
+            batch = lane.pending[: self._max_batch]
+            del lane.pending[: self._max_batch]
+            task = asyncio.create_task(self._send_batch(partition, batch))
+            lane.in_flight.add(task)
+            task.add_done_callback(lambda done: self._sent(partition, lane, done))
+
+    def _sent(self, partition: int, lane: _Lane, task: asyncio.Task[None]) -> None:
+        lane.in_flight.discard(task)
+        self._flush(partition, lane)
+
+    async def _send_batch(
+        self, partition: int, batch: list[tuple[PurchaseRequested, asyncio.Future[None]]]
+    ) -> None:
         try:
-            while lane.pending:
-                batch = lane.pending[: self._max_batch]
-                del lane.pending[: self._max_batch]
-                try:
-                    await self._send(partition, [purchase for purchase, _ in batch])
-                except ServiceUnavailable as exc:
-                    for _, confirmed in batch:
-                        if not confirmed.done():
-                            confirmed.set_exception(exc)
-                            confirmed.exception()  # its caller may be gone; don't warn
-                else:
-                    for _, confirmed in batch:
-                        if not confirmed.done():
-                            confirmed.set_result(None)
-        finally:
-            lane.drainer = None
+            await self._send(partition, [purchase for purchase, _ in batch])
+        except ServiceUnavailable as exc:
+            for _, confirmed in batch:
+                if not confirmed.done():
+                    confirmed.set_exception(exc)
+                    confirmed.exception()  # its caller may be gone; don't warn
+        else:
+            for _, confirmed in batch:
+                if not confirmed.done():
+                    confirmed.set_result(None)
 
     async def _send(self, partition: int, purchases: list[PurchaseRequested]) -> None:
         if self._exchange is None or not self.is_ready:
