@@ -31,6 +31,8 @@ from shared.settings import Settings
 # The broker closes a connection after two missed heartbeats: short, so that a frozen worker's
 # single-active-consumer slot passes to the lease's new owner within seconds, not minutes.
 HEARTBEAT_S = 5
+# After a broker outage the API is back within about this long (503s meanwhile).
+RECONNECT_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +100,10 @@ async def connect(settings: Settings, *, wait_s: float = 30.0) -> AbstractRobust
     async for attempt in wait_for_service("rabbitmq", BROKER_UNAVAILABLE, wait_s):
         with attempt:
             connection = await aio_pika.connect_robust(
-                settings.rabbitmq_url, heartbeat=HEARTBEAT_S, client_properties=_name("api")
+                settings.rabbitmq_url,
+                heartbeat=HEARTBEAT_S,
+                client_properties=_name("api"),
+                reconnect_interval=RECONNECT_INTERVAL_S,
             )
     return connection
 

@@ -17,6 +17,8 @@ async def create_pool(settings: Settings, *, wait_s: float = 30.0) -> asyncpg.Po
                 min_size=settings.db_pool_min,
                 max_size=settings.db_pool_max,
                 command_timeout=30,
+                # A database that does not answer must fail fast (503), not hang a request.
+                timeout=5,
             )
     return pool
 
