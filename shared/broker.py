@@ -89,7 +89,9 @@ class Topology:
             "x-dead-letter-exchange": self.dead_letter_exchange,
             # at-least-once: a dead letter is not lost between the two queues.
             "x-dead-letter-strategy": "at-least-once",
-            "x-max-length": self.max_length,
+            # A quorum queue admits one message past x-max-length before it refuses, so this
+            # asks for one less: QUEUE_MAX_LENGTH is then exactly what a queue holds.
+            "x-max-length": self.max_length - 1,
             # A full queue refuses (nacks) the publish, so the API answers 503, never drops.
             "x-overflow": "reject-publish",
         }

@@ -5,9 +5,10 @@ rejecting them at the edge turns what would be a database error into a clear 422
 """
 
 import unicodedata
+from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, StrictInt
+from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, StrictInt
 
 
 def _printable(value: str, *, allow_newlines: bool) -> str:
@@ -38,3 +39,29 @@ IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255), AfterValida
 TotalTickets = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
 MaxTicketsPerPurchase = Annotated[StrictInt, Field(ge=1, le=100)]
 Quantity = Annotated[StrictInt, Field(ge=1, le=100)]
+
+
+def _storable_instant(value: datetime) -> datetime:
+    # PostgreSQL's timestamptz stops at years 4713 BC..294276 AD, Python's at 1..9999; an offset
+    # can push a valid-looking 0001-01-01 or 9999-12-31 outside both once in UTC.
+    try:
+        in_utc = value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must be between years 1 and 9999 in UTC") from None
+    if not 1 <= in_utc.year <= 9999:
+        raise ValueError("must be between years 1 and 9999 in UTC")
+    return value
+
+
+def _iso_text(value: object) -> object:
+    # JSON has no datetime type: accept text (or an already-parsed datetime), never a number,
+    # which pydantic would otherwise read as a Unix time.
+    if isinstance(value, str) and value.strip().lstrip("+-").replace(".", "", 1).isdigit():
+        raise ValueError("must be an ISO 8601 date-time with a UTC offset, not a number")
+    if not isinstance(value, (str, datetime)):
+        raise ValueError("must be an ISO 8601 date-time with a UTC offset")
+    return value
+
+
+# An ISO 8601 string with a UTC offset.
+Instant = Annotated[AwareDatetime, BeforeValidator(_iso_text), AfterValidator(_storable_instant)]

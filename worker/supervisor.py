@@ -100,6 +100,10 @@ class Worker:
             except TRANSIENT_DATABASE as exc:
                 # Consumers keep their batches and retry; leases are re-checked next tick.
                 log.warning("lease tick failed: %r", exc)
+            except Exception:
+                if connection.is_closed:
+                    break  # lost mid-tick (opening a channel, say): reconnect
+                log.exception("lease tick failed")
             await self._sleep(self.tick_s)
         if connection.is_closed:
             log.warning("rabbitmq connection lost; reconnecting")

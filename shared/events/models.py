@@ -4,9 +4,9 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from shared.text import Description, MaxTicketsPerPurchase, Name, TotalTickets, Venue
+from shared.text import Description, Instant, MaxTicketsPerPurchase, Name, TotalTickets, Venue
 
 _EVENT_EXAMPLE: dict[str, Any] = {
     "name": "Rammstein — Olympiastadion",
@@ -22,7 +22,7 @@ class EventCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EVENT_EXAMPLE]})
 
     name: Name
-    starts_at: AwareDatetime = Field(description="ISO 8601 with a UTC offset.")
+    starts_at: Instant = Field(description="ISO 8601 with a UTC offset.")
     total_tickets: TotalTickets
     venue: Venue | None = None
     description: Description | None = None
@@ -39,7 +39,7 @@ class EventUpdate(BaseModel):
     )
 
     name: Name | None = None
-    starts_at: AwareDatetime | None = None
+    starts_at: Instant | None = None
     total_tickets: TotalTickets | None = None
     venue: Venue | None = None
     description: Description | None = None

@@ -2,7 +2,7 @@
 
 import base64
 import binascii
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -29,10 +29,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, event_id = orjson.loads(raw)
         after = (datetime.fromisoformat(created_at), UUID(event_id))
-    except (binascii.Error, orjson.JSONDecodeError, ValueError, TypeError) as exc:
+        if after[0].tzinfo is None or not 1 <= after[0].astimezone(UTC).year <= 9999:
+            raise ValueError("not an instant we could have issued")
+    except (binascii.Error, orjson.JSONDecodeError, ValueError, TypeError, OverflowError) as exc:
         raise InvalidRequest("The cursor is malformed; pass back a next_cursor as given.") from exc
-    if after[0].tzinfo is None:
-        raise InvalidRequest("The cursor is malformed; pass back a next_cursor as given.")
     return after
 
 

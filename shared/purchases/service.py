@@ -64,6 +64,16 @@ class PurchaseService:
     async def submit(
         self, event_id: UUID, request: PurchaseCreate, *, idempotency_key: str | None
     ) -> PurchaseAccepted:
+        # A retry of a purchase already decided gets its original answer, even if the event
+        # sold out since (quite likely: it may have bought the last tickets).
+        purchase_id: UUID | None = None
+        if idempotency_key is not None:
+            purchase_id = self._ids.for_idempotency_key(
+                event_id=event_id, customer_id=request.customer_id, key=idempotency_key
+            )
+            if await self._already_recorded(purchase_id, request):
+                return self._accepted(purchase_id, event_id, request)
+
         event = await self._events.get(event_id)
         if event is None:
             raise EventNotFound(event_id)
@@ -74,15 +84,7 @@ class PurchaseService:
         if event.available_tickets == 0:
             raise SoldOut(event_id)
 
-        if idempotency_key is None:
-            purchase_id = self._ids.new()
-        else:
-            purchase_id = self._ids.for_idempotency_key(
-                event_id=event_id, customer_id=request.customer_id, key=idempotency_key
-            )
-            if await self._already_recorded(purchase_id, request):
-                return self._accepted(purchase_id, event_id, request)
-
+        purchase_id = purchase_id or self._ids.new()
         purchase = PurchaseRequested(
             purchase_id=purchase_id,
             event_id=event_id,

@@ -1,0 +1,330 @@
+"""Flash-sale load test: many customers buy tickets of a few fresh events, then every event is
+checked for oversell.
+
+Start the API and a worker (see docs/load-testing.md), then:
+
+    .venv/bin/locust -f bench/locustfile.py --headless -u 200 -r 50 -t 60s \\
+        --host http://127.0.0.1:8000 --html bench/results/locust.html
+
+At the start, LOAD_EVENTS fresh events of LOAD_TICKETS tickets each are created. Each simulated
+customer then loops: POST /events/{id}/tickets/purchase (random customer, 1..LOAD_MAX_QUANTITY
+tickets, an Idempotency-Key), retrying a 503 with the same key after its Retry-After, then polls
+GET /purchases/{id}, honouring Retry-After, until the purchase is confirmed, rejected or failed.
+
+When the test stops, each customer finishes the purchase it is in (a default --stop-timeout),
+purchases whose outcome is still unknown are resolved, and every event is read back:
+the tickets it sold (total - available) must equal the tickets confirmed to customers. A mismatch
+(oversell, or a confirmation that sold nothing) prints OVERSELL and exits with status 1.
+
+Knobs (environment variables): LOAD_EVENTS (10), LOAD_TICKETS (1000), LOAD_MAX_QUANTITY (2),
+LOAD_WAIT_S (0.2, think time between purchases, uniform 0..this), LOAD_503_RETRIES (2),
+LOAD_POLL_TIMEOUT_S (30), LOAD_DRAIN_TIMEOUT_S (120, how long the final check waits for
+pending purchases).
+
+In distributed mode (--master / --worker) every worker process creates and checks its own events.
+"""
+
+import logging
+import os
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import requests
+from locust import FastHttpUser, between, events, task
+from locust.env import Environment
+from locust.runners import MasterRunner
+
+# time.sleep is cooperative here: locust monkey-patches the standard library with gevent.
+
+log = logging.getLogger("ticketing.load")
+
+LOAD_EVENTS = int(os.environ.get("LOAD_EVENTS", "10"))
+LOAD_TICKETS = int(os.environ.get("LOAD_TICKETS", "1000"))
+LOAD_MAX_QUANTITY = int(os.environ.get("LOAD_MAX_QUANTITY", "2"))
+LOAD_WAIT_S = float(os.environ.get("LOAD_WAIT_S", "0.2"))
+LOAD_503_RETRIES = int(os.environ.get("LOAD_503_RETRIES", "2"))
+LOAD_POLL_TIMEOUT_S = float(os.environ.get("LOAD_POLL_TIMEOUT_S", "30"))
+LOAD_DRAIN_TIMEOUT_S = float(os.environ.get("LOAD_DRAIN_TIMEOUT_S", "120"))
+
+PURCHASE = "/events/[id]/tickets/purchase"
+STATUS = "/purchases/[id]"
+FINAL = {"confirmed", "rejected", "failed"}
+HTTP_TIMEOUT_S = 10
+
+
+@dataclass
+class Attempt:
+    """One purchase as the customer knows it. The Idempotency-Key makes it safe to send again."""
+
+    event_id: str
+    customer_id: str
+    quantity: int
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    purchase_id: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"customer_id": self.customer_id, "quantity": self.quantity}
+
+    def headers(self) -> dict[str, str]:
+        return {"Idempotency-Key": self.key}
+
+
+@dataclass
+class Ledger:
+    """What this process created and was told, for the summary and the oversell check."""
+
+    total_tickets: dict[str, int] = field(default_factory=dict)  # event id -> tickets
+    sold_out: set[str] = field(default_factory=set)
+    counts: Counter[str] = field(default_factory=Counter)
+    confirmed_tickets: Counter[str] = field(default_factory=Counter)  # event id -> tickets
+    unresolved: dict[str, Attempt] = field(default_factory=dict)  # key -> sent, outcome unknown
+    stopping: bool = False
+
+    def settle(self, attempt: Attempt, purchase: dict[str, Any]) -> None:
+        """Record a purchase's final status."""
+        self.unresolved.pop(attempt.key, None)
+        status, reason = purchase["status"], purchase.get("reason")
+        self.counts[status if reason is None else f"{status} ({reason})"] += 1
+        if status == "confirmed":
+            # The status carries the quantity actually applied.
+            self.confirmed_tickets[attempt.event_id] += purchase["quantity"]
+
+
+ledger = Ledger()
+
+
+def retry_after_s(headers: Any, default: float = 1.0) -> float:
+    try:
+        return max(0.0, float(headers.get("Retry-After") or default))
+    except ValueError:
+        return default
+
+
+def purchase_latency_ms(purchase: dict[str, Any]) -> float | None:
+    """accepted_at (API) to processed_at (worker): time in the queue plus the commit."""
+    if not purchase.get("accepted_at") or not purchase.get("processed_at"):
+        return None
+    accepted = datetime.fromisoformat(purchase["accepted_at"])
+    processed = datetime.fromisoformat(purchase["processed_at"])
+    return (processed - accepted).total_seconds() * 1000
+
+
+class Customer(FastHttpUser):
+    wait_time = between(0, LOAD_WAIT_S)
+
+    @task
+    def buy_and_wait(self) -> None:
+        if not ledger.total_tickets or ledger.stopping:
+            # Stopping: a customer between purchases may still wake up once before it is
+            # killed; it must not start a purchase it would abandon half-sent.
+            return
+        on_sale = [e for e in ledger.total_tickets if e not in ledger.sold_out]
+        attempt = Attempt(
+            event_id=random.choice(on_sale or list(ledger.total_tickets)),
+            customer_id=f"customer-{random.randrange(1_000_000)}",
+            quantity=random.randint(1, LOAD_MAX_QUANTITY),
+        )
+        ledger.unresolved[attempt.key] = attempt
+        if self.purchase(attempt):
+            self.wait_until_final(attempt)
+
+    def purchase(self, attempt: Attempt) -> bool:
+        """POST the purchase, retrying a 503 with the same key; True once it is accepted."""
+        for try_number in range(LOAD_503_RETRIES + 1):
+            with self.client.post(
+                f"/events/{attempt.event_id}/tickets/purchase",
+                json=attempt.body(),
+                headers=attempt.headers(),
+                name=PURCHASE,
+                catch_response=True,
+            ) as response:
+                if response.status_code == 202:
+                    ledger.counts["202 accepted"] += 1
+                    attempt.purchase_id = response.json()["purchase_id"]
+                    response.success()
+                    return True
+                if response.status_code == 409:
+                    # The right answer, and nothing was queued (unless a 503 before was queued).
+                    ledger.counts["409 sold out"] += 1
+                    ledger.sold_out.add(attempt.event_id)
+                    if try_number == 0:
+                        ledger.unresolved.pop(attempt.key, None)
+                    response.success()
+                    return False
+                if response.status_code == 503:
+                    ledger.counts["503 backpressure"] += 1
+                    response.failure("503 backpressure")
+                    pause = retry_after_s(response.headers)
+                else:
+                    ledger.counts[f"{response.status_code or 'no response'} other"] += 1
+                    response.failure(f"unexpected {response.status_code}: {response.text!r:.200}")
+                    return False  # stays unresolved: the final check finds out
+            if try_number < LOAD_503_RETRIES:
+                time.sleep(pause)
+        return False  # still 503: stays unresolved, the final check finds out
+
+    def wait_until_final(self, attempt: Attempt) -> None:
+        deadline = time.monotonic() + LOAD_POLL_TIMEOUT_S
+        pause = 1.0
+        while time.monotonic() < deadline:
+            time.sleep(pause)
+            with self.client.get(
+                f"/purchases/{attempt.purchase_id}", name=STATUS, catch_response=True
+            ) as response:
+                if response.status_code != 200:
+                    response.failure(f"unexpected {response.status_code}")
+                    pause = retry_after_s(response.headers)
+                    continue
+                purchase = response.json()
+                if purchase["status"] in FINAL:
+                    ledger.settle(attempt, purchase)
+                    record_latency(self.environment, purchase)
+                    return
+                pause = retry_after_s(response.headers)
+        ledger.counts["poll timed out"] += 1
+
+
+def record_latency(environment: Environment, purchase: dict[str, Any]) -> None:
+    """Show accepted -> decided in locust's statistics, with percentiles, as its own row."""
+    latency = purchase_latency_ms(purchase)
+    if latency is not None:
+        environment.events.request.fire(  # type: ignore[no-untyped-call]
+            request_type="WORKER",
+            name="accepted -> decided",
+            response_time=latency,
+            response_length=0,
+            exception=None,
+            context={},
+        )
+
+
+def _base_url(environment: Environment) -> str:
+    host = environment.host or Customer.host
+    if not host:
+        raise RuntimeError("no --host given")
+    return host.rstrip("/")
+
+
+def _is_master(environment: Environment) -> bool:
+    return isinstance(environment.runner, MasterRunner)
+
+
+@events.init.add_listener  # type: ignore[untyped-decorator]
+def finish_purchases_on_stop(environment: Environment, **_: Any) -> None:
+    """Unless --stop-timeout says otherwise, a customer stopped by -t (or Ctrl-C) first finishes
+    the purchase it is in, so its outcome is known and the oversell check stays exact."""
+    if not environment.stop_timeout:
+        environment.stop_timeout = LOAD_POLL_TIMEOUT_S + 5
+
+
+@events.test_start.add_listener  # type: ignore[untyped-decorator]
+def create_events(environment: Environment, **_: Any) -> None:
+    global ledger
+    if _is_master(environment):
+        return
+    ledger = Ledger()
+    base = _base_url(environment)
+    run = uuid.uuid4().hex[:8]
+    starts_at = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    with requests.Session() as http:
+        for number in range(LOAD_EVENTS):
+            response = http.post(
+                f"{base}/events",
+                json={
+                    "name": f"load test {run} #{number}",
+                    "starts_at": starts_at,
+                    "total_tickets": LOAD_TICKETS,
+                    "max_tickets_per_purchase": max(LOAD_MAX_QUANTITY, 1),
+                },
+                timeout=HTTP_TIMEOUT_S,
+            )
+            response.raise_for_status()
+            ledger.total_tickets[response.json()["id"]] = LOAD_TICKETS
+    log.info("created %d events of %d tickets (run %s)", LOAD_EVENTS, LOAD_TICKETS, run)
+
+
+def resolve_unresolved(http: requests.Session, base: str) -> None:
+    """Find out what became of purchases whose customer stopped before knowing: send the ones
+    never answered again with the same key (same purchase id, never bought twice), then poll."""
+    for attempt in list(ledger.unresolved.values()):
+        if attempt.purchase_id is None:
+            response = http.post(
+                f"{base}/events/{attempt.event_id}/tickets/purchase",
+                json=attempt.body(),
+                headers=attempt.headers(),
+                timeout=HTTP_TIMEOUT_S,
+            )
+            ledger.counts[f"{response.status_code} at the final check"] += 1
+            if response.status_code == 202:
+                attempt.purchase_id = response.json()["purchase_id"]
+    deadline = time.monotonic() + LOAD_DRAIN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        waiting = [a for a in ledger.unresolved.values() if a.purchase_id is not None]
+        if not waiting:
+            return
+        for attempt in waiting:
+            response = http.get(f"{base}/purchases/{attempt.purchase_id}", timeout=HTTP_TIMEOUT_S)
+            if response.status_code == 200 and response.json()["status"] in FINAL:
+                ledger.settle(attempt, response.json())
+        time.sleep(1.0)
+
+
+def check_oversell(http: requests.Session, base: str) -> list[str]:
+    """One line per event; lines starting with OVERSELL are violations."""
+    uncertain: Counter[str] = Counter()
+    for attempt in ledger.unresolved.values():
+        uncertain[attempt.event_id] += attempt.quantity
+    lines = []
+    for event_id, total in ledger.total_tickets.items():
+        event = http.get(f"{base}/events/{event_id}", timeout=HTTP_TIMEOUT_S).json()
+        sold = event["total_tickets"] - event["available_tickets"]
+        confirmed = ledger.confirmed_tickets[event_id]
+        unknown = uncertain[event_id]
+        # Exact when every outcome is known; otherwise an unknown purchase may or may not count.
+        ok = event["available_tickets"] >= 0 and confirmed <= sold <= confirmed + unknown
+        verdict = "ok" if ok else "OVERSELL"
+        lines.append(
+            f"{verdict:8} event {event_id}: total {total}, sold {sold}, "
+            f"confirmed to customers {confirmed}, outcome unknown {unknown}"
+        )
+    return lines
+
+
+@events.test_stopping.add_listener  # type: ignore[untyped-decorator]
+def stop_buying(environment: Environment, **_: Any) -> None:
+    ledger.stopping = True
+
+
+@events.test_stop.add_listener  # type: ignore[untyped-decorator]
+def verify(environment: Environment, **_: Any) -> None:
+    if _is_master(environment) or not ledger.total_tickets:
+        return
+    base = _base_url(environment)
+    with requests.Session() as http:
+        resolve_unresolved(http, base)
+        lines = check_oversell(http, base)
+    bad = [line for line in lines if line.startswith("OVERSELL")]
+    counts = ledger.counts
+    print("\n=== ticketing load test summary ===")
+    print(
+        f"{PURCHASE}: {counts['202 accepted']} accepted (202), {counts['409 sold out']} sold out "
+        f"(409), {counts['503 backpressure']} backpressure (503)"
+    )
+    print("all outcomes: " + ", ".join(f"{name} {n}" for name, n in sorted(counts.items())))
+    print(
+        f"tickets confirmed: {sum(ledger.confirmed_tickets.values())} of "
+        f"{sum(ledger.total_tickets.values())} on sale; "
+        f"purchases with unknown outcome: {len(ledger.unresolved)}"
+    )
+    print("\n".join(lines))
+    if bad:
+        print(f"OVERSELL CHECK FAILED on {len(bad)} of {len(lines)} events")
+        environment.process_exit_code = 1
+    else:
+        exact = "exactly" if not ledger.unresolved else "within the unknown outcomes"
+        print(f"oversell check passed: every event sold {exact} the tickets confirmed")

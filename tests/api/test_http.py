@@ -1,0 +1,335 @@
+"""HTTP-level behaviour: probes, body guards (size, JSON, media type), CORS, unknown routes and
+methods, and the OpenAPI document."""
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aio_pika.abc
+import httpx
+import pytest
+
+from api.openapi import render
+from shared.settings import Settings
+from tests.api.helpers import assert_problem, total_depth
+from tests.factories import create_event, event_body
+
+MAX_BODY = 64 * 1024
+OPENAPI_FILE = Path(__file__).resolve().parents[2] / "openapi.json"
+ORIGIN = "https://shop.example"
+
+
+def header_list(response: httpx.Response, name: str) -> set[str]:
+    return {item.strip().lower() for item in response.headers.get(name, "").split(",") if item}
+
+
+def padded_event_json(size: int) -> bytes:
+    """A valid event body of exactly `size` bytes (JSON allows trailing whitespace)."""
+    body = json.dumps(event_body()).encode()
+    assert len(body) <= size
+    return body + b" " * (size - len(body))
+
+
+async def chunks(payload: bytes, size: int = 4096) -> AsyncIterator[bytes]:
+    for start in range(0, len(payload), size):
+        yield payload[start : start + size]
+
+
+# --- probes ---------------------------------------------------------------------------------
+
+
+async def test_healthz_is_200(api: httpx.AsyncClient) -> None:
+    response = await api.get("/healthz")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_readyz_is_200_when_postgresql_and_rabbitmq_are_up(api: httpx.AsyncClient) -> None:
+    response = await api.get("/readyz")
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "status": "ready",
+        "checks": {"postgresql": "ok", "rabbitmq": "ok"},
+    }
+
+
+# --- body size ------------------------------------------------------------------------------
+
+
+async def test_body_of_exactly_64_kib_is_accepted(api: httpx.AsyncClient) -> None:
+    response = await api.post(
+        "/events", content=padded_event_json(MAX_BODY), headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 201, response.text
+
+
+async def test_body_over_64_kib_with_content_length_is_413(api: httpx.AsyncClient) -> None:
+    payload = padded_event_json(MAX_BODY + 1)
+
+    response = await api.post(
+        "/events", content=payload, headers={"content-type": "application/json"}
+    )
+
+    assert response.request.headers["content-length"] == str(MAX_BODY + 1)
+    assert_problem(response, 413)
+    assert (await api.get("/events")).json()["items"] == []
+
+
+async def test_streamed_body_over_64_kib_without_content_length_is_413(
+    api: httpx.AsyncClient,
+) -> None:
+    response = await api.post(
+        "/events",
+        content=chunks(padded_event_json(MAX_BODY + 1)),
+        headers={"content-type": "application/json"},
+    )
+
+    assert "content-length" not in response.request.headers
+    assert response.request.headers["transfer-encoding"] == "chunked"
+    assert_problem(response, 413)
+    assert (await api.get("/events")).json()["items"] == []
+
+
+async def test_streamed_purchase_body_over_64_kib_is_413_and_publishes_nothing(
+    api: httpx.AsyncClient, amqp: aio_pika.abc.AbstractChannel, settings: Settings
+) -> None:
+    event = await create_event(api)
+    payload = json.dumps({"customer_id": "c" * (MAX_BODY + 10), "quantity": 1}).encode()
+
+    response = await api.post(
+        f"/events/{event['id']}/tickets/purchase",
+        content=chunks(payload),
+        headers={"content-type": "application/json"},
+    )
+
+    assert_problem(response, 413)
+    assert await total_depth(amqp, settings) == 0
+
+
+async def test_small_streamed_body_is_accepted(api: httpx.AsyncClient) -> None:
+    response = await api.post(
+        "/events",
+        content=chunks(json.dumps(event_body()).encode(), size=7),
+        headers={"content-type": "application/json"},
+    )
+
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 201, response.text
+
+
+@pytest.mark.parametrize("declared", ["abc", "-1", "99999999999999999999"])
+async def test_bogus_content_length_is_refused_not_500(
+    api: httpx.AsyncClient, declared: str
+) -> None:
+    request = api.build_request(
+        "POST", "/events", content=b"{}", headers={"content-type": "application/json"}
+    )
+    request.headers["content-length"] = declared
+
+    response = await api.send(request)
+
+    assert response.status_code in (400, 413), response.text
+    assert_problem(response, response.status_code)
+
+
+# --- body syntax and media type -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"{", b'{"name": "x",}', b"{'name': 'x'}", b"not json", b"   ", b'{"name": "x"} trailing'],
+    ids=["truncated", "trailing-comma", "single-quotes", "bare-words", "whitespace", "trailer"],
+)
+async def test_malformed_json_is_400(api: httpx.AsyncClient, payload: bytes) -> None:
+    response = await api.post(
+        "/events", content=payload, headers={"content-type": "application/json"}
+    )
+
+    assert_problem(response, 400)
+
+
+async def test_text_plain_body_is_415(api: httpx.AsyncClient) -> None:
+    response = await api.post(
+        "/events", content=json.dumps(event_body()), headers={"content-type": "text/plain"}
+    )
+
+    assert_problem(response, 415)
+
+
+async def test_form_body_is_415(api: httpx.AsyncClient) -> None:
+    response = await api.post("/events", data={"name": "x", "total_tickets": "5"})
+
+    assert response.request.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert_problem(response, 415)
+
+
+async def test_multipart_body_is_415(api: httpx.AsyncClient) -> None:
+    response = await api.post("/events", files={"file": ("event.json", b"{}")})
+
+    assert_problem(response, 415)
+
+
+async def test_body_without_content_type_is_415(api: httpx.AsyncClient) -> None:
+    request = api.build_request("POST", "/events", content=json.dumps(event_body()).encode())
+    request.headers.pop("content-type", None)
+
+    response = await api.send(request)
+
+    assert_problem(response, 415)
+
+
+async def test_json_suffix_media_type_is_accepted(api: httpx.AsyncClient) -> None:
+    response = await api.post(
+        "/events",
+        content=json.dumps(event_body()),
+        headers={"content-type": "application/vnd.ticketing+json; charset=utf-8"},
+    )
+
+    assert response.status_code == 201, response.text
+
+
+@pytest.mark.parametrize("path", ["/events", "/events/{event_id}/tickets/purchase"])
+async def test_missing_body_is_422_not_500(api: httpx.AsyncClient, path: str) -> None:
+    event = await create_event(api)
+
+    response = await api.post(path.format(event_id=event["id"]))
+
+    assert_problem(response, 422)
+
+
+async def test_purchase_with_text_plain_is_415_and_publishes_nothing(
+    api: httpx.AsyncClient, amqp: aio_pika.abc.AbstractChannel, settings: Settings
+) -> None:
+    event = await create_event(api)
+
+    response = await api.post(
+        f"/events/{event['id']}/tickets/purchase",
+        content='{"customer_id": "c", "quantity": 1}',
+        headers={"content-type": "text/plain"},
+    )
+
+    assert_problem(response, 415)
+    assert await total_depth(amqp, settings) == 0
+
+
+# --- CORS -----------------------------------------------------------------------------------
+
+
+async def test_cors_preflight_for_purchase_is_allowed(api: httpx.AsyncClient) -> None:
+    event = await create_event(api)
+
+    response = await api.options(
+        f"/events/{event['id']}/tickets/purchase",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,idempotency-key",
+        },
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.headers["access-control-allow-origin"] in ("*", ORIGIN)
+    assert "post" in header_list(response, "access-control-allow-methods")
+    assert {"content-type", "idempotency-key"} <= header_list(
+        response, "access-control-allow-headers"
+    )
+
+
+async def test_cors_exposes_location_and_retry_after_on_a_purchase(
+    api: httpx.AsyncClient,
+) -> None:
+    event = await create_event(api)
+
+    response = await api.post(
+        f"/events/{event['id']}/tickets/purchase",
+        json={"customer_id": "c", "quantity": 1},
+        headers={"Origin": ORIGIN},
+    )
+
+    assert response.status_code == 202
+    assert response.headers["access-control-allow-origin"] in ("*", ORIGIN)
+    assert {"location", "retry-after"} <= header_list(response, "access-control-expose-headers")
+
+
+async def test_cors_headers_are_on_error_responses_too(api: httpx.AsyncClient) -> None:
+    too_large = await api.post(
+        "/events",
+        content=padded_event_json(MAX_BODY + 1),
+        headers={"content-type": "application/json", "Origin": ORIGIN},
+    )
+    not_found = await api.get("/nowhere", headers={"Origin": ORIGIN})
+
+    assert_problem(too_large, 413)
+    assert_problem(not_found, 404)
+    assert too_large.headers["access-control-allow-origin"] in ("*", ORIGIN)
+    assert not_found.headers["access-control-allow-origin"] in ("*", ORIGIN)
+
+
+# --- routing --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", ["/nowhere", "/events/{event_id}/nope", "/purchases", "/events/{event_id}/tickets"]
+)
+async def test_unknown_route_is_404_problem(api: httpx.AsyncClient, path: str) -> None:
+    event = await create_event(api)
+
+    response = await api.get(path.format(event_id=event["id"]))
+
+    assert_problem(response, 404)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("PUT", "/events"),
+        ("DELETE", "/events"),
+        ("PUT", "/events/{event_id}"),
+        ("GET", "/events/{event_id}/tickets/purchase"),
+        ("POST", "/purchases/{event_id}"),
+        ("POST", "/healthz"),
+    ],
+)
+async def test_wrong_method_is_405_problem_with_allow(
+    api: httpx.AsyncClient, method: str, path: str
+) -> None:
+    event = await create_event(api)
+
+    response = await api.request(method, path.format(event_id=event["id"]), json={})
+
+    assert_problem(response, 405)
+    assert response.headers.get("allow")
+
+
+# --- OpenAPI --------------------------------------------------------------------------------
+
+
+async def test_openapi_json_and_docs_are_served(api: httpx.AsyncClient) -> None:
+    document = await api.get("/openapi.json")
+    docs = await api.get("/docs")
+
+    assert document.status_code == 200
+    assert {"/events", "/events/{event_id}", "/purchases/{purchase_id}"} <= set(
+        document.json()["paths"]
+    )
+    assert docs.status_code == 200
+    assert "text/html" in docs.headers["content-type"]
+
+
+async def test_served_openapi_matches_the_rendered_document(api: httpx.AsyncClient) -> None:
+    response = await api.get("/openapi.json")
+
+    assert response.json() == json.loads(render())
+
+
+def test_checked_in_openapi_json_is_up_to_date() -> None:
+    checked_in = OPENAPI_FILE.read_text(encoding="utf-8")
+
+    if checked_in != render():
+        pytest.fail(
+            f"{OPENAPI_FILE} is stale: it no longer matches the API. Run `make openapi` and "
+            "commit the result."
+        )

@@ -1,0 +1,152 @@
+"""Flood helpers and the accounting every fault test prints: sent, accepted, finished, lost,
+doubled."""
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from uuid import UUID
+
+import asyncpg
+import httpx
+
+from shared.settings import Settings
+from tests.conftest import settings_env
+from tests.factories import FINAL
+
+
+@dataclass
+class Flood:
+    sent: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    accepted: dict[str, UUID] = field(default_factory=dict)  # Idempotency-Key -> purchase id
+    refused_keys: list[str] = field(default_factory=list)  # answered 503 (or no answer)
+    errors: int = 0
+
+
+async def flood(
+    client: httpx.AsyncClient,
+    event_id: str,
+    *,
+    count: int,
+    concurrency: int = 16,
+    prefix: str = "k",
+    pause_s: float = 0.0,
+) -> Flood:
+    """Send `count` purchases of one ticket, each with its own Idempotency-Key."""
+    result = Flood()
+    keys = iter(f"{prefix}-{i}" for i in range(count))
+
+    async def sender() -> None:
+        for key in keys:
+            result.sent += 1
+            try:
+                response = await client.post(
+                    f"/events/{event_id}/tickets/purchase",
+                    json={"customer_id": f"customer-{key}", "quantity": 1},
+                    headers={"Idempotency-Key": key},
+                )
+            except httpx.HTTPError:
+                result.errors += 1
+                result.refused_keys.append(key)
+                continue
+            result.statuses[response.status_code] += 1
+            if response.status_code == 202:
+                result.accepted[key] = UUID(response.json()["purchase_id"])
+            elif response.status_code == 503:
+                assert response.headers["content-type"] == "application/problem+json"
+                assert "Retry-After" in response.headers
+                result.refused_keys.append(key)
+            else:
+                assert response.status_code == 409, response.text
+            if pause_s:
+                await asyncio.sleep(pause_s)
+
+    await asyncio.gather(*(sender() for _ in range(concurrency)))
+    return result
+
+
+async def retry_refused(client: httpx.AsyncClient, event_id: str, result: Flood) -> None:
+    """What a well-behaved client does after a 503: retry with the same Idempotency-Key."""
+    for key in list(result.refused_keys):
+        for _ in range(100):
+            try:
+                response = await client.post(
+                    f"/events/{event_id}/tickets/purchase",
+                    json={"customer_id": f"customer-{key}", "quantity": 1},
+                    headers={"Idempotency-Key": key},
+                )
+            except httpx.HTTPError:
+                await asyncio.sleep(0.2)
+                continue
+            if response.status_code == 202:
+                result.accepted[key] = UUID(response.json()["purchase_id"])
+                break
+            if response.status_code == 409:
+                break
+            await asyncio.sleep(0.2)
+    result.refused_keys.clear()
+
+
+async def account(
+    db: asyncpg.Pool, event_id: str, accepted: dict[str, UUID], *, timeout_s: float = 90.0
+) -> dict[str, int]:
+    """Wait until every accepted purchase is final (or the deadline), then count.
+    lost = accepted but never final; doubled = tickets taken beyond the confirmed rows."""
+    ids = list(set(accepted.values()))
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        finished = await db.fetchval(
+            "SELECT count(*) FROM purchases WHERE id = ANY($1::uuid[]) AND status = ANY($2)",
+            ids,
+            list(FINAL),
+        )
+        if finished == len(ids) or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    row = await db.fetchrow(
+        """
+        SELECT e.total_tickets - e.available_tickets AS taken,
+               coalesce((SELECT sum(quantity) FROM purchases
+                         WHERE event_id = e.id AND status = 'confirmed'), 0) AS confirmed,
+               (SELECT count(*) FROM purchases WHERE event_id = e.id) AS rows
+        FROM events e WHERE e.id = $1
+        """,
+        UUID(event_id),
+    )
+    return {
+        "accepted": len(ids),
+        "finished": int(finished),
+        "lost": len(ids) - int(finished),
+        "doubled": int(row["taken"]) - int(row["confirmed"]),
+        "rows": int(row["rows"]),
+    }
+
+
+def report(name: str, result: Flood, counts: dict[str, int]) -> None:
+    print(
+        f"\n[{name}] sent={result.sent} statuses={dict(result.statuses)} "
+        f"client_errors={result.errors} accepted={counts['accepted']} "
+        f"finished={counts['finished']} lost={counts['lost']} doubled={counts['doubled']} "
+        f"purchase_rows={counts['rows']}"
+    )
+
+
+@contextlib.asynccontextmanager
+async def worker_process(
+    settings: Settings, worker_id: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    env = settings_env(settings)
+    env.update({"WORKER_ID": worker_id, "WORKER_METRICS_PORT": "0", "LOG_FORMAT": "text"})
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "worker", env=env)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            await proc.wait()

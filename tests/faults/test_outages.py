@@ -1,0 +1,138 @@
+"""Broker and database outages mid-flood: 503s while down, recovery without help, and every
+accepted purchase decided exactly once."""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+from uuid import UUID
+
+import asyncpg
+import httpx
+import pytest
+
+from shared.settings import Settings
+from tests.conftest import api_client
+from tests.factories import create_event
+from tests.faults.helpers import account, flood, report, retry_refused
+from tests.faults.proxy import TcpProxy
+from worker.supervisor import Worker
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+
+def through(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+
+@contextlib.asynccontextmanager
+async def proxy_for(url: str, default_port: int) -> AsyncIterator[TcpProxy]:
+    parts = urlsplit(url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or default_port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+    worker = Worker(settings.model_copy(update={"worker_id": "outage-worker"}))
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def wait_for_status(client: httpx.AsyncClient, path: str, status: int) -> float:
+    """Seconds until `path` answers `status` (fails after 30 s)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while loop.time() - started < 30:
+        with contextlib.suppress(httpx.HTTPError):
+            if (await client.get(path)).status_code == status:
+                return loop.time() - started
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{path} never answered {status}")
+
+
+async def test_broker_outage_mid_flood_loses_nothing_and_recovers_by_itself(
+    settings: Settings, db: asyncpg.Pool
+) -> None:
+    async with proxy_for(settings.rabbitmq_url, 5672) as proxy:
+        cut_off = settings.model_copy(
+            update={"rabbitmq_url": through(settings.rabbitmq_url, proxy.port)}
+        )
+        async with api_client(cut_off) as client, running_worker(cut_off):
+            event = await create_event(client, total_tickets=100_000)
+            flooding = asyncio.create_task(
+                flood(client, event["id"], count=400, concurrency=8, pause_s=0.01)
+            )
+            await asyncio.sleep(1.0)
+            proxy.cut()
+            await wait_for_status(client, "/readyz", 503)
+            down = await client.post(
+                f"/events/{event['id']}/tickets/purchase",
+                json={"customer_id": "during-outage", "quantity": 1},
+            )
+            assert down.status_code == 503
+            assert down.headers["content-type"] == "application/problem+json"
+            assert down.headers["Retry-After"]
+            await asyncio.sleep(2.0)
+            proxy.restore()
+            result = await flooding
+            recovered_in = await wait_for_status(client, "/readyz", 200)
+            await retry_refused(client, event["id"], result)
+            counts = await account(db, event["id"], result.accepted)
+    report("broker outage", result, counts)
+    print(f"[broker outage] readyz back {recovered_in:.1f} s after the flood ended")
+    assert result.statuses[503] > 0, "the outage was never seen by the flood"
+    assert counts["lost"] == 0
+    assert counts["doubled"] == 0
+    assert counts["rows"] == counts["accepted"]
+
+
+async def test_database_outage_mid_flood_holds_messages_and_loses_nothing(
+    settings: Settings, db: asyncpg.Pool
+) -> None:
+    async with proxy_for(settings.database_url, 5432) as proxy:
+        cut_off = settings.model_copy(
+            update={"database_url": through(settings.database_url, proxy.port)}
+        )
+        async with api_client(cut_off) as client, running_worker(cut_off):
+            event = await create_event(client, total_tickets=100_000)
+            first = await client.post(
+                f"/events/{event['id']}/tickets/purchase",
+                json={"customer_id": "before", "quantity": 1},
+            )
+            assert first.status_code == 202
+            flooding = asyncio.create_task(
+                flood(client, event["id"], count=300, concurrency=8, pause_s=0.01)
+            )
+            await asyncio.sleep(0.5)
+            proxy.cut()
+            await wait_for_status(client, "/readyz", 503)
+            status = await client.get(first.json()["status_url"])
+            assert status.status_code == 503, status.text
+            assert status.headers["content-type"] == "application/problem+json"
+            await asyncio.sleep(3.0)  # longer than the lease TTL of the tests
+            undecided_during = await db.fetchval(
+                "SELECT count(*) FROM purchases WHERE event_id = $1", UUID(event["id"])
+            )
+            proxy.restore()
+            result = await flooding
+            await wait_for_status(client, "/readyz", 200)
+            await retry_refused(client, event["id"], result)
+            result.accepted["before"] = UUID(first.json()["purchase_id"])
+            counts = await account(db, event["id"], result.accepted)
+    report("database outage", result, counts)
+    print(f"[database outage] purchases recorded while the database was cut: {undecided_during}")
+    assert counts["lost"] == 0
+    assert counts["doubled"] == 0
+    assert counts["rows"] == counts["accepted"]
