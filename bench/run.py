@@ -266,6 +266,7 @@ class Bench:
             FROM events e
             """
         )
+        assert row is not None  # an aggregate always returns a row
         figures = {key: int(value) for key, value in row.items()}
         figures["oversold"] = max(0, figures["confirmed"] - figures["total"])
         if figures["confirmed"] + figures["available"] != figures["total"] or figures["negative"]:

@@ -118,6 +118,7 @@ async def account(
         """,
         UUID(event_id),
     )
+    assert row is not None, "the event is gone"
     return {
         "accepted": len(ids),
         "finished": int(finished),
