@@ -3,6 +3,7 @@
 import logging
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -17,7 +18,7 @@ from shared.errors import (
     ServiceUnavailable,
     VersionMismatch,
 )
-from shared.retry import DATABASE_UNAVAILABLE
+from shared.retry import TRANSIENT_DATABASE
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +97,18 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database unavailable on %s: %r", request.url.path, exc)
+    return problem_response(
+        503,
+        "Database unavailable",
+        "The database is unavailable; retry shortly.",
+        instance=request.url.path,
+        headers={"Retry-After": "1"},
+    )
+
+
 def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    if isinstance(exc, (*DATABASE_UNAVAILABLE, TimeoutError)):
-        log.warning("database unavailable on %s: %r", request.url.path, exc)
-        return problem_response(
-            503,
-            "Database unavailable",
-            "The database is unavailable; retry shortly.",
-            instance=request.url.path,
-            headers={"Retry-After": "1"},
-        )
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(
         500,
@@ -119,4 +122,12 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    # By type, not in the catch-all: Starlette answers these like any expected error, where
+    # the catch-all would answer and then re-raise into the server.
+    unavailable: tuple[type[Exception], ...] = (
+        *(kind for kind in TRANSIENT_DATABASE if issubclass(kind, Exception)),
+        asyncpg.PostgresConnectionError,
+    )
+    for kind in unavailable:
+        app.add_exception_handler(kind, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected_error)

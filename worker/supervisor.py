@@ -2,7 +2,6 @@
 consumer per leased partition, and on SIGTERM hands everything back cleanly."""
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -94,18 +93,22 @@ class Worker:
         return None
 
     async def _serve(self, connection: AbstractConnection) -> None:
-        while not self._stopping.is_set() and not connection.is_closed:
+        # aio-pika leaves a plain connection's is_closed False when the broker goes away
+        # abruptly; its close callbacks do fire, so they are what tells us it is gone.
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: lost.set())
+        while not self._stopping.is_set() and not lost.is_set():
             try:
                 await self._rebalance(connection)
             except TRANSIENT_DATABASE as exc:
                 # Consumers keep their batches and retry; leases are re-checked next tick.
                 log.warning("lease tick failed: %r", exc)
             except Exception:
-                if connection.is_closed:
+                if lost.is_set():
                     break  # lost mid-tick (opening a channel, say): reconnect
                 log.exception("lease tick failed")
-            await self._sleep(self.tick_s)
-        if connection.is_closed:
+            await self._sleep(self.tick_s, lost)
+        if lost.is_set():
             log.warning("rabbitmq connection lost; reconnecting")
 
     async def _rebalance(self, connection: AbstractConnection) -> None:
@@ -228,9 +231,14 @@ class Worker:
         except TRANSIENT_DATABASE as exc:
             log.warning("could not leave cleanly (%r); leases will expire", exc)
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+    async def _sleep(self, seconds: float, *also: asyncio.Event) -> None:
+        """Sleep, but wake as soon as the worker is told to stop (or any of `also` is set)."""
+        waits = {asyncio.ensure_future(e.wait()) for e in (self._stopping, *also)}
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     def _pool_or_fail(self) -> asyncpg.Pool:
         if self._pool is None:

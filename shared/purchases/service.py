@@ -20,6 +20,7 @@ from shared.publisher import PurchasePublisher
 from shared.purchases import repository
 from shared.purchases.ids import PurchaseIds
 from shared.purchases.models import Purchase, PurchaseAccepted, PurchaseCreate, PurchaseStatus
+from shared.retry import DATABASE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,13 @@ class PurchaseService:
     async def _already_recorded(self, purchase_id: UUID, request: PurchaseCreate) -> bool:
         """True when a retry's purchase is already decided (nothing to publish again); refuse a
         key reused for a different quantity, since the decided purchase would not match it."""
-        async with self._pool.acquire() as conn:
-            row = await repository.get_purchase(conn, purchase_id)
+        try:
+            async with self._pool.acquire() as conn:
+                row = await repository.get_purchase(conn, purchase_id)
+        except DATABASE_UNAVAILABLE:
+            # Without the database, publish again: the worker applies an id once, so a retry
+            # stays one purchase; only a reused key's quantity goes unchecked.
+            return False
         if row is None or row["status"] == PurchaseStatus.FAILED:
             return False
         if row["quantity"] != request.quantity:

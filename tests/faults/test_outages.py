@@ -113,7 +113,7 @@ async def test_database_outage_mid_flood_holds_messages_and_loses_nothing(
             )
             assert first.status_code == 202
             flooding = asyncio.create_task(
-                flood(client, event["id"], count=300, concurrency=8, pause_s=0.01)
+                flood(client, event["id"], count=800, concurrency=8, pause_s=0.02)
             )
             await asyncio.sleep(0.5)
             proxy.cut()
