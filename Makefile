@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install install-load migrate run api worker test test-fast lint format openapi bench bench-quick clean
+.PHONY: install install-load migrate run api worker test test-fast test-faults lint format openapi bench bench-quick clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,11 +41,17 @@ api: migrate
 worker: migrate
 	$(PY) -m worker
 
+# Everything: unit, API, races and fault injection (what CI runs).
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Without the slow races and the fault injection: a quick loop while coding.
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not faults" $(PYTEST_ARGS)
+
+# Only the fault injection: full queues, outages, crash loops, SIGTERM, fuzzing.
+test-faults: install
+	$(PY) -m pytest -m faults $(PYTEST_ARGS)
 
 lint: install-load
 	$(VENV)/bin/ruff format --check .
