@@ -25,6 +25,16 @@ async def run(settings: Settings) -> None:
     await worker.run()
 
 
+def _install_fast_loop() -> None:
+    """uvloop when installed (it comes with uvicorn[standard]): the AMQP frame handling that
+    dominates a busy worker runs markedly faster on it."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    uvloop.install()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m worker",
@@ -42,6 +52,7 @@ def main() -> None:
     elif command == "replay-dead-letters":
         admin.run_replay(settings)
     else:
+        _install_fast_loop()
         asyncio.run(run(settings))
 
 

@@ -4,6 +4,9 @@ One channel per partition: `ack(multiple=True)` acknowledges everything up to a 
 its channel, and a channel of its own keeps that to this partition's messages. Deliveries go into
 an inbox in the order the broker sent them and are handled by a single loop, never by concurrent
 callbacks, so purchases of one event are applied in the order they were accepted.
+
+Consuming, acking and rejecting use aio-pika's underlying aiormq channel: aio-pika would wrap
+every delivery in an IncomingMessage and a second task, a third of a busy worker's CPU.
 """
 
 import asyncio
@@ -11,8 +14,10 @@ import logging
 import time
 from datetime import UTC, datetime
 
+import aiormq
 import asyncpg
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 
 from shared.broker import Topology
@@ -40,9 +45,9 @@ class PartitionConsumer:
         self._topology = topology
         self._batch_size = batch_size
         self._batch_max_wait_s = batch_max_wait_s
-        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._inbox: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
         self._channel: AbstractChannel | None = None
-        self._queue: AbstractQueue | None = None
+        self._amqp: aiormq.abc.AbstractChannel | None = None
         self._consumer_tag: str | None = None
         self._draining = asyncio.Event()  # stop taking; finish what was delivered
         self._aborted = False  # stop now; unacked messages go back to the queue
@@ -59,25 +64,31 @@ class PartitionConsumer:
         """The loop ended on its own (lease lost, unexpected error) or the broker closed the
         channel under it: the supervisor replaces it."""
         ended = self._task is not None and self._task.done()
-        return ended or (self._channel is not None and self._channel.is_closed)
+        closed = (self._channel is not None and self._channel.is_closed) or (
+            self._amqp is not None and self._amqp.is_closed
+        )
+        return ended or closed
 
     async def start(self, connection: AbstractConnection) -> None:
         self._channel = await connection.channel()
         # Enough for the next batch to be on its way while this one commits.
         await self._channel.set_qos(prefetch_count=self._batch_size * 2)
-        self._queue = await self._channel.get_queue(self._topology.queue(self.partition))
-        self._consumer_tag = await self._queue.consume(self._deliver)
+        self._amqp = await self._channel.get_underlay_channel()
+        consumed = await self._amqp.basic_consume(
+            self._topology.queue(self.partition), self._deliver
+        )
+        self._consumer_tag = consumed.consumer_tag
         self._task = asyncio.create_task(self._run(), name=f"partition-{self.partition}")
 
-    async def _deliver(self, message: AbstractIncomingMessage) -> None:
+    async def _deliver(self, message: DeliveredMessage) -> None:
         self._inbox.put_nowait(message)
 
     async def stop(self) -> None:
         """Hand the partition back cleanly: cancel the subscription, apply and ack everything
         already delivered, close the channel."""
-        if self._queue is not None and self._consumer_tag is not None and not self._aborted:
+        if self._amqp is not None and self._consumer_tag is not None and not self._aborted:
             try:
-                await self._queue.cancel(self._consumer_tag)
+                await self._amqp.basic_cancel(self._consumer_tag)
             except Exception as exc:  # channel already gone: its messages are requeued anyway
                 log.warning("partition %d: cancel failed: %r", self.partition, exc)
             # Deliveries that raced the cancel reach the inbox on the next loop turns.
@@ -122,7 +133,7 @@ class PartitionConsumer:
                 "partition %d: consumer failed; leaving the batch unacked", self.partition
             )
 
-    async def _next_batch(self) -> list[AbstractIncomingMessage]:
+    async def _next_batch(self) -> list[DeliveredMessage]:
         """Wait for a first message, then gather more for up to BATCH_MAX_WAIT_MS.
         Empty once draining and nothing delivered is left."""
         first = await self._get(wait_s=None)
@@ -137,7 +148,7 @@ class PartitionConsumer:
             batch.append(message)
         return batch
 
-    async def _get(self, wait_s: float | None) -> AbstractIncomingMessage | None:
+    async def _get(self, wait_s: float | None) -> DeliveredMessage | None:
         """The next delivery; None on timeout, or when draining and the inbox is empty."""
         if not self._inbox.empty():
             return self._inbox.get_nowait()
@@ -182,9 +193,9 @@ class PartitionConsumer:
                     },
                 )
 
-    async def _handle(self, messages: list[AbstractIncomingMessage]) -> None:
+    async def _handle(self, messages: list[DeliveredMessage]) -> None:
         purchases: list[PurchaseRequested] = []
-        last_good: AbstractIncomingMessage | None = None
+        last_good: DeliveredMessage | None = None
         for message in messages:
             if message.redelivered:
                 metrics.REDELIVERIES.inc()
@@ -195,7 +206,7 @@ class PartitionConsumer:
                 # marks its readable purchase ids failed) and go on with the rest.
                 log.error("undecodable message dead-lettered", extra={"partition": self.partition})
                 metrics.DEAD_LETTERS.labels("undecodable_message").inc()
-                await message.reject(requeue=False)
+                await self._settle(message, ack=False)
                 continue
             purchases.extend(decoded.purchases)
             last_good = message
@@ -211,4 +222,17 @@ class PartitionConsumer:
         if last_good is not None:
             # Committed: one ack covers the batch. multiple=True reaches only this channel's
             # deliveries, and every earlier one is in this batch (or was already settled).
-            await last_good.ack(multiple=True)
+            await self._settle(last_good, ack=True)
+
+    async def _settle(self, message: DeliveredMessage, *, ack: bool) -> None:
+        """Ack (with multiple: everything delivered up to it) or reject without requeue (to the
+        dead-letter exchange)."""
+        if self._amqp is None:
+            raise RuntimeError("consumer not started")
+        tag = message.delivery_tag
+        if tag is None:
+            raise RuntimeError("a delivery without a delivery tag")
+        if ack:
+            await self._amqp.basic_ack(tag, multiple=True)
+        else:
+            await self._amqp.basic_reject(tag, requeue=False)
