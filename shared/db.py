@@ -9,7 +9,9 @@ from shared.retry import DATABASE_UNAVAILABLE, wait_for_service
 from shared.settings import Settings
 
 
-async def create_pool(settings: Settings, *, wait_s: float = 30.0) -> asyncpg.Pool:
+async def create_pool(
+    settings: Settings, *, wait_s: float = 30.0, server_settings: dict[str, str] | None = None
+) -> asyncpg.Pool:
     async for attempt in wait_for_service("postgresql", DATABASE_UNAVAILABLE, wait_s):
         with attempt:
             pool: asyncpg.Pool = await asyncpg.create_pool(
@@ -19,6 +21,7 @@ async def create_pool(settings: Settings, *, wait_s: float = 30.0) -> asyncpg.Po
                 command_timeout=30,
                 # A database that does not answer must fail fast (503), not hang a request.
                 timeout=5,
+                server_settings=server_settings,
             )
     return pool
 

@@ -8,7 +8,7 @@ commit again. See README, "Partitions and leases".
 """
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from shared.db import Connection
@@ -33,12 +33,18 @@ ENSURE_PARTITIONS = """
 """
 
 # Free, expired, or held by an earlier incarnation of this worker id: take it and raise the epoch,
-# which fences out whoever held it before.
+# which fences out whoever held it before. SKIP LOCKED: a lease row locked by a commit in flight
+# (its fence, FOR SHARE) is simply "not free yet"; waiting on it would stall this worker's whole
+# loop behind another worker that may be frozen mid-commit.
 ACQUIRE = """
     UPDATE partition_leases AS l
     SET owner = $2, epoch = l.epoch + 1, expires_at = now() + make_interval(secs => $3),
         updated_at = now()
-    FROM (SELECT partition, owner FROM partition_leases WHERE partition = $1 FOR UPDATE) AS before
+    FROM (
+        SELECT partition, owner FROM partition_leases
+        WHERE partition = $1
+        FOR UPDATE SKIP LOCKED
+    ) AS before
     WHERE l.partition = before.partition
       AND (l.owner IS NULL OR l.owner = $2 OR l.expires_at <= now())
     RETURNING l.epoch, before.owner AS previous_owner
@@ -66,6 +72,10 @@ FENCE = """
     FOR SHARE
 """
 
+LIVE_OWNERS = """
+    SELECT partition, owner FROM partition_leases WHERE owner IS NOT NULL AND expires_at > now()
+"""
+
 LEASES = """
     SELECT partition, owner, epoch, expires_at, expires_at > now() AS live
     FROM partition_leases
@@ -81,20 +91,37 @@ def _score(worker_id: str, partition: int) -> bytes:
     return hashlib.blake2b(f"{worker_id}/{partition}".encode(), digest_size=8).digest()
 
 
-def assign(partitions: int, workers: Sequence[str]) -> dict[int, str]:
+def assign(
+    partitions: int, workers: Sequence[str], owners: Mapping[int, str | None] | None = None
+) -> dict[int, str]:
     """Spread partitions over workers evenly (each gets floor or ceil of P/N) and stably.
 
-    Rendezvous hashing picks each partition's preferred workers; a capacity per worker keeps
-    the spread even. Every worker computes this from the same live list and gets the same answer.
+    Sticky: a live worker keeps the partitions it holds (`owners`) up to its fair share, so a
+    join or a leave moves only what must move. The rest go by rendezvous hashing, within each
+    worker's capacity. Every worker computes this from the same lease table and live list.
     """
-    if not workers:
+    live = sorted(set(workers), key=lambda w: hashlib.blake2b(w.encode()).digest())
+    if not live:
         return {}
-    ordered = sorted(set(workers), key=lambda w: hashlib.blake2b(w.encode()).digest())
-    base, extra = divmod(partitions, len(ordered))
-    capacity = {worker: base + (1 if i < extra else 0) for i, worker in enumerate(ordered)}
+    held: dict[str, list[int]] = {worker: [] for worker in live}
+    for partition, holder in sorted((owners or {}).items()):
+        if holder in held and 0 <= partition < partitions:
+            held[holder].append(partition)
+    # The extra partitions of an uneven split go to those holding the most: fewer moves.
+    base, extra = divmod(partitions, len(live))
+    by_holding = sorted(live, key=lambda w: -len(held[w]))  # stable: ties keep hash order
+    capacity = {worker: base + (1 if i < extra else 0) for i, worker in enumerate(by_holding)}
+
     owner: dict[int, str] = {}
+    for worker in live:
+        keep = sorted(held[worker], key=lambda p: _score(worker, p), reverse=True)
+        for partition in keep[: capacity[worker]]:
+            owner[partition] = worker
+            capacity[worker] -= 1
     for partition in range(partitions):
-        ranked = sorted(ordered, key=lambda w: _score(w, partition), reverse=True)
+        if partition in owner:
+            continue
+        ranked = sorted(live, key=lambda w: _score(w, partition), reverse=True)
         chosen = next(w for w in ranked if capacity[w] > 0)
         capacity[chosen] -= 1
         owner[partition] = chosen
@@ -149,6 +176,11 @@ async def check_fence(conn: Connection, partition: int, worker_id: str, epoch: i
     """Inside a commit's transaction: raise LeaseLost unless the lease is still ours."""
     if await conn.fetchval(FENCE, partition, worker_id, epoch) is None:
         raise LeaseLost(f"partition {partition}: lease epoch {epoch} no longer held")
+
+
+async def live_owners(conn: Connection) -> dict[int, str]:
+    """Partition -> the worker holding an unexpired lease on it."""
+    return {row["partition"]: row["owner"] for row in await conn.fetch(LIVE_OWNERS)}
 
 
 async def all_leases(conn: Connection) -> list[dict[str, object]]:

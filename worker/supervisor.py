@@ -51,7 +51,14 @@ class Worker:
 
     async def run(self) -> None:
         started = time.monotonic()
-        self._pool = await create_pool(self.settings)
+        # A transaction left idle (this process frozen mid-commit, its network cut) is ended by
+        # the server after a lease's lifetime, releasing the lease row it holds; its commit then
+        # fails, as fencing requires.
+        idle_ms = max(1000, int(self.settings.lease_ttl_s * 1000))
+        self._pool = await create_pool(
+            self.settings,
+            server_settings={"idle_in_transaction_session_timeout": str(idle_ms)},
+        )
         try:
             async with self._pool.acquire() as conn:
                 await leases.ensure_partitions(conn, self.topology.partitions)
@@ -116,6 +123,7 @@ class Worker:
         async with pool.acquire() as conn:
             await leases.heartbeat(conn, self.worker_id, self.settings.lease_ttl_s)
             workers = await leases.live_workers(conn)
+            owners = await leases.live_owners(conn)
             if self._held:
                 still_mine = await leases.renew(
                     conn, self.worker_id, self._held, self.settings.lease_ttl_s
@@ -134,7 +142,7 @@ class Worker:
                     metrics.LEASES_LOST.inc()
                     self._held.pop(partition, None)
 
-        assignment = leases.assign(self.topology.partitions, workers or [self.worker_id])
+        assignment = leases.assign(self.topology.partitions, workers or [self.worker_id], owners)
         mine = {p for p, owner in assignment.items() if owner == self.worker_id}
         surplus = set(self._held) - mine
         if surplus:
