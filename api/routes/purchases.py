@@ -25,7 +25,6 @@ async def purchase_tickets(
     event_id: UUID,
     body: PurchaseCreate,
     purchases: PurchaseServiceDep,
-    response: Response,
     idempotency_key: Annotated[
         IdempotencyKey | None,
         Header(
@@ -34,13 +33,17 @@ async def purchase_tickets(
             "purchase_id and never buys twice. Reusing it for another quantity is a 422.",
         ),
     ] = None,
-) -> PurchaseAccepted:
+) -> Response:
     """Queue a purchase. The 202 is sent only once RabbitMQ has confirmed the persistent message;
     poll `status_url` for the outcome."""
     accepted = await purchases.submit(event_id, body, idempotency_key=idempotency_key)
-    response.headers["Location"] = accepted.status_url
-    response.headers["Retry-After"] = RETRY_AFTER_PENDING_S
-    return accepted
+    # Serialized here, once: returning the model would have FastAPI validate it again first.
+    return Response(
+        accepted.model_dump_json(),
+        status_code=status.HTTP_202_ACCEPTED,
+        media_type="application/json",
+        headers={"Location": accepted.status_url, "Retry-After": RETRY_AFTER_PENDING_S},
+    )
 
 
 @router.get(

@@ -86,7 +86,8 @@ class PurchaseService:
             raise SoldOut(event_id)
 
         purchase_id = purchase_id or self._ids.new()
-        purchase = PurchaseRequested(
+        # model_construct: every field is already validated (request DTO, our own id and clock).
+        purchase = PurchaseRequested.model_construct(
             purchase_id=purchase_id,
             event_id=event_id,
             customer_id=request.customer_id,
