@@ -6,6 +6,7 @@ from collections import defaultdict
 from typing import TextIO
 
 import aio_pika
+from aio_pika.exceptions import ChannelNotFoundEntity
 from pydantic import ValidationError
 
 from shared import broker
@@ -27,11 +28,8 @@ async def status(settings: Settings, out: TextIO = sys.stdout) -> None:
         await pool.close()
     connection = await aio_pika.connect(settings.rabbitmq_url)
     try:
-        channel = await connection.channel()
-        depths = [
-            await broker.queue_depth(channel, topology.queue(p)) for p in range(topology.partitions)
-        ]
-        dead = await broker.queue_depth(channel, topology.dead_letter_queue)
+        depths = [await _depth(connection, topology.queue(p)) for p in range(topology.partitions)]
+        dead = await _depth(connection, topology.dead_letter_queue)
     finally:
         await connection.close()
 
@@ -42,9 +40,26 @@ async def status(settings: Settings, out: TextIO = sys.stdout) -> None:
         owner = str(row["owner"]) if row and row["owner"] else "-"
         epoch = str(row["epoch"]) if row else "0"
         state = "live" if row and row["live"] else ("expired" if row and row["owner"] else "free")
-        out.write(f"{partition:>9}  {owner:<30} {epoch:>6}  {state:<7} {depths[partition]:>8}\n")
-    out.write(f"queued in all partitions: {sum(depths)}\n")
-    out.write(f"dead letters ({topology.dead_letter_queue}): {dead}\n")
+        depth = depths[partition]
+        queued = "-" if depth is None else str(depth)
+        out.write(f"{partition:>9}  {owner:<30} {epoch:>6}  {state:<7} {queued:>8}\n")
+    out.write(f"queued in all partitions: {sum(d or 0 for d in depths)}\n")
+    out.write(f"dead letters ({topology.dead_letter_queue}): {'-' if dead is None else dead}\n")
+    if None in depths or dead is None:
+        out.write("('-': queue not declared yet; a worker or the API declares them on start)\n")
+
+
+async def _depth(connection: aio_pika.abc.AbstractConnection, name: str) -> int | None:
+    """A queue's ready messages, or None when it does not exist. A channel of its own: the
+    broker closes a channel whose passive declare fails."""
+    channel = await connection.channel()
+    try:
+        return await broker.queue_depth(channel, name)
+    except ChannelNotFoundEntity:
+        return None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
 
 
 async def replay_dead_letters(settings: Settings, out: TextIO = sys.stdout) -> tuple[int, int]:

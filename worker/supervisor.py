@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 # How long a shutdown waits for in-flight batches before leaving them to be redelivered.
 DRAIN_TIMEOUT_S = 10.0
+JOIN_WINDOW_S = 1.0
 
 
 class Worker:
@@ -62,7 +63,11 @@ class Worker:
         try:
             async with self._pool.acquire() as conn:
                 await leases.ensure_partitions(conn, self.topology.partitions)
+                await leases.heartbeat(conn, self.worker_id, self.settings.lease_ttl_s)
             log.info("worker %s started", self.worker_id)
+            # Workers started together (a deploy, --scale) see each other before anyone takes a
+            # lease, instead of the first grabbing every partition and handing half back.
+            await self._sleep(min(self.tick_s, JOIN_WINDOW_S))
             while not self._stopping.is_set():
                 connection = await self._connect()
                 if connection is None:

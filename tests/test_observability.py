@@ -1,0 +1,136 @@
+"""What ops read: Prometheus metrics of both services move with traffic, and log lines carry the
+context that follows one purchase from the API to the worker."""
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import socket
+import sys
+from urllib.request import urlopen
+
+import asyncpg
+import httpx
+import pytest
+
+from shared.logs import logging_config
+from shared.settings import Settings
+from tests.conftest import settings_env
+from tests.factories import create_event, purchase, wait_until_final
+
+
+def sample(metrics_text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    wanted = {f'{key}="{value}"' for key, value in labels.items()}
+    for line in metrics_text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        series, _, label_text = head.partition("{")
+        if series != name:
+            continue
+        if wanted <= set(label_text.rstrip("}").split(",")) - {""}:
+            return float(value)
+    return 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_api_metrics_count_requests_and_confirmed_publishes(api: httpx.AsyncClient) -> None:
+    route = "/events/{event_id}/tickets/purchase"
+    before = (await api.get("/metrics")).text
+    event = await create_event(api)
+    for _ in range(3):
+        assert (await purchase(api, event["id"])).status_code == 202
+    after = (await api.get("/metrics")).text
+
+    def moved(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert moved("ticketing_http_requests_total", method="POST", route=route, status="202") == 3
+    assert moved("ticketing_http_request_duration_seconds_count", method="POST", route=route) == 3
+    assert moved("ticketing_publishes_total", outcome="confirmed") >= 1
+    assert moved("ticketing_published_purchases_total") == 3
+
+
+async def test_worker_metrics_endpoint_shows_partitions_and_decided_purchases(
+    api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings
+) -> None:
+    port = free_port()
+    env = settings_env(settings)
+    env.update({"WORKER_ID": "metrics-worker", "WORKER_METRICS_PORT": str(port)})
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "worker", env=env)
+    try:
+        event = await create_event(api, total_tickets=1)
+        ids = [(await purchase(api, event["id"])).json()["purchase_id"] for _ in range(2)]
+        await wait_until_final(db, ids)
+
+        def scrape() -> str:
+            with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                return str(response.read().decode())
+
+        text = ""
+        for _ in range(50):  # the gauge is set at the end of a lease tick
+            with contextlib.suppress(OSError):
+                text = await asyncio.to_thread(scrape)
+                if sample(text, "ticketing_worker_partitions_owned") == settings.partitions:
+                    break
+            await asyncio.sleep(0.2)
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    assert sample(text, "ticketing_worker_partitions_owned") == settings.partitions
+    assert sample(text, "ticketing_worker_purchases_total", status="confirmed", reason="") == 1
+    assert (
+        sample(text, "ticketing_worker_purchases_total", status="rejected", reason="sold_out") == 1
+    )
+    assert sample(text, "ticketing_worker_batch_purchases_count") >= 1
+    assert sample(text, "ticketing_worker_commit_seconds_count") >= 1
+    assert sample(text, "ticketing_worker_leases_acquired_total") == settings.partitions
+    assert 'ticketing_worker_lag_seconds{partition="' in text
+
+
+def _formatter(settings: Settings) -> logging.Formatter:
+    config = dict(logging_config(settings, service="worker")["formatters"]["default"])
+    module, _, name = config.pop("()").rpartition(".")
+    formatter: logging.Formatter = getattr(importlib.import_module(module), name)(**config)
+    return formatter
+
+
+@pytest.mark.parametrize("settings", [{"log_format": "json"}], indirect=True)
+async def test_json_log_lines_carry_the_purchase_context(settings: Settings) -> None:
+    record = logging.makeLogRecord(
+        {
+            "name": "worker.consumer",
+            "levelno": logging.INFO,
+            "levelname": "INFO",
+            "msg": "purchase decided",
+            "purchase_id": "p-1",
+            "event_id": "e-1",
+            "partition": 3,
+        }
+    )
+    line = json.loads(_formatter(settings).format(record))
+    assert line["message"] == "purchase decided"
+    assert line["level"] == "INFO"
+    assert line["service"] == "worker"
+    assert (line["purchase_id"], line["event_id"], line["partition"]) == ("p-1", "e-1", 3)
+    assert "time" in line
+
+
+@pytest.mark.parametrize("settings", [{"log_format": "text"}], indirect=True)
+async def test_text_log_lines_are_readable_and_keep_the_context(settings: Settings) -> None:
+    record = logging.makeLogRecord(
+        {"name": "worker.supervisor", "levelname": "INFO", "msg": "lease released", "partition": 2}
+    )
+    line = _formatter(settings).format(record)
+    assert "lease released" in line
+    assert line.endswith("partition=2")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(line)

@@ -1,0 +1,125 @@
+"""Operator commands: `python -m worker status` and `python -m worker replay-dead-letters`."""
+
+import asyncio
+import io
+import subprocess
+import sys
+from datetime import UTC, datetime
+from uuid import UUID
+
+import aio_pika
+import asyncpg
+import httpx
+
+from shared import broker
+from shared.messages import PurchaseMessage, PurchaseRequested
+from shared.settings import Settings
+from tests.conftest import StartWorker, settings_env
+from tests.factories import create_event, purchase, wait_until_final
+from worker import admin
+
+
+async def wait_for_owners(db: asyncpg.Pool, partitions: int) -> None:
+    for _ in range(100):
+        owned = await db.fetchval(
+            "SELECT count(*) FROM partition_leases WHERE owner IS NOT NULL AND expires_at > now()"
+        )
+        if owned == partitions:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the worker never took every partition")
+
+
+async def test_status_prints_each_partitions_owner_epoch_depth_and_the_dead_letters(
+    settings: Settings,
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    amqp: aio_pika.abc.AbstractChannel,
+) -> None:
+    event = await create_event(api)
+    for _ in range(3):  # no worker yet: they wait in the event's partition
+        assert (await purchase(api, event["id"])).status_code == 202
+    topology = broker.Topology.from_settings(settings)
+    partition = topology.partition_of(UUID(event["id"]))
+    async with db.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO partition_leases (partition, owner, epoch, expires_at) "
+            "VALUES ($1, 'ops-worker', 7, now() + interval '1 minute')",
+            partition,
+        )
+
+    out = io.StringIO()
+    await admin.status(settings, out)
+    lines = out.getvalue().splitlines()
+
+    rows = {int(line.split()[0]): line.split() for line in lines if line.split()[0].isdigit()}
+    assert sorted(rows) == list(range(settings.partitions))
+    assert rows[partition][1:5] == ["ops-worker", "7", "live", "3"]
+    assert all(rows[p][1:5] == ["-", "0", "free", "0"] for p in rows if p != partition)
+    assert "queued in all partitions: 3" in lines
+    assert f"dead letters ({topology.dead_letter_queue}): 0" in lines
+
+
+def test_status_command_runs_from_the_command_line(settings: Settings) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "status"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "partition" in result.stdout
+    assert "dead letters" in result.stdout
+
+
+async def test_replay_moves_dead_letters_back_and_their_purchases_get_decided(
+    settings: Settings,
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    amqp: aio_pika.abc.AbstractChannel,
+    start_worker: StartWorker,
+) -> None:
+    topology = broker.Topology.from_settings(settings)
+    event = await create_event(api, total_tickets=10)
+    event_id = UUID(event["id"])
+    purchase_id = UUID("0f0e0d0c-0b0a-4908-8706-050403020100")
+    dead = PurchaseMessage(
+        partition=topology.partition_of(event_id),
+        purchases=[
+            PurchaseRequested(
+                purchase_id=purchase_id,
+                event_id=event_id,
+                customer_id="dead-lettered",
+                quantity=2,
+                accepted_at=datetime.now(UTC),
+            )
+        ],
+    )
+    dlx = await amqp.get_exchange(topology.dead_letter_exchange)
+    for body in (dead.to_body(), b"\x00 not a purchase message"):
+        await dlx.publish(aio_pika.Message(body, delivery_mode=2), routing_key="")
+
+    await start_worker()
+    # The worker's recorder marks the dead-lettered purchase failed; a client polling it sees so.
+    failed = await wait_until_final(db, [purchase_id])
+    assert failed[purchase_id]["status"] == "failed"
+    assert failed[purchase_id]["reason"] == "dead_lettered"
+
+    out = io.StringIO()
+    replayed, kept = await admin.replay_dead_letters(settings, out)
+    assert (replayed, kept) == (1, 1)
+    assert "replayed 1 purchase(s); 1 undecodable" in out.getvalue()
+
+    for _ in range(100):
+        row = await db.fetchrow("SELECT status, quantity FROM purchases WHERE id = $1", purchase_id)
+        if row is not None and row["status"] == "confirmed":
+            break
+        await asyncio.sleep(0.1)
+    assert row is not None
+    assert (row["status"], row["quantity"]) == ("confirmed", 2)
+    available = await db.fetchval("SELECT available_tickets FROM events WHERE id = $1", event_id)
+    assert available == 8
+    depth = await broker.queue_depth(amqp, topology.dead_letter_queue)
+    assert depth == 1  # the undecodable one stays for inspection
