@@ -10,7 +10,8 @@ from typing import Any
 
 from shared.settings import Settings
 
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# Attributes every record has, plus uvicorn's colour copy of its message: not context.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
 
 class TextFormatter(logging.Formatter):
