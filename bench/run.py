@@ -31,9 +31,10 @@ import orjson
 
 from bench.loadgen import LoadResult, run_load
 from shared import broker
-from shared.messages import CONTENT_TYPE, MESSAGE_TYPE, PurchaseMessage, PurchaseRequested
+from shared.messages import PurchaseMessage, PurchaseRequested
 from shared.migrate import create_database_if_missing, drop_database
 from shared.migrate import migrate as apply_schema
+from shared.publisher import amqp_message
 from shared.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -253,14 +254,8 @@ class Bench:
                 )
                 for n in range(per_message)
             ]
-            body = PurchaseMessage(partition=partition, purchases=purchases).to_body()
             await exchange.publish(
-                aio_pika.Message(
-                    body,
-                    content_type=CONTENT_TYPE,
-                    type=MESSAGE_TYPE,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                ),
+                amqp_message(PurchaseMessage(partition=partition, purchases=purchases)),
                 routing_key=self.topology.routing_key(partition),
             )
 

@@ -47,6 +47,16 @@ class _Lane:
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
 
 
+def amqp_message(message: PurchaseMessage) -> aio_pika.Message:
+    """The AMQP form of a purchase message: persistent, typed, JSON."""
+    return aio_pika.Message(
+        message.to_body(),
+        content_type=CONTENT_TYPE,
+        type=MESSAGE_TYPE,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
 class PurchasePublisher:
     def __init__(
         self,
@@ -121,12 +131,7 @@ class PurchasePublisher:
     async def _send(self, partition: int, purchases: list[PurchaseRequested]) -> None:
         if self._exchange is None or not self.is_ready:
             raise BrokerUnavailable("The message broker connection is down; retry shortly.")
-        message = aio_pika.Message(
-            PurchaseMessage(partition=partition, purchases=purchases).to_body(),
-            content_type=CONTENT_TYPE,
-            type=MESSAGE_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
+        message = amqp_message(PurchaseMessage(partition=partition, purchases=purchases))
         try:
             await self._exchange.publish(
                 message,

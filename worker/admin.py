@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from shared import broker
 from shared.db import create_pool
-from shared.messages import CONTENT_TYPE, MESSAGE_TYPE, PurchaseMessage, PurchaseRequested
+from shared.messages import PurchaseMessage, PurchaseRequested
+from shared.publisher import amqp_message
 from shared.settings import Settings
 from worker import leases
 
@@ -90,14 +91,8 @@ async def replay_dead_letters(settings: Settings, out: TextIO = sys.stdout) -> t
             for purchase in decoded.purchases:
                 by_partition[topology.partition_of(purchase.event_id)].append(purchase)
             for partition, purchases in by_partition.items():
-                body = PurchaseMessage(partition=partition, purchases=purchases).to_body()
                 await exchange.publish(
-                    aio_pika.Message(
-                        body,
-                        content_type=CONTENT_TYPE,
-                        type=MESSAGE_TYPE,
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    ),
+                    amqp_message(PurchaseMessage(partition=partition, purchases=purchases)),
                     routing_key=topology.routing_key(partition),
                     mandatory=True,
                 )
