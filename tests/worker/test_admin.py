@@ -10,6 +10,7 @@ from uuid import UUID
 import aio_pika
 import asyncpg
 import httpx
+import pytest
 
 from shared import broker
 from shared.messages import PurchaseMessage, PurchaseRequested
@@ -123,3 +124,56 @@ async def test_replay_moves_dead_letters_back_and_their_purchases_get_decided(
     assert available == 8
     depth = await broker.queue_depth(amqp, topology.dead_letter_queue)
     assert depth == 1  # the undecodable one stays for inspection
+
+
+@pytest.mark.parametrize("settings", [{"delivery_limit": 1}], indirect=True)
+async def test_a_message_past_its_delivery_limit_is_dead_lettered_and_recorded_failed(
+    settings: Settings,
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    amqp: aio_pika.abc.AbstractChannel,
+    start_worker: StartWorker,
+) -> None:
+    """A message that keeps coming back (its consumers die holding it) is dead-lettered by the
+    broker after DELIVERY_LIMIT deliveries, and its purchase is answered `failed`."""
+    topology = broker.Topology.from_settings(settings)
+    event = await create_event(api)
+    accepted = await purchase(api, event["id"])
+    purchase_id = accepted.json()["purchase_id"]
+    queue_name = topology.queue(topology.partition_of(UUID(event["id"])))
+
+    # Two consumers in turn take the message and die without acking (channel closed).
+    for _ in range(2):
+        if not await take_and_die(settings, queue_name):
+            break  # already dead-lettered
+
+    await start_worker()
+    rows = await wait_until_final(db, [purchase_id])
+    row = rows[UUID(purchase_id)]
+    assert (row["status"], row["reason"]) == ("failed", "delivery_limit_exceeded")
+    status = (await api.get(f"/purchases/{purchase_id}")).json()
+    assert (status["status"], status["reason"]) == ("failed", "delivery_limit_exceeded")
+    assert await broker.queue_depth(amqp, topology.dead_letter_queue) == 1
+
+
+async def take_and_die(settings: Settings, queue_name: str) -> bool:
+    """Consume one message and close the connection without acking it; False if none came."""
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=1)
+        queue = await channel.get_queue(queue_name)
+        got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def hold(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            if not got.done():
+                got.set_result(None)
+
+        await queue.consume(hold)
+        try:
+            await asyncio.wait_for(got, 10)
+        except TimeoutError:
+            return False
+        return True
+    finally:
+        await connection.close()  # died holding it: returned, delivery count + 1
