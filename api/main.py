@@ -12,6 +12,7 @@ from api.metrics import RequestMetrics
 from api.metrics import router as metrics_router
 from api.resources import open_resources
 from api.routes import events, health, purchases
+from shared.gc_tuning import tune_gc
 from shared.settings import Settings, get_settings
 
 DESCRIPTION = """
@@ -28,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_resources(settings) as resources:
             app.state.resources = resources
+            tune_gc()
             yield
 
     app = FastAPI(

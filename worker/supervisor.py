@@ -10,6 +10,7 @@ from aio_pika.abc import AbstractConnection
 
 from shared import broker
 from shared.db import create_pool
+from shared.gc_tuning import tune_gc
 from shared.retry import BROKER_UNAVAILABLE, TRANSIENT_DATABASE
 from shared.settings import Settings
 from worker import leases, metrics
@@ -65,6 +66,7 @@ class Worker:
                 await leases.ensure_partitions(conn, self.topology.partitions)
                 await leases.heartbeat(conn, self.worker_id, self.settings.lease_ttl_s)
             log.info("worker %s started", self.worker_id)
+            tune_gc()
             # Workers started together (a deploy, --scale) see each other before anyone takes a
             # lease, instead of the first grabbing every partition and handing half back.
             await self._sleep(min(self.tick_s, JOIN_WINDOW_S))
