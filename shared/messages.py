@@ -4,12 +4,11 @@ One message carries one or several purchases, all of the same partition, in the 
 accepted. `version` lets the consumer refuse a layout it does not know instead of misreading it.
 """
 
-from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from shared.text import CustomerId, Quantity
 
@@ -26,7 +25,7 @@ class PurchaseRequested(BaseModel):
     # The API's own input types: a message the API could not have sent is undecodable.
     customer_id: CustomerId
     quantity: Quantity
-    accepted_at: datetime
+    accepted_at: AwareDatetime
 
 
 class PurchaseMessage(BaseModel):

@@ -218,7 +218,10 @@ class PartitionConsumer:
             ):
                 with attempt:
                     result = await apply_batch(self._pool, self.lease, purchases)
-            self._observe(purchases, result, time.perf_counter() - started)
+            try:
+                self._observe(purchases, result, time.perf_counter() - started)
+            except Exception:  # bookkeeping must never stand between a commit and its ack
+                log.exception("partition %d: metrics/logging failed", self.partition)
         if last_good is not None:
             # Committed: one ack covers the batch. multiple=True reaches only this channel's
             # deliveries, and every earlier one is in this batch (or was already settled).

@@ -59,19 +59,22 @@ class DeadLetterRecorder:
         reason = death_reason(dict(message.headers or {}))
         if reason != FailReason.UNDECODABLE_MESSAGE:  # those were counted when rejected
             metrics.DEAD_LETTERS.labels(reason.value).inc()
+        # Any database error is retried (a failover's read-only spell, a full disk): dropping
+        # the record would leave its purchases pending forever. What we send is validated, so
+        # an error that waiting cannot cure is not expected here.
+        retryable: tuple[type[BaseException], ...] = (*TRANSIENT_DATABASE, asyncpg.PostgresError)
         try:
-            async for attempt in until_stopped(TRANSIENT_DATABASE, lambda: self._stopped):
+            async for attempt in until_stopped(retryable, lambda: self._stopped):
                 with attempt:
                     self.recorded += await self._record_failed(message.body, reason)
-        except TRANSIENT_DATABASE:
-            return  # stopping during an outage: unacked, so it is redelivered
-        except Exception:
-            # Not a fault that waiting cures. The message itself stays in the dead-letter queue;
-            # only this record-keeping copy is dropped.
-            log.exception("dead letter could not be recorded; see the dead-letter queue")
-            await message.reject(requeue=False)
-            return
+        except retryable:
+            return  # stopping before it could be recorded: unacked, so it is redelivered
         await message.ack()
+
+    @property
+    def broken(self) -> bool:
+        """The broker closed the channel under it: the supervisor starts a new one."""
+        return self._channel is not None and self._channel.is_closed and not self._stopped
 
     async def _record_failed(self, body: bytes, reason: FailReason) -> int:
         """Mark the message's purchases failed; return how many."""

@@ -2,6 +2,7 @@
 consumer per leased partition, and on SIGTERM hands everything back cleanly."""
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -11,7 +12,7 @@ from aio_pika.abc import AbstractConnection
 from shared import broker
 from shared.db import create_pool
 from shared.gc_tuning import tune_gc
-from shared.retry import BROKER_UNAVAILABLE, TRANSIENT_DATABASE
+from shared.retry import TRANSIENT_DATABASE
 from shared.settings import Settings
 from worker import leases, metrics
 from worker.consumer import PartitionConsumer
@@ -20,8 +21,11 @@ from worker.processor import Lease
 
 log = logging.getLogger(__name__)
 
-# How long a shutdown waits for in-flight batches before leaving them to be redelivered.
-DRAIN_TIMEOUT_S = 10.0
+# A partition being handed over (rebalance or shutdown) gets at most half a lease lifetime to
+# apply and ack what was delivered. Its lease is still renewed meanwhile, so no one else can take
+# the partition while it drains; and a drain that cannot finish (database down) is aborted, its
+# messages returned to the head of the queue, well before the lease could expire.
+DRAIN_SHARE_OF_LEASE = 0.5
 JOIN_WINDOW_S = 1.0
 
 
@@ -37,7 +41,9 @@ class Worker:
         self._recorder: DeadLetterRecorder | None = None
         self._held: dict[int, int] = {}  # partition -> lease epoch
         self._consumers: dict[int, PartitionConsumer] = {}
+        self._draining: dict[int, asyncio.Task[None]] = {}  # partitions being handed over
         self._retired_applied = 0
+        self.drain_timeout_s = settings.lease_ttl_s * DRAIN_SHARE_OF_LEASE
 
     @property
     def applied(self) -> int:
@@ -91,6 +97,7 @@ class Worker:
     async def _connect(self) -> AbstractConnection | None:
         delay = 0.2
         while not self._stopping.is_set():
+            connection: AbstractConnection | None = None
             try:
                 connection = await broker.connect_plain(self.settings)
                 channel = await connection.channel()
@@ -100,8 +107,13 @@ class Worker:
                 self._recorder = DeadLetterRecorder(self._pool_or_fail(), self.topology)
                 await self._recorder.start(connection)
                 return connection
-            except BROKER_UNAVAILABLE as exc:
+            except broker.TopologyMismatch:
+                raise  # a configuration error: retrying cannot fix it
+            except Exception as exc:  # refused, reset, or lost between connecting and declaring
                 log.warning("rabbitmq unavailable (%r); retrying in %.1f s", exc, delay)
+                if connection is not None and not connection.is_closed:
+                    with contextlib.suppress(Exception):
+                        await connection.close()
                 await self._sleep(delay)
                 delay = min(delay * 2, 5.0)
         return None
@@ -140,6 +152,11 @@ class Worker:
                     metrics.LEASES_LOST.inc()
                     await self._drop(partition, graceful=False)
 
+        if self._recorder is not None and self._recorder.broken:
+            log.warning("dead-letter recorder channel closed; reopening it")
+            self._recorder = DeadLetterRecorder(self._pool_or_fail(), self.topology)
+            await self._recorder.start(connection)
+
         # Consumers that ended on their own (lease lost at commit, unexpected error).
         for partition, consumer in list(self._consumers.items()):
             if consumer.broken:
@@ -151,9 +168,10 @@ class Worker:
 
         assignment = leases.assign(self.topology.partitions, workers or [self.worker_id], owners)
         mine = {p for p, owner in assignment.items() if owner == self.worker_id}
-        surplus = set(self._held) - mine
-        if surplus:
-            await asyncio.gather(*(self._drop(p, graceful=True) for p in surplus))
+        # Handed over in the background: this loop goes on heartbeating and renewing every lease
+        # (the draining ones included) while they finish.
+        for partition in set(self._held) - mine - set(self._draining):
+            self._hand_over(partition)
 
         async with pool.acquire() as conn:
             for partition in sorted(mine - set(self._held)):
@@ -177,7 +195,7 @@ class Worker:
         metrics.PARTITIONS_OWNED.set(len(self._held))
 
         for partition, epoch in self._held.items():
-            if partition not in self._consumers:
+            if partition not in self._consumers and partition not in self._draining:
                 await self._start_consumer(connection, partition, epoch)
 
     async def _start_consumer(
@@ -193,19 +211,24 @@ class Worker:
         await consumer.start(connection)
         self._consumers[partition] = consumer
 
+    def _hand_over(self, partition: int) -> None:
+        task = asyncio.create_task(self._drop(partition, graceful=True))
+        self._draining[partition] = task
+        task.add_done_callback(lambda _: self._draining.pop(partition, None))
+
     async def _drop(self, partition: int, *, graceful: bool) -> None:
         """Stop consuming a partition; when graceful, finish and ack its batch, then release."""
-        consumer = self._consumers.get(partition)
+        consumer = self._consumers.pop(partition, None)
         if consumer is not None:
             if graceful:
                 try:
-                    await asyncio.wait_for(consumer.stop(), DRAIN_TIMEOUT_S)
+                    await asyncio.wait_for(consumer.stop(), self.drain_timeout_s)
                 except TimeoutError:
                     log.warning("partition %d: drain timed out; batch left unacked", partition)
                     await consumer.abort()
             else:
                 await consumer.abort()
-            self._retire(partition)
+            self._retired_applied += consumer.applied
         epoch = self._held.pop(partition, None)
         if graceful and epoch is not None:
             try:
@@ -221,7 +244,15 @@ class Worker:
 
     async def _disconnect(self, *, graceful: bool) -> None:
         if graceful:
-            await asyncio.gather(*(self._drop(p, graceful=True) for p in list(self._held)))
+            handing_over = list(self._draining.values())
+            await asyncio.gather(
+                *handing_over,
+                *(
+                    self._drop(p, graceful=True)
+                    for p in list(self._held)
+                    if p not in self._draining
+                ),
+            )
         else:
             # The connection is gone: nothing in hand can be acked; keep the leases and
             # re-subscribe once reconnected.

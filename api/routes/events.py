@@ -29,7 +29,7 @@ def parse_if_match(value: str | None) -> int | None:
     if value is None or value.strip() == "*":
         return None
     tag = value.strip().removeprefix("W/").strip('"')
-    if not tag.isdigit() or len(tag) > 9:
+    if not (tag.isascii() and tag.isdigit()) or len(tag) > 9:
         raise InvalidRequest('If-Match must be an ETag of this API, such as "3".')
     return int(tag)
 

@@ -31,7 +31,14 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
         after = (datetime.fromisoformat(created_at), UUID(event_id))
         if after[0].tzinfo is None or not 1 <= after[0].astimezone(UTC).year <= 9999:
             raise ValueError("not an instant we could have issued")
-    except (binascii.Error, orjson.JSONDecodeError, ValueError, TypeError, OverflowError) as exc:
+    except (
+        binascii.Error,
+        orjson.JSONDecodeError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        OverflowError,
+    ) as exc:
         raise InvalidRequest("The cursor is malformed; pass back a next_cursor as given.") from exc
     return after
 

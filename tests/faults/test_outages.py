@@ -72,7 +72,7 @@ async def test_broker_outage_mid_flood_loses_nothing_and_recovers_by_itself(
         async with api_client(cut_off) as client, running_worker(cut_off):
             event = await create_event(client, total_tickets=100_000)
             flooding = asyncio.create_task(
-                flood(client, event["id"], count=400, concurrency=8, pause_s=0.01)
+                flood(client, event["id"], count=2_000, concurrency=8, pause_s=0.02)
             )
             await asyncio.sleep(1.0)
             proxy.cut()
