@@ -74,7 +74,3 @@ class QueueFull(ServiceUnavailable):
 
 class BrokerUnavailable(ServiceUnavailable):
     title = "Message broker unavailable"
-
-
-class DatabaseUnavailable(ServiceUnavailable):
-    title = "Database unavailable"

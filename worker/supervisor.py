@@ -70,6 +70,7 @@ class Worker:
         try:
             async with self._pool.acquire() as conn:
                 await leases.ensure_partitions(conn, self.topology.partitions)
+                await leases.forget_long_dead_workers(conn)
                 await leases.heartbeat(conn, self.worker_id, self.settings.lease_ttl_s)
             log.info("worker %s started", self.worker_id)
             tune_gc()

@@ -28,6 +28,15 @@ class Flood:
     errors: int = 0
 
 
+async def buy_one(client: httpx.AsyncClient, event_id: str, key: str) -> httpx.Response:
+    """One ticket for the customer named after `key`, with `key` as its Idempotency-Key."""
+    return await client.post(
+        f"/events/{event_id}/tickets/purchase",
+        json={"customer_id": f"customer-{key}", "quantity": 1},
+        headers={"Idempotency-Key": key},
+    )
+
+
 async def flood(
     client: httpx.AsyncClient,
     event_id: str,
@@ -45,11 +54,7 @@ async def flood(
         for key in keys:
             result.sent += 1
             try:
-                response = await client.post(
-                    f"/events/{event_id}/tickets/purchase",
-                    json={"customer_id": f"customer-{key}", "quantity": 1},
-                    headers={"Idempotency-Key": key},
-                )
+                response = await buy_one(client, event_id, key)
             except httpx.HTTPError:
                 result.errors += 1
                 result.refused_keys.append(key)
@@ -75,11 +80,7 @@ async def retry_refused(client: httpx.AsyncClient, event_id: str, result: Flood)
     for key in list(result.refused_keys):
         for _ in range(100):
             try:
-                response = await client.post(
-                    f"/events/{event_id}/tickets/purchase",
-                    json={"customer_id": f"customer-{key}", "quantity": 1},
-                    headers={"Idempotency-Key": key},
-                )
+                response = await buy_one(client, event_id, key)
             except httpx.HTTPError:
                 await asyncio.sleep(0.2)
                 continue
