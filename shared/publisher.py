@@ -96,8 +96,9 @@ class PurchasePublisher:
         confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lane.pending.append((purchase, confirmed))
         self._flush(partition, lane)
-        # Shielded: a caller that gives up (client gone) must not cancel its neighbours' publish.
-        await asyncio.shield(confirmed)
+        # The message is sent by its own task, so a caller that gives up (client gone) cancels
+        # only its own wait, never its neighbours' publish.
+        await confirmed
 
     def _flush(self, partition: int, lane: _Lane) -> None:
         """Start sending what is pending, up to max_in_flight messages for the partition.

@@ -130,7 +130,7 @@ class PurchaseService:
 
     @staticmethod
     def _accepted(purchase_id: UUID, event_id: UUID, request: PurchaseCreate) -> PurchaseAccepted:
-        return PurchaseAccepted(
+        return PurchaseAccepted.model_construct(  # every field is already validated
             purchase_id=purchase_id,
             event_id=event_id,
             customer_id=request.customer_id,
