@@ -625,29 +625,39 @@ def draw_chart(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-async def main(quick: bool, http_processes: int) -> None:
-    sizes = QUICK if quick else FULL
-    bench = Bench(sizes, http_processes)
-    await bench.setup()
-    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-        ("baseline", bench.baseline),
-        ("hot-event drain, 1 worker", lambda: bench.hot_drain(1)),
-        ("hot-event drain, 2 workers", lambda: bench.hot_drain(2)),
-        (
+def steps_of(bench: "Bench") -> dict[str, tuple[str, Callable[[], Awaitable[None]]]]:
+    """Every scenario by its short name (for --only), in the order a full run measures them."""
+    return {
+        "baseline": ("baseline", bench.baseline),
+        "drain": ("hot-event drain, 1 worker", lambda: bench.hot_drain(1)),
+        "drain2": ("hot-event drain, 2 workers", lambda: bench.hot_drain(2)),
+        "drain-coalesced": (
             f"hot-event drain, 1 worker, {COALESCED} purchases per message",
             lambda: bench.hot_drain(1, COALESCED),
         ),
-        ("many events, 1 worker", lambda: bench.many_events(1)),
-        ("many events, 2 workers", lambda: bench.many_events(2)),
-        ("API accept vs bare endpoint", bench.api_accept),
-        ("flash sale end to end", bench.flash_sale),
-    ]
+        "many": ("many events, 1 worker", lambda: bench.many_events(1)),
+        "many2": ("many events, 2 workers", lambda: bench.many_events(2)),
+        "accept": ("API accept vs bare endpoint", bench.api_accept),
+        "flash": ("flash sale end to end", bench.flash_sale),
+    }
+
+
+async def main(quick: bool, http_processes: int, only: list[str]) -> None:
+    sizes = QUICK if quick else FULL
+    bench = Bench(sizes, http_processes)
+    steps = steps_of(bench)
+    await bench.setup()
     try:
-        for name, step in steps:
+        for key, (name, step) in steps.items():
+            if only and key not in only:
+                continue
             print(f"== {name}", flush=True)
             await step()
     finally:
         await bench.teardown()
+    if only:  # a partial run: figures only, the recorded results stay as they are
+        print(json.dumps(bench.figures, indent=2))
+        return
     result = report(bench.figures, sizes, quick)
     result["http_processes"] = http_processes
     RESULTS.mkdir(exist_ok=True)
@@ -667,6 +677,22 @@ if __name__ == "__main__":
         default=int(os.environ.get("BENCH_HTTP_PROCESSES", "2")),
         help="uvicorn processes for every HTTP app measured (API, baseline, bare): one per core",
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        choices=[
+            "baseline",
+            "drain",
+            "drain2",
+            "drain-coalesced",
+            "many",
+            "many2",
+            "accept",
+            "flash",
+        ],
+        help="measure just these scenarios and print their figures (nothing is written)",
+    )
     args = parser.parse_args()
     try:
         import uvloop
@@ -674,4 +700,4 @@ if __name__ == "__main__":
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(main(args.quick, args.http_processes))
+    asyncio.run(main(args.quick, args.http_processes, args.only))
