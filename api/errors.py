@@ -1,12 +1,13 @@
 """The one place where errors become HTTP responses (problem+json)."""
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.problems import problem_response
@@ -118,16 +119,35 @@ def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+Handler = Callable[[Request, Exception], Response]
+
+_DATABASE_DOWN: tuple[type[BaseException], ...] = (
+    *TRANSIENT_DATABASE,
+    asyncpg.PostgresConnectionError,
+)
+
+# Every error answered on purpose, by type. The database ones are listed by type rather than left
+# to the catch-all: Starlette answers these like any expected error, where the catch-all would
+# answer and then re-raise into the server.
+EXPECTED: dict[type[Exception], Handler] = {
+    DomainError: _domain_error,
+    RequestValidationError: _validation_error,
+    StarletteHTTPException: _http_error,
+    **{kind: _database_unavailable for kind in _DATABASE_DOWN if issubclass(kind, Exception)},
+}
+
+
+def expected_error_response(request: Request, exc: Exception) -> Response | None:
+    """The answer to an error raised on purpose (most specific type first, as Starlette looks
+    handlers up), or None for a bug. For code that runs outside the routes' exception handling."""
+    for kind in type(exc).__mro__:
+        handler = EXPECTED.get(kind)
+        if handler is not None:
+            return handler(request, exc)
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(DomainError, _domain_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    # By type, not in the catch-all: Starlette answers these like any expected error, where
-    # the catch-all would answer and then re-raise into the server.
-    unavailable: tuple[type[Exception], ...] = (
-        *(kind for kind in TRANSIENT_DATABASE if issubclass(kind, Exception)),
-        asyncpg.PostgresConnectionError,
-    )
-    for kind in unavailable:
-        app.add_exception_handler(kind, _database_unavailable)
+    for kind, handler in EXPECTED.items():
+        app.add_exception_handler(kind, handler)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -13,10 +13,12 @@ from shared.text import IdempotencyKey
 router = APIRouter(tags=["purchases"])
 
 RETRY_AFTER_PENDING_S = "1"
+# Served by this route and, for well-formed requests, by api/purchase_fast_path.py.
+PURCHASE_PATH = "/events/{event_id}/tickets/purchase"
 
 
 @router.post(
-    "/events/{event_id}/tickets/purchase",
+    PURCHASE_PATH,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=PurchaseAccepted,
     responses=problem_responses(400, 404, 409, 413, 415, 422, 503),

@@ -1,0 +1,264 @@
+"""The purchase route's fast path answers exactly what the FastAPI route answers.
+
+Each request is sent twice: once with a Content-Length (which the fast path may serve) and once
+streamed in chunks without one (which it always hands to the framework). Both answers must be the
+same, whatever the body, the headers or the event's state: the table covers what clients get wrong
+on purpose or by accident, and a seeded generator adds a few hundred mutated bodies.
+"""
+
+import json
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from uuid import UUID, uuid4
+
+import asyncpg
+import httpx
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from api.purchase_fast_path import ROUTE
+from tests.factories import create_event
+
+Answer = tuple[int, str, Any, dict[str, str]]
+
+
+def _chunks(body: bytes) -> Callable[[], AsyncIterator[bytes]]:
+    async def stream() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 7):
+            yield body[start : start + 7]
+
+    return stream
+
+
+def _normalize(response: httpx.Response) -> Answer:
+    """What must match: status, media type, body and the headers the contract names. A purchase
+    id is random unless derived from an Idempotency-Key, so a 202 without a key drops it."""
+    media_type = response.headers.get("content-type", "").split(";")[0]
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    headers = {
+        name: response.headers[name]
+        for name in ("location", "retry-after")
+        if name in response.headers
+    }
+    if response.status_code == 202 and "idempotency-key" not in response.request.headers:
+        body = {k: v for k, v in body.items() if k not in ("purchase_id", "status_url")}
+        headers.pop("location")
+    return response.status_code, media_type, body, headers
+
+
+async def both_ways(
+    api: httpx.AsyncClient, path: str, body: bytes, headers: dict[str, str | bytes]
+) -> tuple[Answer, Answer]:
+    raw = [
+        (name.encode(), value if isinstance(value, bytes) else value.encode())
+        for name, value in headers.items()
+    ]
+    sized = await api.post(path, content=body, headers=raw)
+    streamed = await api.post(path, content=_chunks(body)(), headers=raw)
+    assert "content-length" not in streamed.request.headers  # so only the route can answer it
+    return _normalize(sized), _normalize(streamed)
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
+GOOD = {"customer_id": "customer-1", "quantity": 2}
+
+BODIES: list[tuple[str, bytes]] = [
+    ("valid", _json(GOOD)),
+    ("valid, spaced and reordered", b' {\n "quantity" : 2 , "customer_id":"customer-1" } '),
+    ("unicode customer", _json({"customer_id": "Zoë 🎟", "quantity": 1})),
+    ("escaped unicode", b'{"customer_id": "\\u00e9t\\u00e9", "quantity": 1}'),
+    ("most tickets allowed", _json({"customer_id": "c", "quantity": 4})),
+    ("too many for the event", _json({"customer_id": "c", "quantity": 5})),
+    ("quantity 0", _json({"customer_id": "c", "quantity": 0})),
+    ("quantity negative", _json({"customer_id": "c", "quantity": -1})),
+    ("quantity huge", b'{"customer_id": "c", "quantity": 100000000000000000000000}'),
+    ("quantity float", b'{"customer_id": "c", "quantity": 2.0}'),
+    ("quantity exponent", b'{"customer_id": "c", "quantity": 2e0}'),
+    ("quantity string", _json({"customer_id": "c", "quantity": "2"})),
+    ("quantity bool", _json({"customer_id": "c", "quantity": True})),
+    ("quantity null", _json({"customer_id": "c", "quantity": None})),
+    ("quantity NaN", b'{"customer_id": "c", "quantity": NaN}'),
+    ("quantity missing", _json({"customer_id": "c"})),
+    ("customer missing", _json({"quantity": 1})),
+    ("customer empty", _json({"customer_id": "", "quantity": 1})),
+    ("customer too long", _json({"customer_id": "x" * 101, "quantity": 1})),
+    ("customer longest", _json({"customer_id": "x" * 100, "quantity": 1})),
+    ("customer number", _json({"customer_id": 42, "quantity": 1})),
+    ("customer NUL", b'{"customer_id": "a\\u0000b", "quantity": 1}'),
+    ("customer newline", b'{"customer_id": "a\\nb", "quantity": 1}'),
+    ("customer lone surrogate", b'{"customer_id": "a\\ud800b", "quantity": 1}'),
+    ("customer surrogate pair", b'{"customer_id": "a\\ud83c\\udf9fb", "quantity": 1}'),
+    ("extra field", _json({**GOOD, "price": 10})),
+    ("duplicate key", b'{"customer_id": "a", "customer_id": "b", "quantity": 1}'),
+    ("duplicate key, bad then good", b'{"quantity": 0, "customer_id": "a", "quantity": 1}'),
+    ("empty object", b"{}"),
+    ("array", _json([GOOD])),
+    ("string", b'"customer-1"'),
+    ("null", b"null"),
+    ("empty", b""),
+    ("whitespace", b"   "),
+    ("truncated", _json(GOOD)[:-3]),
+    ("trailing garbage", _json(GOOD) + b" x"),
+    ("two objects", _json(GOOD) + _json(GOOD)),
+    ("trailing comma", b'{"customer_id": "c", "quantity": 1,}'),
+    ("single quotes", b"{'customer_id': 'c', 'quantity': 1}"),
+    ("byte order mark", b"\xef\xbb\xbf" + _json(GOOD)),
+    ("latin-1 bytes", b'{"customer_id": "caf\xe9", "quantity": 1}'),
+    ("invalid utf-8", b'{"customer_id": "\xff\xfe", "quantity": 1}'),
+    ("deep nesting", b"[" * 5000 + b"]" * 5000),
+]
+
+
+@pytest.mark.parametrize(("case", "body"), BODIES, ids=[case for case, _ in BODIES])
+async def test_fast_path_answers_each_body_as_the_route_does(
+    api: httpx.AsyncClient, case: str, body: bytes
+) -> None:
+    event = await create_event(api, max_tickets_per_purchase=4)
+    path = f"/events/{event['id']}/tickets/purchase"
+
+    sized, streamed = await both_ways(api, path, body, {"Content-Type": "application/json"})
+
+    assert sized == streamed, case
+    assert sized[0] != 500
+
+
+HEADERS: list[tuple[str, dict[str, str | bytes]]] = [
+    ("json with charset", {"Content-Type": "application/json; charset=utf-8"}),
+    ("json in capitals", {"Content-Type": "Application/JSON"}),
+    ("json suffix", {"Content-Type": "application/merge-patch+json"}),
+    ("form", {"Content-Type": "application/x-www-form-urlencoded"}),
+    ("text", {"Content-Type": "text/plain"}),
+    ("no content type", {}),
+    ("idempotency key", {"Content-Type": "application/json", "Idempotency-Key": "k-1"}),
+    ("idempotency key empty", {"Content-Type": "application/json", "Idempotency-Key": ""}),
+    ("idempotency key long", {"Content-Type": "application/json", "Idempotency-Key": "k" * 256}),
+    (
+        "idempotency key control char",
+        {"Content-Type": "application/json", "Idempotency-Key": "a\x01b"},
+    ),
+    (
+        "idempotency key latin-1",
+        {"Content-Type": "application/json", "Idempotency-Key": "clé".encode("latin-1")},
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "headers"), HEADERS, ids=[case for case, _ in HEADERS])
+async def test_fast_path_answers_each_header_variant_as_the_route_does(
+    api: httpx.AsyncClient, case: str, headers: dict[str, str | bytes]
+) -> None:
+    event = await create_event(api)
+    path = f"/events/{event['id']}/tickets/purchase"
+
+    sized, streamed = await both_ways(api, path, _json(GOOD), headers)
+
+    assert sized == streamed, case
+    assert sized[0] != 500
+
+
+async def test_fast_path_answers_event_states_and_paths_as_the_route_does(
+    api: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    sold_out = await create_event(api)
+    await db.execute("UPDATE events SET available_tickets = 0 WHERE id = $1", UUID(sold_out["id"]))
+    event = await create_event(api)
+    event_id = event["id"]
+    paths = [
+        f"/events/{uuid4()}/tickets/purchase",  # no such event: 404
+        f"/events/{sold_out['id']}/tickets/purchase",  # sold out: 409
+        f"/events/{event_id.upper()}/tickets/purchase",  # not canonical: the route's to parse
+        f"/events/{event_id.replace('-', '')}/tickets/purchase",
+        "/events/not-a-uuid/tickets/purchase",
+        f"/events/{event_id}/tickets/purchase?unknown=1",
+    ]
+    headers: dict[str, str | bytes] = {"Content-Type": "application/json"}
+    statuses = set()
+    for path in paths:
+        sized, streamed = await both_ways(api, path, _json(GOOD), headers)
+        assert sized == streamed, path
+        statuses.add(sized[0])
+    assert statuses == {202, 404, 409, 422}, statuses
+
+
+def _mutations(seed: int, count: int) -> list[bytes]:
+    """Bodies near a valid one: values swapped for other JSON types, keys dropped or renamed,
+    bytes flipped. Seeded, so a failure names a body that can be replayed."""
+    rng = random.Random(seed)
+    values: list[object] = [
+        0,
+        1,
+        4,
+        5,
+        101,
+        -1,
+        2**63,
+        1.5,
+        "1",
+        "",
+        "x" * 120,
+        None,
+        True,
+        [],
+        {},
+        "é\u0000",
+    ]
+    bodies: list[bytes] = []
+    for _ in range(count):
+        body: dict[str, object] = dict(GOOD)
+        for _ in range(rng.randint(1, 3)):
+            key = rng.choice(["customer_id", "quantity", "extra"])
+            action = rng.random()
+            if action < 0.6:
+                body[key] = rng.choice(values)
+            elif action < 0.8:
+                body.pop(key, None)
+            else:
+                body[key.upper()] = body.pop(key, 1)
+        raw = bytearray(json.dumps(body).encode())
+        if rng.random() < 0.2 and raw:
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        bodies.append(bytes(raw))
+    return bodies
+
+
+async def test_fast_path_answers_mutated_bodies_as_the_route_does(
+    api: httpx.AsyncClient,
+) -> None:
+    event = await create_event(api, max_tickets_per_purchase=4)
+    path = f"/events/{event['id']}/tickets/purchase"
+    headers: dict[str, str | bytes] = {"Content-Type": "application/json"}
+    statuses: set[int] = set()
+    for body in _mutations(seed=20261126, count=300):
+        sized, streamed = await both_ways(api, path, body, headers)
+        assert sized == streamed, body
+        statuses.add(sized[0])
+    assert statuses >= {202, 400, 422}, statuses  # the mutations reached every kind of answer
+
+
+async def test_well_formed_purchase_skips_the_route_and_the_rest_reach_it(
+    api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reached: list[str] = []
+    handle = ROUTE.handle
+
+    async def counting(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.append(scope["path"])
+        await handle(scope, receive, send)
+
+    monkeypatch.setattr(ROUTE, "handle", counting)
+    event = await create_event(api)
+    path = f"/events/{event['id']}/tickets/purchase"
+
+    served = await api.post(path, json=GOOD)
+    keyed = await api.post(path, json=GOOD, headers={"Idempotency-Key": "fast-1"})
+    refused = await api.post(path, json={**GOOD, "quantity": 0})
+
+    assert (served.status_code, keyed.status_code, refused.status_code) == (202, 202, 422)
+    assert reached == [path], "only the request the fast path refused reached the route"
