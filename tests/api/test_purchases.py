@@ -1,6 +1,7 @@
 """Purchases over HTTP: the 202 only after the broker confirmed, proven by reading the message back
 from the real partition queue; the refusals (404, 409, 422, 503); and the status endpoint."""
 
+import asyncio
 from datetime import datetime
 from uuid import UUID, uuid4
 
@@ -110,6 +111,28 @@ async def test_purchases_of_one_event_are_queued_in_the_order_they_were_accepted
     assert [p.quantity for p in queued] == [1, 2, 3, 1, 2, 3]
     times = [p.accepted_at for p in queued]
     assert times == sorted(times)
+
+
+async def test_concurrent_purchases_of_one_event_are_coalesced_in_acceptance_order(
+    api: httpx.AsyncClient, amqp: aio_pika.abc.AbstractChannel, settings: Settings
+) -> None:
+    event = await create_event(api, max_tickets_per_purchase=10)
+    _, queue = partition_queue(settings, event["id"])
+
+    responses = await asyncio.gather(
+        *(purchase(api, event["id"], customer_id=f"customer-{i}") for i in range(60))
+    )
+
+    assert [r.status_code for r in responses] == [202] * 60
+    messages = await queue_depth(amqp, queue)
+    # While one message awaits its confirm, the purchases arriving meanwhile share the next.
+    assert messages < 60, "concurrent purchases of one partition were not coalesced"
+    queued = purchases_in(await read_messages(amqp, queue, messages))
+    assert sorted(str(p.purchase_id) for p in queued) == sorted(
+        r.json()["purchase_id"] for r in responses
+    ), "every accepted purchase is queued exactly once"
+    times = [p.accepted_at for p in queued]
+    assert times == sorted(times), "the queue holds purchases in the order they were accepted"
 
 
 async def test_purchases_of_different_events_go_to_each_events_partition(

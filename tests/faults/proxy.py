@@ -6,7 +6,9 @@ import contextlib
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target. `cut()` drops every open connection and refuses
-    new ones (as a dead server or a broken network would); `restore()` accepts again."""
+    new ones (as a dead server or a broken network would); `restore()` accepts again. `freeze()`
+    holds every byte in both directions while connections stay open (a stalled server);
+    `thaw()` lets them through again."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -15,6 +17,8 @@ class TcpProxy:
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self.up = True
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -37,6 +41,12 @@ class TcpProxy:
     def restore(self) -> None:
         self.up = True
 
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.up:
             writer.transport.abort()
@@ -58,6 +68,7 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 if not self.up:
                     break
                 writer.write(data)

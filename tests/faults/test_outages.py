@@ -4,13 +4,18 @@ accepted purchase decided exactly once."""
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import asyncpg
 import httpx
 import pytest
 
+from shared import broker
+from shared.errors import BrokerUnavailable
+from shared.messages import PurchaseRequested
+from shared.publisher import PurchasePublisher
 from shared.settings import Settings
 from tests.conftest import api_client
 from tests.factories import create_event
@@ -136,3 +141,49 @@ async def test_database_outage_mid_flood_holds_messages_and_loses_nothing(
     assert counts["lost"] == 0
     assert counts["doubled"] == 0
     assert counts["rows"] == counts["accepted"]
+
+
+async def test_purchases_waiting_behind_a_stalled_broker_are_refused_within_twice_the_timeout(
+    settings: Settings,
+) -> None:
+    """A broker that keeps the connection but confirms nothing (a disk alarm, a stuck node): the
+    purchases queued behind the message in flight must not each wait a timeout per message ahead
+    of them. Small messages make that queue many messages deep."""
+    timeout_s = 0.5
+    async with proxy_for(settings.rabbitmq_url, 5672) as proxy:
+        proxied = settings.model_copy(
+            update={"rabbitmq_url": through(settings.rabbitmq_url, proxy.port)}
+        )
+        connection = await broker.connect(proxied)
+        publisher = PurchasePublisher(
+            broker.Topology.from_settings(settings), timeout_s=timeout_s, max_batch=4
+        )
+        await publisher.start(connection)
+        event_id = uuid4()
+        proxy.freeze()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        results = await asyncio.gather(
+            *(publisher.publish(requested(event_id, i)) for i in range(40)),
+            return_exceptions=True,
+        )
+
+        waited = loop.time() - started
+        proxy.thaw()
+        await publisher.close()
+        await connection.close()
+    assert all(isinstance(result, BrokerUnavailable) for result in results), results
+    # Without expiry: one message of 1, then ten of 4, each waiting out its timeout (5.5 s).
+    assert waited < 2 * timeout_s + 0.5, f"callers waited {waited:.1f} s"
+    print(f"\nstalled broker: 40 purchases refused (503) after {waited:.2f} s")
+
+
+def requested(event_id: UUID, i: int) -> PurchaseRequested:
+    return PurchaseRequested(
+        purchase_id=uuid4(),
+        event_id=event_id,
+        customer_id=f"customer-{i}",
+        quantity=1,
+        accepted_at=datetime.now(UTC),
+    )
