@@ -16,7 +16,7 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"The request body must be at most {max_body_bytes} bytes.")
 
 
-def is_json(content_type: str) -> bool:
+def _is_json(content_type: str) -> bool:
     media_type = content_type.split(";", 1)[0].strip().lower()
     return media_type == "application/json" or (
         media_type.startswith("application/") and media_type.endswith("+json")
@@ -60,7 +60,7 @@ class RequestGuard:
             return
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         has_body = declared != b"0" and (declared is not None or b"transfer-encoding" in headers)
-        if has_body and not is_json(content_type):
+        if has_body and not _is_json(content_type):
             await _send_problem(
                 send,
                 415,

@@ -21,7 +21,6 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import expected_error_response
-from api.guards import is_json
 from api.resources import Resources
 from api.routes import purchases
 from api.routes.purchases import PURCHASE_PATH, RETRY_AFTER_PENDING_S
@@ -57,21 +56,23 @@ class PurchaseFastPath:
         if headers is None:
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive)
-        if body is None:  # the client went away before sending its body
+        body, received = await _read_body(receive)
+        if body is None:  # the client went away mid-body: the route answers that as ever
+            await self.app(scope, _replay(received, receive), send)
             return
         try:
             request = PurchaseCreate.model_validate_json(body)
             key = headers.get(b"idempotency-key")
             idempotency_key = None if key is None else _IDEMPOTENCY_KEY.validate_python(key)
         except ValidationError:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, _replay(received, receive), send)
             return
         await self._purchase(scope, receive, send, UUID(match[1]), request, idempotency_key)
 
     def _plain_json_headers(self, scope: Scope) -> dict[bytes, str] | None:
-        """The headers that matter here, if the request is one the fast path serves: a JSON
-        body of declared length within the limit, and none of those headers given twice."""
+        """The headers that matter here, if the request is one the fast path serves: a body
+        of declared length within the limit, sent as plain `application/json` (the route reads
+        media types its own way; the unusual ones are left to it), none of those headers twice."""
         headers: dict[bytes, str] = {}
         for name, value in scope["headers"]:
             if name in (b"content-type", b"content-length", b"idempotency-key"):
@@ -81,9 +82,10 @@ class PurchaseFastPath:
             elif name == b"transfer-encoding":
                 return None
         length = headers.get(b"content-length", "")
-        if not length.isdigit() or int(length) > self.max_body_bytes:
+        if not (length.isascii() and length.isdigit()) or int(length) > self.max_body_bytes:
             return None
-        if not is_json(headers.get(b"content-type", "")):
+        media_type = headers.get(b"content-type", "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json":
             return None
         return headers
 
@@ -113,38 +115,35 @@ class PurchaseFastPath:
             {
                 "type": "http.response.start",
                 "status": 202,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
+                "headers": [  # as the route's Response writes them, in its order
                     (b"location", accepted.status_url.encode()),
                     (b"retry-after", RETRY_AFTER_PENDING_S.encode()),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"content-type", b"application/json"),
                 ],
             }
         )
         await send({"type": "http.response.body", "body": payload})
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    # The server stops at the declared Content-Length, which was checked against the limit.
-    chunks: list[bytes] = []
+async def _read_body(receive: Receive) -> tuple[bytes | None, list[Message]]:
+    """The whole body (None if the client went away first) and the messages it came in.
+    The server stops at the declared Content-Length, which was checked against the limit."""
+    received: list[Message] = []
     while True:
         message = await receive()
+        received.append(message)
         if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
+            return None, received
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            return b"".join(m.get("body", b"") for m in received), received
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """`receive` for the framework, handing it the body already read, then the real stream."""
-    replayed = False
+def _replay(received: list[Message], receive: Receive) -> Receive:
+    """`receive` for the route: the messages already read, in order, then the real stream."""
+    pending = iter(received)
 
     async def replay() -> Message:
-        nonlocal replayed
-        if replayed:
-            return await receive()
-        replayed = True
-        return {"type": "http.request", "body": body, "more_body": False}
+        return next(pending, None) or await receive()
 
     return replay
