@@ -122,8 +122,14 @@ class PurchasePublisher:
         Synchronous, so messages start (and reach the channel) in the order they were taken."""
         self._expire(lane)
         while lane.pending and len(lane.in_flight) < self._max_in_flight:
-            count = min(len(lane.pending), self._max_batch)
-            batch = [lane.pending.popleft() for _ in range(count)]
+            batch: list[_Waiting] = []
+            while lane.pending and len(batch) < self._max_batch:
+                waiting = lane.pending.popleft()
+                # A caller cancelled before its purchase went out never sees a 202: don't buy.
+                if not waiting.confirmed.done():
+                    batch.append(waiting)
+            if not batch:
+                break
             task = asyncio.create_task(self._send_batch(partition, batch))
             lane.in_flight.add(task)
             task.add_done_callback(lambda done: self._sent(partition, lane, done))
@@ -134,6 +140,8 @@ class PurchasePublisher:
         deadline = asyncio.get_running_loop().time() - self._timeout_s
         while lane.pending and lane.pending[0].since <= deadline:
             waiting = lane.pending.popleft()
+            if waiting.confirmed.done():  # cancelled: its caller is gone
+                continue
             EXPIRED_PURCHASES.inc()
             _fail(
                 waiting.confirmed,
@@ -152,6 +160,11 @@ class PurchasePublisher:
         except ServiceUnavailable as exc:
             for waiting in batch:
                 _fail(waiting.confirmed, exc)
+        except BaseException:  # a bug or a cancelled task: no caller may wait for ever
+            log.exception("publishing to partition %d failed unexpectedly", partition)
+            for waiting in batch:
+                _fail(waiting.confirmed, BrokerUnavailable("The purchase could not be queued."))
+            raise
         else:
             for waiting in batch:
                 if not waiting.confirmed.done():
@@ -162,12 +175,12 @@ class PurchasePublisher:
             raise BrokerUnavailable("The message broker connection is down; retry shortly.")
         message = amqp_message(PurchaseMessage(partition=partition, purchases=purchases))
         try:
-            await self._exchange.publish(
-                message,
-                routing_key=self._topology.routing_key(partition),
-                mandatory=True,
-                timeout=self._timeout_s,
-            )
+            # The deadline covers the whole publish: aio-pika first waits for a reconnecting
+            # connection, outside its own timeout, and the lane's expiry bound relies on it.
+            async with asyncio.timeout(self._timeout_s):
+                await self._exchange.publish(
+                    message, routing_key=self._topology.routing_key(partition), mandatory=True
+                )
         except PublishError as exc:  # returned: no queue bound for the partition
             PUBLISHES.labels("unroutable").inc()
             log.error("purchase message unroutable (partition %d): %s", partition, exc)
