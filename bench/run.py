@@ -495,8 +495,8 @@ def report(figures: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> dic
         "api_accept p99 < 50 ms": figures["api_accept"]["p99_ms"] < 50,
         "flash_sale_vs_baseline >= 3": ratios["flash_sale_vs_baseline"] >= 3,
         "zero oversell": all(f.get("oversold", 0) == 0 for f in figures.values()),
-        "api RSS < 150 MB": figures["flash_sale"]["api_peak_rss_mb"] < 150,
-        "worker RSS < 150 MB": figures["flash_sale"]["worker_peak_rss_mb"] < 150,
+        "api RSS < 150 MB": peak_of(figures, "api_peak_rss_mb") < 150,
+        "worker RSS < 150 MB": peak_of(figures, "worker_peak_rss_mb") < 150,
     }
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -508,6 +508,12 @@ def report(figures: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> dic
         "ratios": ratios,
         "targets_met": targets,
     }
+
+
+def peak_of(figures: dict[str, dict[str, Any]], key: str) -> float:
+    """The highest of a figure over every scenario that measured it (a process's peak RSS
+    depends on the load: the accept run holds more requests in flight than the flash sale)."""
+    return max(float(f[key]) for f in figures.values() if key in f)
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -579,11 +585,12 @@ def print_table(result: dict[str, Any]) -> None:
         f" {fs['publish_purchases_per_message']:.1f} purchases per message"
     )
     print(
-        f"peak RSS: API {fs['api_peak_rss_mb']:.0f} MB, worker {fs['worker_peak_rss_mb']:.0f} MB;"
+        f"peak RSS over all scenarios: API {peak_of(f, 'api_peak_rss_mb'):.0f} MB,"
+        f" worker {peak_of(f, 'worker_peak_rss_mb'):.0f} MB;"
         f" load generator CPU: {f['api_accept']['loadgen_cpu_share']:.0%} of a core (accept),"
         f" {fs['loadgen_cpu_share']:.0%} (flash sale)"
     )
-    print("\nratios: " + ", ".join(f"{k} {v:.1f}x" for k, v in result["ratios"].items()))
+    print("\nratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["ratios"].items()))
     for target, met in result["targets_met"].items():
         print(f"  [{'x' if met else ' '}] {target}")
 

@@ -1,0 +1,41 @@
+"""The API's memory of recently accepted purchases stays bounded and forgets the oldest first."""
+
+from datetime import UTC, datetime
+from uuid import uuid4
+
+from shared.messages import PurchaseRequested
+from shared.purchases.service import AcceptedDetails, RecentlyAccepted
+
+
+def accepted(i: int) -> PurchaseRequested:
+    return PurchaseRequested(
+        purchase_id=uuid4(),
+        event_id=uuid4(),
+        customer_id=f"customer-{i}",
+        quantity=1 + i % 3,
+        accepted_at=datetime.now(UTC),
+    )
+
+
+def test_recently_accepted_keeps_the_details_of_a_pending_purchase() -> None:
+    recent = RecentlyAccepted(max_entries=10)
+    purchase = accepted(7)
+
+    recent.remember(purchase)
+
+    assert recent.get(purchase.purchase_id) == AcceptedDetails(
+        purchase.event_id, "customer-7", 2, purchase.accepted_at
+    )
+    assert recent.get(uuid4()) is None
+
+
+def test_recently_accepted_is_bounded_and_forgets_the_oldest_first() -> None:
+    recent = RecentlyAccepted(max_entries=100)
+    purchases = [accepted(i) for i in range(250)]
+
+    for purchase in purchases:
+        recent.remember(purchase)
+
+    assert len(recent) == 100
+    assert all(recent.get(p.purchase_id) is None for p in purchases[:150])
+    assert all(recent.get(p.purchase_id) is not None for p in purchases[150:])
