@@ -22,6 +22,7 @@ async def create_pool(
                 # A database that does not answer must fail fast (503), not hang a request.
                 timeout=5,
                 server_settings=server_settings,
+                reset=_keep_session,
             )
     return pool
 
@@ -31,3 +32,9 @@ if TYPE_CHECKING:
     Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 else:
     Connection = asyncpg.Connection
+
+
+async def _keep_session(connection: Connection) -> None:
+    """Nothing here changes session state (no SET, LISTEN, advisory locks or cursors), so the
+    default reset on every release, one more round trip (`RESET ALL`, `UNLISTEN *`, ...), buys
+    nothing. asyncpg still rolls back a transaction left open before calling this."""
