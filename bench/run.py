@@ -402,6 +402,30 @@ class Bench:
         self.figures["bare_accept"] = load_figures(bare)
         await self.reset()
 
+    async def status_polls(self) -> None:
+        """What a browser does after its 202: poll GET /purchases/{id}. Measured on decided
+        purchases (the common case once the queue drains), API and a worker running."""
+        await self.reset()
+        (event_id,) = await self.create_events(1, 1_000_000)
+        api = self.procs.api()
+        worker = self.procs.worker("bench-polls")
+        base = f"http://127.0.0.1:{self.settings.api_port}"
+        try:
+            submitted = await run_load(
+                base, purchase_request(event_id), total=2_000, concurrency=64, keep_bodies=True
+            )
+            ids = [orjson.loads(body)["purchase_id"] for body in submitted.bodies]
+            await self.wait_final(len(ids))
+
+            def poll(i: int) -> tuple[str, str, bytes]:
+                return "GET", f"/purchases/{ids[i % len(ids)]}", b""
+
+            load = await run_load(base, poll, duration_s=self.sizes.accept_s, concurrency=64)
+        finally:
+            self.procs.stop(worker)
+            self.procs.stop(api)
+        self.figures["status_polls"] = load_figures(load)
+
     async def flash_sale(self) -> None:
         await self.reset()
         (event_id,) = await self.create_events(1, self.sizes.flash_tickets)
@@ -563,6 +587,12 @@ def print_table(result: dict[str, Any]) -> None:
             f"p50 {f['bare_accept']['p50_ms']:.1f} / p99 {f['bare_accept']['p99_ms']:.1f} ms",
         ),
         (
+            "status polls (GET /purchases/{id}), 64 conn",
+            f["status_polls"]["requests_per_s"],
+            "req/s",
+            f"p50 {f['status_polls']['p50_ms']:.1f} / p99 {f['status_polls']['p99_ms']:.1f} ms",
+        ),
+        (
             "flash sale end to end, 256 clients",
             f["flash_sale"]["purchases_per_s"],
             "purchases/s",
@@ -647,6 +677,7 @@ def steps_of(bench: "Bench") -> dict[str, tuple[str, Callable[[], Awaitable[None
         "many": ("many events, 1 worker", lambda: bench.many_events(1)),
         "many2": ("many events, 2 workers", lambda: bench.many_events(2)),
         "accept": ("API accept vs bare endpoint", bench.api_accept),
+        "polls": ("status polls", bench.status_polls),
         "flash": ("flash sale end to end", bench.flash_sale),
     }
 
@@ -698,6 +729,7 @@ if __name__ == "__main__":
             "many",
             "many2",
             "accept",
+            "polls",
             "flash",
         ],
         help="measure just these scenarios and print their figures (nothing is written)",
