@@ -7,10 +7,10 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api.errors import install_error_handlers
+from api.fast_paths import FastPaths
 from api.guards import RequestGuard
 from api.metrics import RequestMetrics
 from api.metrics import router as metrics_router
-from api.purchase_fast_path import PurchaseFastPath
 from api.resources import open_resources
 from api.routes import events, health, purchases
 from shared.gc_tuning import tune_gc
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     # Outside the guard: it serves only requests the guard would pass, and hands the rest on.
-    app.add_middleware(PurchaseFastPath, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(FastPaths, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     # Added last so it is outermost: even a 413 or a 503 carries the CORS headers a browser needs.
     app.add_middleware(

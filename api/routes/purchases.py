@@ -13,8 +13,9 @@ from shared.text import IdempotencyKey
 router = APIRouter(tags=["purchases"])
 
 RETRY_AFTER_PENDING_S = "1"
-# Served by this route and, for well-formed requests, by api/purchase_fast_path.py.
+# Served by these routes and, for unremarkable requests, by api/fast_paths.py.
 PURCHASE_PATH = "/events/{event_id}/tickets/purchase"
+STATUS_PATH = "/purchases/{purchase_id}"
 
 
 @router.post(
@@ -49,7 +50,7 @@ async def purchase_tickets(
 
 
 @router.get(
-    "/purchases/{purchase_id}",
+    STATUS_PATH,
     response_model=Purchase,
     responses=problem_responses(404, 422, 503),
 )

@@ -1,9 +1,11 @@
-"""The purchase route's fast path answers exactly what the FastAPI route answers.
+"""The fast paths answer exactly what the FastAPI routes answer.
 
-Each request is sent twice: once with a Content-Length (which the fast path may serve) and once
-streamed in chunks without one (which it always hands to the framework). Both answers must be the
-same, whatever the body, the headers or the event's state: the table covers what clients get wrong
-on purpose or by accident, and a seeded generator adds a few hundred mutated bodies.
+Each purchase is sent twice: once with a Content-Length (which the fast path may serve) and once
+streamed in chunks without one (which it always hands to the framework); each status poll once
+plain and once with a query string (which the route ignores and the fast path leaves to it). Both
+answers must be the same, whatever the body, the headers or the state: the table covers what
+clients get wrong on purpose or by accident, and a seeded generator adds a few hundred mutated
+bodies.
 """
 
 import json
@@ -18,11 +20,13 @@ import pytest
 from prometheus_client import REGISTRY
 from starlette.types import Message, Receive, Scope, Send
 
+from api.fast_paths import PURCHASE_ROUTE, STATUS_ROUTE, FastPaths
 from api.main import create_app
-from api.purchase_fast_path import ROUTE, PurchaseFastPath
 from api.routes.purchases import PURCHASE_PATH
+from shared.purchases.ids import PurchaseIds
 from shared.settings import Settings
-from tests.factories import create_event
+from tests.api.helpers import record_purchase
+from tests.factories import create_event, purchase
 
 Answer = tuple[int, Any, list[tuple[str, str]]]
 
@@ -246,13 +250,13 @@ async def test_well_formed_purchase_skips_the_route_and_the_rest_reach_it(
     api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reached: list[str] = []
-    handle = ROUTE.handle
+    handle = PURCHASE_ROUTE.handle
 
     async def counting(scope: Scope, receive: Receive, send: Send) -> None:
         reached.append(scope["path"])
         await handle(scope, receive, send)
 
-    monkeypatch.setattr(ROUTE, "handle", counting)
+    monkeypatch.setattr(PURCHASE_ROUTE, "handle", counting)
     event = await create_event(api)
     path = f"/events/{event['id']}/tickets/purchase"
 
@@ -331,7 +335,7 @@ async def _run(scope: Scope, incoming: list[Message]) -> tuple[_Route, list[Mess
     async def send(message: Message) -> None:
         sent.append(message)
 
-    await PurchaseFastPath(route, max_body_bytes=1024)(scope, receive, send)
+    await FastPaths(route, max_body_bytes=1024)(scope, receive, send)
     return route, sent
 
 
@@ -351,3 +355,56 @@ async def test_content_length_that_is_not_ascii_digits_is_left_to_the_route() ->
     route, _ = await _run(_scope("²".encode("latin-1")), [body])
 
     assert route.messages == [body], "the fast path did not touch the request"
+
+
+async def test_status_fast_path_answers_every_kind_of_purchase_as_the_route_does(
+    api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings
+) -> None:
+    event = await create_event(api)
+    accepted_here = (await purchase(api, event["id"], quantity=2)).json()["purchase_id"]
+    issued_elsewhere = PurchaseIds(settings.purchase_id_secret).new()  # pending, details unknown
+    decided = PurchaseIds(settings.purchase_id_secret).new()
+    await record_purchase(db, purchase_id=decided, event_id=event["id"], quantity=3)
+    ids = [accepted_here, str(issued_elsewhere), str(decided)]
+    paths = [
+        *(f"/purchases/{purchase_id}" for purchase_id in ids),
+        f"/purchases/{uuid4()}",  # never issued: 404
+        f"/purchases/{accepted_here.upper()}",  # not canonical: the route's to parse
+        f"/purchases/{accepted_here.replace('-', '')}",
+        "/purchases/not-a-uuid",
+    ]
+    statuses = []
+    for path in paths:
+        plain = _normalize(await api.get(path))
+        routed = _normalize(await api.get(path, params={"via": "route"}))
+        assert plain == routed, path
+        statuses.append(plain[0])
+    assert statuses[:4] == [200, 200, 200, 404], statuses
+    bodies = [json.loads((await api.get(f"/purchases/{i}")).content) for i in ids]
+    assert [(b["status"], b["quantity"]) for b in bodies] == [
+        ("pending", 2),
+        ("pending", None),
+        ("confirmed", 3),
+    ]
+
+
+async def test_plain_status_poll_skips_the_route_and_a_query_reaches_it(
+    api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reached: list[str] = []
+    handle = STATUS_ROUTE.handle
+
+    async def counting(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.append(scope["query_string"].decode())
+        await handle(scope, receive, send)
+
+    monkeypatch.setattr(STATUS_ROUTE, "handle", counting)
+    event = await create_event(api)
+    status_url = (await purchase(api, event["id"])).json()["status_url"]
+
+    plain = await api.get(status_url)
+    queried = await api.get(status_url, params={"fresh": "1"})
+
+    assert plain.status_code == queried.status_code == 200
+    assert plain.headers["retry-after"] == "1"
+    assert reached == ["fresh=1"], "only the poll with a query string reached the route"
