@@ -710,7 +710,7 @@ async def main(quick: bool, http_processes: int, only: list[str]) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.run")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, under 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, under a minute here")
     parser.add_argument(
         "--http-processes",
         type=int,

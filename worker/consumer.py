@@ -124,7 +124,10 @@ class PartitionConsumer:
                 await self._handle(messages)
         except LeaseLost:
             self.lost_lease = True
-            log.warning("partition %d: lease lost; leaving the batch unacked", self.partition)
+            log.warning(
+                "lease lost at commit; leaving the batch unacked",
+                extra={"partition": self.partition, "epoch": self.lease.epoch},
+            )
         except asyncio.CancelledError:
             if not self._aborted:
                 raise

@@ -149,7 +149,10 @@ class Worker:
                     conn, self.worker_id, self._held, self.settings.lease_ttl_s
                 )
                 for partition in set(self._held) - still_mine:
-                    log.warning("lease taken over", extra={"partition": partition})
+                    log.warning(
+                        "lease taken over",
+                        extra={"partition": partition, "epoch": self._held[partition]},
+                    )
                     metrics.LEASES_LOST.inc()
                     await self._drop(partition, graceful=False)
 
@@ -235,7 +238,7 @@ class Worker:
             try:
                 async with self._pool_or_fail().acquire() as conn:
                     await leases.release(conn, partition, self.worker_id, epoch)
-                log.info("lease released", extra={"partition": partition})
+                log.info("lease released", extra={"partition": partition, "epoch": epoch})
             except TRANSIENT_DATABASE as exc:
                 log.warning("partition %d: release failed (%r); it will expire", partition, exc)
 
