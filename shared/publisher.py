@@ -160,11 +160,14 @@ class PurchasePublisher:
         except ServiceUnavailable as exc:
             for waiting in batch:
                 _fail(waiting.confirmed, exc)
-        except BaseException:  # a bug or a cancelled task: no caller may wait for ever
+        except asyncio.CancelledError:  # shutting down: no caller may wait for ever
+            for waiting in batch:
+                _fail(waiting.confirmed, BrokerUnavailable("The API is shutting down."))
+            raise
+        except Exception:  # a bug: logged here, since nobody awaits this task
             log.exception("publishing to partition %d failed unexpectedly", partition)
             for waiting in batch:
                 _fail(waiting.confirmed, BrokerUnavailable("The purchase could not be queued."))
-            raise
         else:
             for waiting in batch:
                 if not waiting.confirmed.done():
