@@ -540,6 +540,12 @@ def peak_of(figures: dict[str, dict[str, Any]], key: str) -> float:
     return max(float(f[key]) for f in figures.values() if key in f)
 
 
+def requests_row(label: str, figures: dict[str, Any]) -> tuple[str, float, str, str]:
+    """A table row for an HTTP load: its rate and latencies."""
+    latency = f"p50 {figures['p50_ms']:.1f} / p99 {figures['p99_ms']:.1f} ms"
+    return label, figures["requests_per_s"], "req/s", latency
+
+
 def print_table(result: dict[str, Any]) -> None:
     f = result["figures"]
     rows = [
@@ -574,24 +580,9 @@ def print_table(result: dict[str, Any]) -> None:
             f"{f['many_events_1w']['events']} events",
         ),
         ("many events, 2 workers", f["many_events_2w"]["purchases_per_s"], "purchases/s", ""),
-        (
-            "API accept (202 after confirm), 64 conn",
-            f["api_accept"]["requests_per_s"],
-            "req/s",
-            f"p50 {f['api_accept']['p50_ms']:.1f} / p99 {f['api_accept']['p99_ms']:.1f} ms",
-        ),
-        (
-            "bare validate-and-202, 64 conn",
-            f["bare_accept"]["requests_per_s"],
-            "req/s",
-            f"p50 {f['bare_accept']['p50_ms']:.1f} / p99 {f['bare_accept']['p99_ms']:.1f} ms",
-        ),
-        (
-            "status polls (GET /purchases/{id}), 64 conn",
-            f["status_polls"]["requests_per_s"],
-            "req/s",
-            f"p50 {f['status_polls']['p50_ms']:.1f} / p99 {f['status_polls']['p99_ms']:.1f} ms",
-        ),
+        requests_row("API accept (202 after confirm), 64 conn", f["api_accept"]),
+        requests_row("bare validate-and-202, 64 conn", f["bare_accept"]),
+        requests_row("status polls (GET /purchases/{id}), 64 conn", f["status_polls"]),
         (
             "flash sale end to end, 256 clients",
             f["flash_sale"]["purchases_per_s"],
