@@ -8,9 +8,9 @@ from typing import Annotated, Literal
 from uuid import UUID
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from shared.text import CustomerId, Quantity
+from shared.text import CustomerId, Instant, Quantity
 
 MESSAGE_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -25,7 +25,7 @@ class PurchaseRequested(BaseModel):
     # The API's own input types: a message the API could not have sent is undecodable.
     customer_id: CustomerId
     quantity: Quantity
-    accepted_at: AwareDatetime
+    accepted_at: Instant
 
 
 class PurchaseMessage(BaseModel):

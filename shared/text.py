@@ -41,15 +41,23 @@ MaxTicketsPerPurchase = Annotated[StrictInt, Field(ge=1, le=100)]
 Quantity = Annotated[StrictInt, Field(ge=1, le=100)]
 
 
-def _storable_instant(value: datetime) -> datetime:
-    # PostgreSQL's timestamptz stops at years 4713 BC..294276 AD, Python's at 1..9999; an offset
-    # can push a valid-looking 0001-01-01 or 9999-12-31 outside both once in UTC.
+# The instants this domain stores: a sale, a show, a purchase. Far inside both Python's and
+# PostgreSQL's ranges, and away from the edges where asyncpg writes datetime.min and datetime.max
+# (in UTC) as PostgreSQL's -infinity and infinity and reads them back naive: such a row would be
+# corrupt, not only its JSON.
+EARLIEST_INSTANT = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_INSTANT = datetime(2200, 1, 1, tzinfo=UTC)  # exclusive
+INSTANT_RANGE = f"from {EARLIEST_INSTANT:%Y-%m-%d} to before {LATEST_INSTANT:%Y-%m-%d} (UTC)"
+
+
+def within_domain(value: datetime) -> datetime:
+    """`value` if it is an instant this domain stores; ValueError otherwise."""
     try:
         in_utc = value.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("must be between years 1 and 9999 in UTC") from None
-    if not 1 <= in_utc.year <= 9999:
-        raise ValueError("must be between years 1 and 9999 in UTC")
+    except OverflowError:  # an offset pushed it past year 1 or 9999
+        raise ValueError(f"must be {INSTANT_RANGE}") from None
+    if not EARLIEST_INSTANT <= in_utc < LATEST_INSTANT:
+        raise ValueError(f"must be {INSTANT_RANGE}")
     return value
 
 
@@ -64,4 +72,4 @@ def _iso_text(value: object) -> object:
 
 
 # An ISO 8601 string with a UTC offset.
-Instant = Annotated[AwareDatetime, BeforeValidator(_iso_text), AfterValidator(_storable_instant)]
+Instant = Annotated[AwareDatetime, BeforeValidator(_iso_text), AfterValidator(within_domain)]

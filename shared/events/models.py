@@ -1,10 +1,9 @@
 """Event DTOs: what clients send and what they get back."""
 
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from shared.text import Description, Instant, MaxTicketsPerPurchase, Name, TotalTickets, Venue
 
@@ -66,13 +65,13 @@ class Event(BaseModel):
     name: str
     description: str | None
     venue: str | None
-    starts_at: datetime
+    starts_at: AwareDatetime
     total_tickets: int
     available_tickets: int
     max_tickets_per_purchase: int
     version: int
-    created_at: datetime
-    updated_at: datetime
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
 
 
 class EventPage(BaseModel):

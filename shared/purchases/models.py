@@ -1,11 +1,10 @@
 """Purchase DTOs."""
 
-from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from shared.text import CustomerId, Quantity
 
@@ -90,5 +89,5 @@ class Purchase(BaseModel):
     quantity: int | None
     status: PurchaseStatus
     reason: str | None = None
-    accepted_at: datetime | None
-    processed_at: datetime | None = None
+    accepted_at: AwareDatetime | None
+    processed_at: AwareDatetime | None = None
