@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install install-load migrate run api worker test test-fast test-faults lint format openapi bench bench-quick clean
+.PHONY: install install-load migrate run api worker test test-fast test-faults fuzz lint format openapi bench bench-quick clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,16 @@ test-fast: install
 # Only the fault injection: full queues, outages, crash loops, SIGTERM, fuzzing.
 test-faults: install
 	$(PY) -m pytest -m faults $(PYTEST_ARGS)
+
+# The randomised tests (hypothesis properties, seeded mutations, schemathesis) with fresh randomness
+# and ten times the examples. make test replays fixed examples; this explores. The seed is printed
+# first and again on failure: `FUZZ_SEED=<seed> make fuzz` replays that run.
+fuzz: install
+	@seed=$${FUZZ_SEED:-$$(shuf -i 1-2147483647 -n 1)}; \
+	echo "make fuzz: FUZZ_SEED=$$seed"; \
+	TEST_FUZZ=1 FUZZ_SEED=$$seed $(PY) -m pytest -m "hypothesis or fuzz" \
+		--hypothesis-seed=$$seed $(PYTEST_ARGS) \
+		|| { echo "make fuzz failed: replay with FUZZ_SEED=$$seed make fuzz"; exit 1; }
 
 lint: install-load
 	$(VENV)/bin/ruff format --check .

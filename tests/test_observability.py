@@ -6,7 +6,6 @@ import contextlib
 import importlib
 import json
 import logging
-import socket
 import sys
 from urllib.request import urlopen
 
@@ -18,28 +17,7 @@ from shared.logs import logging_config
 from shared.settings import Settings
 from tests.conftest import settings_env
 from tests.factories import create_event, purchase, wait_until_final
-
-
-def sample(metrics_text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
-    wanted = {f'{key}="{value}"' for key, value in labels.items()}
-    for line in metrics_text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        head, _, value = line.rpartition(" ")
-        series, _, label_text = head.partition("{")
-        if series != name:
-            continue
-        if wanted <= set(label_text.rstrip("}").split(",")) - {""}:
-            return float(value)
-    return 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.metrics import free_port, sample
 
 
 async def test_api_metrics_count_requests_and_confirmed_publishes(api: httpx.AsyncClient) -> None:

@@ -45,19 +45,27 @@ async def flood(
     concurrency: int = 16,
     prefix: str = "k",
     pause_s: float = 0.0,
+    into: Flood | None = None,
+    stop_on_error: bool = False,
 ) -> Flood:
-    """Send `count` purchases of one ticket, each with its own Idempotency-Key."""
-    result = Flood()
+    """Send `count` purchases of one ticket, each with its own Idempotency-Key. Progress shows in
+    `into` while it runs; with `stop_on_error`, the flood ends once the API stops answering."""
+    result = into if into is not None else Flood()
     keys = iter(f"{prefix}-{i}" for i in range(count))
+    stopped = False
 
     async def sender() -> None:
+        nonlocal stopped
         for key in keys:
+            if stopped:
+                return
             result.sent += 1
             try:
                 response = await buy_one(client, event_id, key)
             except httpx.HTTPError:
                 result.errors += 1
                 result.refused_keys.append(key)
+                stopped = stop_on_error
                 continue
             result.statuses[response.status_code] += 1
             if response.status_code == 202:
@@ -140,10 +148,12 @@ def report(name: str, result: Flood, counts: dict[str, int]) -> None:
 
 @contextlib.asynccontextmanager
 async def worker_process(
-    settings: Settings, worker_id: str
+    settings: Settings, worker_id: str, metrics_port: int = 0
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     env = settings_env(settings)
-    env.update({"WORKER_ID": worker_id, "WORKER_METRICS_PORT": "0", "LOG_FORMAT": "text"})
+    env.update(
+        {"WORKER_ID": worker_id, "WORKER_METRICS_PORT": str(metrics_port), "LOG_FORMAT": "text"}
+    )
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "worker", env=env)
     try:
         yield proc

@@ -9,14 +9,13 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
+import zlib
 from collections.abc import Iterator
 from typing import Any
 from urllib.request import urlopen
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -27,6 +26,7 @@ from schemathesis.specs.openapi.checks import (
 from api.openapi import render
 from shared.migrate import drop_database
 from tests.conftest import RUN_ID, Services, make_settings, settings_env, with_database
+from tests.fuzzing import property_settings
 
 pytestmark = pytest.mark.faults
 
@@ -83,14 +83,13 @@ def base_url(services: Services, template_database: str) -> Iterator[str]:
         asyncio.run(delete_topology(test_settings))
 
 
+@pytest.mark.fuzz
 @schema.parametrize()
-@settings(
-    max_examples=100,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@property_settings(max_examples=100)
 def test_no_input_gets_a_server_error(case: Any, base_url: str) -> None:
-    if "event_id" in (case.path_parameters or {}) and uuid.uuid4().int % 2:
+    # Half the cases (chosen by the case itself, so a run replays) aim at the real event.
+    parameters = case.path_parameters or {}
+    if "event_id" in parameters and zlib.crc32(repr(sorted(parameters.items())).encode()) % 2:
         case.path_parameters["event_id"] = os.environ["FUZZ_EVENT_ID"]
     # Not the "positive data must be accepted" checks: the document cannot say every rule
     # (no control characters, quantity within the event's own limit, an ETag's shape).
