@@ -1,13 +1,26 @@
 """`python -m api`: serve the API with uvicorn on API_HOST:API_PORT."""
 
+import asyncio
+import logging.config
+
 import uvicorn
 
+from shared import preflight
+from shared.errors import StartupError
 from shared.logs import logging_config
 from shared.settings import get_settings
 
 
 def main() -> None:
     settings = get_settings()
+    log_config = logging_config(settings, service="api")
+    logging.config.dictConfig(log_config)
+    # Checked here, once, before uvicorn starts its processes: a missing service, database or
+    # schema is one line on stderr and a non-zero exit, not a lifespan traceback per process.
+    try:
+        asyncio.run(preflight.check_services(settings))
+    except StartupError as exc:
+        raise SystemExit(f"python -m api: {exc}") from None
     uvicorn.run(
         "api.main:create_app",
         factory=True,
@@ -17,7 +30,7 @@ def main() -> None:
         proxy_headers=True,
         server_header=False,
         timeout_graceful_shutdown=10,
-        log_config=logging_config(settings, service="api"),
+        log_config=log_config,
         # One line per request would double the CPU of a flood; /metrics counts requests.
         access_log=settings.log_level == "DEBUG",
     )

@@ -9,6 +9,7 @@ import aio_pika.abc
 import asyncpg
 
 from shared import broker
+from shared.cluster_config import agree_on_partitions
 from shared.db import create_pool
 from shared.events.cache import EventCache
 from shared.events.service import EventService
@@ -36,6 +37,8 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
         log.warning("PURCHASE_ID_SECRET is the development default; set it in production")
     pool = await create_pool(settings)
     try:
+        async with pool.acquire() as conn:
+            await agree_on_partitions(conn, settings.partitions)
         connection = await broker.connect(settings)
         try:
             publisher = PurchasePublisher(

@@ -25,6 +25,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelPreconditionFailed
 
+from shared.errors import StartupError
 from shared.retry import BROKER_UNAVAILABLE, wait_for_service
 from shared.settings import Settings
 
@@ -124,7 +125,7 @@ def _name(role: str) -> dict[str, Any]:
     return {"connection_name": f"ticketing {role}"}
 
 
-class TopologyMismatch(RuntimeError):
+class TopologyMismatch(StartupError):
     """A queue or exchange exists with other arguments than these settings ask for."""
 
 

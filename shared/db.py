@@ -10,15 +10,23 @@ from shared.settings import Settings
 
 
 async def create_pool(
-    settings: Settings, *, wait_s: float = 30.0, server_settings: dict[str, str] | None = None
+    settings: Settings,
+    *,
+    wait_s: float = 30.0,
+    server_settings: dict[str, str] | None = None,
+    size: tuple[int, int] | None = None,
+    command_timeout_s: float = 30.0,
 ) -> asyncpg.Pool:
+    """A pool of DATABASE_URL connections, DB_POOL_MIN..DB_POOL_MAX of them unless `size` says
+    otherwise (min, max)."""
+    min_size, max_size = size or (settings.db_pool_min, settings.db_pool_max)
     async for attempt in wait_for_service("postgresql", DATABASE_UNAVAILABLE, wait_s):
         with attempt:
             pool: asyncpg.Pool = await asyncpg.create_pool(
                 settings.database_url,
-                min_size=settings.db_pool_min,
-                max_size=settings.db_pool_max,
-                command_timeout=30,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=command_timeout_s,
                 # A database that does not answer must fail fast (503), not hang a request.
                 timeout=5,
                 server_settings=server_settings,

@@ -74,3 +74,9 @@ class QueueFull(ServiceUnavailable):
 
 class BrokerUnavailable(ServiceUnavailable):
     title = "Message broker unavailable"
+
+
+class StartupError(RuntimeError):
+    """What stops a process from starting (a service down, a schema not migrated, settings that
+    disagree), said in one line with what to do about it. The entry points print it and exit
+    non-zero, never with a traceback. Not a DomainError: no request ever sees it."""

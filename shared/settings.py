@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     queue_max_length: int = Field(default=1_000_000, ge=1)
     delivery_limit: int = Field(default=20, ge=1)
 
+    # How long a starting process waits for PostgreSQL and RabbitMQ to come up before it gives up
+    # with one line saying what is missing.
+    startup_timeout_s: float = Field(default=30.0, ge=0)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # json for machines (the default), text for people reading a terminal.
     log_format: Literal["json", "text"] = "json"

@@ -9,14 +9,17 @@ import argparse
 import asyncio
 import signal
 
+from shared import preflight
+from shared.errors import StartupError
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
 from worker import admin
 from worker.metrics import serve_metrics
-from worker.supervisor import Worker
+from worker.supervisor import IdentityLost, Worker
 
 
 async def run(settings: Settings) -> None:
+    await preflight.check_services(settings)
     serve_metrics(settings.worker_metrics_port)
     worker = Worker(settings)
     loop = asyncio.get_running_loop()
@@ -47,13 +50,16 @@ def main() -> None:
     command = parser.parse_args().command
     settings = get_settings()
     configure_logging(settings, service="worker")
-    if command == "status":
-        admin.run_status(settings)
-    elif command == "replay-dead-letters":
-        admin.run_replay(settings)
-    else:
-        _install_fast_loop()
-        asyncio.run(run(settings))
+    try:
+        if command == "status":
+            admin.run_status(settings)
+        elif command == "replay-dead-letters":
+            admin.run_replay(settings)
+        else:
+            _install_fast_loop()
+            asyncio.run(run(settings))
+    except (StartupError, IdentityLost) as exc:
+        raise SystemExit(f"python -m worker {command}: {exc}") from None
 
 
 if __name__ == "__main__":

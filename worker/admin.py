@@ -9,22 +9,25 @@ import aio_pika
 from aio_pika.exceptions import ChannelNotFoundEntity
 from pydantic import ValidationError
 
-from shared import broker
+from shared import broker, preflight
 from shared.db import create_pool
+from shared.errors import StartupError
 from shared.messages import PurchaseMessage, PurchaseRequested
 from shared.publisher import amqp_message
 from shared.settings import Settings
-from worker import leases
+from worker import leases, membership
 
 
 async def status(settings: Settings, out: TextIO = sys.stdout) -> None:
     """Print each partition's owner, epoch, lease state and queue depth, and the dead letters."""
+    await preflight.check_database(settings, wait_s=0, partitions=False)
+    await preflight.check_broker(settings, wait_s=0)
     topology = broker.Topology.from_settings(settings)
-    pool = await create_pool(settings, wait_s=5)
+    pool = await create_pool(settings, wait_s=0)
     try:
         async with pool.acquire() as conn:
             rows = {row["partition"]: row for row in await leases.all_leases(conn)}
-            workers = await leases.live_workers(conn)
+            workers = await membership.live_workers(conn)
     finally:
         await pool.close()
     connection = await aio_pika.connect(settings.rabbitmq_url)
@@ -72,13 +75,22 @@ async def replay_dead_letters(settings: Settings, out: TextIO = sys.stdout) -> t
     worker. Undecodable dead letters cannot be replayed and stay where they are.
     Returns (purchases replayed, messages left in the dead-letter queue).
     """
+    # Replay routes purchases to partitions: it must count them as the deployment does.
+    await preflight.check_database(settings, wait_s=0, partitions=True)
+    await preflight.check_broker(settings, wait_s=0)
     topology = broker.Topology.from_settings(settings)
     connection = await aio_pika.connect(settings.rabbitmq_url)
     replayed = kept = 0
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        exchange = await channel.get_exchange(topology.exchange)  # passive: never (re)declares
-        queue = await channel.get_queue(topology.dead_letter_queue)
+        try:  # passive: never (re)declares
+            exchange = await channel.get_exchange(topology.exchange)
+            queue = await channel.get_queue(topology.dead_letter_queue)
+        except ChannelNotFoundEntity:
+            raise StartupError(
+                f"the {topology.namespace}.purchases queues are not declared on this broker: "
+                "start the API or a worker once (they declare them), or check BROKER_NAMESPACE."
+            ) from None
         unreadable: list[aio_pika.abc.AbstractIncomingMessage] = []
         while (message := await queue.get(no_ack=False, fail=False)) is not None:
             try:

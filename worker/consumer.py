@@ -22,12 +22,16 @@ from pydantic import ValidationError
 
 from shared.broker import Topology
 from shared.messages import PurchaseMessage, PurchaseRequested
+from shared.purchases.models import FailReason
+from shared.purchases.repository import record_failed_purchases
 from shared.retry import TRANSIENT_DATABASE, until_stopped
 from worker import metrics
-from worker.leases import LeaseLost
-from worker.processor import BatchResult, Lease, VersionConflict, apply_batch
+from worker.leases import Lease, LeaseLost
+from worker.processor import BatchResult, RecordConflict, VersionConflict, apply_batch
 
 log = logging.getLogger(__name__)
+
+RECORD_CONFLICT_ATTEMPTS = 3
 
 
 class PartitionConsumer:
@@ -172,7 +176,7 @@ class PartitionConsumer:
     def _observe(
         self, purchases: list[PurchaseRequested], result: BatchResult, seconds: float
     ) -> None:
-        self.applied += len(result.outcomes)
+        self.applied += len(result.decisions)
         metrics.COMMIT_SECONDS.observe(seconds)
         metrics.BATCH_SIZE.observe(len(purchases))
         metrics.DUPLICATES.inc(result.duplicates)
@@ -181,24 +185,24 @@ class PartitionConsumer:
             max(0.0, (datetime.now(UTC) - oldest).total_seconds())
         )
         verbose = log.isEnabledFor(logging.INFO)
-        for outcome in result.outcomes:
-            reason = outcome.reason.value if outcome.reason else ""
-            metrics.PURCHASES.labels(outcome.status.value, reason).inc()
+        for decision in result.decisions:
+            reason = decision.reason.value if decision.reason else ""
+            metrics.PURCHASES.labels(decision.status.value, reason).inc()
             if verbose:
                 log.info(
                     "purchase decided",
                     extra={
-                        "purchase_id": str(outcome.purchase.purchase_id),
-                        "event_id": str(outcome.purchase.event_id),
+                        "purchase_id": str(decision.purchase.purchase_id),
+                        "event_id": str(decision.purchase.event_id),
                         "partition": self.partition,
-                        "status": outcome.status.value,
+                        "status": decision.status.value,
                         "reason": reason or None,
                     },
                 )
 
     async def _handle(self, messages: list[DeliveredMessage]) -> None:
         purchases: list[PurchaseRequested] = []
-        last_good: DeliveredMessage | None = None
+        good: list[DeliveredMessage] = []
         for message in messages:
             if message.redelivered:
                 metrics.REDELIVERIES.inc()
@@ -208,27 +212,84 @@ class PartitionConsumer:
                 # A poison message must not block the partition: dead-letter it (the recorder
                 # marks its readable purchase ids failed) and go on with the rest.
                 log.error("undecodable message dead-lettered", extra={"partition": self.partition})
-                metrics.DEAD_LETTERS.labels("undecodable_message").inc()
+                metrics.DEAD_LETTERS.labels(FailReason.UNDECODABLE_MESSAGE.value).inc()
                 await self._settle(message, ack=False)
                 continue
+            if not self._belongs_here(decoded):
+                # Sent by a publisher that routes with another PARTITIONS: applying it here would
+                # give its event a second writer. Replaying it later routes it right.
+                log.error(
+                    "message of another partition dead-lettered",
+                    extra={"partition": self.partition, "message_partition": decoded.partition},
+                )
+                await self._dead_letter([message], decoded.purchases, FailReason.WRONG_PARTITION)
+                continue
             purchases.extend(decoded.purchases)
-            last_good = message
+            good.append(message)
 
         if purchases:
             started = time.perf_counter()
-            async for attempt in until_stopped(
-                (*TRANSIENT_DATABASE, VersionConflict), lambda: self._aborted
-            ):
-                with attempt:
-                    result = await apply_batch(self._pool, self.lease, purchases)
+            try:
+                result = await self._apply(purchases)
+            except RecordConflict:
+                log.exception("partition %d: batch dead-lettered after conflicts", self.partition)
+                await self._dead_letter(good, purchases, FailReason.RECORD_CONFLICT)
+                return
             try:
                 self._observe(purchases, result, time.perf_counter() - started)
             except Exception:  # bookkeeping must never stand between a commit and its ack
                 log.exception("partition %d: metrics/logging failed", self.partition)
-        if last_good is not None:
+        if good:
             # Committed: one ack covers the batch. multiple=True reaches only this channel's
             # deliveries, and every earlier one is in this batch (or was already settled).
-            await self._settle(last_good, ack=True)
+            await self._settle(good[-1], ack=True)
+
+    def _belongs_here(self, message: PurchaseMessage) -> bool:
+        return message.partition == self.partition and all(
+            self._topology.partition_of(purchase.event_id) == self.partition
+            for purchase in message.purchases
+        )
+
+    async def _apply(self, purchases: list[PurchaseRequested]) -> BatchResult:
+        """Commit the batch, retrying transient faults for as long as this consumer runs, and
+        a record conflict a few times (a retry normally skips the purchase recorded meanwhile)."""
+        for attempt in range(1, RECORD_CONFLICT_ATTEMPTS + 1):
+            try:
+                async for retry in until_stopped(
+                    (*TRANSIENT_DATABASE, VersionConflict), lambda: self._aborted
+                ):
+                    with retry:
+                        result = await apply_batch(self._pool, self.lease, purchases)
+                return result
+            except RecordConflict as exc:
+                log.warning(
+                    "partition %d: %s (attempt %d of %d)",
+                    self.partition,
+                    exc,
+                    attempt,
+                    RECORD_CONFLICT_ATTEMPTS,
+                )
+                if attempt == RECORD_CONFLICT_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _dead_letter(
+        self,
+        messages: list[DeliveredMessage],
+        purchases: list[PurchaseRequested],
+        reason: FailReason,
+    ) -> None:
+        """Record the purchases failed with `reason` (never over a decision), then reject the
+        messages to the dead-letter exchange, where they are kept for replay."""
+        metrics.DEAD_LETTERS.labels(reason.value).inc(len(messages))
+        async for retry in until_stopped(TRANSIENT_DATABASE, lambda: self._aborted):
+            with retry:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    await record_failed_purchases(
+                        conn, purchases, reason=reason, partition=self.partition
+                    )
+        for message in messages:
+            await self._settle(message, ack=False)
 
     async def _settle(self, message: DeliveredMessage, *, ack: bool) -> None:
         """Ack (with multiple: everything delivered up to it) or reject without requeue (to the

@@ -83,26 +83,15 @@ class DeadLetterRecorder:
                 decoded = PurchaseMessage.from_body(body)
             except ValidationError:
                 ids = readable_purchase_ids(body)
-                for purchase_id in ids:
-                    await purchases.record_failed(conn, purchase_id=purchase_id, reason=reason)
+                await purchases.record_failed_ids(conn, ids, reason=reason)
                 log.warning(
                     "dead letter (%s) undecodable: %d id(s) readable", reason.value, len(ids)
                 )
                 return len(ids)
-            for purchase in decoded.purchases:
-                await purchases.record_failed(
-                    conn,
-                    purchase_id=purchase.purchase_id,
-                    reason=reason,
-                    event_id=purchase.event_id,
-                    customer_id=purchase.customer_id,
-                    quantity=purchase.quantity,
-                    accepted_at=purchase.accepted_at,
-                    partition=decoded.partition,
-                )
-            log.warning(
-                "dead letter (%s): %d purchase(s) marked failed",
-                reason.value,
-                len(decoded.purchases),
+            await purchases.record_failed_purchases(
+                conn, decoded.purchases, reason=reason, partition=decoded.partition
             )
+        log.warning(
+            "dead letter (%s): %d purchase(s) marked failed", reason.value, len(decoded.purchases)
+        )
         return len(decoded.purchases)

@@ -6,43 +6,35 @@ can be added here later.
 """
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from uuid import UUID
 
 from shared.messages import PurchaseRequested
-from shared.purchases.models import PurchaseStatus, RejectReason
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    purchase: PurchaseRequested
-    status: PurchaseStatus
-    reason: RejectReason | None = None
+from shared.purchases.models import Decision, PurchaseStatus, RejectReason
 
 
 def decide(
     available: Mapping[UUID, int], purchases: Sequence[PurchaseRequested]
-) -> tuple[dict[UUID, int], list[Outcome]]:
+) -> tuple[dict[UUID, int], list[Decision]]:
     """Apply `purchases` in order to the events' `available` tickets.
 
-    Returns the events' new availability and one outcome per purchase, in the same order.
+    Returns the events' new availability and one decision per purchase, in the same order.
     An event missing from `available` does not exist.
     """
     left = dict(available)
-    outcomes: list[Outcome] = []
+    decisions: list[Decision] = []
     for purchase in purchases:
         tickets = left.get(purchase.event_id)
         if tickets is None:
-            outcomes.append(
-                Outcome(purchase, PurchaseStatus.REJECTED, RejectReason.EVENT_NOT_FOUND)
+            decisions.append(
+                Decision(purchase, PurchaseStatus.REJECTED, RejectReason.EVENT_NOT_FOUND)
             )
         elif tickets == 0:
-            outcomes.append(Outcome(purchase, PurchaseStatus.REJECTED, RejectReason.SOLD_OUT))
+            decisions.append(Decision(purchase, PurchaseStatus.REJECTED, RejectReason.SOLD_OUT))
         elif purchase.quantity > tickets:
-            outcomes.append(
-                Outcome(purchase, PurchaseStatus.REJECTED, RejectReason.INSUFFICIENT_TICKETS)
+            decisions.append(
+                Decision(purchase, PurchaseStatus.REJECTED, RejectReason.INSUFFICIENT_TICKETS)
             )
         else:
             left[purchase.event_id] = tickets - purchase.quantity
-            outcomes.append(Outcome(purchase, PurchaseStatus.CONFIRMED))
-    return left, outcomes
+            decisions.append(Decision(purchase, PurchaseStatus.CONFIRMED))
+    return left, decisions

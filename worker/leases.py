@@ -1,7 +1,7 @@
 """Partition leases in PostgreSQL: who consumes which partition, and the epoch that fences commits.
 
-Every worker heartbeats a row in `workers`; all of them compute the same balanced assignment of
-partitions to the live workers; each takes the leases assigned to it once they are free (released
+All workers compute the same balanced assignment of partitions to the live members (see
+worker/membership.py); each takes the leases assigned to it once they are free (released
 by their previous owner, or expired). Taking a lease raises its epoch, and every commit checks the
 epoch inside its transaction, so a worker that lost its lease (paused, partitioned away) can never
 commit again. See README, "Partitions and leases".
@@ -13,19 +13,6 @@ from dataclasses import dataclass
 
 from shared.db import Connection
 
-HEARTBEAT = """
-    INSERT INTO workers (worker_id, heartbeat_at, expires_at)
-    VALUES ($1, now(), now() + make_interval(secs => $2))
-    ON CONFLICT (worker_id) DO UPDATE
-        SET heartbeat_at = excluded.heartbeat_at, expires_at = excluded.expires_at
-"""
-
-LIVE_WORKERS = "SELECT worker_id FROM workers WHERE expires_at > now() ORDER BY worker_id"
-
-LEAVE = "DELETE FROM workers WHERE worker_id = $1"
-
-FORGET_LONG_DEAD_WORKERS = "DELETE FROM workers WHERE expires_at < now() - interval '1 day'"
-
 ENSURE_PARTITIONS = """
     INSERT INTO partition_leases (partition)
     SELECT generate_series(0, $1::int - 1)
@@ -34,7 +21,7 @@ ENSURE_PARTITIONS = """
 
 # Free, expired, or held by an earlier incarnation of this worker id: take it and raise the epoch,
 # which fences out whoever held it before. SKIP LOCKED: a lease row locked by a commit in flight
-# (its fence, FOR SHARE) is simply "not free yet"; waiting on it would stall this worker's whole
+# (its fence, FOR KEY SHARE) or by a renewal is simply "not free yet"; waiting on it would stall this worker's whole
 # loop behind another worker that may be frozen mid-commit.
 ACQUIRE = """
     UPDATE partition_leases AS l
@@ -50,12 +37,33 @@ ACQUIRE = """
     RETURNING l.epoch, before.owner AS previous_owner
 """
 
+# Each held lease on its own: one locked by a commit in flight (its fence, FOR KEY SHARE) does
+# not conflict with FOR NO KEY UPDATE and is renewed like the rest; one locked by another worker's
+# acquire attempt (FOR UPDATE) is skipped this time rather than waited for, so no lease's renewal
+# ever waits behind another.
 RENEW = """
+    WITH mine AS (
+        SELECT l.partition
+        FROM partition_leases AS l
+        JOIN unnest($2::int[], $3::bigint[]) AS held(partition, epoch)
+          ON l.partition = held.partition AND l.epoch = held.epoch
+        WHERE l.owner = $1
+        FOR NO KEY UPDATE OF l SKIP LOCKED
+    )
     UPDATE partition_leases AS l
     SET expires_at = now() + make_interval(secs => $4), updated_at = now()
-    FROM unnest($2::int[], $3::bigint[]) AS mine(partition, epoch)
-    WHERE l.partition = mine.partition AND l.epoch = mine.epoch AND l.owner = $1
+    FROM mine
+    WHERE l.partition = mine.partition
     RETURNING l.partition
+"""
+
+# The held leases a renewal skipped that are still ours (unexpired, same owner and epoch).
+STILL_HELD = """
+    SELECT l.partition
+    FROM partition_leases AS l
+    JOIN unnest($2::int[], $3::bigint[]) AS held(partition, epoch)
+      ON l.partition = held.partition AND l.epoch = held.epoch
+    WHERE l.owner = $1 AND l.expires_at > now()
 """
 
 RELEASE = """
@@ -64,12 +72,13 @@ RELEASE = """
     WHERE partition = $1 AND owner = $2 AND epoch = $3
 """
 
-# FOR SHARE: a takeover (an UPDATE of this row) waits until the commit holding it is done, so a
-# commit that passed this check is never overtaken halfway.
+# FOR KEY SHARE: a takeover (ACQUIRE's FOR UPDATE) skips this row until the commit holding it is
+# done, so a commit that passed this check is never overtaken halfway; a renewal (FOR NO KEY
+# UPDATE) does not conflict with it, so a slow commit never holds up its lease's renewal.
 FENCE = """
     SELECT 1 FROM partition_leases
     WHERE partition = $1 AND owner = $2 AND epoch = $3
-    FOR SHARE
+    FOR KEY SHARE
 """
 
 LIVE_OWNERS = """
@@ -81,6 +90,15 @@ LEASES = """
     FROM partition_leases
     ORDER BY partition
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The fencing token a consumer commits under: its partition, at the epoch it acquired."""
+
+    partition: int
+    owner: str
+    epoch: int
 
 
 class LeaseLost(Exception):
@@ -128,22 +146,6 @@ def assign(
     return owner
 
 
-async def heartbeat(conn: Connection, worker_id: str, ttl_s: float) -> None:
-    await conn.execute(HEARTBEAT, worker_id, ttl_s)
-
-
-async def live_workers(conn: Connection) -> list[str]:
-    return [row["worker_id"] for row in await conn.fetch(LIVE_WORKERS)]
-
-
-async def leave(conn: Connection, worker_id: str) -> None:
-    await conn.execute(LEAVE, worker_id)
-
-
-async def forget_long_dead_workers(conn: Connection) -> None:
-    await conn.execute(FORGET_LONG_DEAD_WORKERS)
-
-
 async def ensure_partitions(conn: Connection, partitions: int) -> None:
     await conn.execute(ENSURE_PARTITIONS, partitions)
 
@@ -162,10 +164,23 @@ async def acquire(
     return None if row is None else Acquired(row["epoch"], row["previous_owner"])
 
 
-async def renew(conn: Connection, worker_id: str, held: dict[int, int], ttl_s: float) -> set[int]:
-    """Extend the leases held (partition -> epoch); return the partitions still ours."""
-    rows = await conn.fetch(RENEW, worker_id, list(held), list(held.values()), ttl_s)
-    return {row["partition"] for row in rows}
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    renewed: set[int]
+    skipped: set[int]  # locked by another worker's acquire attempt this time; still ours
+    lost: set[int]  # taken over, or expired and no longer ours
+
+
+async def renew(conn: Connection, worker_id: str, held: Mapping[int, int], ttl_s: float) -> Renewal:
+    """Extend each lease held (partition -> epoch), never waiting on a locked row."""
+    partitions, epochs = list(held), list(held.values())
+    rows = await conn.fetch(RENEW, worker_id, partitions, epochs, ttl_s)
+    renewed = {row["partition"] for row in rows}
+    if len(renewed) == len(held):
+        return Renewal(renewed, set(), set())
+    rows = await conn.fetch(STILL_HELD, worker_id, partitions, epochs)
+    skipped = {row["partition"] for row in rows} - renewed
+    return Renewal(renewed, skipped, set(held) - renewed - skipped)
 
 
 async def release(conn: Connection, partition: int, worker_id: str, epoch: int) -> None:

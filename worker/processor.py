@@ -8,35 +8,36 @@ import asyncpg
 from shared.events import repository as events
 from shared.messages import PurchaseRequested
 from shared.purchases import repository as purchases
-from shared.purchases.models import PurchaseStatus
+from shared.purchases.models import Decision, PurchaseStatus
 from worker import leases
-from worker.decision import Outcome, decide
+from worker.decision import decide
+from worker.leases import Lease
 
 
 class VersionConflict(Exception):
     """An event's version moved between the locked read and the update; the batch rolls back."""
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
-    partition: int
-    owner: str
-    epoch: int
+class RecordConflict(Exception):
+    """A purchase the batch decided was recorded meanwhile by another transaction: the tickets
+    the batch took for it must not be committed without its row. The batch rolls back; a retry
+    sees the row and skips the purchase as already decided."""
 
 
 @dataclass(slots=True)
 class BatchResult:
-    outcomes: list[Outcome] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
     duplicates: int = 0
 
     def count(self, status: PurchaseStatus) -> int:
-        return sum(1 for outcome in self.outcomes if outcome.status == status)
+        return sum(1 for decision in self.decisions if decision.status == status)
 
 
 async def apply_batch(
     pool: asyncpg.Pool, lease: Lease, batch: Sequence[PurchaseRequested]
 ) -> BatchResult:
-    """Decide and record `batch` (in order) atomically; raise LeaseLost or VersionConflict."""
+    """Decide and record `batch` (in order) atomically; raise LeaseLost, VersionConflict or
+    RecordConflict (rolled back, nothing written)."""
     async with pool.acquire() as conn, conn.transaction():
         # 1. Fencing: only the current lease holder commits for this partition.
         await leases.check_fence(conn, lease.partition, lease.owner, lease.epoch)
@@ -53,33 +54,25 @@ async def apply_batch(
             return result
 
         # 3. Row locks, in id order. The lease already makes this worker the partition's only
-        # writer, but events are also written by PATCH /events and by any worker whose partition
-        # count changed under it; the lock makes those wait instead of interleaving, and the
-        # version check below proves that nothing wrote the row between our read and our write.
+        # writer of tickets, but events are also written by PATCH /events; the lock makes those
+        # wait instead of interleaving, and the version check below proves that nothing wrote
+        # the row between our read and our write.
         rows = await events.lock_events_for_sale(conn, sorted({p.event_id for p in fresh}))
         available = {row["id"]: row["available_tickets"] for row in rows}
         version = {row["id"]: row["version"] for row in rows}
 
         # 4. The decision itself is pure.
-        left, result.outcomes = decide(available, fresh)
+        left, result.decisions = decide(available, fresh)
 
-        # 5. Every purchase row of the batch in one statement.
-        await purchases.record_decisions(
-            conn,
-            partition=lease.partition,
-            decisions=[
-                {
-                    "purchase_id": o.purchase.purchase_id,
-                    "event_id": o.purchase.event_id,
-                    "customer_id": o.purchase.customer_id,
-                    "quantity": o.purchase.quantity,
-                    "status": o.status.value,
-                    "reason": o.reason.value if o.reason else None,
-                    "accepted_at": o.purchase.accepted_at,
-                }
-                for o in result.outcomes
-            ],
+        # 5. Every purchase row of the batch in one statement, and proof that each was written.
+        written = await purchases.record_decisions(
+            conn, partition=lease.partition, decisions=result.decisions
         )
+        if written != len(result.decisions):
+            raise RecordConflict(
+                f"partition {lease.partition}: {len(result.decisions) - written} purchase(s) "
+                "were recorded by another transaction during the batch"
+            )
 
         # 6. Optimistic lock: update only at the version read; fewer rows means a conflict.
         changes = [

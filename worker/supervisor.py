@@ -1,23 +1,30 @@
 """The worker process: joins the membership, holds its fair share of partition leases, runs a
-consumer per leased partition, and on SIGTERM hands everything back cleanly."""
+consumer per leased partition, and on SIGTERM hands everything back cleanly.
+
+Membership and leases go through a control pool of their own: commits (possibly many, possibly
+slow, waiting on row locks) share the other pool, and must never delay the heartbeat or a lease's
+renewal, or one slow commit would cost the worker every lease it holds.
+"""
 
 import asyncio
 import contextlib
 import logging
 import time
+from uuid import uuid4
 
 import asyncpg
 from aio_pika.abc import AbstractConnection
 
 from shared import broker
-from shared.db import create_pool
+from shared.cluster_config import agree_on_partitions
+from shared.db import Connection, create_pool
 from shared.gc_tuning import tune_gc
 from shared.retry import TRANSIENT_DATABASE
 from shared.settings import Settings
-from worker import leases, metrics
+from worker import leases, membership, metrics
 from worker.consumer import PartitionConsumer
 from worker.dead_letters import DeadLetterRecorder
-from worker.processor import Lease
+from worker.leases import Lease
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +36,21 @@ DRAIN_SHARE_OF_LEASE = 0.5
 JOIN_WINDOW_S = 1.0
 
 
+class IdentityLost(RuntimeError):
+    """Another process took this worker's WORKER_ID over (this one was frozen past its
+    lifetime): it must stop, since its leases are now the other's to take."""
+
+
 class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id
+        self.incarnation = uuid4()
         self.topology = broker.Topology.from_settings(settings)
         self.tick_s = settings.lease_ttl_s / 3
         self._stopping = asyncio.Event()
-        self._pool: asyncpg.Pool | None = None
+        self._pool: asyncpg.Pool | None = None  # commits
+        self._control: asyncpg.Pool | None = None  # membership and leases
         self._connection: AbstractConnection | None = None
         self._recorder: DeadLetterRecorder | None = None
         self._held: dict[int, int] = {}  # partition -> lease epoch
@@ -68,10 +82,12 @@ class Worker:
             server_settings={"idle_in_transaction_session_timeout": str(idle_ms)},
         )
         try:
-            async with self._pool.acquire() as conn:
-                await leases.ensure_partitions(conn, self.topology.partitions)
-                await leases.forget_long_dead_workers(conn)
-                await leases.heartbeat(conn, self.worker_id, self.settings.lease_ttl_s)
+            # Two: the tick, and a hand-over releasing its lease beside it. A statement that
+            # hangs fails within a tick, and the next tick tries again.
+            self._control = await create_pool(
+                self.settings, size=(1, 2), command_timeout_s=self.tick_s
+            )
+            await self._join()
             log.info("worker %s started", self.worker_id)
             tune_gc()
             # Workers started together (a deploy, --scale) see each other before anyone takes a
@@ -87,12 +103,30 @@ class Worker:
                     await self._disconnect(graceful=self._stopping.is_set())
         finally:
             await self._leave()
+            if self._control is not None:
+                await self._control.close()
             await self._pool.close()
             log.info(
                 "worker %s stopped after %.1f s: %d purchases decided",
                 self.worker_id,
                 time.monotonic() - started,
                 self.applied,
+            )
+
+    async def _join(self) -> None:
+        """Check PARTITIONS, make sure every lease row exists, and become the live holder of
+        WORKER_ID: a crashed predecessor's membership expires within a lease lifetime, so that
+        long is waited before the id counts as taken by someone alive."""
+        async with self._control_pool().acquire() as conn:
+            await agree_on_partitions(conn, self.topology.partitions)
+            await leases.ensure_partitions(conn, self.topology.partitions)
+            await membership.forget_long_dead_workers(conn)
+            await membership.join(
+                conn,
+                self.worker_id,
+                self.incarnation,
+                self.settings.lease_ttl_s,
+                wait_s=self.settings.lease_ttl_s + self.tick_s,
             )
 
     async def _connect(self) -> AbstractConnection | None:
@@ -105,7 +139,7 @@ class Worker:
                 await broker.declare_topology(channel, self.topology)
                 await channel.close()
                 self._connection = connection
-                self._recorder = DeadLetterRecorder(self._pool_or_fail(), self.topology)
+                self._recorder = DeadLetterRecorder(self._commit_pool(), self.topology)
                 await self._recorder.start(connection)
                 return connection
             except broker.TopologyMismatch:
@@ -126,7 +160,9 @@ class Worker:
         connection.close_callbacks.add(lambda *_: lost.set())
         while not self._stopping.is_set() and not lost.is_set():
             try:
-                await self._rebalance(connection)
+                await self._tick(connection)
+            except IdentityLost:
+                raise
             except TRANSIENT_DATABASE as exc:
                 # Consumers keep their batches and retry; leases are re-checked next tick.
                 log.warning("lease tick failed: %r", exc)
@@ -138,30 +174,54 @@ class Worker:
         if lost.is_set():
             log.warning("rabbitmq connection lost; reconnecting")
 
-    async def _rebalance(self, connection: AbstractConnection) -> None:
-        pool = self._pool_or_fail()
-        async with pool.acquire() as conn:
-            await leases.heartbeat(conn, self.worker_id, self.settings.lease_ttl_s)
-            workers = await leases.live_workers(conn)
-            owners = await leases.live_owners(conn)
-            if self._held:
-                still_mine = await leases.renew(
-                    conn, self.worker_id, self._held, self.settings.lease_ttl_s
-                )
-                for partition in set(self._held) - still_mine:
-                    log.warning(
-                        "lease taken over",
-                        extra={"partition": partition, "epoch": self._held[partition]},
-                    )
-                    metrics.LEASES_LOST.inc()
-                    await self._drop(partition, graceful=False)
+    async def _tick(self, connection: AbstractConnection) -> None:
+        """One round of keeping the worker's share: stay a member, keep what is held, replace
+        what broke, give up what is no longer ours, take what is."""
+        async with self._control_pool().acquire() as conn:
+            await self._heartbeat(conn)
+            await self._renew(conn)
+        await self._replace_broken(connection)
+        mine = await self._assigned()
+        # Handed over in the background: the ticks go on renewing every lease (the draining
+        # ones included) while they finish.
+        for partition in set(self._held) - mine - set(self._draining):
+            self._hand_over(partition)
+        await self._acquire(mine - set(self._held))
+        metrics.PARTITIONS_OWNED.set(len(self._held))
+        for partition, epoch in self._held.items():
+            if partition not in self._consumers and partition not in self._draining:
+                await self._start_consumer(connection, partition, epoch)
 
+    async def _heartbeat(self, conn: Connection) -> None:
+        ttl_s = self.settings.lease_ttl_s
+        if not await membership.heartbeat(conn, self.worker_id, self.incarnation, ttl_s):
+            raise IdentityLost(
+                f"WORKER_ID {self.worker_id!r} was taken over by another process while this one "
+                "did not heartbeat: stopping, and leaving its partitions to it."
+            )
+
+    async def _renew(self, conn: Connection) -> None:
+        """Extend every lease held; drop those taken over."""
+        if not self._held:
+            return
+        renewal = await leases.renew(conn, self.worker_id, self._held, self.settings.lease_ttl_s)
+        if renewal.skipped:
+            log.info("leases not renewed this tick (locked): %s", sorted(renewal.skipped))
+        for partition in renewal.lost:
+            log.warning(
+                "lease taken over", extra={"partition": partition, "epoch": self._held[partition]}
+            )
+            metrics.LEASES_LOST.inc()
+            await self._drop(partition, graceful=False)
+
+    async def _replace_broken(self, connection: AbstractConnection) -> None:
+        """Reopen a dead-letter recorder whose channel closed, and retire consumers that ended
+        on their own (lease lost at commit, channel closed, unexpected error): the next step
+        starts new ones for the partitions still held."""
         if self._recorder is not None and self._recorder.broken:
             log.warning("dead-letter recorder channel closed; reopening it")
-            self._recorder = DeadLetterRecorder(self._pool_or_fail(), self.topology)
+            self._recorder = DeadLetterRecorder(self._commit_pool(), self.topology)
             await self._recorder.start(connection)
-
-        # Consumers that ended on their own (lease lost at commit, unexpected error).
         for partition, consumer in list(self._consumers.items()):
             if consumer.broken:
                 await consumer.abort()
@@ -170,15 +230,20 @@ class Worker:
                     metrics.LEASES_LOST.inc()
                     self._held.pop(partition, None)
 
+    async def _assigned(self) -> set[int]:
+        """The partitions the shared assignment gives this worker now."""
+        async with self._control_pool().acquire() as conn:
+            workers = await membership.live_workers(conn)
+            owners = await leases.live_owners(conn)
         assignment = leases.assign(self.topology.partitions, workers or [self.worker_id], owners)
-        mine = {p for p, owner in assignment.items() if owner == self.worker_id}
-        # Handed over in the background: this loop goes on heartbeating and renewing every lease
-        # (the draining ones included) while they finish.
-        for partition in set(self._held) - mine - set(self._draining):
-            self._hand_over(partition)
+        return {p for p, owner in assignment.items() if owner == self.worker_id}
 
-        async with pool.acquire() as conn:
-            for partition in sorted(mine - set(self._held)):
+    async def _acquire(self, partitions: set[int]) -> None:
+        """Take each of `partitions` whose lease is free (released, or expired)."""
+        if not partitions:
+            return
+        async with self._control_pool().acquire() as conn:
+            for partition in sorted(partitions):
                 acquired = await leases.acquire(
                     conn, partition, self.worker_id, self.settings.lease_ttl_s
                 )
@@ -196,17 +261,12 @@ class Worker:
                         "previous_owner": acquired.previous_owner,
                     },
                 )
-        metrics.PARTITIONS_OWNED.set(len(self._held))
-
-        for partition, epoch in self._held.items():
-            if partition not in self._consumers and partition not in self._draining:
-                await self._start_consumer(connection, partition, epoch)
 
     async def _start_consumer(
         self, connection: AbstractConnection, partition: int, epoch: int
     ) -> None:
         consumer = PartitionConsumer(
-            pool=self._pool_or_fail(),
+            pool=self._commit_pool(),
             topology=self.topology,
             lease=Lease(partition=partition, owner=self.worker_id, epoch=epoch),
             batch_size=self.settings.batch_size,
@@ -236,7 +296,7 @@ class Worker:
         epoch = self._held.pop(partition, None)
         if graceful and epoch is not None:
             try:
-                async with self._pool_or_fail().acquire() as conn:
+                async with self._control_pool().acquire() as conn:
                     await leases.release(conn, partition, self.worker_id, epoch)
                 log.info("lease released", extra={"partition": partition, "epoch": epoch})
             except TRANSIENT_DATABASE as exc:
@@ -270,14 +330,14 @@ class Worker:
         self._connection = None
 
     async def _leave(self) -> None:
-        if self._pool is None:
+        if self._control is None:
             return
         try:
-            async with self._pool.acquire() as conn:
+            async with self._control.acquire() as conn:
                 for partition, epoch in list(self._held.items()):
                     await leases.release(conn, partition, self.worker_id, epoch)
                 self._held.clear()
-                await leases.leave(conn, self.worker_id)
+                await membership.leave(conn, self.worker_id, self.incarnation)
         except TRANSIENT_DATABASE as exc:
             log.warning("could not leave cleanly (%r); leases will expire", exc)
 
@@ -290,7 +350,12 @@ class Worker:
             for wait in waits:
                 wait.cancel()
 
-    def _pool_or_fail(self) -> asyncpg.Pool:
+    def _commit_pool(self) -> asyncpg.Pool:
         if self._pool is None:
             raise RuntimeError("worker not started")
         return self._pool
+
+    def _control_pool(self) -> asyncpg.Pool:
+        if self._control is None:
+            raise RuntimeError("worker not started")
+        return self._control

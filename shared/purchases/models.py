@@ -1,11 +1,13 @@
 """Purchase DTOs."""
 
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
+from shared.messages import PurchaseRequested
 from shared.text import CustomerId, Quantity
 
 
@@ -26,6 +28,17 @@ class FailReason(StrEnum):
     UNDECODABLE_MESSAGE = "undecodable_message"
     DELIVERY_LIMIT_EXCEEDED = "delivery_limit_exceeded"
     DEAD_LETTERED = "dead_lettered"
+    WRONG_PARTITION = "wrong_partition"
+    RECORD_CONFLICT = "record_conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What a worker decided for one purchase: the row it records."""
+
+    purchase: PurchaseRequested
+    status: PurchaseStatus
+    reason: RejectReason | None = None
 
 
 class PurchaseCreate(BaseModel):

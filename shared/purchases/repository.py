@@ -1,12 +1,13 @@
 """SQL for purchases. Functions take a connection and never commit."""
 
 from collections.abc import Sequence
-from typing import Any
 from uuid import UUID
 
 import asyncpg
 
 from shared.db import Connection
+from shared.messages import PurchaseRequested
+from shared.purchases.models import Decision, FailReason
 
 SELECT_PURCHASE = """
     SELECT id AS purchase_id, event_id, customer_id, quantity, status, reason,
@@ -35,14 +36,24 @@ UPSERT_DECIDED_PURCHASES = """
             accepted_at = excluded.accepted_at, processed_at = excluded.processed_at,
             partition = excluded.partition
         WHERE purchases.status = 'failed'
+    RETURNING id
 """
 
 # A failure never overwrites a decision: the purchase may have been applied before its message
 # was dead-lettered (committed, then the worker died before the ack, delivery after delivery).
-RECORD_FAILED_PURCHASE = """
+RECORD_FAILED_PURCHASES = """
     INSERT INTO purchases (id, event_id, customer_id, quantity, status, reason, accepted_at,
                            partition)
-    VALUES ($1, $2, $3, $4, 'failed', $5, $6, $7)
+    SELECT u.id, u.event_id, u.customer_id, u.quantity, 'failed', $6, u.accepted_at, $7
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::timestamptz[])
+         AS u(id, event_id, customer_id, quantity, accepted_at)
+    ON CONFLICT (id) DO NOTHING
+"""
+
+# What an undecodable message still tells: the ids it carries.
+RECORD_FAILED_IDS = """
+    INSERT INTO purchases (id, status, reason)
+    SELECT id, 'failed', $2 FROM unnest($1::uuid[]) AS u(id)
     ON CONFLICT (id) DO NOTHING
 """
 
@@ -58,40 +69,45 @@ async def final_purchase_ids(conn: Connection, purchase_ids: Sequence[UUID]) -> 
 
 
 async def record_decisions(
-    conn: Connection, *, partition: int, decisions: Sequence[dict[str, Any]]
-) -> None:
-    """Write many decided purchases in one statement (one round trip for the whole batch)."""
-    await conn.execute(
+    conn: Connection, *, partition: int, decisions: Sequence[Decision]
+) -> int:
+    """Write many decided purchases in one statement (one round trip for the whole batch);
+    return how many rows it wrote. Fewer than given means some id was already decided."""
+    rows = await conn.fetch(
         UPSERT_DECIDED_PURCHASES,
-        [d["purchase_id"] for d in decisions],
-        [d["event_id"] for d in decisions],
-        [d["customer_id"] for d in decisions],
-        [d["quantity"] for d in decisions],
-        [d["status"] for d in decisions],
-        [d["reason"] for d in decisions],
-        [d["accepted_at"] for d in decisions],
+        [d.purchase.purchase_id for d in decisions],
+        [d.purchase.event_id for d in decisions],
+        [d.purchase.customer_id for d in decisions],
+        [d.purchase.quantity for d in decisions],
+        [d.status.value for d in decisions],
+        [None if d.reason is None else d.reason.value for d in decisions],
+        [d.purchase.accepted_at for d in decisions],
         partition,
     )
+    return len(rows)
 
 
-async def record_failed(
+async def record_failed_purchases(
     conn: Connection,
+    purchases: Sequence[PurchaseRequested],
     *,
-    purchase_id: UUID,
-    reason: str,
-    event_id: UUID | None = None,
-    customer_id: str | None = None,
-    quantity: int | None = None,
-    accepted_at: Any = None,
+    reason: FailReason,
     partition: int | None = None,
 ) -> None:
+    """Record `purchases` failed with `reason`, leaving any already decided as they are."""
     await conn.execute(
-        RECORD_FAILED_PURCHASE,
-        purchase_id,
-        event_id,
-        customer_id,
-        quantity,
-        reason,
-        accepted_at,
+        RECORD_FAILED_PURCHASES,
+        [p.purchase_id for p in purchases],
+        [p.event_id for p in purchases],
+        [p.customer_id for p in purchases],
+        [p.quantity for p in purchases],
+        [p.accepted_at for p in purchases],
+        reason.value,
         partition,
     )
+
+
+async def record_failed_ids(
+    conn: Connection, purchase_ids: Sequence[UUID], *, reason: FailReason
+) -> None:
+    await conn.execute(RECORD_FAILED_IDS, list(purchase_ids), reason.value)

@@ -300,9 +300,9 @@ async def assert_first_come_first_served(db: asyncpg.Pool) -> None:
             )
             for row in mine
         ]
-        left, outcomes = decide({event["id"]: event["total_tickets"]}, requested)
-        for row, outcome in zip(mine, outcomes, strict=True):
-            expected = (outcome.status.value, outcome.reason.value if outcome.reason else None)
+        left, decisions = decide({event["id"]: event["total_tickets"]}, requested)
+        for row, decision in zip(mine, decisions, strict=True):
+            expected = (decision.status.value, decision.reason.value if decision.reason else None)
             assert (row["status"], row["reason"]) == expected, (
                 f"event {event['id']}: purchase {row['id']} (quantity {row['quantity']}, accepted "
                 f"{row['accepted_at']}) recorded {row['status']}/{row['reason']}, "

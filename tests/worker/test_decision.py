@@ -6,18 +6,18 @@ from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
 from hypothesis import given
-from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from shared.messages import PurchaseRequested
-from shared.purchases.models import PurchaseStatus, RejectReason
-from worker.decision import Outcome, decide
+from shared.purchases.models import Decision, PurchaseStatus, RejectReason
+from tests.fuzzing import property_settings
+from worker.decision import decide
 
 EVENTS = [UUID(int=n + 1) for n in range(4)]
 UNKNOWN = UUID(int=999)
 ACCEPTED_AT = datetime(2027, 1, 1, tzinfo=UTC)
 
-PROPERTY = hypothesis_settings(max_examples=300, deadline=None, derandomize=True)
+PROPERTY = property_settings(max_examples=300)
 
 
 def requested(event_id: UUID, quantity: int, purchase_id: UUID | None = None) -> PurchaseRequested:
@@ -44,8 +44,8 @@ purchase_lists = st.lists(
 )
 
 
-def summary(outcomes: list[Outcome]) -> list[tuple[UUID, PurchaseStatus, RejectReason | None]]:
-    return [(o.purchase.purchase_id, o.status, o.reason) for o in outcomes]
+def summary(decisions: list[Decision]) -> list[tuple[UUID, PurchaseStatus, RejectReason | None]]:
+    return [(o.purchase.purchase_id, o.status, o.reason) for o in decisions]
 
 
 @PROPERTY
@@ -64,11 +64,11 @@ def test_availability_never_goes_negative_nor_above_what_it_was(
 def test_confirmed_tickets_equal_exactly_what_availability_lost(
     available: dict[UUID, int], purchases: list[PurchaseRequested]
 ) -> None:
-    left, outcomes = decide(available, purchases)
+    left, decisions = decide(available, purchases)
     confirmed: dict[UUID, int] = defaultdict(int)
-    for outcome in outcomes:
-        if outcome.status == PurchaseStatus.CONFIRMED:
-            confirmed[outcome.purchase.event_id] += outcome.purchase.quantity
+    for decision in decisions:
+        if decision.status == PurchaseStatus.CONFIRMED:
+            confirmed[decision.purchase.event_id] += decision.purchase.quantity
     for event_id, tickets in available.items():
         assert confirmed[event_id] == tickets - left[event_id]
     assert set(confirmed) <= set(available), "tickets confirmed for an unknown event"
@@ -79,8 +79,8 @@ def test_confirmed_tickets_equal_exactly_what_availability_lost(
 def test_one_outcome_per_purchase_in_input_order(
     available: dict[UUID, int], purchases: list[PurchaseRequested]
 ) -> None:
-    _, outcomes = decide(available, purchases)
-    assert [o.purchase for o in outcomes] == purchases
+    _, decisions = decide(available, purchases)
+    assert [o.purchase for o in decisions] == purchases
 
 
 @PROPERTY
@@ -90,26 +90,26 @@ def test_each_purchase_is_confirmed_iff_it_fits_in_what_earlier_purchases_left(
 ) -> None:
     """First come, first served, with the reason of every rejection: walk the purchases in order
     keeping what each event has left; a purchase gets its tickets exactly when they fit."""
-    _, outcomes = decide(available, purchases)
+    _, decisions = decide(available, purchases)
     remaining = dict(available)
-    for outcome in outcomes:
-        event_id, quantity = outcome.purchase.event_id, outcome.purchase.quantity
+    for decision in decisions:
+        event_id, quantity = decision.purchase.event_id, decision.purchase.quantity
         before = remaining.get(event_id)
         if before is None:
-            assert (outcome.status, outcome.reason) == (
+            assert (decision.status, decision.reason) == (
                 PurchaseStatus.REJECTED,
                 RejectReason.EVENT_NOT_FOUND,
             )
         elif quantity <= before:
-            assert (outcome.status, outcome.reason) == (PurchaseStatus.CONFIRMED, None)
+            assert (decision.status, decision.reason) == (PurchaseStatus.CONFIRMED, None)
             remaining[event_id] = before - quantity
         elif before == 0:
-            assert (outcome.status, outcome.reason) == (
+            assert (decision.status, decision.reason) == (
                 PurchaseStatus.REJECTED,
                 RejectReason.SOLD_OUT,
             )
         else:
-            assert (outcome.status, outcome.reason) == (
+            assert (decision.status, decision.reason) == (
                 PurchaseStatus.REJECTED,
                 RejectReason.INSUFFICIENT_TICKETS,
             )
@@ -122,18 +122,18 @@ def test_a_later_purchase_never_overtakes_an_earlier_one_of_the_same_event(
 ) -> None:
     """Once a purchase of q tickets is turned down, no later purchase of that event asking for q or
     more gets tickets; once an event is sold out, every later purchase of it is sold_out."""
-    _, outcomes = decide(available, purchases)
+    _, decisions = decide(available, purchases)
     smallest_refused: dict[UUID, int] = {}
     sold_out: set[UUID] = set()
-    for outcome in outcomes:
-        event_id, quantity = outcome.purchase.event_id, outcome.purchase.quantity
+    for decision in decisions:
+        event_id, quantity = decision.purchase.event_id, decision.purchase.quantity
         if event_id in sold_out:
-            assert outcome.reason == RejectReason.SOLD_OUT
-        if outcome.status == PurchaseStatus.CONFIRMED:
+            assert decision.reason == RejectReason.SOLD_OUT
+        if decision.status == PurchaseStatus.CONFIRMED:
             assert quantity < smallest_refused.get(event_id, quantity + 1)
-        elif outcome.reason in (RejectReason.INSUFFICIENT_TICKETS, RejectReason.SOLD_OUT):
+        elif decision.reason in (RejectReason.INSUFFICIENT_TICKETS, RejectReason.SOLD_OUT):
             smallest_refused[event_id] = min(quantity, smallest_refused.get(event_id, quantity))
-            if outcome.reason == RejectReason.SOLD_OUT:
+            if decision.reason == RejectReason.SOLD_OUT:
                 sold_out.add(event_id)
 
 
@@ -142,15 +142,15 @@ def test_a_later_purchase_never_overtakes_an_earlier_one_of_the_same_event(
 def test_reasons_match_statuses(
     available: dict[UUID, int], purchases: list[PurchaseRequested]
 ) -> None:
-    _, outcomes = decide(available, purchases)
-    for outcome in outcomes:
-        if outcome.status == PurchaseStatus.CONFIRMED:
-            assert outcome.reason is None
+    _, decisions = decide(available, purchases)
+    for decision in decisions:
+        if decision.status == PurchaseStatus.CONFIRMED:
+            assert decision.reason is None
         else:
-            assert outcome.status == PurchaseStatus.REJECTED
-            assert isinstance(outcome.reason, RejectReason)
-        if outcome.purchase.event_id not in available:
-            assert outcome.reason == RejectReason.EVENT_NOT_FOUND
+            assert decision.status == PurchaseStatus.REJECTED
+            assert isinstance(decision.reason, RejectReason)
+        if decision.purchase.event_id not in available:
+            assert decision.reason == RejectReason.EVENT_NOT_FOUND
 
 
 @PROPERTY
@@ -159,13 +159,13 @@ def test_splitting_a_stream_into_batches_anywhere_gives_the_same_decisions(
     available: dict[UUID, int], purchases: list[PurchaseRequested], cut: int
 ) -> None:
     """The worker decides a partition batch by batch, carrying availability over: where the
-    batches happen to be cut must not change any outcome."""
-    left, outcomes = decide(available, purchases)
+    batches happen to be cut must not change any decision."""
+    left, decisions = decide(available, purchases)
     cut = min(cut, len(purchases))
     middle, first = decide(available, purchases[:cut])
     final, second = decide(middle, purchases[cut:])
     assert final == left
-    assert summary(first + second) == summary(outcomes)
+    assert summary(first + second) == summary(decisions)
 
 
 @PROPERTY
@@ -173,13 +173,13 @@ def test_splitting_a_stream_into_batches_anywhere_gives_the_same_decisions(
 def test_each_event_is_decided_independently_of_the_others(
     available: dict[UUID, int], purchases: list[PurchaseRequested]
 ) -> None:
-    left, outcomes = decide(available, purchases)
+    left, decisions = decide(available, purchases)
     for event_id in {*available, UNKNOWN}:
         alone = {event_id: available[event_id]} if event_id in available else {}
         own = [p for p in purchases if p.event_id == event_id]
         own_left, own_outcomes = decide(alone, own)
         assert summary(own_outcomes) == summary(
-            [o for o in outcomes if o.purchase.event_id == event_id]
+            [o for o in decisions if o.purchase.event_id == event_id]
         )
         if event_id in available:
             assert own_left[event_id] == left[event_id]
@@ -202,8 +202,8 @@ def test_decide_does_not_mutate_its_inputs(
 def test_a_smaller_later_purchase_gets_what_a_larger_earlier_one_could_not() -> None:
     event = EVENTS[0]
     purchases = [requested(event, q) for q in (2, 2, 2, 1, 1)]
-    left, outcomes = decide({event: 5}, purchases)
-    assert [(o.status, o.reason) for o in outcomes] == [
+    left, decisions = decide({event: 5}, purchases)
+    assert [(o.status, o.reason) for o in decisions] == [
         (PurchaseStatus.CONFIRMED, None),
         (PurchaseStatus.CONFIRMED, None),
         (PurchaseStatus.REJECTED, RejectReason.INSUFFICIENT_TICKETS),
@@ -215,24 +215,24 @@ def test_a_smaller_later_purchase_gets_what_a_larger_earlier_one_could_not() -> 
 
 def test_buying_the_last_tickets_exactly_sells_out() -> None:
     event = EVENTS[0]
-    left, outcomes = decide({event: 3}, [requested(event, 3), requested(event, 1)])
-    assert [o.status for o in outcomes] == [PurchaseStatus.CONFIRMED, PurchaseStatus.REJECTED]
-    assert outcomes[1].reason == RejectReason.SOLD_OUT
+    left, decisions = decide({event: 3}, [requested(event, 3), requested(event, 1)])
+    assert [o.status for o in decisions] == [PurchaseStatus.CONFIRMED, PurchaseStatus.REJECTED]
+    assert decisions[1].reason == RejectReason.SOLD_OUT
     assert left == {event: 0}
 
 
 def test_an_event_with_no_tickets_left_rejects_as_sold_out_not_insufficient() -> None:
     event = EVENTS[0]
-    _, outcomes = decide({event: 0}, [requested(event, 1), requested(event, 5)])
-    assert [o.reason for o in outcomes] == [RejectReason.SOLD_OUT, RejectReason.SOLD_OUT]
+    _, decisions = decide({event: 0}, [requested(event, 1), requested(event, 5)])
+    assert [o.reason for o in decisions] == [RejectReason.SOLD_OUT, RejectReason.SOLD_OUT]
 
 
 def test_an_unknown_event_is_rejected_and_left_out_of_availability() -> None:
     known = EVENTS[0]
-    left, outcomes = decide(
+    left, decisions = decide(
         {known: 2}, [requested(UNKNOWN, 1), requested(known, 1), requested(UNKNOWN, 1)]
     )
-    assert [o.reason for o in outcomes] == [
+    assert [o.reason for o in decisions] == [
         RejectReason.EVENT_NOT_FOUND,
         None,
         RejectReason.EVENT_NOT_FOUND,
@@ -241,15 +241,15 @@ def test_an_unknown_event_is_rejected_and_left_out_of_availability() -> None:
 
 
 def test_an_empty_batch_changes_nothing() -> None:
-    left, outcomes = decide({EVENTS[0]: 4}, [])
+    left, decisions = decide({EVENTS[0]: 4}, [])
     assert left == {EVENTS[0]: 4}
-    assert outcomes == []
+    assert decisions == []
 
 
 def test_events_do_not_share_tickets() -> None:
     a, b = EVENTS[0], EVENTS[1]
-    left, outcomes = decide({a: 1, b: 1}, [requested(a, 1), requested(a, 1), requested(b, 1)])
-    assert [o.status for o in outcomes] == [
+    left, decisions = decide({a: 1, b: 1}, [requested(a, 1), requested(a, 1), requested(b, 1)])
+    assert [o.status for o in decisions] == [
         PurchaseStatus.CONFIRMED,
         PurchaseStatus.REJECTED,
         PurchaseStatus.CONFIRMED,

@@ -44,7 +44,7 @@ from tests.worker.helpers import (
     wait_started,
     worker_processes,
 )
-from worker import leases
+from worker import leases, membership
 from worker.leases import assign
 from worker.supervisor import Worker
 
@@ -677,7 +677,7 @@ async def test_a_worker_frozen_inside_a_commit_blocks_no_partition_but_that_one(
     # "frozen" is live and holds its share, like any worker, until it freezes mid-commit.
     async with db.acquire() as conn:
         await leases.ensure_partitions(conn, settings.partitions)
-        await leases.heartbeat(conn, "frozen", 5)
+        await membership.join(conn, "frozen", uuid4(), 5, wait_s=0)
         epochs = {p: await leases.acquire(conn, p, "frozen", 5) for p in its_partitions}
     await start_worker("w-1")
     await start_worker("w-2")
@@ -721,3 +721,54 @@ async def test_a_worker_frozen_inside_a_commit_blocks_no_partition_but_that_one(
     finally:
         await transaction.rollback()
         await db.release(frozen)
+
+
+@pytest.mark.slow
+async def test_a_commit_held_open_past_half_a_lease_costs_its_worker_no_lease(
+    api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings, start_worker: StartWorker
+) -> None:
+    """One slow commit (here it waits on an event row someone else has locked) holds its lease
+    row and a pool connection for two lease lifetimes. The worker's heartbeat and renewals must
+    not wait behind it: every lease stays live at the same epoch, and the other partitions keep
+    committing on the connections left."""
+    await start_worker("slow-committer", db_pool_max=2)
+    await wait_balanced(db, settings.partitions, ["slow-committer"])
+    epochs = {row["partition"]: row["epoch"] for row in await lease_rows(db)}
+    events = {
+        p: await create_event_in_partition(api, settings, p, total_tickets=100)
+        for p in range(settings.partitions)
+    }
+    slow = 0
+
+    async def commit_waits_on_the_lock() -> bool:
+        waiting: int = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return waiting > 0
+
+    async with db.acquire() as blocker, blocker.transaction():
+        await blocker.execute(
+            "SELECT 1 FROM events WHERE id = $1 FOR UPDATE", UUID(events[slow]["id"])
+        )
+        stuck = await purchase(api, events[slow]["id"])
+        assert stuck.status_code == 202
+        await wait_for(commit_waits_on_the_lock, timeout_s=10, what="the commit to block")
+        held_until = time.monotonic() + 2 * settings.lease_ttl_s
+        while time.monotonic() < held_until:
+            rows = await lease_rows(db)
+            assert all(row["live"] for row in rows), [dict(row) for row in rows]
+            assert {row["partition"]: (row["owner"], row["epoch"]) for row in rows} == {
+                p: ("slow-committer", epoch) for p, epoch in epochs.items()
+            }
+            await asyncio.sleep(0.2)
+        others = [
+            (await purchase(api, events[p]["id"], customer_id="other")).json()["purchase_id"]
+            for p in events
+            if p != slow
+        ]
+        await wait_until_final(db, others, timeout_s=15)
+        assert await commit_waits_on_the_lock(), "the slow commit ended early: nothing was held"
+    decided = await wait_until_final(db, [stuck.json()["purchase_id"]], timeout_s=15)
+    assert [row["status"] for row in decided.values()] == ["confirmed"]
+    assert {row["partition"]: row["epoch"] for row in await lease_rows(db)} == epochs

@@ -1,0 +1,2 @@
+DROP TABLE cluster_config;
+ALTER TABLE workers DROP COLUMN incarnation;

@@ -1,0 +1,164 @@
+"""Start-up checks that every entry point runs first.
+
+A newcomer's first run, an operator's typo or a deploy racing its migration should read as one
+line that says what to do (start PostgreSQL, run `make migrate`, fix RABBITMQ_URL), not as a
+driver's traceback. Each check raises StartupError with that line; the `__main__` modules print
+it and exit non-zero.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import aio_pika
+import aiormq
+import asyncpg
+from aio_pika.abc import AbstractConnection
+
+from shared.cluster_config import agree_on_partitions
+from shared.errors import StartupError
+from shared.migrate import MIGRATIONS_DIR, database_name
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+APPLIED_MIGRATIONS = "SELECT migration_id FROM _yoyo_migration"
+
+# "Not there (yet)", as opposed to "there, but says no".
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.CannotConnectNowError,
+    aiormq.exceptions.AMQPConnectionError,
+)
+
+T = TypeVar("T")
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    default_port = {"postgresql": 5432, "postgres": 5432, "amqps": 5671}.get(parts.scheme, 5672)
+    return parts.hostname or "127.0.0.1", parts.port or default_port
+
+
+def _where(url: str) -> str:
+    host, port = _host_port(url)
+    return f"{host}:{port}"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+async def _until_reachable(
+    connect: Callable[[], Awaitable[T]], *, service: str, where: str, setting: str, wait_s: float
+) -> T:
+    """`connect()`, retried for up to `wait_s` while the server is not there (yet)."""
+    deadline = time.monotonic() + wait_s
+    warned = False
+    while True:
+        try:
+            return await connect()
+        except UNREACHABLE as exc:
+            if time.monotonic() >= deadline:
+                raise StartupError(
+                    f"{service} is not reachable at {where} ({_reason(exc)}): start it, or set "
+                    f"{setting} to where it runs."
+                ) from None
+            if not warned:
+                log.warning("waiting up to %.0f s for %s at %s", wait_s, service, where)
+                warned = True
+            await asyncio.sleep(0.5)
+
+
+async def connect_database(settings: Settings, *, wait_s: float) -> asyncpg.Connection:
+    """A connection to DATABASE_URL, waiting up to `wait_s` for a server that is not up yet."""
+    where = _where(settings.database_url)
+
+    async def connect() -> asyncpg.Connection:
+        try:
+            connection: asyncpg.Connection = await asyncpg.connect(settings.database_url, timeout=5)
+        except asyncpg.InvalidCatalogNameError:
+            name = database_name(settings.database_url)
+            raise StartupError(
+                f"database {name!r} does not exist on PostgreSQL at {where}: run `make migrate` "
+                "(python -m shared.migrate), which creates it."
+            ) from None
+        except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
+            raise StartupError(
+                f"PostgreSQL at {where} refused the user or password in DATABASE_URL."
+            ) from None
+        return connection
+
+    return await _until_reachable(
+        connect, service="PostgreSQL", where=where, setting="DATABASE_URL", wait_s=wait_s
+    )
+
+
+def expected_migrations(directory: Path = MIGRATIONS_DIR) -> set[str]:
+    return {
+        path.name.removesuffix(".sql")
+        for path in directory.glob("*.sql")
+        if not path.name.endswith(".rollback.sql")
+    }
+
+
+async def check_schema(connection: asyncpg.Connection) -> None:
+    """The database has every migration this code expects."""
+    try:
+        applied = {row["migration_id"] for row in await connection.fetch(APPLIED_MIGRATIONS)}
+    except asyncpg.UndefinedTableError:
+        applied = set()
+    pending = sorted(expected_migrations() - applied)
+    if pending:
+        raise StartupError(
+            f"the database schema is not up to date ({len(pending)} migration(s) not applied, "
+            f"from {pending[0]}): run `make migrate` (python -m shared.migrate)."
+        )
+
+
+async def check_database(settings: Settings, *, wait_s: float, partitions: bool) -> None:
+    """PostgreSQL answers, the database exists and is migrated, and (for the services) this
+    process's PARTITIONS is the one the deployment was started with."""
+    connection = await connect_database(settings, wait_s=wait_s)
+    try:
+        await check_schema(connection)
+        if partitions:
+            await agree_on_partitions(connection, settings.partitions)
+    finally:
+        await connection.close()
+
+
+async def check_broker(settings: Settings, *, wait_s: float) -> None:
+    """RabbitMQ accepts a connection with RABBITMQ_URL's credentials."""
+    where = _where(settings.rabbitmq_url)
+
+    async def connect() -> AbstractConnection:
+        # A plain TCP probe first: the AMQP client logs an error of its own for every refused
+        # connection, on top of the one line this check is about.
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(*_host_port(settings.rabbitmq_url)), 5
+        )
+        writer.close()
+        try:
+            return await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+        except aiormq.exceptions.ProbableAuthenticationError:
+            raise StartupError(
+                f"RabbitMQ at {where} refused the user or password in RABBITMQ_URL."
+            ) from None
+
+    connection = await _until_reachable(
+        connect, service="RabbitMQ", where=where, setting="RABBITMQ_URL", wait_s=wait_s
+    )
+    await connection.close()
+
+
+async def check_services(settings: Settings) -> None:
+    """Everything `python -m api` and `python -m worker` need before they start."""
+    await check_database(settings, wait_s=settings.startup_timeout_s, partitions=True)
+    await check_broker(settings, wait_s=settings.startup_timeout_s)

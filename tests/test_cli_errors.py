@@ -1,0 +1,117 @@
+"""Every command-line entry answers a missing service, database or schema, or a PARTITIONS that
+disagrees with the deployment's, with one line saying what to do, and a non-zero exit."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from shared.settings import Settings
+from tests.conftest import settings_env, with_database
+from tests.metrics import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ENTRIES = {
+    "api": ["api"],
+    "worker": ["worker"],
+    "status": ["worker", "status"],
+    "replay": ["worker", "replay-dead-letters"],
+}
+
+
+def run(entry: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the entry without waiting for services (STARTUP_TIMEOUT_S=0)."""
+    return subprocess.run(
+        [sys.executable, "-m", *ENTRIES[entry]],
+        cwd=ROOT,
+        env={**env, "STARTUP_TIMEOUT_S": "0", "WORKER_METRICS_PORT": "0", "API_PORT": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def the_one_line(result: subprocess.CompletedProcess[str], entry: str) -> str:
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"python -m {ENTRIES[entry][0]}"), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def env(settings: Settings) -> dict[str, str]:
+    return settings_env(settings)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_postgresql_unreachable(entry: str, env: dict[str, str], settings: Settings) -> None:
+    port = free_port()
+    env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{port}/ticketing"
+
+    line = the_one_line(run(entry, env), entry)
+
+    assert f"PostgreSQL is not reachable at 127.0.0.1:{port}" in line
+    assert "DATABASE_URL" in line
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_database_missing(entry: str, env: dict[str, str], settings: Settings) -> None:
+    env["DATABASE_URL"] = with_database(settings.database_url, "ticketing_never_created")
+
+    line = the_one_line(run(entry, env), entry)
+
+    assert "database 'ticketing_never_created' does not exist" in line
+    assert "make migrate" in line
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+async def test_schema_not_migrated(entry: str, env: dict[str, str], settings: Settings) -> None:
+    empty = f"{settings.database_url.rsplit('/', 1)[1]}_empty"
+    admin = await asyncpg.connect(with_database(settings.database_url, "postgres"))
+    try:
+        await admin.execute(f'CREATE DATABASE "{empty}"')  # our own name: hex and digits
+        env["DATABASE_URL"] = with_database(settings.database_url, empty)
+
+        line = the_one_line(run(entry, env), entry)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{empty}" WITH (FORCE)')
+        await admin.close()
+
+    assert "schema is not up to date" in line
+    assert "make migrate" in line
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_rabbitmq_unreachable(entry: str, env: dict[str, str]) -> None:
+    port = free_port()
+    env["RABBITMQ_URL"] = f"amqp://guest:guest@127.0.0.1:{port}/"
+
+    line = the_one_line(run(entry, env), entry)
+
+    assert f"RabbitMQ is not reachable at 127.0.0.1:{port}" in line
+    assert "RABBITMQ_URL" in line
+
+
+@pytest.mark.parametrize("entry", ["api", "worker", "replay"])
+async def test_partitions_other_than_the_deployments(
+    entry: str, env: dict[str, str], db: asyncpg.Pool, settings: Settings
+) -> None:
+    await db.execute("INSERT INTO cluster_config (partitions) VALUES ($1)", settings.partitions)
+    env["PARTITIONS"] = str(settings.partitions * 2)
+
+    line = the_one_line(run(entry, env), entry)
+
+    assert f"PARTITIONS is {settings.partitions * 2} here" in line
+    assert f"runs with PARTITIONS={settings.partitions}" in line
+
+
+def test_replay_before_anything_declared_the_queues(env: dict[str, str]) -> None:
+    line = the_one_line(run("replay", env), "replay")
+
+    assert "queues are not declared on this broker" in line
