@@ -1,16 +1,24 @@
 """Worker membership: heartbeats decide who is live, and one live process per WORKER_ID."""
 
+import signal
 import time
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
 
 from shared.settings import Settings
-from tests.worker.helpers import wait_started, worker_processes
+from tests.worker.helpers import wait_for, wait_started, worker_processes
 from worker import membership
 from worker.membership import WorkerIdInUse
+
+
+async def incarnation(db: asyncpg.Pool, worker_id: str) -> UUID | None:
+    found: UUID | None = await db.fetchval(
+        "SELECT incarnation FROM workers WHERE worker_id = $1", worker_id
+    )
+    return found
 
 
 async def test_heartbeats_decide_who_is_live(db: asyncpg.Pool) -> None:
@@ -79,3 +87,28 @@ async def test_a_worker_process_started_with_a_live_worker_id_exits_with_one_cle
     assert lines, second.log()
     assert "'same-id' is already used by a live worker" in lines[-1]
     assert "Traceback" not in second.log()
+
+
+@pytest.mark.slow
+async def test_a_worker_frozen_while_its_id_was_taken_over_stops_when_it_wakes(
+    settings: Settings, db: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """A process frozen past its lifetime (SIGSTOP, a VM pause) whose WORKER_ID a new process
+    took meanwhile must not come back and fight it: it stops, exit non-zero, one clear line."""
+    async with worker_processes(settings, tmp_path) as spawn:
+        frozen = await spawn("reused-id")
+        await wait_started(db, [frozen])
+        frozen.send(signal.SIGSTOP)
+        first = await incarnation(db, "reused-id")
+        successor = await spawn("reused-id")
+
+        async def taken_over() -> bool:
+            return await incarnation(db, "reused-id") not in (None, first)
+
+        await wait_for(taken_over, timeout_s=30, what="the successor to take the id over")
+        frozen.send(signal.SIGCONT)
+        code = await frozen.wait(30)
+        assert successor.running
+    assert code != 0
+    assert "was taken over by another process" in frozen.log()
+    assert "Traceback" not in frozen.log()

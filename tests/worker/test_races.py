@@ -45,7 +45,8 @@ from tests.worker.helpers import (
     worker_processes,
 )
 from worker import leases, membership
-from worker.leases import assign
+from worker.leases import Lease, assign
+from worker.processor import RecordConflict, apply_batch
 from worker.supervisor import Worker
 
 # Subprocess workers: quiet (a line per purchase at INFO costs CPU), readable, no metrics port.
@@ -364,6 +365,131 @@ async def test_a_poison_message_is_dead_lettered_and_the_purchases_behind_it_sti
     assert await queue_depth(settings, tp.queue(partition)) == 0
     assert (await event_row(db, event["id"]))["available_tickets"] == 6
     await assert_no_oversell(db)
+
+
+async def test_a_message_of_another_partition_is_dead_lettered_never_applied(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    settings: Settings,
+    amqp: aio_pika.abc.AbstractChannel,
+    start_worker: StartWorker,
+) -> None:
+    """What a publisher counting with another PARTITIONS would send: a message in queue p that
+    says another partition, or names an event that routes elsewhere. Applying it would give the
+    event a second writer; it is dead-lettered (kept for replay) and its purchases recorded
+    failed with reason wrong_partition, while the queue goes on."""
+    await start_worker()
+    await wait_balanced(db, settings.partitions, ["worker-1"])
+    here = await create_event_in_partition(api, settings, 0, total_tickets=10)
+    elsewhere = await create_event_in_partition(api, settings, 1, total_tickets=10)
+    tp = topology(settings)
+    says_other = purchase_message(1, here["id"])
+    routes_other = purchase_message(0, elsewhere["id"])
+    for message in (says_other, routes_other):
+        await publish_raw(amqp, settings, 0, message.to_body())
+    behind = await purchase(api, here["id"], customer_id="behind")
+
+    decided = await wait_until_final(db, [behind.json()["purchase_id"]], timeout_s=FINAL_WITHIN_S)
+    assert [row["status"] for row in decided.values()] == ["confirmed"]
+    wrong = [says_other.purchases[0].purchase_id, routes_other.purchases[0].purchase_id]
+    failed = await wait_until_final(db, wrong, timeout_s=FINAL_WITHIN_S)
+    assert {(row["status"], row["reason"]) for row in failed.values()} == {
+        ("failed", "wrong_partition")
+    }
+    await wait_queue_depth(settings, tp.dead_letter_queue, 2)
+    assert (await event_row(db, here["id"]))["available_tickets"] == 9
+    assert (await event_row(db, elsewhere["id"]))["available_tickets"] == 10
+    await assert_no_oversell(db)
+
+
+async def test_a_decision_whose_row_another_transaction_wrote_is_never_committed(
+    db: asyncpg.Pool, api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's duplicate check and its write are two statements: a row recorded in between
+    (by anything) makes the upsert skip it. The batch must then roll back whole, or it would
+    take tickets for a purchase it never recorded."""
+    event = await create_event(api, total_tickets=10)
+    async with db.acquire() as conn:
+        await leases.ensure_partitions(conn, 1)
+        acquired = await leases.acquire(conn, 0, "w", 30)
+    assert acquired is not None
+    lease = Lease(0, "w", acquired.epoch)
+    batch = [
+        purchase_message(0, event["id"], quantity=2).purchases[0],
+        purchase_message(0, event["id"], quantity=3).purchases[0],
+    ]
+    raced = batch[1].purchase_id
+    await db.execute(
+        "INSERT INTO purchases (id, event_id, customer_id, quantity, status, reason) "
+        "VALUES ($1, $2, 'someone', 3, 'rejected', 'sold_out')",
+        raced,
+        UUID(event["id"]),
+    )
+
+    async def nothing_decided_yet(conn: object, purchase_ids: object) -> set[UUID]:
+        return set()  # as if the row was written after the check
+
+    monkeypatch.setattr("shared.purchases.repository.final_purchase_ids", nothing_decided_yet)
+    with pytest.raises(RecordConflict):
+        await apply_batch(db, lease, batch)
+
+    assert (await event_row(db, event["id"]))["available_tickets"] == 10
+    assert await db.fetchval("SELECT count(*) FROM purchases") == 1
+    monkeypatch.undo()
+    # The retry sees the row, skips that purchase as decided and applies the other.
+    result = await apply_batch(db, lease, batch)
+    assert (result.duplicates, len(result.decisions)) == (1, 1)
+    assert (await event_row(db, event["id"]))["available_tickets"] == 8
+
+
+async def test_a_batch_that_keeps_conflicting_is_dead_lettered_and_its_partition_goes_on(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    settings: Settings,
+    amqp: aio_pika.abc.AbstractChannel,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A conflict that a retry does not cure (a bug) must not block the partition for ever, nor
+    be committed: after a few attempts the batch is dead-lettered, its undecided purchases are
+    recorded failed (record_conflict) and what was decided stays as it was."""
+
+    async def blind(conn: object, purchase_ids: object) -> set[UUID]:
+        return set()  # every retry "misses" the row written by another transaction
+
+    monkeypatch.setattr("shared.purchases.repository.final_purchase_ids", blind)
+    event = await create_event_in_partition(api, settings, 0, total_tickets=10)
+    message = PurchaseMessage(
+        partition=0,
+        purchases=[
+            purchase_message(0, event["id"]).purchases[0],
+            purchase_message(0, event["id"]).purchases[0],
+        ],
+    )
+    decided_elsewhere, undecided = (p.purchase_id for p in message.purchases)
+    await db.execute(
+        "INSERT INTO purchases (id, event_id, customer_id, quantity, status, reason) "
+        "VALUES ($1, $2, 'someone', 1, 'rejected', 'sold_out')",
+        decided_elsewhere,
+        UUID(event["id"]),
+    )
+    await start_worker()
+    await wait_balanced(db, settings.partitions, ["worker-1"])
+    await publish_raw(amqp, settings, 0, message.to_body())
+    behind = await purchase(api, event["id"], customer_id="behind")
+
+    rows = await wait_until_final(
+        db, [undecided, behind.json()["purchase_id"]], timeout_s=FINAL_WITHIN_S
+    )
+    assert (rows[undecided]["status"], rows[undecided]["reason"]) == ("failed", "record_conflict")
+    assert rows[UUID(behind.json()["purchase_id"])]["status"] == "confirmed"
+    kept = await db.fetchrow(
+        "SELECT status, reason FROM purchases WHERE id = $1", decided_elsewhere
+    )
+    assert kept is not None
+    assert (kept["status"], kept["reason"]) == ("rejected", "sold_out")
+    await wait_queue_depth(settings, topology(settings).dead_letter_queue, 1)
+    assert (await event_row(db, event["id"]))["available_tickets"] == 9
 
 
 # --- workers dying, pausing, stopping, joining -------------------------------------------------
