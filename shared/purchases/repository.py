@@ -16,6 +16,10 @@ SELECT_PURCHASE = """
     WHERE id = $1
 """
 
+SELECT_PURCHASES = """
+    SELECT id AS purchase_id, status, quantity FROM purchases WHERE id = ANY($1::uuid[])
+"""
+
 # A purchase decided once (confirmed or rejected) is final; one that failed (dead-lettered) may be
 # decided later, when its message is replayed.
 SELECT_FINAL_PURCHASE_IDS = """
@@ -61,6 +65,11 @@ RECORD_FAILED_IDS = """
 async def get_purchase(conn: Connection, purchase_id: UUID) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(SELECT_PURCHASE, purchase_id)
     return row
+
+
+async def get_purchases(conn: Connection, purchase_ids: Sequence[UUID]) -> list[asyncpg.Record]:
+    """Status and quantity of those of `purchase_ids` that are recorded."""
+    return await conn.fetch(SELECT_PURCHASES, list(purchase_ids))
 
 
 async def final_purchase_ids(conn: Connection, purchase_ids: Sequence[UUID]) -> set[UUID]:

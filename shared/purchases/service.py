@@ -88,8 +88,14 @@ class PurchaseService:
             purchase_id = self._ids.for_idempotency_key(
                 event_id=event_id, customer_id=request.customer_id, key=idempotency_key
             )
-            if await self._already_recorded(purchase_id, request):
-                return self._accepted(purchase_id, event_id, request)
+            # The first id layout derived another id for the same key: a purchase recorded
+            # under it before the upgrade is this retry's purchase too.
+            first_layout = self._ids.first_layout_for_idempotency_key(
+                event_id=event_id, customer_id=request.customer_id, key=idempotency_key
+            )
+            recorded = await self._already_recorded((purchase_id, first_layout), request)
+            if recorded is not None:
+                return self._accepted(recorded, event_id, request)
 
         event = await self._events.get(event_id)
         if event is None:
@@ -125,24 +131,29 @@ class PurchaseService:
             )
         return self._accepted(purchase_id, event_id, request)
 
-    async def _already_recorded(self, purchase_id: UUID, request: PurchaseCreate) -> bool:
-        """True when a retry's purchase is already decided (nothing to publish again); refuse a
-        key reused for a different quantity, since the decided purchase would not match it."""
+    async def _already_recorded(
+        self, candidates: tuple[UUID, ...], request: PurchaseCreate
+    ) -> UUID | None:
+        """The id of a retry's purchase when it is already decided (nothing to publish again);
+        refuse a key reused for a different quantity, since the decided purchase would not
+        match it."""
         try:
             async with self._pool.acquire() as conn:
-                row = await repository.get_purchase(conn, purchase_id)
+                rows = await repository.get_purchases(conn, candidates)
         except DATABASE_UNAVAILABLE:
             # Without the database, publish again: the worker applies an id once, so a retry
             # stays one purchase; only a reused key's quantity goes unchecked.
-            return False
-        if row is None or row["status"] == PurchaseStatus.FAILED:
-            return False
+            return None
+        row = next((r for r in rows if r["status"] != PurchaseStatus.FAILED), None)
+        if row is None:
+            return None
         if row["quantity"] != request.quantity:
             raise IdempotencyKeyReused(
                 f"This Idempotency-Key was already used for a purchase of {row['quantity']} "
                 f"ticket(s); use a new key for a different purchase."
             )
-        return True
+        recorded: UUID = row["purchase_id"]
+        return recorded
 
     @staticmethod
     def _accepted(purchase_id: UUID, event_id: UUID, request: PurchaseCreate) -> PurchaseAccepted:
