@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from datetime import UTC, datetime
+from uuid import UUID
 
 import aiormq
 import asyncpg
@@ -201,8 +202,7 @@ class PartitionConsumer:
                 )
 
     async def _handle(self, messages: list[DeliveredMessage]) -> None:
-        purchases: list[PurchaseRequested] = []
-        good: list[DeliveredMessage] = []
+        batch: list[tuple[DeliveredMessage, PurchaseMessage]] = []
         for message in messages:
             if message.redelivered:
                 metrics.REDELIVERIES.inc()
@@ -222,27 +222,35 @@ class PartitionConsumer:
                     "message of another partition dead-lettered",
                     extra={"partition": self.partition, "message_partition": decoded.partition},
                 )
-                await self._dead_letter([message], decoded.purchases, FailReason.WRONG_PARTITION)
+                await self._dead_letter([(message, decoded)], FailReason.WRONG_PARTITION)
                 continue
-            purchases.extend(decoded.purchases)
-            good.append(message)
+            batch.append((message, decoded))
 
-        if purchases:
+        while batch:
+            purchases = [purchase for _, decoded in batch for purchase in decoded.purchases]
             started = time.perf_counter()
             try:
                 result = await self._apply(purchases)
-            except RecordConflict:
-                log.exception("partition %d: batch dead-lettered after conflicts", self.partition)
-                await self._dead_letter(good, purchases, FailReason.RECORD_CONFLICT)
-                return
+            except RecordConflict as exc:
+                # Set the messages of the purchases in conflict aside; apply the rest.
+                stuck = [item for item in batch if _touches(item[1], exc.purchase_ids)] or batch
+                log.error(
+                    "partition %d: %d message(s) dead-lettered after conflicts: %s",
+                    self.partition,
+                    len(stuck),
+                    exc,
+                )
+                await self._dead_letter(stuck, FailReason.RECORD_CONFLICT)
+                batch = [item for item in batch if item not in stuck]
+                continue
             try:
                 self._observe(purchases, result, time.perf_counter() - started)
             except Exception:  # bookkeeping must never stand between a commit and its ack
                 log.exception("partition %d: metrics/logging failed", self.partition)
-        if good:
             # Committed: one ack covers the batch. multiple=True reaches only this channel's
             # deliveries, and every earlier one is in this batch (or was already settled).
-            await self._settle(good[-1], ack=True)
+            await self._settle(batch[-1][0], ack=True)
+            return
 
     def _belongs_here(self, message: PurchaseMessage) -> bool:
         return message.partition == self.partition and all(
@@ -274,21 +282,19 @@ class PartitionConsumer:
         raise AssertionError("unreachable")
 
     async def _dead_letter(
-        self,
-        messages: list[DeliveredMessage],
-        purchases: list[PurchaseRequested],
-        reason: FailReason,
+        self, messages: list[tuple[DeliveredMessage, PurchaseMessage]], reason: FailReason
     ) -> None:
-        """Record the purchases failed with `reason` (never over a decision), then reject the
-        messages to the dead-letter exchange, where they are kept for replay."""
+        """Record the messages' purchases failed with `reason` (never over a decision), then
+        reject the messages to the dead-letter exchange, where they are kept for replay."""
         metrics.DEAD_LETTERS.labels(reason.value).inc(len(messages))
+        purchases = [purchase for _, decoded in messages for purchase in decoded.purchases]
         async for retry in until_stopped(TRANSIENT_DATABASE, lambda: self._aborted):
             with retry:
                 async with self._pool.acquire() as conn, conn.transaction():
                     await record_failed_purchases(
                         conn, purchases, reason=reason, partition=self.partition
                     )
-        for message in messages:
+        for message, _ in messages:
             await self._settle(message, ack=False)
 
     async def _settle(self, message: DeliveredMessage, *, ack: bool) -> None:
@@ -303,3 +309,7 @@ class PartitionConsumer:
             await self._amqp.basic_ack(tag, multiple=True)
         else:
             await self._amqp.basic_reject(tag, requeue=False)
+
+
+def _touches(message: PurchaseMessage, purchase_ids: set[UUID]) -> bool:
+    return any(purchase.purchase_id in purchase_ids for purchase in message.purchases)

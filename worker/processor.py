@@ -2,6 +2,7 @@
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from uuid import UUID
 
 import asyncpg
 
@@ -19,9 +20,16 @@ class VersionConflict(Exception):
 
 
 class RecordConflict(Exception):
-    """A purchase the batch decided was recorded meanwhile by another transaction: the tickets
-    the batch took for it must not be committed without its row. The batch rolls back; a retry
-    sees the row and skips the purchase as already decided."""
+    """Purchases the batch decided were recorded meanwhile by another transaction: the tickets
+    the batch took for them must not be committed without their rows. The batch rolls back; a
+    retry sees the rows and skips those purchases as already decided."""
+
+    def __init__(self, partition: int, purchase_ids: set[UUID]) -> None:
+        super().__init__(
+            f"partition {partition}: {len(purchase_ids)} purchase(s) were recorded by another "
+            "transaction during the batch"
+        )
+        self.purchase_ids = purchase_ids
 
 
 @dataclass(slots=True)
@@ -68,11 +76,9 @@ async def apply_batch(
         written = await purchases.record_decisions(
             conn, partition=lease.partition, decisions=result.decisions
         )
-        if written != len(result.decisions):
-            raise RecordConflict(
-                f"partition {lease.partition}: {len(result.decisions) - written} purchase(s) "
-                "were recorded by another transaction during the batch"
-            )
+        if len(written) != len(result.decisions):
+            unwritten = {d.purchase.purchase_id for d in result.decisions} - written
+            raise RecordConflict(lease.partition, unwritten)
 
         # 6. Optimistic lock: update only at the version read; fewer rows means a conflict.
         changes = [

@@ -79,9 +79,9 @@ async def final_purchase_ids(conn: Connection, purchase_ids: Sequence[UUID]) -> 
 
 async def record_decisions(
     conn: Connection, *, partition: int, decisions: Sequence[Decision]
-) -> int:
+) -> set[UUID]:
     """Write many decided purchases in one statement (one round trip for the whole batch);
-    return how many rows it wrote. Fewer than given means some id was already decided."""
+    return the ids it wrote. One missing was already decided by another transaction."""
     rows = await conn.fetch(
         UPSERT_DECIDED_PURCHASES,
         [d.purchase.purchase_id for d in decisions],
@@ -93,7 +93,7 @@ async def record_decisions(
         [d.purchase.accepted_at for d in decisions],
         partition,
     )
-    return len(rows)
+    return {row["id"] for row in rows}
 
 
 async def record_failed_purchases(

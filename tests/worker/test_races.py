@@ -451,37 +451,43 @@ async def test_a_batch_that_keeps_conflicting_is_dead_lettered_and_its_partition
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A conflict that a retry does not cure (a bug) must not block the partition for ever, nor
-    be committed: after a few attempts the batch is dead-lettered, its undecided purchases are
-    recorded failed (record_conflict) and what was decided stays as it was."""
+    be committed: after a few attempts the message holding it is dead-lettered, its undecided
+    purchases are recorded failed (record_conflict), what was decided stays as it was, and the
+    other messages of the same batch are applied."""
 
     async def blind(conn: object, purchase_ids: object) -> set[UUID]:
         return set()  # every retry "misses" the row written by another transaction
 
     monkeypatch.setattr("shared.purchases.repository.final_purchase_ids", blind)
     event = await create_event_in_partition(api, settings, 0, total_tickets=10)
-    message = PurchaseMessage(
+    conflicting = PurchaseMessage(
         partition=0,
         purchases=[
             purchase_message(0, event["id"]).purchases[0],
             purchase_message(0, event["id"]).purchases[0],
         ],
     )
-    decided_elsewhere, undecided = (p.purchase_id for p in message.purchases)
+    decided_elsewhere, undecided = (p.purchase_id for p in conflicting.purchases)
     await db.execute(
         "INSERT INTO purchases (id, event_id, customer_id, quantity, status, reason) "
         "VALUES ($1, $2, 'someone', 1, 'rejected', 'sold_out')",
         decided_elsewhere,
         UUID(event["id"]),
     )
+    neighbour = purchase_message(0, event["id"], quantity=2)
+    # Queued before any worker runs, so the first batch holds both messages.
+    await publish_raw(amqp, settings, 0, conflicting.to_body())
+    await publish_raw(amqp, settings, 0, neighbour.to_body())
     await start_worker()
-    await wait_balanced(db, settings.partitions, ["worker-1"])
-    await publish_raw(amqp, settings, 0, message.to_body())
     behind = await purchase(api, event["id"], customer_id="behind")
 
     rows = await wait_until_final(
-        db, [undecided, behind.json()["purchase_id"]], timeout_s=FINAL_WITHIN_S
+        db,
+        [undecided, neighbour.purchases[0].purchase_id, behind.json()["purchase_id"]],
+        timeout_s=FINAL_WITHIN_S,
     )
     assert (rows[undecided]["status"], rows[undecided]["reason"]) == ("failed", "record_conflict")
+    assert rows[neighbour.purchases[0].purchase_id]["status"] == "confirmed"
     assert rows[UUID(behind.json()["purchase_id"])]["status"] == "confirmed"
     kept = await db.fetchrow(
         "SELECT status, reason FROM purchases WHERE id = $1", decided_elsewhere
@@ -489,7 +495,7 @@ async def test_a_batch_that_keeps_conflicting_is_dead_lettered_and_its_partition
     assert kept is not None
     assert (kept["status"], kept["reason"]) == ("rejected", "sold_out")
     await wait_queue_depth(settings, topology(settings).dead_letter_queue, 1)
-    assert (await event_row(db, event["id"]))["available_tickets"] == 9
+    assert (await event_row(db, event["id"]))["available_tickets"] == 7
 
 
 # --- workers dying, pausing, stopping, joining -------------------------------------------------
