@@ -7,6 +7,7 @@ the purchase path costs more than the request itself.
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.applications import Starlette
 
 from api.resources import Resources
 from shared.events.service import EventService
@@ -28,9 +29,15 @@ async def get_event_service(request: Request) -> EventService:
     return resources.events
 
 
-async def get_purchase_service(request: Request) -> PurchaseService:
-    resources: Resources = request.app.state.resources
+def purchase_service_of(app: Starlette) -> PurchaseService:
+    """The app's purchase service: what the dependency below gives the routes, and what the
+    raw-ASGI dispatch uses (it steps aside whenever dependency_overrides are set)."""
+    resources: Resources = app.state.resources
     return resources.purchases
+
+
+async def get_purchase_service(request: Request) -> PurchaseService:
+    return purchase_service_of(request.app)
 
 
 EventServiceDep = Annotated[EventService, Depends(get_event_service)]

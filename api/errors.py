@@ -1,14 +1,18 @@
-"""The one place where errors become HTTP responses (problem+json)."""
+"""The one place where errors become HTTP responses (problem+json).
+
+Installed as the app's exception handlers; the raw-ASGI dispatch looks its errors up in the same
+table (`app.exception_handlers`), so a request answered there fails exactly as through a route.
+"""
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 from api.problems import problem_response
 from shared.errors import (
@@ -42,7 +46,20 @@ HTTP_TITLES = {
 }
 
 
-def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+class InvalidInput(Exception):
+    """Input that does not validate, found outside FastAPI's own parameter handling (the
+    contract functions parse their bodies and headers themselves). Answered exactly as a
+    RequestValidationError: 400 for malformed JSON, else 422."""
+
+    def __init__(self, errors: Sequence[Any]) -> None:
+        super().__init__(errors)
+        self._errors = list(errors)
+
+    def errors(self) -> list[Any]:
+        return self._errors
+
+
+def _domain_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DomainError)
     status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 400)
     headers = None
@@ -62,8 +79,8 @@ def _clean_error(error: Any) -> dict[str, Any]:
     }
 
 
-def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError | InvalidInput)
     errors = [_clean_error(error) for error in exc.errors()]
     if any(error["type"] == "json_invalid" for error in errors):
         return problem_response(
@@ -85,7 +102,7 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def _http_error(request: Request, exc: Exception) -> JSONResponse:
+def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     title = HTTP_TITLES.get(exc.status_code, "Request failed")
     detail = exc.detail if isinstance(exc.detail, str) else title
@@ -98,7 +115,7 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+def _database_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("database unavailable on %s: %r", request.url.path, exc)
     return problem_response(
         503,
@@ -109,7 +126,7 @@ def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
         500,
@@ -132,19 +149,10 @@ _DATABASE_DOWN: tuple[type[BaseException], ...] = (
 EXPECTED: dict[type[Exception], Handler] = {
     DomainError: _domain_error,
     RequestValidationError: _validation_error,
+    InvalidInput: _validation_error,
     StarletteHTTPException: _http_error,
     **{kind: _database_unavailable for kind in _DATABASE_DOWN if issubclass(kind, Exception)},
 }
-
-
-def expected_error_response(request: Request, exc: Exception) -> Response | None:
-    """The answer to an error raised on purpose (most specific type first, as Starlette looks
-    handlers up), or None for a bug. For code that runs outside the routes' exception handling."""
-    for kind in type(exc).__mro__:
-        handler = EXPECTED.get(kind)
-        if handler is not None:
-            return handler(request, exc)
-    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,37 +1,35 @@
-"""Fast paths for the two requests a flash sale is made of: the purchase and the status poll.
+"""The raw-ASGI dispatch of the two requests a flash sale is made of: the purchase and the
+status poll.
 
-A flash sale is thousands of identical, valid `POST /events/{id}/tickets/purchase` a second, then
-as many `GET /purchases/{id}` polls, and on two cores the framework's per-request work (routing,
-content-type parsing, the body's `json.loads` and dict validation, dependency solving, response
-model serialization, exception and exit-stack layers) costs more CPU than the request itself. So
-this middleware serves the unremarkable ones directly, through the same service and the same
-error handlers:
+A flash sale is thousands of identical `POST /events/{id}/tickets/purchase` a second, then as many
+`GET /purchases/{id}` polls, and on two cores the framework's per-request work (routing, content
+negotiation, dependency solving, the exception and exit-stack layers) costs more CPU than the
+request itself. This middleware serves the unremarkable ones by calling exactly what the routes
+call, the functions of api/purchase_contract.py, and sends the answer they return:
 
-- a purchase with a canonical event id, a plain `application/json` body of declared length within
-  the limit that validates (pydantic straight from the JSON bytes), and at most one valid
-  Idempotency-Key;
+- a purchase with a canonical event id and a plain `application/json` body of declared length
+  within the limit (other shapes are the request guard's and the route's to judge);
 - a status poll with a canonical purchase id and no query string.
 
-Everything else, including every purchase it would have to refuse, goes on to the FastAPI routes
-(with the body already read replayed): the routes stay the one definition of the contract (their
-documentation, their error answers), and this only ever answers what they would answer.
+Everything else goes on to the app unchanged (with the body already read replayed), and so does
+everything while `dependency_overrides` are set, since only the routes see those. Failures are
+answered by the app's own exception handlers, looked up as Starlette looks them up.
 """
 
+import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Callable
+from typing import Any
 from uuid import UUID
 
+from fastapi import FastAPI
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import expected_error_response
-from api.resources import Resources
+from api import purchase_contract
+from api.deps import purchase_service_of
 from api.routes import purchases
-from api.routes.purchases import PURCHASE_PATH, RETRY_AFTER_PENDING_S, STATUS_PATH
-from shared.purchases.models import PurchaseCreate, PurchaseStatus
-from shared.text import IdempotencyKey
 
 _HEX = "[0-9a-fA-F]"
 _CANONICAL_UUID = "-".join(f"{_HEX}{{{n}}}" for n in (8, 4, 4, 4, 12))
@@ -49,14 +47,18 @@ def _route(path: str) -> APIRoute:
     )
 
 
-PURCHASE = _pattern(PURCHASE_PATH, "event_id")
-STATUS = _pattern(STATUS_PATH, "purchase_id")
+PURCHASE = _pattern(purchase_contract.PURCHASE_PATH, "event_id")
+STATUS = _pattern(purchase_contract.STATUS_PATH, "purchase_id")
 # Set in the scope as the router would, so metrics label each request by its route template.
-PURCHASE_ROUTE = _route(PURCHASE_PATH)
-STATUS_ROUTE = _route(STATUS_PATH)
+PURCHASE_ROUTE = _route(purchase_contract.PURCHASE_PATH)
+STATUS_ROUTE = _route(purchase_contract.STATUS_PATH)
 
-_IDEMPOTENCY_KEY: TypeAdapter[str] = TypeAdapter(IdempotencyKey)
-_RETRY_AFTER = (b"retry-after", RETRY_AFTER_PENDING_S.encode())
+
+def route_path(scope: Scope) -> str:
+    """The path the router matches: without the app's mount point (root_path)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 class FastPaths:
@@ -65,110 +67,89 @@ class FastPaths:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not scope["app"].dependency_overrides:
             method = scope["method"]
-            if method == "POST" and (match := PURCHASE.fullmatch(scope["path"])):
+            if method == "POST" and (match := PURCHASE.fullmatch(route_path(scope))):
                 await self._purchase(scope, receive, send, UUID(match[1]))
                 return
             if (
                 method == "GET"
                 and not scope["query_string"]
-                and (match := STATUS.fullmatch(scope["path"]))
+                and (match := STATUS.fullmatch(route_path(scope)))
             ):
                 await self._status(scope, receive, send, UUID(match[1]))
                 return
         await self.app(scope, receive, send)
 
     async def _purchase(self, scope: Scope, receive: Receive, send: Send, event_id: UUID) -> None:
-        headers = self._plain_json_headers(scope)
-        if headers is None:
+        if not self._plain_json(scope):
             await self.app(scope, receive, send)
             return
         body, received = await _read_body(receive)
         if body is None:  # the client went away mid-body: the route answers that as ever
             await self.app(scope, _replay(received, receive), send)
             return
-        try:
-            request = PurchaseCreate.model_validate_json(body)
-            key = headers.get(b"idempotency-key")
-            idempotency_key = None if key is None else _IDEMPOTENCY_KEY.validate_python(key)
-        except ValidationError:
-            await self.app(scope, _replay(received, receive), send)
-            return
         scope["route"] = PURCHASE_ROUTE
-        service = _resources(scope).purchases
+        service = purchase_service_of(scope["app"])
         try:
-            accepted = await service.submit(event_id, request, idempotency_key=idempotency_key)
+            answer = await purchase_contract.accept(service, scope, event_id, body)
         except Exception as exc:
-            await _answer_error(scope, receive, send, exc)
+            await _fail(scope, _replay(received, receive), send, exc)
             return
-        location = (b"location", accepted.status_url.encode())
-        await _answer(send, 202, accepted, before=[location, _RETRY_AFTER])
+        await answer.send(send)
 
     async def _status(self, scope: Scope, receive: Receive, send: Send, purchase_id: UUID) -> None:
         scope["route"] = STATUS_ROUTE
+        service = purchase_service_of(scope["app"])
         try:
-            purchase = await _resources(scope).purchases.status(purchase_id)
+            answer = await purchase_contract.status(service, scope, purchase_id)
         except Exception as exc:
-            await _answer_error(scope, receive, send, exc)
+            await _fail(scope, receive, send, exc)
             return
-        pending = purchase.status == PurchaseStatus.PENDING
-        await _answer(send, 200, purchase, after=[_RETRY_AFTER] if pending else [])
+        await answer.send(send)
 
-    def _plain_json_headers(self, scope: Scope) -> dict[bytes, str] | None:
-        """The headers that matter here, if the purchase is one the fast path serves: a body
-        of declared length within the limit, sent as plain `application/json` (the route reads
-        media types its own way; the unusual ones are left to it), none of those headers twice."""
-        headers: dict[bytes, str] = {}
+    def _plain_json(self, scope: Scope) -> bool:
+        """A body of declared length within the limit, sent as plain `application/json`, with
+        neither header given twice: what the request guard passes as it is (it reads the last
+        of each) and the contract reads as the route would."""
+        seen: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
-            if name in (b"content-type", b"content-length", b"idempotency-key"):
-                if name in headers:
-                    return None
-                headers[name] = value.decode("latin-1")
+            if name in (b"content-type", b"content-length"):
+                if name in seen:
+                    return False
+                seen[name] = value
             elif name == b"transfer-encoding":
-                return None
-        length = headers.get(b"content-length", "")
+                return False
+        length = seen.get(b"content-length", b"")
         if not (length.isascii() and length.isdigit()) or int(length) > self.max_body_bytes:
+            return False
+        media_type = seen.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        return media_type == b"application/json"
+
+
+Handler = Callable[[Request, Exception], Any]
+
+
+def _handler_for(app: FastAPI, exc: Exception) -> Handler | None:
+    """The app's handler for `exc`, most specific type first, as Starlette's exception
+    middleware finds it; the catch-all is left to the server error middleware, as for a route."""
+    handlers: dict[Any, Handler] = app.exception_handlers
+    for kind in type(exc).__mro__:
+        if kind is Exception:
             return None
-        media_type = headers.get(b"content-type", "").split(";", 1)[0].strip().lower()
-        if media_type != "application/json":
-            return None
-        return headers
+        handler = handlers.get(kind)
+        if handler is not None:
+            return handler
+    return None
 
 
-def _resources(scope: Scope) -> Resources:
-    resources: Resources = scope["app"].state.resources
-    return resources
-
-
-Headers = Sequence[tuple[bytes, bytes]]
-
-
-async def _answer(
-    send: Send, status: int, model: BaseModel, *, before: Headers = (), after: Headers = ()
-) -> None:
-    """Send `model` as JSON, with the headers where the route's response puts them: those it
-    is built with before, those set on the injected Response after, the body's own between."""
-    payload = model.model_dump_json().encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                *before,
-                (b"content-length", str(len(payload)).encode()),
-                (b"content-type", b"application/json"),
-                *after,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
-
-
-async def _answer_error(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
-    response = expected_error_response(Request(scope), exc)
-    if response is None:
+async def _fail(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
+    handler = _handler_for(scope["app"], exc)
+    if handler is None:
         raise exc  # a bug: the server error middleware logs it and answers 500
+    response = handler(Request(scope, receive), exc)
+    if inspect.isawaitable(response):
+        response = await response
     await response(scope, receive, send)
 
 
@@ -186,7 +167,7 @@ async def _read_body(receive: Receive) -> tuple[bytes | None, list[Message]]:
 
 
 def _replay(received: list[Message], receive: Receive) -> Receive:
-    """`receive` for the route: the messages already read, in order, then the real stream."""
+    """A receive that gives back what was already read, then reads on."""
     pending = iter(received)
 
     async def replay() -> Message:

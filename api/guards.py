@@ -3,7 +3,7 @@
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.problems import PROBLEM_JSON, PROBLEM_TYPE_BASE, Problem, slug
+from api.problems import problem
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -23,22 +23,6 @@ def _is_json(content_type: str) -> bool:
     )
 
 
-async def _send_problem(send: Send, status: int, title: str, detail: str) -> None:
-    body = Problem(type=PROBLEM_TYPE_BASE + slug(title), title=title, status=status, detail=detail)
-    payload = body.model_dump_json(exclude_none=True).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", PROBLEM_JSON.encode()),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
-
-
 class RequestGuard:
     def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
         self.app = app
@@ -51,22 +35,16 @@ class RequestGuard:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await _send_problem(
-                send,
-                413,
-                "Content too large",
-                f"The request body must be at most {self.max_body_bytes} bytes.",
-            )
+            await self._too_large(send)
             return
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         has_body = declared != b"0" and (declared is not None or b"transfer-encoding" in headers)
         if has_body and not _is_json(content_type):
-            await _send_problem(
-                send,
+            await problem(
                 415,
                 "Unsupported media type",
                 "Send the request body as JSON with Content-Type: application/json.",
-            )
+            ).send(send)
             return
 
         received = 0
@@ -92,9 +70,11 @@ class RequestGuard:
         except BodyTooLarge:
             if response_started:
                 raise
-            await _send_problem(
-                send,
-                413,
-                "Content too large",
-                f"The request body must be at most {self.max_body_bytes} bytes.",
-            )
+            await self._too_large(send)
+
+    async def _too_large(self, send: Send) -> None:
+        await problem(
+            413,
+            "Content too large",
+            f"The request body must be at most {self.max_body_bytes} bytes.",
+        ).send(send)

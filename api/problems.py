@@ -1,9 +1,15 @@
-"""RFC 9457 problem details: the one shape of every error response."""
+"""RFC 9457 problem details: the one shape, and the one writer, of every error response.
+
+The exception handlers, the request guard (413/415 before routing) and the raw-ASGI dispatch all
+answer with `problem(...)`, so a problem reads the same whichever layer refused the request.
+"""
 
 from typing import Any
 
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.responses import Response
+
+from api.answers import Answer
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_TYPE_BASE = "urn:ticketing:problem:"
@@ -22,6 +28,32 @@ def slug(title: str) -> str:
     return "-".join(title.lower().replace("-", " ").split())
 
 
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    instance: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+    type_: str | None = None,
+) -> Answer:
+    body = Problem(
+        type=type_ or PROBLEM_TYPE_BASE + slug(title),
+        title=title,
+        status=status,
+        detail=detail,
+        instance=instance,
+        errors=errors,
+    )
+    return Answer(
+        status,
+        body.model_dump_json(exclude_none=True).encode(),
+        media_type=PROBLEM_JSON,
+        headers=tuple((headers or {}).items()),
+    )
+
+
 def problem_response(
     status: int,
     title: str,
@@ -31,21 +63,11 @@ def problem_response(
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
     type_: str | None = None,
-) -> JSONResponse:
-    problem = Problem(
-        type=type_ or PROBLEM_TYPE_BASE + slug(title),
-        title=title,
-        status=status,
-        detail=detail,
-        instance=instance,
-        errors=errors,
-    )
-    return JSONResponse(
-        problem.model_dump(exclude_none=True),
-        status_code=status,
-        media_type=PROBLEM_JSON,
-        headers=headers,
-    )
+) -> Response:
+    """`problem(...)` as a Starlette response, for exception handlers and routes."""
+    return problem(
+        status, title, detail, instance=instance, errors=errors, headers=headers, type_=type_
+    ).response()
 
 
 # For the OpenAPI document: every route may answer with a problem.

@@ -4,7 +4,7 @@ import asyncio
 import logging
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from api.deps import ResourcesDep
 from api.problems import problem_response, problem_responses
@@ -22,7 +22,7 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses=problem_responses(503))
-async def readyz(resources: ResourcesDep) -> JSONResponse:
+async def readyz(resources: ResourcesDep) -> Response:
     """PostgreSQL answers and the broker channel is open; else 503."""
     checks = {"postgresql": await _database_ok(resources), "rabbitmq": _broker_ok(resources)}
     if all(checks.values()):

@@ -20,7 +20,7 @@ from shared.messages import PurchaseRequested
 from shared.publisher import PurchasePublisher
 from shared.purchases import repository
 from shared.purchases.ids import PurchaseIds
-from shared.purchases.models import Purchase, PurchaseAccepted, PurchaseCreate, PurchaseStatus
+from shared.purchases.models import Purchase, PurchaseCreate, PurchaseStatus
 from shared.retry import DATABASE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,6 @@ class RecentlyAccepted:
         return len(self._items)
 
 
-def status_url(purchase_id: UUID) -> str:
-    return f"/purchases/{purchase_id}"
-
-
 class PurchaseService:
     def __init__(
         self,
@@ -80,7 +76,8 @@ class PurchaseService:
 
     async def submit(
         self, event_id: UUID, request: PurchaseCreate, *, idempotency_key: str | None
-    ) -> PurchaseAccepted:
+    ) -> UUID:
+        """Queue a purchase and return its id once the broker has confirmed it."""
         # A retry of a purchase already decided gets its original answer, even if the event
         # sold out since (quite likely: it may have bought the last tickets).
         purchase_id: UUID | None = None
@@ -95,7 +92,7 @@ class PurchaseService:
             )
             recorded = await self._already_recorded((purchase_id, first_layout), request)
             if recorded is not None:
-                return self._accepted(recorded, event_id, request)
+                return recorded
 
         event = await self._events.get(event_id)
         if event is None:
@@ -129,7 +126,7 @@ class PurchaseService:
                     "quantity": request.quantity,
                 },
             )
-        return self._accepted(purchase_id, event_id, request)
+        return purchase_id
 
     async def _already_recorded(
         self, candidates: tuple[UUID, ...], request: PurchaseCreate
@@ -154,16 +151,6 @@ class PurchaseService:
             )
         recorded: UUID = row["purchase_id"]
         return recorded
-
-    @staticmethod
-    def _accepted(purchase_id: UUID, event_id: UUID, request: PurchaseCreate) -> PurchaseAccepted:
-        return PurchaseAccepted.model_construct(  # every field is already validated
-            purchase_id=purchase_id,
-            event_id=event_id,
-            customer_id=request.customer_id,
-            quantity=request.quantity,
-            status_url=status_url(purchase_id),
-        )
 
     async def status(self, purchase_id: UUID) -> Purchase:
         if not self._ids.is_issued(purchase_id):

@@ -1,16 +1,18 @@
-"""The fast paths answer exactly what the FastAPI routes answer.
+"""The raw-ASGI dispatch and the FastAPI routes answer the same.
 
-Each purchase is sent twice: once with a Content-Length (which the fast path may serve) and once
-streamed in chunks without one (which it always hands to the framework); each status poll once
-plain and once with a query string (which the route ignores and the fast path leaves to it). Both
-answers must be the same, whatever the body, the headers or the state: the table covers what
-clients get wrong on purpose or by accident, and a seeded generator adds a few hundred mutated
-bodies.
+Both call the functions of api/purchase_contract.py, so they agree by construction; these tests
+guard the two adapters around them. Each purchase is sent twice: once with a Content-Length
+(which the dispatch serves) and once streamed in chunks without one (which it always hands to the
+route); each status poll once plain and once with a query string (which the route ignores and the
+dispatch leaves to it). Both answers must be the same, headers compared as a set, whatever the
+body, the headers or the state. A test also pins the route's parameters: a new one must be passed
+on by the dispatch too.
 """
 
 import json
 import random
 from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -21,9 +23,10 @@ from fastapi.routing import APIRoute
 from prometheus_client import REGISTRY
 from starlette.types import Message, Receive, Scope, Send
 
+from api.deps import get_purchase_service
 from api.fast_paths import PURCHASE_ROUTE, STATUS_ROUTE, FastPaths
 from api.main import create_app
-from api.routes.purchases import PURCHASE_PATH
+from api.purchase_contract import PURCHASE_PATH
 from shared.purchases.ids import PurchaseIds
 from shared.settings import Settings
 from tests.api.helpers import record_purchase
@@ -42,11 +45,11 @@ def _chunks(body: bytes) -> Callable[[], AsyncIterator[bytes]]:
 
 
 def _normalize(response: httpx.Response) -> Answer:
-    """What must match: status, body, and every header in order. A purchase id is random unless
-    derived from an Idempotency-Key, so a 202 without a key blanks it (same length, so the
-    Content-Length still compares)."""
+    """What must match: status, body, and every header (in any order: HTTP gives their order no
+    meaning). A purchase id is random unless derived from an Idempotency-Key, so a 202 without a
+    key blanks it (same length, so the Content-Length still compares)."""
     body: Any = response.content
-    headers = list(response.headers.multi_items())
+    headers = sorted(response.headers.multi_items())
     if response.status_code == 202 and "idempotency-key" not in response.request.headers:
         purchase_id = response.json()["purchase_id"]
         body = body.replace(purchase_id.encode(), b"<id>")
@@ -72,6 +75,7 @@ def _json(value: object) -> bytes:
 
 
 GOOD = {"customer_id": "customer-1", "quantity": 2}
+JSON_HEADER: dict[str, str | bytes] = {"Content-Type": "application/json"}
 
 BODIES: list[tuple[str, bytes]] = [
     ("valid", _json(GOOD)),
@@ -262,7 +266,7 @@ def requests_reaching(route: APIRoute, monkeypatch: pytest.MonkeyPatch) -> list[
     return reached
 
 
-async def test_well_formed_purchase_skips_the_route_and_the_rest_reach_it(
+async def test_plain_json_purchases_skip_the_route_and_other_shapes_reach_it(
     api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reached = requests_reaching(PURCHASE_ROUTE, monkeypatch)
@@ -272,11 +276,92 @@ async def test_well_formed_purchase_skips_the_route_and_the_rest_reach_it(
     served = await api.post(path, json=GOOD)
     keyed = await api.post(path, json=GOOD, headers={"Idempotency-Key": "fast-1"})
     refused = await api.post(path, json={**GOOD, "quantity": 0})
-
-    assert (served.status_code, keyed.status_code, refused.status_code) == (202, 202, 422)
-    assert [scope["path"] for scope in reached] == [path], (
-        "only the request the fast path refused reached the route"
+    streamed = await api.post(
+        path, content=_chunks(_json(GOOD))(), headers={"Content-Type": "application/json"}
     )
+
+    statuses = [r.status_code for r in (served, keyed, refused, streamed)]
+    assert statuses == [202, 202, 422, 202]
+    assert [scope["path"] for scope in reached] == [path], (
+        "only the request without a Content-Length reached the route"
+    )
+
+
+async def test_the_dispatch_steps_aside_while_dependencies_are_overridden(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(settings)
+    reached = requests_reaching(PURCHASE_ROUTE, monkeypatch)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
+            event = await create_event(api)
+            real = app.state.resources.purchases
+            calls: list[UUID] = []
+
+            class Recording:
+                async def submit(self, event_id: UUID, *args: Any, **kwargs: Any) -> UUID:
+                    calls.append(event_id)
+                    purchase_id: UUID = await real.submit(event_id, *args, **kwargs)
+                    return purchase_id
+
+            app.dependency_overrides[get_purchase_service] = Recording
+            response = await api.post(f"/events/{event['id']}/tickets/purchase", json=GOOD)
+
+    assert response.status_code == 202
+    assert calls == [UUID(event["id"])], "the override was bypassed"
+    assert len(reached) == 1
+
+
+async def test_the_dispatch_honours_the_apps_root_path(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mounted under /tickets (a proxy's prefix), the dispatch still serves the purchase, and
+    the status URL it answers lies under the prefix, as the route's does."""
+    app = create_app(settings)
+    reached = requests_reaching(PURCHASE_ROUTE, monkeypatch)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, root_path="/tickets")
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
+            event = await create_event(api)
+            path = f"/tickets/events/{event['id']}/tickets/purchase"
+            sized, streamed = await both_ways(api, path, _json(GOOD), JSON_HEADER)
+            served = await api.post(path, json=GOOD)
+            status = await api.get(served.json()["status_url"])
+
+    assert sized == streamed
+    assert sized[0] == 202
+    assert served.json()["status_url"].startswith("/tickets/purchases/")
+    assert served.headers["location"] == served.json()["status_url"]
+    assert status.status_code == 200
+    assert len(reached) == 1, "only the streamed purchase reached the route"
+
+
+def test_the_purchase_routes_take_only_what_the_dispatch_passes_on() -> None:
+    """The dispatch calls the contract with the path's id, the scope and the body, and nothing
+    else. A parameter added to a route (a query, a header, a dependency) would reach the route
+    and silently not the dispatch: this names the file to update."""
+    expected = {
+        PURCHASE_ROUTE.path: ({"event_id"}, {"request", "purchases"}),
+        STATUS_ROUTE.path: ({"purchase_id"}, {"request", "purchases"}),
+    }
+    for route in (PURCHASE_ROUTE, STATUS_ROUTE):
+        dependant = route.dependant
+        path_params = {param.name for param in dependant.path_params}
+        others = {
+            *(param.name for param in dependant.query_params),
+            *(param.name for param in dependant.header_params),
+            *(param.name for param in dependant.cookie_params),
+            *(param.name for param in dependant.body_params),
+        }
+        injected = {dependency.name for dependency in dependant.dependencies}
+        special = {name for name in ("request",) if dependant.request_param_name == name}
+        found = (path_params, injected | special, others)
+        assert found == (*expected[route.path], set()), (
+            f"the parameters of {route.path} changed to {found}: update api/fast_paths.py (the "
+            "raw-ASGI dispatch) to pass them to api/purchase_contract.py as the route does, then "
+            "this test"
+        )
 
 
 async def test_fast_path_answers_a_broker_outage_as_the_route_does(settings: Settings) -> None:
@@ -333,7 +418,9 @@ def _scope(content_length: bytes) -> Scope:
         "type": "http",
         "method": "POST",
         "path": f"/events/{uuid4()}/tickets/purchase",
+        "query_string": b"",
         "headers": [(b"content-type", b"application/json"), (b"content-length", content_length)],
+        "app": SimpleNamespace(dependency_overrides={}),
     }
 
 

@@ -1,0 +1,38 @@
+"""A framework-free HTTP answer: status, headers and body, decided once.
+
+The contract functions (api/purchase_contract.py) and the problem writer (api/problems.py)
+return one; the routes hand it to Starlette as a Response, the raw-ASGI dispatch
+(api/fast_paths.py) sends it as it is. Either way the client gets the same bytes.
+"""
+
+from dataclasses import dataclass
+
+from starlette.responses import Response
+from starlette.types import Send
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: bytes
+    media_type: str = JSON
+    headers: tuple[tuple[str, str], ...] = ()  # besides Content-Type and Content-Length
+
+    def response(self) -> Response:
+        return Response(
+            self.body,
+            status_code=self.status,
+            media_type=self.media_type,
+            headers=dict(self.headers),
+        )
+
+    async def send(self, send: Send) -> None:
+        headers = [
+            (name.encode("latin-1"), value.encode("latin-1")) for name, value in self.headers
+        ]
+        headers.append((b"content-length", str(len(self.body)).encode()))
+        headers.append((b"content-type", self.media_type.encode()))
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})

@@ -1,0 +1,143 @@
+"""The HTTP contract of the two requests a flash sale is made of, defined once.
+
+`accept` (POST /events/{event_id}/tickets/purchase) and `status` (GET /purchases/{purchase_id})
+take the request as ASGI gives it (scope, raw body), validate it, call the service and return
+the whole answer: status, headers and body. The FastAPI routes (api/routes/purchases.py) and the
+raw-ASGI dispatch (api/fast_paths.py) both call them, so the two paths answer the same by
+construction. Invalid input raises InvalidInput and domain failures their DomainError, which the
+app's exception handlers (api/errors.py) answer for both paths alike.
+"""
+
+import json
+from typing import Any
+from uuid import UUID
+
+from pydantic import TypeAdapter, ValidationError
+from starlette.types import Scope
+
+from api.answers import Answer
+from api.errors import InvalidInput
+from shared.purchases.models import Purchase, PurchaseAccepted, PurchaseCreate, PurchaseStatus
+from shared.purchases.service import PurchaseService
+from shared.text import IdempotencyKey
+
+PURCHASE_PATH = "/events/{event_id}/tickets/purchase"
+STATUS_PATH = "/purchases/{purchase_id}"
+IDEMPOTENCY_KEY = "Idempotency-Key"
+# How soon a client should ask again about a pending purchase.
+RETRY_AFTER_PENDING_S = "1"
+
+_IDEMPOTENCY_KEY_HEADER = IDEMPOTENCY_KEY.lower().encode()
+_IDEMPOTENCY_KEYS: TypeAdapter[str] = TypeAdapter(IdempotencyKey)
+
+
+def status_url(scope: Scope, purchase_id: UUID) -> str:
+    """Where the purchase's status is read, under the app's mount point (root_path)."""
+    return f"{scope.get('root_path', '')}/purchases/{purchase_id}"
+
+
+def parse_purchase(body: bytes) -> PurchaseCreate:
+    """The request body: JSON as Python's json module reads it (as FastAPI reads every other
+    route's body, so NaN or a lone surrogate is a 422 here as there), then PurchaseCreate."""
+    if not body:
+        raise InvalidInput([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, too deep
+        raise InvalidInput(
+            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]
+        ) from None
+    try:
+        return PurchaseCreate.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput(_located("body", exc)) from None
+
+
+def idempotency_key(scope: Scope) -> str | None:
+    """The Idempotency-Key header (its first occurrence, as Starlette reads headers)."""
+    for name, value in scope["headers"]:
+        if name == _IDEMPOTENCY_KEY_HEADER:
+            try:
+                return _IDEMPOTENCY_KEYS.validate_python(value.decode("latin-1"))
+            except ValidationError as exc:
+                raise InvalidInput(_located("header", exc, IDEMPOTENCY_KEY)) from None
+    return None
+
+
+async def accept(service: PurchaseService, scope: Scope, event_id: UUID, body: bytes) -> Answer:
+    """Queue a purchase: 202 once the broker has confirmed it, with where to read its status."""
+    request, key = _parse(scope, body)
+    purchase_id = await service.submit(event_id, request, idempotency_key=key)
+    url = status_url(scope, purchase_id)
+    accepted = PurchaseAccepted.model_construct(  # every field is already validated
+        purchase_id=purchase_id,
+        event_id=event_id,
+        customer_id=request.customer_id,
+        quantity=request.quantity,
+        status=PurchaseStatus.PENDING,
+        status_url=url,
+    )
+    return Answer(
+        202,
+        accepted.model_dump_json().encode(),
+        headers=(("location", url), ("retry-after", RETRY_AFTER_PENDING_S)),
+    )
+
+
+async def status(service: PurchaseService, scope: Scope, purchase_id: UUID) -> Answer:
+    """A purchase's state; while it is pending, when to ask again."""
+    purchase: Purchase = await service.status(purchase_id)
+    pending = purchase.status == PurchaseStatus.PENDING
+    return Answer(
+        200,
+        purchase.model_dump_json().encode(),
+        headers=(("retry-after", RETRY_AFTER_PENDING_S),) if pending else (),
+    )
+
+
+def _parse(scope: Scope, body: bytes) -> tuple[PurchaseCreate, str | None]:
+    """The body and the key, or every error found in them, as FastAPI reports parameters: a
+    body that is not JSON alone (400), else the header's errors and then the body's (422)."""
+    errors: list[Any] = []
+    request: PurchaseCreate | None = None
+    key: str | None = None
+    try:
+        request = parse_purchase(body)
+    except InvalidInput as exc:
+        if any(error["type"] == "json_invalid" for error in exc.errors()):
+            raise
+        errors.extend(exc.errors())
+    try:
+        key = idempotency_key(scope)
+    except InvalidInput as exc:
+        errors[:0] = exc.errors()
+    if errors or request is None:
+        raise InvalidInput(errors)
+    return request, key
+
+
+def _located(where: str, exc: ValidationError, *names: str) -> list[dict[str, Any]]:
+    return [
+        {**error, "loc": (where, *names, *error["loc"])}
+        for error in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+
+
+# For the route's OpenAPI document: what `accept` reads besides the path, described by the very
+# types it validates with.
+ACCEPT_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": IDEMPOTENCY_KEY,
+            "in": "header",
+            "required": False,
+            "description": "Retrying with the same key (same customer, same event) returns the "
+            "same purchase_id and never buys twice. Reusing it for another quantity is a 422.",
+            "schema": _IDEMPOTENCY_KEYS.json_schema(),
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": PurchaseCreate.model_json_schema()}},
+    },
+}
