@@ -42,7 +42,9 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
         connection = await broker.connect(settings)
         try:
             publisher = PurchasePublisher(
-                broker.Topology.from_settings(settings), timeout_s=settings.publish_timeout_s
+                broker.Topology.from_settings(settings),
+                timeout_s=settings.publish_timeout_s,
+                max_in_flight=settings.publish_max_in_flight,
             )
             await publisher.start(connection)
             event_service = EventService(pool)

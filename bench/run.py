@@ -11,17 +11,11 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.request import urlopen
 
@@ -29,142 +23,19 @@ import aio_pika
 import asyncpg
 import orjson
 
+from bench.cpu import CpuMeter, cpu_seconds, postgres_postmasters, rabbitmq_nodes
 from bench.loadgen import LoadResult, run_load
+from bench.processes import Processes, bench_settings, peak_rss_mb
+from bench.report import RESULTS, draw_chart, print_table, report
+from bench.sizes import COALESCED, FULL, QUICK, Sizes
 from shared import broker
 from shared.messages import PurchaseMessage, PurchaseRequested
 from shared.migrate import create_database_if_missing, drop_database
 from shared.migrate import migrate as apply_schema
 from shared.publisher import amqp_message
-from shared.settings import Settings
 
-RESULTS = Path(__file__).resolve().parent / "results"
-# Purchases per message in the coalesced drain: what the API's publisher packs under a flood of
-# one event (the flash sale reports its measured average as publish_purchases_per_message).
-COALESCED = 32
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class Sizes:
-    drain: int  # purchases queued for one hot event
-    accept_s: float  # seconds of load per accept measurement
-    flash_requests: int
-    flash_tickets: int
-    flash_concurrency: int
-    baseline_requests: int
-    many_events: int
-    many_purchases: int
-
-
-FULL = Sizes(100_000, 10.0, 50_000, 20_000, 256, 50_000, 1_000, 100_000)
-QUICK = Sizes(20_000, 3.0, 10_000, 4_000, 256, 10_000, 1_000, 20_000)
-
-
-def bench_settings() -> Settings:
-    base = Settings()
-    url = base.database_url.rsplit("/", 1)[0] + "/ticketing_bench"
-    return base.model_copy(
-        update={
-            "database_url": url,
-            "broker_namespace": "bench",
-            "api_port": 8801,
-            "log_level": "WARNING",
-            "worker_metrics_port": 0,
-            "purchase_id_secret": "bench-secret-" + uuid.uuid4().hex,
-        }
-    )
-
-
-def env_of(settings: Settings, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        env[name.upper()] = ",".join(value) if isinstance(value, list) else str(value)
-    env.update(extra)
-    return env
-
-
-class Processes:
-    """The processes under measurement; every one is stopped at the end, whatever happens."""
-
-    def __init__(self, settings: Settings, http_processes: int) -> None:
-        self.settings = settings
-        self.http_processes = http_processes  # the same for the API, the baseline and bare apps
-        self.running: list[subprocess.Popen[bytes]] = []
-
-    def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env_of(self.settings, **env))
-        self.running.append(proc)
-        return proc
-
-    def api(self) -> subprocess.Popen[bytes]:
-        proc = self.start("-m", "api", API_WORKERS=str(self.http_processes))
-        wait_http(f"http://127.0.0.1:{self.settings.api_port}/readyz")
-        return proc
-
-    def worker(self, name: str) -> subprocess.Popen[bytes]:
-        return self.start("-m", "worker", WORKER_ID=name)
-
-    def uvicorn(self, app: str, port: int) -> subprocess.Popen[bytes]:
-        proc = self.start(
-            "-m",
-            "uvicorn",
-            app,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-            "--workers",
-            str(self.http_processes),
-        )
-        wait_http(f"http://127.0.0.1:{port}/docs")
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc in self.running:
-            self.running.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in list(self.running):
-            self.stop(proc)
-
-
-def wait_http(url: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not come up")
-        time.sleep(0.1)
-
-
-def peak_rss_mb(proc: subprocess.Popen[bytes]) -> float:
-    """VmHWM, the peak resident set so far, of the process or of the largest of its children
-    (uvicorn with several workers is a supervisor and its worker processes)."""
-    pids = [proc.pid]
-    for children in Path(f"/proc/{proc.pid}/task").glob("*/children"):
-        pids += [int(pid) for pid in children.read_text().split()]
-    peaks = [0.0]
-    for pid in pids:
-        status = Path(f"/proc/{pid}/status")
-        if not status.exists():
-            continue
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                peaks.append(int(line.split()[1]) / 1024)
-    return max(peaks)
+# Connections of the accept measurements: a browser crowd on a small box, and four times that.
+ACCEPT_CONNECTIONS = (64, 256)
 
 
 class Bench:
@@ -371,36 +242,58 @@ class Bench:
         }
 
     async def api_accept(self) -> None:
+        """The accept path against two references, at each load of ACCEPT_CONNECTIONS: the raw
+        ASGI ceiling (no framework: read, parse, 202) and a bare FastAPI endpoint (validate,
+        202). Each app's CPU per answered request comes from /proc."""
         await self.reset()
-        (event_id,) = await self.create_events(1, 1_000_000)
+        (event_id,) = await self.create_events(1, 10_000_000)
         api = self.procs.api()
         try:
-            real = await run_load(
-                f"http://127.0.0.1:{self.settings.api_port}",
-                purchase_request(event_id),
-                duration_s=self.sizes.accept_s,
-                concurrency=64,
-            )
-            api_rss = peak_rss_mb(api)
+            for connections in ACCEPT_CONNECTIONS:
+                self.figures[self._accept_key("api", connections)] = await self._accept_load(
+                    api.pid, event_id, connections
+                )
+            self.figures["api_accept"]["api_peak_rss_mb"] = peak_rss_mb(api)
         finally:
             self.procs.stop(api)
-        bare_proc = self.procs.uvicorn("bench.bare_app:app", 8803)
-        try:
-            bare = await run_load(
-                "http://127.0.0.1:8803",
-                purchase_request(event_id),
-                duration_s=self.sizes.accept_s,
-                concurrency=64,
-            )
-        finally:
-            self.procs.stop(bare_proc)
-        self.figures["api_accept"] = {
-            **load_figures(real),
-            "api_peak_rss_mb": api_rss,
-            "ratio_to_bare": real.rate / bare.rate if bare.rate else 0.0,
-        }
-        self.figures["bare_accept"] = load_figures(bare)
+        for name, app, ready in (
+            ("raw", "bench.raw_app:app", "/"),
+            ("bare", "bench.bare_app:app", "/docs"),
+        ):
+            proc = self.procs.uvicorn(app, 8803, ready_path=ready)
+            try:
+                for connections in ACCEPT_CONNECTIONS:
+                    self.figures[self._accept_key(name, connections)] = await self._accept_load(
+                        proc.pid, event_id, connections, port=8803
+                    )
+            finally:
+                self.procs.stop(proc)
         await self.reset()
+
+    @staticmethod
+    def _accept_key(app: str, connections: int) -> str:
+        return f"{app}_accept" + ("" if connections == ACCEPT_CONNECTIONS[0] else f"_{connections}")
+
+    async def _accept_load(
+        self, root_pid: int, event_id: uuid.UUID, connections: int, *, port: int | None = None
+    ) -> dict[str, Any]:
+        port = port or self.settings.api_port
+        before = cpu_seconds([root_pid])
+        load = await run_load(
+            f"http://127.0.0.1:{port}",
+            purchase_request(event_id),
+            duration_s=self.sizes.accept_s,
+            concurrency=connections,
+        )
+        cpu = cpu_seconds([root_pid]) - before
+        answered = load.statuses.get(202, 0)
+        return {
+            **load_figures(load),
+            "connections": connections,
+            "accepted_per_s": answered / load.seconds if load.seconds else 0.0,
+            "cpu_cores": cpu / load.seconds if load.seconds else 0.0,
+            "cpu_ms_per_request": 1000 * cpu / answered if answered else 0.0,
+        }
 
     async def status_polls(self) -> None:
         """What a browser does after its 202: poll GET /purchases/{id}. Measured on decided
@@ -431,7 +324,17 @@ class Bench:
         (event_id,) = await self.create_events(1, self.sizes.flash_tickets)
         api = self.procs.api()
         worker = self.procs.worker("bench-flash")
+        # The whole pipeline: every process a purchase passes through on its way to the database.
+        meter = CpuMeter(
+            {
+                "api": lambda: [api.pid],
+                "rabbitmq": rabbitmq_nodes,
+                "worker": lambda: [worker.pid],
+                "postgresql": postgres_postmasters,
+            }
+        )
         try:
+            meter.start()
             started = time.perf_counter()
             load = await run_load(
                 f"http://127.0.0.1:{self.settings.api_port}",
@@ -442,12 +345,16 @@ class Bench:
             accepted = load.statuses.get(202, 0)
             await self.wait_final(accepted)
             seconds = time.perf_counter() - started
+            cpu = meter.stop()
             api_rss, worker_rss = peak_rss_mb(api), peak_rss_mb(worker)
             coalesced = publish_batch_average(self.settings.api_port)
         finally:
             self.procs.stop(worker)
             self.procs.stop(api)
         check = await self.check_no_oversell()
+        confirmed_purchases = await self.db.fetchval(
+            "SELECT count(*) FROM purchases WHERE status = 'confirmed'"
+        )
         self.figures["flash_sale"] = {
             "purchases_per_s": self.sizes.flash_requests / seconds,
             "requests": self.sizes.flash_requests,
@@ -462,6 +369,11 @@ class Bench:
             "api_peak_rss_mb": api_rss,
             "worker_peak_rss_mb": worker_rss,
             "publish_purchases_per_message": coalesced,
+            "pipeline_cpu_s": cpu,
+            "pipeline_cpu_ms_per_confirmed": {
+                name: 1000 * value / confirmed_purchases for name, value in cpu.items()
+            }
+            | {"total": 1000 * sum(cpu.values()) / confirmed_purchases},
             **check,
         }
 
@@ -496,163 +408,6 @@ def load_figures(load: LoadResult) -> dict[str, Any]:
         "statuses": dict(load.statuses),
         "loadgen_cpu_share": load.cpu_share,
     }
-
-
-def report(figures: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> dict[str, Any]:
-    base = figures["baseline"]["purchases_per_s"]
-    ratios = {
-        "hot_drain_vs_baseline": figures["hot_drain_1w"]["purchases_per_s"] / base,
-        "hot_drain_coalesced_vs_baseline": figures[f"hot_drain_1w_{COALESCED}_per_message"][
-            "purchases_per_s"
-        ]
-        / base,
-        "api_accept_vs_bare": figures["api_accept"]["ratio_to_bare"],
-        "flash_sale_vs_baseline": figures["flash_sale"]["purchases_per_s"] / base,
-    }
-    targets = {
-        "hot_drain_vs_baseline >= 10 (1 purchase/message)": ratios["hot_drain_vs_baseline"] >= 10,
-        f"hot_drain_vs_baseline >= 10 ({COALESCED} purchases/message)": ratios[
-            "hot_drain_coalesced_vs_baseline"
-        ]
-        >= 10,
-        "api_accept_vs_bare >= 0.6": ratios["api_accept_vs_bare"] >= 0.6,
-        "api_accept p99 < 50 ms": figures["api_accept"]["p99_ms"] < 50,
-        "flash_sale_vs_baseline >= 3": ratios["flash_sale_vs_baseline"] >= 3,
-        "zero oversell": all(f.get("oversold", 0) == 0 for f in figures.values()),
-        "api RSS < 150 MB": peak_of(figures, "api_peak_rss_mb") < 150,
-        "worker RSS < 150 MB": peak_of(figures, "worker_peak_rss_mb") < 150,
-    }
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
-        "mode": "quick" if quick else "full",
-        "sizes": asdict(sizes),
-        "figures": figures,
-        "ratios": ratios,
-        "targets_met": targets,
-    }
-
-
-def peak_of(figures: dict[str, dict[str, Any]], key: str) -> float:
-    """The highest of a figure over every scenario that measured it (a process's peak RSS
-    depends on the load: the accept run holds more requests in flight than the flash sale)."""
-    return max(float(f[key]) for f in figures.values() if key in f)
-
-
-def requests_row(label: str, figures: dict[str, Any]) -> tuple[str, float, str, str]:
-    """A table row for an HTTP load: its rate and latencies."""
-    latency = f"p50 {figures['p50_ms']:.1f} / p99 {figures['p99_ms']:.1f} ms"
-    return label, figures["requests_per_s"], "req/s", latency
-
-
-def print_table(result: dict[str, Any]) -> None:
-    f = result["figures"]
-    rows = [
-        (
-            "baseline (1 request = 1 transaction)",
-            f["baseline"]["purchases_per_s"],
-            "purchases/s",
-            f"p99 {f['baseline']['p99_ms']:.0f} ms",
-        ),
-        (
-            "hot-event drain, 1 worker",
-            f["hot_drain_1w"]["purchases_per_s"],
-            "purchases/s",
-            f"{f['hot_drain_1w']['purchases']} queued",
-        ),
-        (
-            "hot-event drain, 2 workers",
-            f["hot_drain_2w"]["purchases_per_s"],
-            "purchases/s",
-            "one event = one partition",
-        ),
-        (
-            f"hot-event drain, 1 worker, {COALESCED}/message",
-            f[f"hot_drain_1w_{COALESCED}_per_message"]["purchases_per_s"],
-            "purchases/s",
-            "as the API packs a flood",
-        ),
-        (
-            "many events, 1 worker",
-            f["many_events_1w"]["purchases_per_s"],
-            "purchases/s",
-            f"{f['many_events_1w']['events']} events",
-        ),
-        ("many events, 2 workers", f["many_events_2w"]["purchases_per_s"], "purchases/s", ""),
-        requests_row("API accept (202 after confirm), 64 conn", f["api_accept"]),
-        requests_row("bare validate-and-202, 64 conn", f["bare_accept"]),
-        requests_row("status polls (GET /purchases/{id}), 64 conn", f["status_polls"]),
-        (
-            "flash sale end to end, 256 clients",
-            f["flash_sale"]["purchases_per_s"],
-            "purchases/s",
-            f"{f['flash_sale']['seconds_until_all_final']:.1f} s until all final",
-        ),
-    ]
-    print(
-        f"\nBenchmark ({result['mode']}) {result['date']} on {result['machine']};"
-        f" {result['http_processes']} process(es) per HTTP app"
-    )
-    print(f"{'scenario':<42} {'rate':>10}  {'unit':<12} note")
-    for name, rate, unit, note in rows:
-        print(f"{name:<42} {rate:>10,.0f}  {unit:<12} {note}")
-    fs = f["flash_sale"]
-    print(
-        f"\nflash sale: {fs['accepted_202']} accepted, {fs['fast_rejected_409']} fast-rejected (409),"
-        f" {fs['unavailable_503']} 503; confirmed {fs['confirmed']} of {fs['total']} tickets,"
-        f" {fs['rejected']} rejected, available {fs['available']}, oversold {fs['oversold']},"
-        f" duplicated {fs['duplicated']}; the API packed"
-        f" {fs['publish_purchases_per_message']:.1f} purchases per message"
-    )
-    print(
-        f"peak RSS over all scenarios: API {peak_of(f, 'api_peak_rss_mb'):.0f} MB,"
-        f" worker {peak_of(f, 'worker_peak_rss_mb'):.0f} MB;"
-        f" load generator CPU: {f['api_accept']['loadgen_cpu_share']:.0%} of a core (accept),"
-        f" {fs['loadgen_cpu_share']:.0%} (flash sale)"
-    )
-    print("\nratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["ratios"].items()))
-    for target, met in result["targets_met"].items():
-        print(f"  [{'x' if met else ' '}] {target}")
-
-
-def draw_chart(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    f = result["figures"]
-    labels = [
-        "baseline\n(sync)",
-        "hot drain\n1 worker",
-        "hot drain\n2 workers",
-        f"hot drain\n{COALESCED}/message",
-        "many events\n1 worker",
-        "many events\n2 workers",
-        "flash sale\nend to end",
-    ]
-    values = [
-        f["baseline"]["purchases_per_s"],
-        f["hot_drain_1w"]["purchases_per_s"],
-        f["hot_drain_2w"]["purchases_per_s"],
-        f[f"hot_drain_1w_{COALESCED}_per_message"]["purchases_per_s"],
-        f["many_events_1w"]["purchases_per_s"],
-        f["many_events_2w"]["purchases_per_s"],
-        f["flash_sale"]["purchases_per_s"],
-    ]
-    colors = ["#999999"] + ["#1f77b4"] * (len(values) - 1)
-    fig, ax = plt.subplots(figsize=(10, 5))
-    bars = ax.bar(labels, values, color=colors)
-    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values])
-    ax.set_ylabel("purchases / s")
-    ax.set_title(
-        f"Purchases per second ({result['mode']}, {result['date'][:10]}, {result['machine']})",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def steps_of(bench: "Bench") -> dict[str, tuple[str, Callable[[], Awaitable[None]]]]:

@@ -1,14 +1,13 @@
 """Publishes accepted purchases to their partition queue and waits for the broker's confirm.
 
-Concurrent requests for one partition are coalesced, the way a Kafka producer lingers: while the
-partition's message in flight awaits its confirm, the purchases arriving meanwhile queue up and go
-out together in the next message. An idle partition publishes at once (no added latency); a hot
-one sends fewer, larger messages, one confirm each, so the rate grows with the load rather than
-with the number of messages (the benchmark measured one message in flight per partition faster
-and with a lower p99 than 2, 4 or 8: every extra message costs the API and the broker more CPU
-than the confirm's wait it overlaps). Each caller returns only once the message holding its
-purchase is confirmed. Messages of one partition are published in order on one channel, and
-RabbitMQ keeps a channel's order, so the queue holds purchases in the order they were accepted.
+Each partition has a sender: one task that sends its purchases in the order they were accepted,
+as messages of up to `max_batch` purchases, with up to the window's size of them in flight
+(shared/in_flight.py: one while the CPU is busy, more while confirms are what purchases wait
+for). Purchases that arrive while the window is full queue up and go out together in the next
+message, the way a Kafka producer lingers, so a flood costs one publish and one confirm per many
+purchases. Each caller returns only once the message holding its purchase is confirmed. Messages
+of one partition go out in order on one channel, and RabbitMQ keeps a channel's order, so the
+queue holds purchases in the order they were accepted.
 
 A purchase still waiting to be sent when the publish timeout has passed is refused (503) rather
 than sent: behind a stalled broker, a deep queue of waiters would otherwise wait one timeout per
@@ -17,16 +16,17 @@ message ahead of it. So no caller waits more than about twice the timeout.
 
 import asyncio
 import logging
-from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import DeliveryError, PublishError
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from shared.broker import Topology, declare_topology
 from shared.errors import BrokerUnavailable, QueueFull, ServiceUnavailable
+from shared.in_flight import InFlightWindow
 from shared.messages import CONTENT_TYPE, MESSAGE_TYPE, PurchaseMessage, PurchaseRequested
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,11 @@ EXPIRED_PURCHASES = Counter(
 PUBLISHED_PURCHASES = Counter(
     "ticketing_published_purchases_total", "Purchases in confirmed messages"
 )
+IN_FLIGHT_WINDOW = Gauge(
+    "ticketing_publish_in_flight_window",
+    "Messages a partition may have in flight now (one while the CPU is busy, more while "
+    "purchases wait on confirms)",
+)
 MESSAGE_PURCHASES = Histogram(
     "ticketing_publish_message_purchases",
     "Purchases coalesced into one message",
@@ -55,12 +60,6 @@ class _Waiting:
     purchase: PurchaseRequested
     confirmed: asyncio.Future[None]
     since: float  # loop time it started waiting
-
-
-@dataclass
-class _Lane:
-    pending: deque[_Waiting] = field(default_factory=deque)
-    in_flight: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 def amqp_message(message: PurchaseMessage) -> aio_pika.Message:
@@ -80,13 +79,14 @@ class PurchasePublisher:
         *,
         timeout_s: float,
         max_batch: int = 256,
-        max_in_flight: int = 1,
+        max_in_flight: int = 8,
+        window: InFlightWindow | None = None,
     ) -> None:
         self._topology = topology
-        self._timeout_s = timeout_s
-        self._max_batch = max_batch
-        self._max_in_flight = max_in_flight
-        self._lanes: defaultdict[int, _Lane] = defaultdict(_Lane)
+        self.timeout_s = timeout_s
+        self.max_batch = max_batch
+        self.window = window or InFlightWindow(maximum=max_in_flight)
+        self._senders: dict[int, _PartitionSender] = {}
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
 
@@ -95,6 +95,9 @@ class PurchasePublisher:
         self._exchange = await declare_topology(self._channel, self._topology)
 
     async def close(self) -> None:
+        for sender in self._senders.values():
+            await sender.stop()
+        self._senders.clear()
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
 
@@ -108,79 +111,22 @@ class PurchasePublisher:
     async def publish(self, purchase: PurchaseRequested) -> None:
         """Return once the broker confirmed the purchase; raise ServiceUnavailable otherwise."""
         partition = self.partition_of(purchase)
-        lane = self._lanes[partition]
-        loop = asyncio.get_running_loop()
-        confirmed: asyncio.Future[None] = loop.create_future()
-        lane.pending.append(_Waiting(purchase, confirmed, loop.time()))
-        self._flush(partition, lane)
-        # The message is sent by its own task, so a caller that gives up (client gone) cancels
-        # only its own wait, never its neighbours' publish.
-        await confirmed
+        sender = self._senders.get(partition)
+        if sender is None or sender.failed:  # a sender that hit a bug is replaced
+            sender = self._senders[partition] = _PartitionSender(self, partition)
+        # The message is sent by the partition's sender, so a caller that gives up (client
+        # gone) cancels only its own wait, never its neighbours' publish.
+        await sender.submit(purchase)
 
-    def _flush(self, partition: int, lane: _Lane) -> None:
-        """Start sending what is pending, up to max_in_flight messages for the partition.
-        Synchronous, so messages start (and reach the channel) in the order they were taken."""
-        self._expire(lane)
-        while lane.pending and len(lane.in_flight) < self._max_in_flight:
-            batch: list[_Waiting] = []
-            while lane.pending and len(batch) < self._max_batch:
-                waiting = lane.pending.popleft()
-                # A caller cancelled before its purchase went out never sees a 202: don't buy.
-                if not waiting.confirmed.done():
-                    batch.append(waiting)
-            if not batch:
-                break
-            task = asyncio.create_task(self._send_batch(partition, batch))
-            lane.in_flight.add(task)
-            task.add_done_callback(lambda done: self._sent(partition, lane, done))
-
-    def _expire(self, lane: _Lane) -> None:
-        """Refuse, unsent, the purchases that waited their whole timeout for a turn (oldest
-        first: the lane is in arrival order)."""
-        deadline = asyncio.get_running_loop().time() - self._timeout_s
-        while lane.pending and lane.pending[0].since <= deadline:
-            waiting = lane.pending.popleft()
-            if waiting.confirmed.done():  # cancelled: its caller is gone
-                continue
-            EXPIRED_PURCHASES.inc()
-            _fail(
-                waiting.confirmed,
-                BrokerUnavailable(
-                    "The message broker is not confirming purchases in time; retry shortly."
-                ),
-            )
-
-    def _sent(self, partition: int, lane: _Lane, task: asyncio.Task[None]) -> None:
-        lane.in_flight.discard(task)
-        self._flush(partition, lane)
-
-    async def _send_batch(self, partition: int, batch: list[_Waiting]) -> None:
-        try:
-            await self._send(partition, [waiting.purchase for waiting in batch])
-        except ServiceUnavailable as exc:
-            for waiting in batch:
-                _fail(waiting.confirmed, exc)
-        except asyncio.CancelledError:  # shutting down: no caller may wait for ever
-            for waiting in batch:
-                _fail(waiting.confirmed, BrokerUnavailable("The API is shutting down."))
-            raise
-        except Exception:  # a bug: logged here, since nobody awaits this task
-            log.exception("publishing to partition %d failed unexpectedly", partition)
-            for waiting in batch:
-                _fail(waiting.confirmed, BrokerUnavailable("The purchase could not be queued."))
-        else:
-            for waiting in batch:
-                if not waiting.confirmed.done():
-                    waiting.confirmed.set_result(None)
-
-    async def _send(self, partition: int, purchases: list[PurchaseRequested]) -> None:
+    async def send(self, partition: int, purchases: list[PurchaseRequested]) -> None:
+        """Publish one message of `purchases` and wait for its confirm."""
         if self._exchange is None or not self.is_ready:
             raise BrokerUnavailable("The message broker connection is down; retry shortly.")
         message = amqp_message(PurchaseMessage(partition=partition, purchases=purchases))
         try:
             # The deadline covers the whole publish: aio-pika first waits for a reconnecting
-            # connection, outside its own timeout, and the lane's expiry bound relies on it.
-            async with asyncio.timeout(self._timeout_s):
+            # connection, outside its own timeout, and the expiry bound relies on it.
+            async with asyncio.timeout(self.timeout_s):
                 await self._exchange.publish(
                     message, routing_key=self._topology.routing_key(partition), mandatory=True
                 )
@@ -206,6 +152,113 @@ class PurchasePublisher:
         PUBLISHES.labels("confirmed").inc()
         PUBLISHED_PURCHASES.inc(len(purchases))
         MESSAGE_PURCHASES.observe(len(purchases))
+
+
+class _PartitionSender:
+    """Sends one partition's purchases: in acceptance order, as few messages as the window
+    allows, failing every caller whose purchase cannot be confirmed."""
+
+    def __init__(self, publisher: PurchasePublisher, partition: int) -> None:
+        self._publisher = publisher
+        self._partition = partition
+        self._pending: deque[_Waiting] = deque()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name=f"publish-{partition}")
+
+    def submit(self, purchase: PurchaseRequested) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(purchase, loop.create_future(), loop.time())
+        self._pending.append(waiting)
+        self._changed.set()
+        return waiting.confirmed
+
+    @property
+    def failed(self) -> bool:
+        return self._task.done()
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        """Refuse what waited too long, send what the window allows, sleep until a purchase
+        arrives or a message is confirmed; again."""
+        window = self._publisher.window
+        try:
+            while True:
+                self._expire()
+                size = window.adapt()
+                while self._pending and len(self._in_flight) < size:
+                    batch = self._take()
+                    if batch:
+                        self._in_flight.add(asyncio.create_task(self._send(batch)))
+                if self._pending:
+                    window.waited()
+                IN_FLIGHT_WINDOW.set(size)
+                self._changed.clear()
+                await self._changed.wait()
+        except asyncio.CancelledError:  # shutting down: no caller may wait for ever
+            for task in self._in_flight:
+                task.cancel()
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+            for waiting in self._pending:
+                _fail(waiting.confirmed, BrokerUnavailable("The API is shutting down."))
+            raise
+        except Exception:  # a bug: logged here, since nobody awaits this task
+            log.exception("publisher of partition %d failed", self._partition)
+            for waiting in self._pending:
+                _fail(waiting.confirmed, BrokerUnavailable("The purchase could not be queued."))
+
+    def _take(self) -> list[_Waiting]:
+        """The next message's purchases, oldest first. A caller cancelled before its purchase
+        went out never sees a 202: its purchase is dropped, not bought."""
+        batch: list[_Waiting] = []
+        while self._pending and len(batch) < self._publisher.max_batch:
+            waiting = self._pending.popleft()
+            if not waiting.confirmed.done():
+                batch.append(waiting)
+        return batch
+
+    def _expire(self) -> None:
+        """Refuse, unsent, the purchases that waited their whole timeout for a turn (oldest
+        first: the queue is in arrival order)."""
+        deadline = asyncio.get_running_loop().time() - self._publisher.timeout_s
+        while self._pending and self._pending[0].since <= deadline:
+            waiting = self._pending.popleft()
+            if waiting.confirmed.done():  # cancelled: its caller is gone
+                continue
+            EXPIRED_PURCHASES.inc()
+            _fail(
+                waiting.confirmed,
+                BrokerUnavailable(
+                    "The message broker is not confirming purchases in time; retry shortly."
+                ),
+            )
+
+    async def _send(self, batch: list[_Waiting]) -> None:
+        try:
+            await self._publisher.send(self._partition, [waiting.purchase for waiting in batch])
+        except ServiceUnavailable as exc:
+            for waiting in batch:
+                _fail(waiting.confirmed, exc)
+        except asyncio.CancelledError:
+            for waiting in batch:
+                _fail(waiting.confirmed, BrokerUnavailable("The API is shutting down."))
+            raise
+        except Exception:  # a bug: logged here, since nobody awaits this task
+            log.exception("publishing to partition %d failed unexpectedly", self._partition)
+            for waiting in batch:
+                _fail(waiting.confirmed, BrokerUnavailable("The purchase could not be queued."))
+        else:
+            for waiting in batch:
+                if not waiting.confirmed.done():
+                    waiting.confirmed.set_result(None)
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._in_flight.discard(task)
+            self._changed.set()
 
 
 def _fail(confirmed: asyncio.Future[None], exc: ServiceUnavailable) -> None:

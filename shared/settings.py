@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     purchase_id_secret: str = Field(default=DEV_PURCHASE_ID_SECRET, min_length=16)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     publish_timeout_s: float = Field(default=5.0, gt=0)
+    # Messages one partition may have in flight at most; the publisher widens towards it only
+    # while confirms, not the CPU, hold purchases back (1: always one).
+    publish_max_in_flight: int = Field(default=8, ge=1, le=64)
     event_cache_ttl_s: float = Field(default=0.5, ge=0)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     db_pool_min: int = Field(default=1, ge=1)

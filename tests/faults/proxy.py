@@ -2,6 +2,8 @@
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 
 class TcpProxy:
@@ -10,8 +12,9 @@ class TcpProxy:
     holds every byte in both directions while connections stay open (a stalled server);
     `thaw()` lets them through again."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, reply_delay_s: float = 0.0) -> None:
         self.target = (target_host, target_port)
+        self.reply_delay_s = reply_delay_s  # added to everything the server sends back
         self.port = 0
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
@@ -59,15 +62,19 @@ class TcpProxy:
         self._writers.update({writer, upstream_writer})
         pipes = [
             asyncio.create_task(self._pipe(reader, upstream_writer)),
-            asyncio.create_task(self._pipe(upstream_reader, writer)),
+            asyncio.create_task(self._pipe(upstream_reader, writer, self.reply_delay_s)),
         ]
         self._pipes.update(pipes)
         for pipe in pipes:
             pipe.add_done_callback(self._pipes.discard)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float = 0.0
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if delay_s:
+                    await asyncio.sleep(delay_s)
                 await self._flowing.wait()
                 if not self.up:
                     break
@@ -79,3 +86,25 @@ class TcpProxy:
             self._writers.discard(writer)
             with contextlib.suppress(Exception):
                 writer.transport.abort()
+
+
+def through(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+
+@contextlib.asynccontextmanager
+async def proxy_for(
+    url: str, default_port: int, *, reply_delay_s: float = 0.0
+) -> AsyncIterator[TcpProxy]:
+    parts = urlsplit(url)
+    proxy = TcpProxy(
+        parts.hostname or "127.0.0.1", parts.port or default_port, reply_delay_s=reply_delay_s
+    )
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()

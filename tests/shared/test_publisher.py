@@ -1,17 +1,21 @@
-"""The publisher never leaves a caller waiting: a bug in a send fails its callers with a 503."""
+"""The publisher never leaves a caller waiting (a bug in a send fails its callers with a 503),
+and keeps a partition's order with several messages in flight."""
 
 import asyncio
 import logging
 from datetime import UTC, datetime
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 
 from shared import broker
 from shared.errors import BrokerUnavailable
-from shared.messages import PurchaseRequested
+from shared.in_flight import CpuIdle, InFlightWindow
+from shared.messages import PurchaseMessage, PurchaseRequested
 from shared.publisher import PurchasePublisher
 from shared.settings import Settings
+from tests.faults.proxy import proxy_for, through
+from tests.worker.helpers import read_back
 
 
 async def test_a_bug_while_sending_fails_the_callers_instead_of_hanging_them(
@@ -48,3 +52,58 @@ async def test_a_bug_while_sending_fails_the_callers_instead_of_hanging_them(
 
     assert all(isinstance(result, BrokerUnavailable) for result in results), results
     assert "failed unexpectedly" in caplog.text
+
+
+class AlwaysIdle(CpuIdle):
+    def __init__(self) -> None:
+        pass
+
+    def share(self) -> float:
+        return 1.0
+
+
+async def test_with_slow_confirms_a_wider_window_keeps_every_purchase_and_the_queue_order(
+    settings: Settings,
+) -> None:
+    """Confirms 50 ms late and a CPU to spare: the window widens, several messages of one
+    partition are in flight at once, and still every caller is answered only once its message
+    is confirmed and the queue holds the purchases in the order they were accepted."""
+    async with proxy_for(settings.rabbitmq_url, 5672, reply_delay_s=0.05) as proxy:
+        slow = settings.model_copy(
+            update={"rabbitmq_url": through(settings.rabbitmq_url, proxy.port)}
+        )
+        connection = await broker.connect(slow)
+        window = InFlightWindow(maximum=4, cpu=AlwaysIdle(), interval_s=0.0)
+        publisher = PurchasePublisher(
+            broker.Topology.from_settings(settings), timeout_s=5, max_batch=2, window=window
+        )
+        try:
+            await publisher.start(connection)
+            event_id = uuid4()
+            purchases = [requested(event_id, i) for i in range(40)]
+            widest = 0
+
+            async def one(purchase: PurchaseRequested) -> None:
+                nonlocal widest
+                await publisher.publish(purchase)
+                widest = max(widest, window.size)
+
+            await asyncio.gather(*(one(p) for p in purchases))
+        finally:
+            await publisher.close()
+            await connection.close()
+    assert widest > 1, "the window never widened"
+    partition = broker.Topology.from_settings(settings).partition_of(event_id)
+    bodies = await read_back(settings, broker.Topology.from_settings(settings).queue(partition))
+    queued = [p.purchase_id for body in bodies for p in PurchaseMessage.from_body(body).purchases]
+    assert queued == [p.purchase_id for p in purchases]
+
+
+def requested(event_id: UUID, i: int) -> PurchaseRequested:
+    return PurchaseRequested(
+        purchase_id=uuid4(),
+        event_id=event_id,
+        customer_id=f"customer-{i}",
+        quantity=1,
+        accepted_at=datetime.now(UTC),
+    )

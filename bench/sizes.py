@@ -1,0 +1,23 @@
+"""How big each benchmark scenario is, in a full run and a quick one."""
+
+from dataclasses import dataclass
+
+# Purchases per message in the coalesced drain: what the API's publisher packs under a flood of
+# one event (the flash sale reports its measured average as publish_purchases_per_message).
+COALESCED = 32
+
+
+@dataclass(frozen=True)
+class Sizes:
+    drain: int  # purchases queued for one hot event
+    accept_s: float  # seconds of load per accept measurement
+    flash_requests: int
+    flash_tickets: int
+    flash_concurrency: int
+    baseline_requests: int
+    many_events: int
+    many_purchases: int
+
+
+FULL = Sizes(100_000, 10.0, 50_000, 20_000, 256, 50_000, 1_000, 100_000)
+QUICK = Sizes(20_000, 3.0, 10_000, 4_000, 256, 10_000, 1_000, 20_000)

@@ -1,0 +1,80 @@
+"""How many messages a partition may have in flight (sent, not yet confirmed) at once.
+
+One in flight is cheapest: while it awaits its confirm, the purchases arriving meanwhile pack into
+the next message, so a flood costs one publish and one confirm per many purchases. But a broker
+that confirms slowly (a slow disk under a quorum queue) then leaves purchases waiting for a slot
+while the CPU sits idle. So the window adapts, on the one signal that tells the two apart: idle
+CPU on this machine. It widens, one message at a time, while purchases waited for a slot and the
+machine had CPU to spare; it narrows back towards one as soon as the CPU is busy, since then
+every extra message costs CPU that requests need.
+"""
+
+import time
+from pathlib import Path
+
+# Decisions are taken at most this often, on what the CPU did since the last one.
+INTERVAL_S = 0.25
+# Idle shares of all the machine's CPUs: above WIDEN_IDLE there is CPU to spare for more
+# messages; below NARROW_IDLE the CPU is the bottleneck.
+WIDEN_IDLE = 0.25
+NARROW_IDLE = 0.10
+
+
+class CpuIdle:
+    """The share of time the machine's CPUs were idle between two readings (/proc/stat); where
+    there is no /proc/stat, this process's own CPU share stands in."""
+
+    def __init__(self, stat: Path = Path("/proc/stat")) -> None:
+        self._stat = stat
+        self._last = self._read()
+
+    def _read(self) -> tuple[float, float]:
+        """(idle, total) time so far."""
+        try:
+            fields = self._stat.read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return time.process_time(), time.monotonic()  # busy, wall: inverted below
+        values = [float(v) for v in fields]
+        return values[3] + values[4], sum(values)  # idle + iowait, everything
+
+    def share(self) -> float:
+        now = self._read()
+        idle, total = now[0] - self._last[0], now[1] - self._last[1]
+        self._last = now
+        if total <= 0:
+            return 1.0
+        if not self._stat.exists():
+            return max(0.0, 1.0 - idle / total)
+        return idle / total
+
+
+class InFlightWindow:
+    def __init__(
+        self, *, maximum: int, cpu: CpuIdle | None = None, interval_s: float = INTERVAL_S
+    ) -> None:
+        self.maximum = maximum
+        self.size = 1
+        self._cpu = cpu if cpu is not None else (CpuIdle() if maximum > 1 else None)
+        self._interval_s = interval_s
+        self._next = time.monotonic() + interval_s
+        self._waited = False
+
+    def waited(self) -> None:
+        """Purchases are waiting for a free slot."""
+        self._waited = True
+
+    def adapt(self) -> int:
+        """The current size, revised if an interval has passed."""
+        if self._cpu is None:
+            return self.size
+        now = time.monotonic()
+        if now < self._next:
+            return self.size
+        self._next = now + self._interval_s
+        idle = self._cpu.share()
+        if idle < NARROW_IDLE:
+            self.size = max(1, self.size - 1)
+        elif self._waited and idle > WIDEN_IDLE:
+            self.size = min(self.maximum, self.size + 1)
+        self._waited = False
+        return self.size

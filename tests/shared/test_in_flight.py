@@ -1,0 +1,66 @@
+"""The in-flight window: one message while the CPU is busy, wider only while purchases wait for
+a slot and the machine has CPU to spare."""
+
+from pathlib import Path
+
+from shared.in_flight import CpuIdle, InFlightWindow
+
+
+class Idle(CpuIdle):
+    """Idle shares read from a script instead of /proc/stat."""
+
+    def __init__(self, shares: list[float]) -> None:
+        self._shares = iter(shares)
+
+    def share(self) -> float:
+        return next(self._shares)
+
+
+def window(shares: list[float], maximum: int = 4) -> InFlightWindow:
+    return InFlightWindow(maximum=maximum, cpu=Idle(shares), interval_s=0.0)
+
+
+def test_it_starts_at_one_and_widens_while_purchases_wait_and_the_cpu_idles() -> None:
+    w = window([0.6] * 10)
+    assert w.size == 1
+    sizes = []
+    for _ in range(5):
+        w.waited()
+        sizes.append(w.adapt())
+    assert sizes == [2, 3, 4, 4, 4]
+
+
+def test_it_does_not_widen_when_nothing_waited_for_a_slot() -> None:
+    w = window([0.9] * 3)
+    assert [w.adapt() for _ in range(3)] == [1, 1, 1]
+
+
+def test_a_busy_cpu_narrows_it_back_to_one_even_while_purchases_wait() -> None:
+    w = window([0.6, 0.6, 0.6, 0.05, 0.05, 0.05, 0.05])
+    sizes = []
+    for _ in range(7):
+        w.waited()
+        sizes.append(w.adapt())
+    assert sizes == [2, 3, 4, 3, 2, 1, 1]
+
+
+def test_between_the_thresholds_it_holds_its_size() -> None:
+    w = window([0.6, 0.15, 0.15])
+    w.waited()
+    assert w.adapt() == 2
+    w.waited()
+    assert [w.adapt(), w.adapt()] == [2, 2]
+
+
+def test_a_maximum_of_one_never_widens_nor_reads_the_cpu() -> None:
+    w = InFlightWindow(maximum=1)
+    w.waited()
+    assert w.adapt() == 1
+
+
+def test_cpu_idle_reads_the_share_of_idle_time_between_readings(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3\n")
+    idle = CpuIdle(stat)
+    stat.write_text("cpu  150 0 150 750 150 0 0 0 0 0\n")  # +200 ticks, 100 of them idle/iowait
+    assert idle.share() == 0.5
