@@ -28,11 +28,13 @@ class Answer:
             headers=dict(self.headers),
         )
 
-    async def send(self, send: Send) -> None:
+    async def send(self, send: Send, *, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        """Send it as ASGI messages, with `extra` raw headers added (the middleware's)."""
         headers = [
             (name.encode("latin-1"), value.encode("latin-1")) for name, value in self.headers
         ]
         headers.append((b"content-length", str(len(self.body)).encode()))
         headers.append((b"content-type", self.media_type.encode()))
+        headers.extend(extra)
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": self.body})

@@ -2,34 +2,47 @@
 status poll.
 
 A flash sale is thousands of identical `POST /events/{id}/tickets/purchase` a second, then as many
-`GET /purchases/{id}` polls, and on two cores the framework's per-request work (routing, content
-negotiation, dependency solving, the exception and exit-stack layers) costs more CPU than the
-request itself. This middleware serves the unremarkable ones by calling exactly what the routes
-call, the functions of api/purchase_contract.py, and sends the answer they return:
+`GET /purchases/{id}` polls, and on two cores the framework's per-request work (its middleware
+layers, routing, content negotiation, dependency solving) costs more CPU than the request itself.
+The app hands every HTTP request here first (api/main.py); the unremarkable ones are served by
+calling exactly what the routes call, the functions of api/purchase_contract.py, and sending the
+answer they return:
 
 - a purchase with a canonical event id and a plain `application/json` body of declared length
   within the limit (other shapes are the request guard's and the route's to judge);
 - a status poll with a canonical purchase id and no query string.
 
-Everything else goes on to the app unchanged (with the body already read replayed), and so does
-everything while `dependency_overrides` are set, since only the routes see those. Failures are
-answered by the app's own exception handlers, looked up as Starlette looks them up.
+What the middleware stack would add to those answers is done here too, once: the app's exception
+handlers answer failures (looked up as Starlette looks them up, a bug logged and answered 500),
+CORS headers are added (Starlette's own CORS logic), and the request is counted in
+the metrics. Everything else goes through the whole app unchanged, with the body already read
+replayed, and so does everything while `dependency_overrides` are set, since only the routes see
+those.
 """
 
+import contextlib
+import functools
 import inspect
 import re
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
-from api import purchase_contract
+from api import metrics, purchase_contract
+from api.answers import Answer
 from api.deps import purchase_service_of
 from api.routes import purchases
+
+if TYPE_CHECKING:
+    from api.main import TicketingAPI
 
 _HEX = "[0-9a-fA-F]"
 _CANONICAL_UUID = "-".join(f"{_HEX}{{{n}}}" for n in (8, 4, 4, 4, 12))
@@ -49,9 +62,11 @@ def _route(path: str) -> APIRoute:
 
 PURCHASE = _pattern(purchase_contract.PURCHASE_PATH, "event_id")
 STATUS = _pattern(purchase_contract.STATUS_PATH, "purchase_id")
-# Set in the scope as the router would, so metrics label each request by its route template.
 PURCHASE_ROUTE = _route(purchase_contract.PURCHASE_PATH)
 STATUS_ROUTE = _route(purchase_contract.STATUS_PATH)
+
+# What answers one request the dispatch serves: a call of the contract.
+Serve = Callable[[Scope], Awaitable[Answer]]
 
 
 def route_path(scope: Scope) -> str:
@@ -62,12 +77,20 @@ def route_path(scope: Scope) -> str:
 
 
 class FastPaths:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: "TicketingAPI", *, max_body_bytes: int, cors_options: dict[str, Any]
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # Starlette's CORS logic: its send wrapper adds the headers for each answer.
+        self._cors = CORSMiddleware(self.app, **cors_options)
+        self._without_origin = _cors_headers_without_origin(self._cors)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope["app"].dependency_overrides:
+        app = self.app
+        if app.root_path:  # as FastAPI itself does, before anything reads the path
+            scope["root_path"] = app.root_path
+        if not app.dependency_overrides:
             method = scope["method"]
             if method == "POST" and (match := PURCHASE.fullmatch(route_path(scope))):
                 await self._purchase(scope, receive, send, UUID(match[1]))
@@ -77,36 +100,67 @@ class FastPaths:
                 and not scope["query_string"]
                 and (match := STATUS.fullmatch(route_path(scope)))
             ):
-                await self._status(scope, receive, send, UUID(match[1]))
+                purchase_id = UUID(match[1])
+                serve = functools.partial(self._status, purchase_id=purchase_id)
+                await self._serve(scope, receive, send, STATUS_ROUTE, serve)
                 return
-        await self.app(scope, receive, send)
+        await app.framework(scope, receive, send)
 
     async def _purchase(self, scope: Scope, receive: Receive, send: Send, event_id: UUID) -> None:
         if not self._plain_json(scope):
-            await self.app(scope, receive, send)
+            await self.app.framework(scope, receive, send)
             return
         body, received = await _read_body(receive)
+        receive = _replay(received, receive)
         if body is None:  # the client went away mid-body: the route answers that as ever
-            await self.app(scope, _replay(received, receive), send)
+            await self.app.framework(scope, receive, send)
             return
-        scope["route"] = PURCHASE_ROUTE
-        service = purchase_service_of(scope["app"])
-        try:
-            answer = await purchase_contract.accept(service, scope, event_id, body)
-        except Exception as exc:
-            await _fail(scope, _replay(received, receive), send, exc)
-            return
-        await answer.send(send)
+        serve = functools.partial(self._accept, event_id=event_id, body=body)
+        await self._serve(scope, receive, send, PURCHASE_ROUTE, serve)
 
-    async def _status(self, scope: Scope, receive: Receive, send: Send, purchase_id: UUID) -> None:
-        scope["route"] = STATUS_ROUTE
-        service = purchase_service_of(scope["app"])
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, route: APIRoute, serve: Serve
+    ) -> None:
+        """Answer with `serve` as the middleware stack would answer with a route: failures by
+        the app's handlers, CORS headers by Starlette's CORS logic, a bug answered 500 and
+        raised, and the request counted."""
+        scope["app"] = self.app
+        started = time.perf_counter()
+        status = 500
         try:
-            answer = await purchase_contract.status(service, scope, purchase_id)
+            try:
+                reply: Answer | Response = await serve(scope)
+            except Exception as exc:
+                reply = await _error_response(scope, receive, exc)
+            status = reply.status if isinstance(reply, Answer) else reply.status_code
+            await self._send_with_cors(scope, receive, send, reply)
         except Exception as exc:
-            await _fail(scope, receive, send, exc)
+            await _answer_bug(scope, receive, send, exc)
+            raise
+        finally:
+            metrics.record(scope["method"], route.path, status, time.perf_counter() - started)
+
+    async def _send_with_cors(
+        self, scope: Scope, receive: Receive, send: Send, reply: "Answer | Response"
+    ) -> None:
+        if isinstance(reply, Answer) and not _has_origin(scope):
+            await reply.send(send, extra=self._without_origin)
             return
-        await answer.send(send)
+        cors_send = functools.partial(
+            self._cors.send, send=send, request_headers=Headers(scope=scope)
+        )
+        if isinstance(reply, Answer):
+            await reply.send(cors_send)
+        else:
+            await reply(scope, receive, cors_send)
+
+    async def _accept(self, scope: Scope, *, event_id: UUID, body: bytes) -> Answer:
+        service = purchase_service_of(self.app)
+        return await purchase_contract.accept(service, scope, event_id, body)
+
+    async def _status(self, scope: Scope, *, purchase_id: UUID) -> Answer:
+        service = purchase_service_of(self.app)
+        return await purchase_contract.status(service, scope, purchase_id)
 
     def _plain_json(self, scope: Scope) -> bool:
         """A body of declared length within the limit, sent as plain `application/json`, with
@@ -127,13 +181,33 @@ class FastPaths:
         return media_type == b"application/json"
 
 
+def _has_origin(scope: Scope) -> bool:
+    return any(name == b"origin" for name, _ in scope["headers"])
+
+
+def _cors_headers_without_origin(cors: CORSMiddleware) -> tuple[tuple[bytes, bytes], ...]:
+    """What Starlette's CORS logic adds to an answer to a request without an Origin (`Vary:
+    Origin`, a cache hint), worked out once by running that logic on an empty answer, so the
+    commonest answer needs no header parsing and rewriting of its own. Its send wrapper awaits
+    nothing here, so one step of the coroutine runs it through."""
+    message: Message = {"type": "http.response.start", "status": 200, "headers": []}
+
+    async def keep(_: Message) -> None:
+        return None
+
+    step = cors.send(message, send=keep, request_headers=Headers(raw=[]))
+    with contextlib.suppress(StopIteration):
+        step.send(None)
+    return tuple(message["headers"])
+
+
 Handler = Callable[[Request, Exception], Any]
 
 
-def _handler_for(app: FastAPI, exc: Exception) -> Handler | None:
-    """The app's handler for `exc`, most specific type first, as Starlette's exception
-    middleware finds it; the catch-all is left to the server error middleware, as for a route."""
-    handlers: dict[Any, Handler] = app.exception_handlers
+def _handler_for(scope: Scope, exc: Exception) -> Handler | None:
+    """The app's handler for an expected `exc`, most specific type first, as Starlette's
+    exception middleware finds it; None for a bug (only the catch-all would take it)."""
+    handlers: dict[Any, Handler] = scope["app"].exception_handlers
     for kind in type(exc).__mro__:
         if kind is Exception:
             return None
@@ -143,10 +217,23 @@ def _handler_for(app: FastAPI, exc: Exception) -> Handler | None:
     return None
 
 
-async def _fail(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
-    handler = _handler_for(scope["app"], exc)
+async def _error_response(scope: Scope, receive: Receive, exc: Exception) -> Response:
+    """The app's answer to an expected failure; a bug is raised on."""
+    handler = _handler_for(scope, exc)
     if handler is None:
-        raise exc  # a bug: the server error middleware logs it and answers 500
+        raise exc
+    response = handler(Request(scope, receive), exc)
+    if inspect.isawaitable(response):
+        response = await response
+    assert isinstance(response, Response)
+    return response
+
+
+async def _answer_bug(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
+    """What the server error middleware does for a route: the catch-all handler answers 500."""
+    handler = scope["app"].exception_handlers.get(Exception)
+    if handler is None:
+        return
     response = handler(Request(scope, receive), exc)
     if inspect.isawaitable(response):
         response = await response

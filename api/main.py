@@ -2,9 +2,11 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import Receive, Scope, Send
 
 from api.errors import install_error_handlers
 from api.fast_paths import FastPaths
@@ -23,7 +25,34 @@ Every error is `application/problem+json` (RFC 9457).
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+class TicketingAPI(FastAPI):
+    """FastAPI, with every HTTP request offered first to the raw-ASGI dispatch of the purchase
+    and the status poll (api/fast_paths.py), which serves the unremarkable ones before the
+    middleware stack and hands the rest to `framework`: the whole app, as FastAPI runs it."""
+
+    fast_paths: FastPaths | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast_paths is not None and scope["type"] == "http":
+            await self.fast_paths(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
+
+
+def cors_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "allow_origins": settings.cors_origins,
+        "allow_methods": ["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+        "allow_headers": ["Content-Type", "Idempotency-Key", "If-Match"],
+        "expose_headers": ["Location", "Retry-After", "ETag"],
+        "max_age": 600,
+    }
+
+
+def create_app(settings: Settings | None = None) -> TicketingAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -33,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             tune_gc()
             yield
 
-    app = FastAPI(
+    app = TicketingAPI(
         title="Ticketing API",
         version="1.0.0",
         description=DESCRIPTION,
@@ -41,17 +70,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
-    # Outside the guard: it serves only requests the guard would pass, and hands the rest on.
-    app.add_middleware(FastPaths, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     # Added last so it is outermost: even a 413 or a 503 carries the CORS headers a browser needs.
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=settings.cors_origins,
-        allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
-        allow_headers=["Content-Type", "Idempotency-Key", "If-Match"],
-        expose_headers=["Location", "Retry-After", "ETag"],
-        max_age=600,
+    app.add_middleware(CORSMiddleware, **cors_options(settings))
+    app.fast_paths = FastPaths(
+        app, max_body_bytes=settings.max_body_bytes, cors_options=cors_options(settings)
     )
     app.include_router(events.router)
     app.include_router(purchases.router)

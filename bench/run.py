@@ -29,7 +29,7 @@ from bench.processes import Processes, bench_settings, peak_rss_mb
 from bench.report import RESULTS, draw_chart, print_table, report
 from bench.sizes import COALESCED, FULL, QUICK, Sizes
 from shared import broker
-from shared.messages import PurchaseMessage, PurchaseRequested
+from shared.messages import AcceptedPurchase, encode_message
 from shared.migrate import create_database_if_missing, drop_database
 from shared.migrate import migrate as apply_schema
 from shared.publisher import amqp_message
@@ -116,7 +116,7 @@ class Bench:
             event_id = event_ids[i % len(event_ids)]
             partition = self.topology.partition_of(event_id)
             purchases = [
-                PurchaseRequested(
+                AcceptedPurchase(
                     purchase_id=uuid.uuid4(),
                     event_id=event_id,
                     customer_id=f"c{i}-{n}",
@@ -126,7 +126,7 @@ class Bench:
                 for n in range(per_message)
             ]
             await exchange.publish(
-                amqp_message(PurchaseMessage(partition=partition, purchases=purchases)),
+                amqp_message(encode_message(partition, purchases)),
                 routing_key=self.topology.routing_key(partition),
             )
 
@@ -246,7 +246,7 @@ class Bench:
         ASGI ceiling (no framework: read, parse, 202) and a bare FastAPI endpoint (validate,
         202). Each app's CPU per answered request comes from /proc."""
         await self.reset()
-        (event_id,) = await self.create_events(1, 10_000_000)
+        (event_id,) = await self.create_events(1, 1_000_000)
         api = self.procs.api()
         try:
             for connections in ACCEPT_CONNECTIONS:

@@ -16,8 +16,8 @@ from pathlib import Path
 INTERVAL_S = 0.25
 # Idle shares of all the machine's CPUs: above WIDEN_IDLE there is CPU to spare for more
 # messages; below NARROW_IDLE the CPU is the bottleneck.
-WIDEN_IDLE = 0.25
-NARROW_IDLE = 0.10
+WIDEN_IDLE = 0.08
+NARROW_IDLE = 0.03
 
 
 class CpuIdle:

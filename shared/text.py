@@ -12,6 +12,8 @@ from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, Stri
 
 
 def _printable(value: str, *, allow_newlines: bool) -> str:
+    if value.isascii() and value.isprintable():  # no control character, no surrogate
+        return value
     for char in value:
         category = unicodedata.category(char)
         if category == "Cs":

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from shared import broker, preflight
 from shared.db import create_pool
 from shared.errors import StartupError
-from shared.messages import PurchaseMessage, PurchaseRequested
+from shared.messages import PurchaseMessage, PurchaseRequested, encode_message
 from shared.publisher import amqp_message
 from shared.settings import Settings
 from worker import leases, membership
@@ -104,7 +104,7 @@ async def replay_dead_letters(settings: Settings, out: TextIO = sys.stdout) -> t
                 by_partition[topology.partition_of(purchase.event_id)].append(purchase)
             for partition, purchases in by_partition.items():
                 await exchange.publish(
-                    amqp_message(PurchaseMessage(partition=partition, purchases=purchases)),
+                    amqp_message(encode_message(partition, purchases)),
                     routing_key=topology.routing_key(partition),
                     mandatory=True,
                 )

@@ -420,7 +420,6 @@ def _scope(content_length: bytes) -> Scope:
         "path": f"/events/{uuid4()}/tickets/purchase",
         "query_string": b"",
         "headers": [(b"content-type", b"application/json"), (b"content-length", content_length)],
-        "app": SimpleNamespace(dependency_overrides={}),
     }
 
 
@@ -433,7 +432,8 @@ async def _run(scope: Scope, incoming: list[Message]) -> tuple[_Route, list[Mess
     async def send(message: Message) -> None:
         sent.append(message)
 
-    await FastPaths(route, max_body_bytes=1024)(scope, receive, send)
+    app = SimpleNamespace(dependency_overrides={}, root_path="", framework=route)
+    await FastPaths(app, max_body_bytes=1024, cors_options={})(scope, receive, send)  # type: ignore[arg-type]
     return route, sent
 
 

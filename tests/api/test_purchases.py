@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from shared.messages import CONTENT_TYPE, MESSAGE_TYPE, PurchaseMessage
+from shared.purchases.models import PurchaseAccepted
 from shared.settings import Settings
 from tests.api.helpers import (
     assert_problem,
@@ -61,6 +62,9 @@ async def test_purchase_is_202_pending_with_location_and_retry_after(
     assert accepted["status_url"] == f"/purchases/{purchase_id}"
     assert response.headers["location"] == f"/purchases/{purchase_id}"
     assert response.headers["retry-after"] == "1"
+    # The body is the documented response model, field for field.
+    model = PurchaseAccepted.model_validate_json(response.content)
+    assert model.model_dump(mode="json") == accepted
 
 
 async def test_purchase_message_is_in_its_partition_queue_when_202_is_answered(

@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 
 from shared import broker
 from shared.errors import BrokerUnavailable
-from shared.messages import PurchaseRequested
+from shared.messages import AcceptedPurchase
 from shared.publisher import PurchasePublisher
 from shared.settings import Settings
 from tests.conftest import api_client
@@ -190,8 +190,8 @@ def _count(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def requested(event_id: UUID, i: int) -> PurchaseRequested:
-    return PurchaseRequested(
+def requested(event_id: UUID, i: int) -> AcceptedPurchase:
+    return AcceptedPurchase(
         purchase_id=uuid4(),
         event_id=event_id,
         customer_id=f"customer-{i}",

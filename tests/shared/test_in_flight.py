@@ -3,7 +3,11 @@ a slot and the machine has CPU to spare."""
 
 from pathlib import Path
 
-from shared.in_flight import CpuIdle, InFlightWindow
+from shared.in_flight import NARROW_IDLE, WIDEN_IDLE, CpuIdle, InFlightWindow
+
+IDLE = min(1.0, WIDEN_IDLE * 3)
+BUSY = NARROW_IDLE / 2
+BETWEEN = (NARROW_IDLE + WIDEN_IDLE) / 2
 
 
 class Idle(CpuIdle):
@@ -21,7 +25,7 @@ def window(shares: list[float], maximum: int = 4) -> InFlightWindow:
 
 
 def test_it_starts_at_one_and_widens_while_purchases_wait_and_the_cpu_idles() -> None:
-    w = window([0.6] * 10)
+    w = window([IDLE] * 10)
     assert w.size == 1
     sizes = []
     for _ in range(5):
@@ -31,12 +35,12 @@ def test_it_starts_at_one_and_widens_while_purchases_wait_and_the_cpu_idles() ->
 
 
 def test_it_does_not_widen_when_nothing_waited_for_a_slot() -> None:
-    w = window([0.9] * 3)
+    w = window([IDLE] * 3)
     assert [w.adapt() for _ in range(3)] == [1, 1, 1]
 
 
 def test_a_busy_cpu_narrows_it_back_to_one_even_while_purchases_wait() -> None:
-    w = window([0.6, 0.6, 0.6, 0.05, 0.05, 0.05, 0.05])
+    w = window([IDLE, IDLE, IDLE, BUSY, BUSY, BUSY, BUSY])
     sizes = []
     for _ in range(7):
         w.waited()
@@ -45,7 +49,7 @@ def test_a_busy_cpu_narrows_it_back_to_one_even_while_purchases_wait() -> None:
 
 
 def test_between_the_thresholds_it_holds_its_size() -> None:
-    w = window([0.6, 0.15, 0.15])
+    w = window([IDLE, BETWEEN, BETWEEN])
     w.waited()
     assert w.adapt() == 2
     w.waited()

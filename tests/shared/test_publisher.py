@@ -11,7 +11,7 @@ import pytest
 from shared import broker
 from shared.errors import BrokerUnavailable
 from shared.in_flight import CpuIdle, InFlightWindow
-from shared.messages import PurchaseMessage, PurchaseRequested
+from shared.messages import AcceptedPurchase, PurchaseMessage
 from shared.publisher import PurchasePublisher
 from shared.settings import Settings
 from tests.faults.proxy import proxy_for, through
@@ -28,10 +28,10 @@ async def test_a_bug_while_sending_fails_the_callers_instead_of_hanging_them(
     publisher = PurchasePublisher(broker.Topology.from_settings(settings), timeout_s=5)
     try:
         await publisher.start(connection)
-        monkeypatch.setattr("shared.publisher.amqp_message", broken)
+        monkeypatch.setattr("shared.publisher.encode_message", broken)
         event_id = uuid4()
         purchases = [
-            PurchaseRequested(
+            AcceptedPurchase(
                 purchase_id=uuid4(),
                 event_id=event_id,
                 customer_id=f"customer-{i}",
@@ -83,7 +83,7 @@ async def test_with_slow_confirms_a_wider_window_keeps_every_purchase_and_the_qu
             purchases = [requested(event_id, i) for i in range(40)]
             widest = 0
 
-            async def one(purchase: PurchaseRequested) -> None:
+            async def one(purchase: AcceptedPurchase) -> None:
                 nonlocal widest
                 await publisher.publish(purchase)
                 widest = max(widest, window.size)
@@ -99,8 +99,8 @@ async def test_with_slow_confirms_a_wider_window_keeps_every_purchase_and_the_qu
     assert queued == [p.purchase_id for p in purchases]
 
 
-def requested(event_id: UUID, i: int) -> PurchaseRequested:
-    return PurchaseRequested(
+def requested(event_id: UUID, i: int) -> AcceptedPurchase:
+    return AcceptedPurchase(
         purchase_id=uuid4(),
         event_id=event_id,
         customer_id=f"customer-{i}",

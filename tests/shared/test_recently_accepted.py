@@ -3,12 +3,12 @@
 from datetime import UTC, datetime
 from uuid import uuid4
 
-from shared.messages import PurchaseRequested
-from shared.purchases.service import AcceptedDetails, RecentlyAccepted
+from shared.messages import AcceptedPurchase
+from shared.purchases.service import RecentlyAccepted
 
 
-def accepted(i: int) -> PurchaseRequested:
-    return PurchaseRequested(
+def accepted(i: int) -> AcceptedPurchase:
+    return AcceptedPurchase(
         purchase_id=uuid4(),
         event_id=uuid4(),
         customer_id=f"customer-{i}",
@@ -23,9 +23,7 @@ def test_recently_accepted_keeps_the_details_of_a_pending_purchase() -> None:
 
     recent.remember(purchase)
 
-    assert recent.get(purchase.purchase_id) == AcceptedDetails(
-        purchase.event_id, "customer-7", 2, purchase.accepted_at
-    )
+    assert recent.get(purchase.purchase_id) == purchase
     assert recent.get(uuid4()) is None
 
 
