@@ -14,7 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from api.problems import problem_response
+from api.answers import Answer
+from api.problems import problem, problem_response
 from shared.errors import (
     Conflict,
     DomainError,
@@ -59,15 +60,13 @@ class InvalidInput(Exception):
         return self._errors
 
 
-def _domain_error(request: Request, exc: Exception) -> Response:
+def _domain_error(path: str, exc: Exception) -> Answer:
     assert isinstance(exc, DomainError)
     status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 400)
     headers = None
     if isinstance(exc, ServiceUnavailable):
         headers = {"Retry-After": str(exc.retry_after_s)}
-    return problem_response(
-        status, exc.title, exc.detail, instance=request.url.path, headers=headers
-    )
+    return problem(status, exc.title, exc.detail, instance=path, headers=headers)
 
 
 def _clean_error(error: Any) -> dict[str, Any]:
@@ -79,49 +78,45 @@ def _clean_error(error: Any) -> dict[str, Any]:
     }
 
 
-def _validation_error(request: Request, exc: Exception) -> Response:
+def _validation_error(path: str, exc: Exception) -> Answer:
     assert isinstance(exc, RequestValidationError | InvalidInput)
     errors = [_clean_error(error) for error in exc.errors()]
     if any(error["type"] == "json_invalid" for error in errors):
-        return problem_response(
+        return problem(
             400,
             "Malformed JSON",
             "The request body is not valid JSON.",
-            instance=request.url.path,
+            instance=path,
             errors=errors,
         )
     summary = "; ".join(
         f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in errors[:5]
     )
-    return problem_response(
-        422,
-        "Invalid request",
-        summary or "The request is invalid.",
-        instance=request.url.path,
-        errors=errors,
+    return problem(
+        422, "Invalid request", summary or "The request is invalid.", instance=path, errors=errors
     )
 
 
-def _http_error(request: Request, exc: Exception) -> Response:
+def _http_error(path: str, exc: Exception) -> Answer:
     assert isinstance(exc, StarletteHTTPException)
     title = HTTP_TITLES.get(exc.status_code, "Request failed")
     detail = exc.detail if isinstance(exc.detail, str) else title
-    return problem_response(
+    return problem(
         exc.status_code,
         title,
         detail,
-        instance=request.url.path,
+        instance=path,
         headers=dict(exc.headers) if exc.headers else None,
     )
 
 
-def _database_unavailable(request: Request, exc: Exception) -> Response:
-    log.warning("database unavailable on %s: %r", request.url.path, exc)
-    return problem_response(
+def _database_unavailable(path: str, exc: Exception) -> Answer:
+    log.warning("database unavailable on %s: %r", path, exc)
+    return problem(
         503,
         "Database unavailable",
         "The database is unavailable; retry shortly.",
-        instance=request.url.path,
+        instance=path,
         headers={"Retry-After": "1"},
     )
 
@@ -136,7 +131,17 @@ def _unexpected_error(request: Request, exc: Exception) -> Response:
     )
 
 
-Handler = Callable[[Request, Exception], Response]
+class ProblemHandler:
+    """An exception handler that answers with a problem. Starlette calls it with the request;
+    the raw-ASGI dispatch, finding one installed, calls its `answer` with the request's path
+    and sends the Answer as it is."""
+
+    def __init__(self, answer: Callable[[str, Exception], Answer]) -> None:
+        self.answer = answer
+
+    def __call__(self, request: Request, exc: Exception) -> Response:
+        return self.answer(request.url.path, exc).response()
+
 
 _DATABASE_DOWN: tuple[type[BaseException], ...] = (
     *TRANSIENT_DATABASE,
@@ -146,12 +151,16 @@ _DATABASE_DOWN: tuple[type[BaseException], ...] = (
 # Every error answered on purpose, by type. The database ones are listed by type rather than left
 # to the catch-all: Starlette answers these like any expected error, where the catch-all would
 # answer and then re-raise into the server.
-EXPECTED: dict[type[Exception], Handler] = {
-    DomainError: _domain_error,
-    RequestValidationError: _validation_error,
-    InvalidInput: _validation_error,
-    StarletteHTTPException: _http_error,
-    **{kind: _database_unavailable for kind in _DATABASE_DOWN if issubclass(kind, Exception)},
+EXPECTED: dict[type[Exception], ProblemHandler] = {
+    DomainError: ProblemHandler(_domain_error),
+    RequestValidationError: ProblemHandler(_validation_error),
+    InvalidInput: ProblemHandler(_validation_error),
+    StarletteHTTPException: ProblemHandler(_http_error),
+    **{
+        kind: ProblemHandler(_database_unavailable)
+        for kind in _DATABASE_DOWN
+        if issubclass(kind, Exception)
+    },
 }
 
 

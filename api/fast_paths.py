@@ -39,6 +39,7 @@ from starlette.types import Message, Receive, Scope, Send
 from api import metrics, purchase_contract
 from api.answers import Answer
 from api.deps import purchase_service_of
+from api.errors import ProblemHandler
 from api.routes import purchases
 
 if TYPE_CHECKING:
@@ -217,11 +218,15 @@ def _handler_for(scope: Scope, exc: Exception) -> Handler | None:
     return None
 
 
-async def _error_response(scope: Scope, receive: Receive, exc: Exception) -> Response:
+async def _error_response(scope: Scope, receive: Receive, exc: Exception) -> Answer | Response:
     """The app's answer to an expected failure; a bug is raised on."""
     handler = _handler_for(scope, exc)
     if handler is None:
         raise exc
+    if isinstance(handler, ProblemHandler):
+        # The path of a request served here is plain (a fixed prefix and a canonical id): it
+        # is what Starlette's request.url.path would give.
+        return handler.answer(scope["path"], exc)
     response = handler(Request(scope, receive), exc)
     if inspect.isawaitable(response):
         response = await response

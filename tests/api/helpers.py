@@ -13,6 +13,7 @@ import aio_pika.abc
 import asyncpg
 import httpx
 
+from api.problems import Problem
 from shared.broker import Topology
 from shared.messages import PurchaseMessage, PurchaseRequested
 from shared.migrate import drop_database
@@ -47,6 +48,8 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
     assert isinstance(body["detail"], str)
     assert body["detail"]
     assert body["status"] == status
+    # The documented model, field for field (nothing else, nothing null).
+    assert Problem.model_validate_json(response.content).model_dump(exclude_none=True) == body
     assert "Traceback" not in response.text
     assert 'File "' not in response.text
     return body
