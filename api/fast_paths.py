@@ -255,6 +255,9 @@ async def _read_body(receive: Receive) -> tuple[bytes | None, list[Message]]:
         if message["type"] == "http.disconnect":
             return None, received
         if not message.get("more_body", False):
+            if len(received) == 1:  # the usual small body, in one piece
+                body: bytes = message.get("body", b"")
+                return body, received
             return b"".join(m.get("body", b"") for m in received), received
 
 

@@ -4,6 +4,7 @@ The exception handlers, the request guard (413/415 before routing) and the raw-A
 answer with `problem(...)`, so a problem reads the same whichever layer refused the request.
 """
 
+from functools import cache
 from typing import Any
 
 import orjson
@@ -25,6 +26,7 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] | None = None
 
 
+@cache
 def slug(title: str) -> str:
     return "-".join(title.lower().replace("-", " ").split())
 
