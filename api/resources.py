@@ -48,7 +48,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             )
             await publisher.start(connection)
             event_service = EventService(pool)
-            cache = EventCache(event_service.find, ttl_s=settings.event_cache_ttl_s)
+            cache = EventCache(event_service.find_many, ttl_s=settings.event_cache_ttl_s)
             yield Resources(
                 settings=settings,
                 pool=pool,

@@ -27,7 +27,7 @@ from bench.cpu import CpuMeter, cpu_seconds, postgres_postmasters, rabbitmq_node
 from bench.loadgen import LoadResult, run_load
 from bench.processes import Processes, bench_settings, peak_rss_mb
 from bench.report import RESULTS, draw_chart, print_table, report
-from bench.sizes import COALESCED, FULL, QUICK, Sizes
+from bench.sizes import COALESCED, FULL, QUICK, SPREAD_CONNECTIONS, SPREAD_EVENTS, Sizes
 from shared import broker
 from shared.messages import AcceptedPurchase, encode_message
 from shared.migrate import create_database_if_missing, drop_database
@@ -319,20 +319,94 @@ class Bench:
             self.procs.stop(api)
         self.figures["status_polls"] = load_figures(load)
 
+    async def spread(self) -> None:
+        """Many events on sale at once (SPREAD_EVENTS, a random one per request, one ticket),
+        the synchronous baseline against this design, at each of SPREAD_CONNECTIONS. The rate
+        is purchases confirmed in the database per second, end to end: for this design, from
+        the first request until the worker has decided the last one accepted."""
+        for connections in SPREAD_CONNECTIONS:
+            await self.reset()
+            event_ids = await self.create_events(SPREAD_EVENTS, 100_000)
+            proc = self.procs.uvicorn("bench.baseline_app:app", 8802)
+            meter = self._pipeline_meter({"baseline": proc.pid})
+            try:
+                meter.start()
+                load = await run_load(
+                    "http://127.0.0.1:8802",
+                    spread_request(event_ids),
+                    duration_s=self.sizes.spread_s,
+                    concurrency=connections,
+                )
+                cpu = meter.stop()
+            finally:
+                self.procs.stop(proc)
+            self.figures[f"spread_baseline_{connections}"] = await self._spread_figures(
+                load, load.seconds, cpu, connections
+            )
+
+            await self.reset()
+            event_ids = await self.create_events(SPREAD_EVENTS, 100_000)
+            api = self.procs.api()
+            worker = self.procs.worker("bench-spread")
+            meter = self._pipeline_meter({"api": api.pid, "worker": worker.pid})
+            try:
+                meter.start()
+                started = time.perf_counter()
+                load = await run_load(
+                    f"http://127.0.0.1:{self.settings.api_port}",
+                    spread_request(event_ids),
+                    duration_s=self.sizes.spread_s,
+                    concurrency=connections,
+                )
+                await self.wait_final(load.statuses.get(202, 0))
+                seconds = time.perf_counter() - started
+                cpu = meter.stop()
+                worker_rss = peak_rss_mb(worker)
+                coalesced = publish_batch_average(self.settings.api_port)
+            finally:
+                self.procs.stop(worker)
+                self.procs.stop(api)
+            figures = await self._spread_figures(load, seconds, cpu, connections)
+            figures["publish_purchases_per_message"] = coalesced
+            figures["worker_peak_rss_mb"] = worker_rss
+            figures["commits"] = await self.db.fetchval(
+                "SELECT count(DISTINCT processed_at) FROM purchases"
+            )
+            self.figures[f"spread_{connections}"] = figures
+
+    @staticmethod
+    def _pipeline_meter(roots: dict[str, int]) -> CpuMeter:
+        """CPU of the processes started here (by root pid), RabbitMQ's and PostgreSQL's."""
+        own = {name: (lambda pid=pid: [pid]) for name, pid in roots.items()}
+        return CpuMeter({**own, "rabbitmq": rabbitmq_nodes, "postgresql": postgres_postmasters})
+
+    async def _spread_figures(
+        self, load: LoadResult, seconds: float, cpu: dict[str, float], connections: int
+    ) -> dict[str, Any]:
+        check = await self.check_no_oversell()
+        confirmed: int = await self.db.fetchval(
+            "SELECT count(*) FROM purchases WHERE status = 'confirmed'"
+        )
+        return {
+            **load_figures(load),
+            "connections": connections,
+            "confirmed": confirmed,
+            "seconds_until_all_final": seconds,
+            "confirmed_per_s": confirmed / seconds,
+            "cpu_s": cpu,
+            "cpu_ms_per_confirmed": {k: 1000 * v / confirmed for k, v in cpu.items()}
+            | {"total": 1000 * sum(cpu.values()) / confirmed},
+            "oversold": check["oversold"],
+            "duplicated": check["duplicated"],
+        }
+
     async def flash_sale(self) -> None:
         await self.reset()
         (event_id,) = await self.create_events(1, self.sizes.flash_tickets)
         api = self.procs.api()
         worker = self.procs.worker("bench-flash")
         # The whole pipeline: every process a purchase passes through on its way to the database.
-        meter = CpuMeter(
-            {
-                "api": lambda: [api.pid],
-                "rabbitmq": rabbitmq_nodes,
-                "worker": lambda: [worker.pid],
-                "postgresql": postgres_postmasters,
-            }
-        )
+        meter = self._pipeline_meter({"api": api.pid, "worker": worker.pid})
         try:
             meter.start()
             started = time.perf_counter()
@@ -390,6 +464,18 @@ def publish_batch_average(port: int) -> float:
     return values["_sum"] / values["_count"] if values.get("_count") else 0.0
 
 
+def spread_request(event_ids: list[uuid.UUID]) -> Callable[[int], tuple[str, str, bytes]]:
+    """One ticket of an event drawn at random (seeded: both designs get the same draw)."""
+    paths = [f"/events/{event_id}/tickets/purchase" for event_id in event_ids]
+    draw = random.Random(15)
+
+    def make(i: int) -> tuple[str, str, bytes]:
+        body = orjson.dumps({"customer_id": f"customer-{i}", "quantity": 1})
+        return "POST", draw.choice(paths), body
+
+    return make
+
+
 def purchase_request(event_id: uuid.UUID) -> Callable[[int], tuple[str, str, bytes]]:
     path = f"/events/{event_id}/tickets/purchase"
 
@@ -425,6 +511,10 @@ def steps_of(bench: "Bench") -> dict[str, tuple[str, Callable[[], Awaitable[None
         "accept": ("API accept vs bare endpoint", bench.api_accept),
         "polls": ("status polls", bench.status_polls),
         "flash": ("flash sale end to end", bench.flash_sale),
+        "spread": (
+            f"{SPREAD_EVENTS} events on sale at once, baseline and this design",
+            bench.spread,
+        ),
     }
 
 
@@ -477,6 +567,7 @@ if __name__ == "__main__":
             "accept",
             "polls",
             "flash",
+            "spread",
         ],
         help="measure just these scenarios and print their figures (nothing is written)",
     )

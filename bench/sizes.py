@@ -17,7 +17,11 @@ class Sizes:
     baseline_requests: int
     many_events: int
     many_purchases: int
+    spread_s: float  # seconds of load per "many events on sale" measurement
 
 
-FULL = Sizes(100_000, 10.0, 50_000, 20_000, 256, 50_000, 1_000, 100_000)
-QUICK = Sizes(20_000, 3.0, 10_000, 4_000, 256, 10_000, 1_000, 20_000)
+FULL = Sizes(100_000, 10.0, 50_000, 20_000, 256, 50_000, 1_000, 100_000, 15.0)
+QUICK = Sizes(20_000, 3.0, 10_000, 4_000, 256, 10_000, 1_000, 20_000, 5.0)
+# Many events on sale at once: a buyer picks one at random, one ticket each.
+SPREAD_EVENTS = 200
+SPREAD_CONNECTIONS = (32, 128)

@@ -1,8 +1,10 @@
 """Prometheus metrics of the worker, served on WORKER_METRICS_PORT."""
 
 import logging
+from functools import cache
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import Counter as CounterChild
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,12 @@ DEAD_LETTERS = Counter(
     "Messages dead-lettered (rejected as undecodable here, or seen in the record queue)",
     ["reason"],
 )
+
+
+@cache
+def decided(status: str, reason: str) -> CounterChild:
+    """PURCHASES for one (status, reason): looked up once, counted often."""
+    return PURCHASES.labels(status, reason)
 
 
 def serve_metrics(port: int) -> None:

@@ -14,7 +14,8 @@ from uuid import UUID
 
 from shared.events.models import Event
 
-Loader = Callable[[UUID], Awaitable[Event | None]]
+# Loads the events of the given ids; an id missing from the answer has no event.
+Loader = Callable[[list[UUID]], Awaitable[dict[UUID, Event]]]
 
 STALE_IF_ERROR_S = 300.0
 
@@ -26,9 +27,12 @@ class EventCache:
         self._max_entries = max_entries
         # event id -> (loaded at, event or None when it does not exist)
         self._entries: dict[UUID, tuple[float, Event | None]] = {}
-        # One load per event at a time: the first request of a burst reads, the rest wait for it.
-        # The load runs as its own task so that one caller's cancellation does not fail the others.
-        self._loading: dict[UUID, asyncio.Task[Event | None]] = {}
+        # One load per event at a time, and one query for every event that needs loading at
+        # once: with many events on sale, each expiring on its own, single reads would be a
+        # query per event per TTL. A load runs as its own task, so that one caller's
+        # cancellation does not fail the others.
+        self._loading: dict[UUID, asyncio.Task[dict[UUID, Event]]] = {}
+        self._gathering: tuple[asyncio.Task[dict[UUID, Event]], list[UUID]] | None = None
 
     async def get(self, event_id: UUID) -> Event | None:
         entry = self._entries.get(event_id)
@@ -36,23 +40,34 @@ class EventCache:
             return entry[1]
         task = self._loading.get(event_id)
         if task is None:
-            task = asyncio.create_task(self._refresh(event_id))
-            self._loading[event_id] = task
-            task.add_done_callback(lambda _: self._loading.pop(event_id, None))
-        return await asyncio.shield(task)
-
-    async def _refresh(self, event_id: UUID) -> Event | None:
+            task = self._join_next_load(event_id)
         try:
-            event = await self._load(event_id)
+            loaded = await asyncio.shield(task)
         except Exception:
-            entry = self._entries.get(event_id)
             if entry is not None and time.monotonic() - entry[0] < STALE_IF_ERROR_S:
                 return entry[1]
             raise
-        self._store(event_id, event)
-        return event
+        return loaded.get(event_id)
 
-    def _store(self, event_id: UUID, event: Event | None) -> None:
-        if len(self._entries) >= self._max_entries:
-            self._entries.clear()  # crude but bounded; a refill costs one read per hot event
-        self._entries[event_id] = (time.monotonic(), event)
+    def _join_next_load(self, event_id: UUID) -> asyncio.Task[dict[UUID, Event]]:
+        """The load that has not started yet (it starts on the next turn of the loop), with
+        `event_id` added to what it reads."""
+        if self._gathering is None:
+            ids: list[UUID] = []
+            task = asyncio.create_task(self._load_gathered(ids))
+            self._gathering = (task, ids)
+        task, ids = self._gathering
+        ids.append(event_id)
+        self._loading[event_id] = task
+        task.add_done_callback(lambda _: self._loading.pop(event_id, None))
+        return task
+
+    async def _load_gathered(self, ids: list[UUID]) -> dict[UUID, Event]:
+        self._gathering = None  # from here on, new misses gather for the next load
+        loaded = await self._load(ids)
+        now = time.monotonic()
+        if len(self._entries) + len(ids) > self._max_entries:
+            self._entries.clear()  # crude but bounded; a refill costs a read per hot event
+        for event_id in ids:
+            self._entries[event_id] = (now, loaded.get(event_id))
+        return loaded

@@ -17,6 +17,8 @@ INSERT_EVENT = """
 
 SELECT_EVENT = "SELECT * FROM events WHERE id = $1"
 
+SELECT_EVENTS = "SELECT * FROM events WHERE id = ANY($1::uuid[])"
+
 SELECT_EVENT_FOR_UPDATE = "SELECT * FROM events WHERE id = $1 FOR UPDATE"
 
 LIST_EVENTS_FIRST_PAGE = """
@@ -77,6 +79,10 @@ async def get_event(
     query = SELECT_EVENT_FOR_UPDATE if for_update else SELECT_EVENT
     row: asyncpg.Record | None = await conn.fetchrow(query, event_id)
     return row
+
+
+async def get_events(conn: Connection, event_ids: list[UUID]) -> list[asyncpg.Record]:
+    return await conn.fetch(SELECT_EVENTS, event_ids)
 
 
 async def list_events(

@@ -68,6 +68,13 @@ class EventService:
             row = await repository.get_event(conn, event_id)
         return None if row is None else Event.model_validate(dict(row))
 
+    async def find_many(self, event_ids: list[UUID]) -> dict[UUID, Event]:
+        """The events of those ids that exist, by id (one query)."""
+        async with self._pool.acquire() as conn:
+            rows = await repository.get_events(conn, event_ids)
+        events = (Event.model_validate(dict(row)) for row in rows)
+        return {event.id: event for event in events}
+
     async def get(self, event_id: UUID) -> Event:
         event = await self.find(event_id)
         if event is None:
