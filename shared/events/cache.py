@@ -18,6 +18,8 @@ from shared.events.models import Event
 Loader = Callable[[list[UUID]], Awaitable[dict[UUID, Event]]]
 
 STALE_IF_ERROR_S = 300.0
+# At most this many entries refreshed ahead of their expiry by one load.
+REFRESH_AHEAD_MAX = 1000
 
 
 class EventCache:
@@ -51,16 +53,29 @@ class EventCache:
 
     def _join_next_load(self, event_id: UUID) -> asyncio.Task[dict[UUID, Event]]:
         """The load that has not started yet (it starts on the next turn of the loop), with
-        `event_id` added to what it reads."""
+        `event_id` added to what it reads. A new load also takes along the entries past half
+        their lifetime, so that entries expire together, a query for all of them, rather than
+        each on its own."""
         if self._gathering is None:
             ids: list[UUID] = []
             task = asyncio.create_task(self._load_gathered(ids))
             self._gathering = (task, ids)
+            for ageing in self._ageing():
+                self._add(task, ids, ageing)
         task, ids = self._gathering
+        if event_id not in self._loading:
+            self._add(task, ids, event_id)
+        return task
+
+    def _ageing(self) -> list[UUID]:
+        horizon = time.monotonic() - self._ttl_s / 2
+        ageing = [i for i, (at, _) in self._entries.items() if at <= horizon]
+        return [i for i in ageing[:REFRESH_AHEAD_MAX] if i not in self._loading]
+
+    def _add(self, task: asyncio.Task[dict[UUID, Event]], ids: list[UUID], event_id: UUID) -> None:
         ids.append(event_id)
         self._loading[event_id] = task
         task.add_done_callback(lambda _: self._loading.pop(event_id, None))
-        return task
 
     async def _load_gathered(self, ids: list[UUID]) -> dict[UUID, Event]:
         self._gathering = None  # from here on, new misses gather for the next load

@@ -92,3 +92,17 @@ async def test_while_the_database_is_down_the_last_known_event_is_served() -> No
     assert await cache.get(known) is not None
     with pytest.raises(ConnectionError):
         await cache.get(never_seen)
+
+
+async def test_a_load_takes_along_the_entries_past_half_their_lifetime() -> None:
+    """So that entries loaded at different times come to expire together, and many events on
+    sale cost a query per half lifetime rather than one per event."""
+    early, late = uuid4(), uuid4()
+    loader = Loader({early: event(early), late: event(late)})
+    cache = EventCache(loader, ttl_s=0.4)
+    await cache.get(early)
+    await asyncio.sleep(0.25)  # past half of early's lifetime, not yet expired
+
+    await cache.get(late)
+
+    assert loader.calls == [[early], [early, late]]
