@@ -550,8 +550,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--http-processes",
         type=int,
-        default=int(os.environ.get("BENCH_HTTP_PROCESSES", "2")),
-        help="uvicorn processes for every HTTP app measured (API, baseline, bare): one per core",
+        default=int(os.environ.get("BENCH_HTTP_PROCESSES", "1")),
+        help="uvicorn processes for every HTTP app measured (API, baseline, raw, bare); the "
+        "default, 1, is how the API is deployed (one process per container)",
     )
     parser.add_argument(
         "--only",

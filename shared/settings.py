@@ -26,7 +26,10 @@ class Settings(BaseSettings):
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     # Prefix of every exchange and queue name, so several deployments (or test runs) share a broker.
     broker_namespace: str = Field(default="ticketing", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    partitions: int = Field(default=32, ge=1, le=1024)
+    # Queues, and units of work a worker leases: fewer fill each message with more purchases
+    # (cheaper per purchase everywhere), more let more workers share the load. See README,
+    # "Choosing PARTITIONS".
+    partitions: int = Field(default=4, ge=1, le=1024)
     queue_max_length: int = Field(default=1_000_000, ge=1)
     delivery_limit: int = Field(default=20, ge=1)
 
