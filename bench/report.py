@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.sizes import COALESCED, Sizes
+from bench.sizes import COALESCED, SPREAD_CONNECTIONS, SPREAD_EVENTS, Sizes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The flash sale's pipeline CPU per confirmed purchase measured the same way on the code before
@@ -40,6 +40,11 @@ def report(figures: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> dic
         / raw_256["cpu_ms_per_request"],
         "api_accept_vs_bare": api["accepted_per_s"] / figures["bare_accept"]["accepted_per_s"],
         "flash_sale_vs_baseline": figures["flash_sale"]["purchases_per_s"] / base,
+        **{
+            f"spread_vs_baseline_{c}": figures[f"spread_{c}"]["confirmed_per_s"]
+            / figures[f"spread_baseline_{c}"]["confirmed_per_s"]
+            for c in SPREAD_CONNECTIONS
+        },
     }
     pipeline = figures["flash_sale"]["pipeline_cpu_ms_per_confirmed"]["total"]
     before = pipeline_before()
@@ -65,6 +70,18 @@ def report(figures: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> dic
         <= 2.5,
         "api_accept p99 < 50 ms at 64 connections": api["p99_ms"] < 50,
         "flash_sale_vs_baseline >= 3": ratios["flash_sale_vs_baseline"] >= 3,
+        f"many events: >= 3x the baseline at {SPREAD_CONNECTIONS[1]} connections": ratios[
+            f"spread_vs_baseline_{SPREAD_CONNECTIONS[1]}"
+        ]
+        >= 3,
+        f"many events: >= 2x the baseline at {SPREAD_CONNECTIONS[0]} connections": ratios[
+            f"spread_vs_baseline_{SPREAD_CONNECTIONS[0]}"
+        ]
+        >= 2,
+        f"many events: p99 < 100 ms at {SPREAD_CONNECTIONS[0]} connections": figures[
+            f"spread_{SPREAD_CONNECTIONS[0]}"
+        ]["p99_ms"]
+        < 100,
         "zero oversell": all(f.get("oversold", 0) == 0 for f in figures.values()),
         "api RSS < 150 MB": peak_of(figures, "api_peak_rss_mb") < 150,
         "worker RSS < 150 MB": peak_of(figures, "worker_peak_rss_mb") < 150,
@@ -144,6 +161,18 @@ def print_table(result: dict[str, Any]) -> None:
             f"{f['flash_sale']['seconds_until_all_final']:.1f} s until all final",
         ),
     ]
+    for c in SPREAD_CONNECTIONS:
+        for label, key in (("baseline", f"spread_baseline_{c}"), ("this design", f"spread_{c}")):
+            spread = f[key]
+            rows.append(
+                (
+                    f"{SPREAD_EVENTS} events at once, {label}, {c} conn",
+                    spread["confirmed_per_s"],
+                    "confirmed/s",
+                    f"p50 {spread['p50_ms']:.0f} / p99 {spread['p99_ms']:.0f} ms, "
+                    f"{spread['cpu_ms_per_confirmed']['total']:.2f} ms CPU each",
+                )
+            )
     print(
         f"\nBenchmark ({result['mode']}) {result['date']} on {result['machine']};"
         f" {result['http_processes']} process(es) per HTTP app"
