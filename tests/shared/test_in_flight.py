@@ -39,21 +39,43 @@ def test_it_does_not_widen_when_nothing_waited_for_a_slot() -> None:
     assert [w.adapt() for _ in range(3)] == [1, 1, 1]
 
 
-def test_a_busy_cpu_narrows_it_back_to_one_even_while_purchases_wait() -> None:
-    w = window([IDLE, IDLE, IDLE, BUSY, BUSY, BUSY, BUSY])
+def test_a_busy_cpu_halves_it_down_to_one_even_while_purchases_wait() -> None:
+    # Smoothed idle after three idle readings then zeros: 0.3, 0.3, 0.3, 0.15, 0.075, 0.0375, ...
+    w = window([IDLE, IDLE, IDLE, 0.0, 0.0, 0.0, 0.0, 0.0])
     sizes = []
-    for _ in range(7):
+    for _ in range(8):
         w.waited()
         sizes.append(w.adapt())
-    assert sizes == [2, 3, 4, 3, 2, 1, 1]
+    assert sizes == [2, 3, 4, 4, 4, 2, 1, 1]
+
+
+def test_one_busy_reading_does_not_narrow_it() -> None:
+    """The idle share swings from one quarter second to the next; one dip is smoothed over."""
+    w = window([IDLE, IDLE, 0.0, IDLE])
+    sizes = []
+    for _ in range(4):
+        w.waited()
+        sizes.append(w.adapt())
+    assert sizes == [2, 3, 4, 4]
 
 
 def test_between_the_thresholds_it_holds_its_size() -> None:
-    w = window([IDLE, BETWEEN, BETWEEN])
-    w.waited()
-    assert w.adapt() == 2
-    w.waited()
-    assert [w.adapt(), w.adapt()] == [2, 2]
+    # Smoothed: 0.3 (widen), 0.15 (widen), 0.075 and 0.075 (between: hold).
+    w = window([IDLE, 0.0, 0.0, BETWEEN])
+    sizes = []
+    for _ in range(4):
+        w.waited()
+        sizes.append(w.adapt())
+    assert sizes == [2, 3, 3, 3]
+
+
+def test_between_the_thresholds_it_never_widens() -> None:
+    w = window([BETWEEN] * 4)
+    sizes = []
+    for _ in range(4):
+        w.waited()
+        sizes.append(w.adapt())
+    assert sizes == [1, 1, 1, 1]
 
 
 def test_a_maximum_of_one_never_widens_nor_reads_the_cpu() -> None:

@@ -362,7 +362,9 @@ async def worker_processes(settings: Settings, log_dir: Path) -> AsyncIterator[S
         env = settings_env(settings)
         env["WORKER_ID"] = worker_id
         env.update({name.upper(): str(value) for name, value in env_overrides.items()})
-        log_path = log_dir / f"{worker_id}.log"
+        # One file per process: two processes given the same WORKER_ID (a takeover test) must
+        # not write over each other's log.
+        log_path = log_dir / f"{worker_id}.{len(started)}.log"
         with log_path.open("wb") as log:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
