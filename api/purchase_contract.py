@@ -9,24 +9,28 @@ app's exception handlers (api/errors.py) answer for both paths alike.
 """
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import orjson
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.types import Scope
 
 from api.answers import Answer
 from api.errors import InvalidInput
-from shared.purchases.models import Purchase, PurchaseCreate, PurchaseStatus
+from shared.purchases.models import ConfirmRequest, Purchase, PurchaseCreate, PurchaseStatus
 from shared.purchases.service import PurchaseService
 from shared.text import IdempotencyKey
 
 PURCHASE_PATH = "/events/{event_id}/tickets/purchase"
 STATUS_PATH = "/purchases/{purchase_id}"
+CONFIRM_PATH = "/purchases/{purchase_id}/confirm"
+CANCEL_PATH = "/purchases/{purchase_id}/cancel"
 IDEMPOTENCY_KEY = "Idempotency-Key"
 # How soon a client should ask again about a pending purchase.
 RETRY_AFTER_PENDING_S = "1"
+
+Body = TypeVar("Body", bound=BaseModel)
 
 _IDEMPOTENCY_KEY_HEADER = IDEMPOTENCY_KEY.lower().encode()
 _IDEMPOTENCY_KEYS: TypeAdapter[str] = TypeAdapter(IdempotencyKey)
@@ -37,17 +41,17 @@ def status_url(scope: Scope, purchase_id: UUID) -> str:
     return f"{scope.get('root_path', '')}/purchases/{purchase_id}"
 
 
-def parse_purchase(body: bytes) -> PurchaseCreate:
-    """The request body: JSON as Python's json module reads it (as FastAPI reads every other
-    route's body, so NaN or a lone surrogate is a 422 here as there), then PurchaseCreate.
+def parse_body(model: type[Body], body: bytes) -> Body:
+    """A request body: JSON as Python's json module reads it (as FastAPI reads every other
+    route's body, so NaN or a lone surrogate is a 422 here as there), then the model.
 
     Validated straight from the bytes first, which is the same for every body both parsers read
-    (PurchaseCreate has only strict integers and plain strings); only a body that fails to parse
+    (these models have only strict integers and plain strings); only a body that fails to parse
     that way is read again by the json module, to tell malformed JSON from what it accepts."""
     if not body:
         raise InvalidInput([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
     try:
-        return PurchaseCreate.model_validate_json(body)
+        return model.model_validate_json(body)
     except ValidationError as exc:
         if not any(error["type"] == "json_invalid" for error in exc.errors()):
             raise InvalidInput(_located("body", exc)) from None
@@ -58,7 +62,7 @@ def parse_purchase(body: bytes) -> PurchaseCreate:
             [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]
         ) from None
     try:
-        return PurchaseCreate.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise InvalidInput(_located("body", exc)) from None
 
@@ -101,6 +105,25 @@ def accepted_body(purchase_id: UUID, event_id: UUID, request: PurchaseCreate, ur
     )
 
 
+async def confirm(service: PurchaseService, scope: Scope, purchase_id: UUID, body: bytes) -> Answer:
+    """Queue the confirmation of a held purchase: 202 once the broker has it."""
+    request = parse_body(ConfirmRequest, body)
+    await service.confirm(purchase_id, request.payment_reference)
+    return _lifecycle_accepted(scope, purchase_id, "confirm")
+
+
+async def cancel(service: PurchaseService, scope: Scope, purchase_id: UUID) -> Answer:
+    """Queue the cancellation of a purchase: 202 once the broker has it."""
+    await service.cancel(purchase_id)
+    return _lifecycle_accepted(scope, purchase_id, "cancel")
+
+
+def _lifecycle_accepted(scope: Scope, purchase_id: UUID, action: str) -> Answer:
+    url = status_url(scope, purchase_id)
+    body = orjson.dumps({"purchase_id": purchase_id, "action": action, "status_url": url})
+    return Answer(202, body, headers=(("location", url), ("retry-after", RETRY_AFTER_PENDING_S)))
+
+
 async def status(service: PurchaseService, scope: Scope, purchase_id: UUID) -> Answer:
     """A purchase's state; while it is pending, when to ask again."""
     purchase: Purchase = await service.status(purchase_id)
@@ -119,7 +142,7 @@ def _parse(scope: Scope, body: bytes) -> tuple[PurchaseCreate, str | None]:
     request: PurchaseCreate | None = None
     key: str | None = None
     try:
-        request = parse_purchase(body)
+        request = parse_body(PurchaseCreate, body)
     except InvalidInput as exc:
         if any(error["type"] == "json_invalid" for error in exc.errors()):
             raise
@@ -140,8 +163,8 @@ def _located(where: str, exc: ValidationError, *names: str) -> list[dict[str, An
     ]
 
 
-# For the route's OpenAPI document: what `accept` reads besides the path, described by the very
-# types it validates with.
+# For the routes' OpenAPI documents: what `accept` and `confirm` read besides the path, described
+# by the very types they validate with.
 ACCEPT_OPENAPI: dict[str, Any] = {
     "parameters": [
         {
@@ -156,5 +179,12 @@ ACCEPT_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {"application/json": {"schema": PurchaseCreate.model_json_schema()}},
+    },
+}
+
+CONFIRM_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ConfirmRequest.model_json_schema()}},
     },
 }

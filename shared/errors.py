@@ -40,6 +40,28 @@ class SoldOut(Conflict):
         super().__init__(f"Event {event_id} has no tickets left.")
 
 
+class SalesNotOpen(Conflict):
+    title = "Sales not open"
+
+    def __init__(self, event_id: object, opens: object) -> None:
+        super().__init__(f"Sales for event {event_id} open at {opens}.")
+
+
+class SalesClosed(Conflict):
+    title = "Sales closed"
+
+    def __init__(self, event_id: object, closed: object) -> None:
+        super().__init__(f"Sales for event {event_id} closed at {closed}.")
+
+
+class NotConfirmable(Conflict):
+    title = "Purchase cannot be confirmed"
+
+
+class NotCancellable(Conflict):
+    title = "Purchase cannot be cancelled"
+
+
 class VersionMismatch(Conflict):
     title = "Version mismatch"
 

@@ -1,7 +1,12 @@
 """The purchase message: the one contract between the API (publisher) and the worker (consumer).
 
-One message carries one or several purchases, all of the same partition, in the order they were
-accepted. `version` lets the consumer refuse a layout it does not know instead of misreading it.
+A message carries commands for one partition, in the order the API accepted them: purchases,
+and the confirmations and cancellations of purchases already made. Every change to an event's
+inventory travels through the event's partition this way, so the partition's one worker applies
+them in order (a cancel right after its own purchase is applied after it). `version` lets the
+consumer refuse a layout it does not know instead of misreading it: version 1, which carried
+purchases only (as `purchases`), is still read, so workers upgraded first keep up with API
+replicas that are not yet.
 
 The models define the message and validate it where it is read. `encode_message` writes it, for
 every publisher (the API, the replay of dead letters, the benchmark), straight from plain records:
@@ -11,40 +16,80 @@ was given).
 """
 
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Annotated, Literal, NamedTuple, Protocol
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal, NamedTuple, Protocol
 from uuid import UUID
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.text import CustomerId, Instant, Quantity
+from shared.text import CustomerId, Instant, PaymentReference, Quantity
 
-MESSAGE_VERSION = 1
+MESSAGE_VERSION: Literal[2] = 2
+# The API answers 202 to a confirmation only if the broker queued it before the hold's end plus
+# this margin; the partition's worker expires a hold only once the commands it applied reach past
+# its end by as much (worker/decision.py), so no confirmation answered 202 finds its hold gone.
+CONFIRM_MARGIN = timedelta(seconds=1)
 CONTENT_TYPE = "application/json"
-MESSAGE_TYPE = "purchase.v1"
+MESSAGE_TYPE = "purchase.v2"
 
 
-class PurchaseRequested(BaseModel):
+class _Command(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     purchase_id: UUID
-    event_id: UUID
+    event_id: UUID  # what the partition is chosen by
+    accepted_at: Instant  # when the API accepted the command (its clock)
+
+
+class PurchaseRequested(_Command):
     # The API's own input types: a message the API could not have sent is undecodable.
+    kind: Literal["purchase"] = "purchase"
     customer_id: CustomerId
     quantity: Quantity
-    accepted_at: Instant
+
+
+class ConfirmRequested(_Command):
+    kind: Literal["confirm"] = "confirm"
+    payment_reference: PaymentReference
+
+
+class CancelRequested(_Command):
+    kind: Literal["cancel"] = "cancel"
+
+
+Command = Annotated[
+    PurchaseRequested | ConfirmRequested | CancelRequested, Field(discriminator="kind")
+]
 
 
 class PurchaseMessage(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    version: Literal[1] = 1
+    version: Literal[1, 2] = MESSAGE_VERSION
     partition: Annotated[int, Field(ge=0)]
-    purchases: Annotated[list[PurchaseRequested], Field(min_length=1)]
+    commands: Annotated[list[Command], Field(min_length=1)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_version_1(cls, data: Any) -> Any:
+        # Version 1 listed purchases only, as `purchases`, without a kind.
+        if isinstance(data, dict) and data.get("version") == 1 and "purchases" in data:
+            purchases = data["purchases"]
+            commands = (
+                [{"kind": "purchase", **p} if isinstance(p, dict) else p for p in purchases]
+                if isinstance(purchases, list)
+                else purchases
+            )
+            return {"version": 1, "partition": data.get("partition"), "commands": commands}
+        return data
+
+    @property
+    def purchases(self) -> list[PurchaseRequested]:
+        return [c for c in self.commands if isinstance(c, PurchaseRequested)]
 
     def to_body(self) -> bytes:
-        return encode_message(self.partition, self.purchases)
+        return encode_message(self.partition, self.commands)
 
     @classmethod
     def from_body(cls, body: bytes) -> "PurchaseMessage":
@@ -59,36 +104,49 @@ class AcceptedPurchase(NamedTuple):
     customer_id: str
     quantity: int
     accepted_at: datetime
+    kind: str = "purchase"
 
 
-class _Purchase(Protocol):
-    @property
-    def purchase_id(self) -> UUID: ...
-    @property
-    def event_id(self) -> UUID: ...
-    @property
-    def customer_id(self) -> str: ...
-    @property
-    def quantity(self) -> int: ...
-    @property
-    def accepted_at(self) -> datetime: ...
+class AcceptedConfirm(NamedTuple):
+    purchase_id: UUID
+    event_id: UUID
+    payment_reference: str
+    accepted_at: datetime
+    kind: str = "confirm"
 
 
-def encode_message(partition: int, purchases: Sequence[_Purchase]) -> bytes:
-    """The body of the message of `purchases` (AcceptedPurchase or PurchaseRequested)."""
+class AcceptedCancel(NamedTuple):
+    purchase_id: UUID
+    event_id: UUID
+    accepted_at: datetime
+    kind: str = "cancel"
+
+
+Accepted = AcceptedPurchase | AcceptedConfirm | AcceptedCancel
+
+
+class _Encodable(Protocol):
+    @property
+    def kind(self) -> str: ...
+
+
+# What each kind of command carries, besides its kind.
+_FIELDS = {
+    "purchase": ("purchase_id", "event_id", "customer_id", "quantity", "accepted_at"),
+    "confirm": ("purchase_id", "event_id", "payment_reference", "accepted_at"),
+    "cancel": ("purchase_id", "event_id", "accepted_at"),
+}
+
+
+def encode_message(partition: int, commands: Sequence[_Encodable]) -> bytes:
+    """The body of the message of `commands` (Accepted* records or decoded commands)."""
     return orjson.dumps(
         {
             "version": MESSAGE_VERSION,
             "partition": partition,
-            "purchases": [
-                {
-                    "purchase_id": p.purchase_id,
-                    "event_id": p.event_id,
-                    "customer_id": p.customer_id,
-                    "quantity": p.quantity,
-                    "accepted_at": p.accepted_at,
-                }
-                for p in purchases
+            "commands": [
+                {"kind": c.kind, **{name: getattr(c, name) for name in _FIELDS[c.kind]}}
+                for c in commands
             ],
         }
     )
@@ -96,17 +154,22 @@ def encode_message(partition: int, purchases: Sequence[_Purchase]) -> bytes:
 
 def readable_purchase_ids(body: bytes) -> list[UUID]:
     """Purchase ids that can be read from a message that failed to decode, so their status can
-    become `failed` instead of staying pending forever."""
+    become `failed` instead of staying pending forever (purchases only: a confirmation or a
+    cancellation that cannot be read leaves its purchase as it was)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         return []
-    items = data.get("purchases") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return []
+    items = data.get("commands", data.get("purchases"))
     if not isinstance(items, list):
         return []
     ids: list[UUID] = []
     for item in items:
-        raw = item.get("purchase_id") if isinstance(item, dict) else None
+        if not isinstance(item, dict) or item.get("kind", "purchase") != "purchase":
+            continue
+        raw = item.get("purchase_id")
         if isinstance(raw, str):
             try:
                 ids.append(UUID(raw))

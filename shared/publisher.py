@@ -32,7 +32,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from shared.broker import Topology, declare_topology
 from shared.errors import BrokerUnavailable, QueueFull, ServiceUnavailable
 from shared.in_flight import InFlightWindow
-from shared.messages import CONTENT_TYPE, MESSAGE_TYPE, AcceptedPurchase, encode_message
+from shared.messages import CONTENT_TYPE, MESSAGE_TYPE, Accepted, encode_message
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,10 @@ _MESSAGE_IDS = (f"{secrets.token_hex(8)}-{n}" for n in itertools.count())
 
 @dataclass(slots=True)
 class _Waiting:
-    purchase: AcceptedPurchase
+    command: Accepted
     confirmed: asyncio.Future[None]
     since: float  # loop time it started waiting
+    deadline: float | None = None  # loop time its confirm must be back by, if sooner
 
 
 def amqp_message(body: bytes) -> aio_pika.Message:
@@ -140,24 +141,25 @@ class PurchasePublisher:
     def is_ready(self) -> bool:
         return self._channel is not None and not self._channel.is_closed
 
-    def partition_of(self, purchase: AcceptedPurchase) -> int:
-        return self._topology.partition_of(purchase.event_id)
+    def partition_of(self, command: Accepted) -> int:
+        return self._topology.partition_of(command.event_id)
 
-    async def publish(self, purchase: AcceptedPurchase) -> None:
-        """Return once the broker confirmed the purchase; raise ServiceUnavailable otherwise."""
-        partition = self.partition_of(purchase)
+    async def publish(self, command: Accepted, *, deadline: float | None = None) -> None:
+        """Return once the broker confirmed the command (by `deadline`, a loop time, if given);
+        raise ServiceUnavailable otherwise."""
+        partition = self.partition_of(command)
         sender = self._senders.get(partition)
         if sender is None or sender.failed:  # a sender that hit a bug is replaced
             sender = self._senders[partition] = _PartitionSender(self, partition)
         # The message is sent by the partition's sender, so a caller that gives up (client
         # gone) cancels only its own wait, never its neighbours' publish.
-        await sender.submit(purchase)
+        await sender.submit(command, deadline)
 
-    async def send(self, partition: int, purchases: list[AcceptedPurchase]) -> None:
-        """Publish one message of `purchases` and wait for its confirm."""
+    async def send(self, partition: int, commands: list[Accepted]) -> None:
+        """Publish one message of `commands` and wait for its confirm."""
         if self._exchange is None or not self.is_ready:
             raise BrokerUnavailable("The message broker connection is down; retry shortly.")
-        body = encode_message(partition, purchases)
+        body = encode_message(partition, commands)
         started = time.perf_counter()
         try:
             # The deadline covers the whole publish: the robust channel first waits for a
@@ -197,8 +199,8 @@ class PurchasePublisher:
             raise BrokerUnavailable("The message broker is unavailable; retry shortly.") from exc
         CONFIRM_SECONDS.observe(time.perf_counter() - started)
         _OUTCOME["confirmed"].inc()
-        PUBLISHED_PURCHASES.inc(len(purchases))
-        MESSAGE_PURCHASES.observe(len(purchases))
+        PUBLISHED_PURCHASES.inc(len(commands))
+        MESSAGE_PURCHASES.observe(len(commands))
 
 
 class _PartitionSender:
@@ -211,14 +213,21 @@ class _PartitionSender:
         self._pending: deque[_Waiting] = deque()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
+        self._deadlines = 0  # callers waiting with a deadline of their own
         self._task = asyncio.create_task(self._run(), name=f"publish-{partition}")
 
-    def submit(self, purchase: AcceptedPurchase) -> asyncio.Future[None]:
+    def submit(self, command: Accepted, deadline: float | None) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(purchase, loop.create_future(), loop.time())
+        waiting = _Waiting(command, loop.create_future(), loop.time(), deadline)
         self._pending.append(waiting)
+        if deadline is not None:
+            self._deadlines += 1
+            waiting.confirmed.add_done_callback(self._deadline_done)
         self._changed.set()
         return waiting.confirmed
+
+    def _deadline_done(self, _: asyncio.Future[None]) -> None:
+        self._deadlines -= 1
 
     @property
     def failed(self) -> bool:
@@ -270,7 +279,8 @@ class _PartitionSender:
     def _expire(self) -> None:
         """Refuse, unsent, the purchases that waited their whole timeout for a turn (oldest
         first: the queue is in arrival order)."""
-        deadline = asyncio.get_running_loop().time() - self._publisher.timeout_s
+        now = asyncio.get_running_loop().time()
+        deadline = now - self._publisher.timeout_s
         while self._pending and self._pending[0].since <= deadline:
             waiting = self._pending.popleft()
             if waiting.confirmed.done():  # cancelled: its caller is gone
@@ -282,11 +292,15 @@ class _PartitionSender:
                     "The message broker is not confirming purchases in time; retry shortly."
                 ),
             )
+        if self._deadlines:  # some wait with a deadline of their own (confirmations)
+            for waiting in self._pending:
+                if waiting.deadline is not None and now > waiting.deadline:
+                    _fail(waiting.confirmed, _too_late())
 
     async def _send(self, batch: list[_Waiting]) -> None:
         outcome: ServiceUnavailable | None = None
         try:
-            await self._publisher.send(self._partition, [waiting.purchase for waiting in batch])
+            await self._publisher.send(self._partition, [waiting.command for waiting in batch])
         except ServiceUnavailable as exc:
             outcome = exc
         except asyncio.CancelledError:
@@ -302,11 +316,21 @@ class _PartitionSender:
             if task is not None:
                 self._in_flight.discard(task)
             self._changed.set()
+            now = asyncio.get_running_loop().time()
             for waiting in batch:
                 if outcome is not None:
                     _fail(waiting.confirmed, outcome)
+                elif waiting.deadline is not None and now > waiting.deadline:
+                    _fail(waiting.confirmed, _too_late())
                 elif not waiting.confirmed.done():
                     waiting.confirmed.set_result(None)
+
+
+def _too_late() -> BrokerUnavailable:
+    return BrokerUnavailable(
+        "The message broker did not confirm this in time for the purchase's hold; retry (the "
+        "status shows whether it was applied)."
+    )
 
 
 def _fail(confirmed: asyncio.Future[None], exc: ServiceUnavailable) -> None:

@@ -36,11 +36,14 @@ Venue = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_sing
 Description = Annotated[str, Field(max_length=5000), AfterValidator(_multi_line)]
 CustomerId = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_single_line)]
 IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_single_line)]
+PaymentReference = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_single_line)]
 
 # Strict: 2.0, "2" and true are refused rather than silently read as 2 (or 1).
 TotalTickets = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
 MaxTicketsPerPurchase = Annotated[StrictInt, Field(ge=1, le=100)]
 Quantity = Annotated[StrictInt, Field(ge=1, le=100)]
+MaxTicketsPerCustomer = Annotated[StrictInt, Field(ge=1, le=10_000)]
+HoldSeconds = Annotated[StrictInt, Field(ge=30, le=3_600)]
 
 
 # The instants this domain stores: a sale, a show, a purchase. Far inside both Python's and

@@ -9,7 +9,8 @@ from uuid import UUID
 import asyncpg
 import httpx
 
-FINAL = ("confirmed", "rejected", "failed")
+# Decided: no longer pending (a held purchase is decided, if not for good).
+FINAL = ("held", "confirmed", "rejected", "expired", "cancelled", "failed")
 
 
 def event_body(**overrides: Any) -> dict[str, Any]:
@@ -67,16 +68,45 @@ async def wait_until_final(
 
 
 async def assert_no_oversell(pool: asyncpg.Pool) -> None:
-    """For every event: confirmed + available = total, and available never negative."""
+    """Every invariant of the box office, in SQL:
+    - per event: available + Σ held + Σ confirmed = total, and available ≥ 0;
+    - per (event, customer): Σ held + Σ confirmed ≤ the event's max_tickets_per_customer;
+    - each status carries what it means (a hold its end, a confirmation its time)."""
     broken = await pool.fetch(
         """
         SELECT e.id, e.total_tickets, e.available_tickets,
-               coalesce(sum(p.quantity) FILTER (WHERE p.status = 'confirmed'), 0) AS confirmed
+               coalesce(sum(p.quantity) FILTER (WHERE p.status IN ('held', 'confirmed')), 0)
+                   AS taken
         FROM events e LEFT JOIN purchases p ON p.event_id = e.id
         GROUP BY e.id
-        HAVING coalesce(sum(p.quantity) FILTER (WHERE p.status = 'confirmed'), 0)
+        HAVING coalesce(sum(p.quantity) FILTER (WHERE p.status IN ('held', 'confirmed')), 0)
                + e.available_tickets <> e.total_tickets
             OR e.available_tickets < 0
         """
     )
     assert not broken, f"oversold or lost tickets: {[dict(r) for r in broken]}"
+    over_limit = await pool.fetch(
+        """
+        SELECT p.event_id, p.customer_id, e.max_tickets_per_customer, sum(p.quantity) AS taken
+        FROM purchases p JOIN events e ON e.id = p.event_id
+        WHERE p.status IN ('held', 'confirmed') AND e.max_tickets_per_customer IS NOT NULL
+        GROUP BY p.event_id, p.customer_id, e.max_tickets_per_customer
+        HAVING sum(p.quantity) > e.max_tickets_per_customer
+        """
+    )
+    assert not over_limit, f"customers over their limit: {[dict(r) for r in over_limit]}"
+    inconsistent = await pool.fetch(
+        """
+        SELECT id, status, reason, hold_expires_at, confirmed_at, cancelled_at, payment_reference
+        FROM purchases
+        WHERE (status = 'held' AND hold_expires_at IS NULL)
+           OR (status = 'confirmed' AND confirmed_at IS NULL)
+           OR (status = 'cancelled') <> (cancelled_at IS NOT NULL)
+           OR (status = 'expired' AND reason IS DISTINCT FROM 'hold_expired')
+           OR (confirmed_at IS NOT NULL AND status NOT IN ('confirmed', 'cancelled'))
+        LIMIT 10
+        """
+    )
+    assert not inconsistent, (
+        f"statuses and their fields disagree: {[dict(r) for r in inconsistent]}"
+    )

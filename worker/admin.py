@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from shared import broker, preflight
 from shared.db import create_pool
 from shared.errors import StartupError
-from shared.messages import PurchaseMessage, PurchaseRequested, encode_message
+from shared.messages import Command, PurchaseMessage, PurchaseRequested, encode_message
 from shared.publisher import amqp_message
 from shared.settings import Settings
 from worker import leases, membership
@@ -99,16 +99,16 @@ async def replay_dead_letters(settings: Settings, out: TextIO = sys.stdout) -> t
                 unreadable.append(message)  # held unacked so the loop does not get it again
                 continue
             # Re-route by the current partition count, in the original order.
-            by_partition: dict[int, list[PurchaseRequested]] = defaultdict(list)
-            for purchase in decoded.purchases:
-                by_partition[topology.partition_of(purchase.event_id)].append(purchase)
-            for partition, purchases in by_partition.items():
+            by_partition: dict[int, list[Command]] = defaultdict(list)
+            for command in decoded.commands:
+                by_partition[topology.partition_of(command.event_id)].append(command)
+            for partition, commands in by_partition.items():
                 await exchange.publish(
-                    amqp_message(encode_message(partition, purchases)),
+                    amqp_message(encode_message(partition, commands)),
                     routing_key=topology.routing_key(partition),
                     mandatory=True,
                 )
-                replayed += len(purchases)
+                replayed += sum(1 for c in commands if isinstance(c, PurchaseRequested))
             await message.ack()
         for message in unreadable:
             await message.nack(requeue=True)

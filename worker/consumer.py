@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import aiormq
@@ -23,17 +23,21 @@ from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 
 from shared.broker import Topology
-from shared.messages import PurchaseMessage, PurchaseRequested
+from shared.messages import CONFIRM_MARGIN, PurchaseMessage
+from shared.purchases import repository as purchase_rows
 from shared.purchases.models import FailReason
 from shared.purchases.repository import record_failed_purchases
 from shared.retry import TRANSIENT_DATABASE, until_stopped
 from worker import metrics
+from worker.decision import DELIVERY_MARGIN, Command
 from worker.leases import Lease, LeaseLost
 from worker.processor import BatchResult, RecordConflict, VersionConflict, apply_batch
 
 log = logging.getLogger(__name__)
 
 RECORD_CONFLICT_ATTEMPTS = 3
+# The API's clock and this worker's may differ a little: a hold is looked for this much early.
+HOLD_CLOCK_SLACK = timedelta(seconds=2)
 
 
 class PartitionConsumer:
@@ -60,6 +64,9 @@ class PartitionConsumer:
         self._task: asyncio.Task[None] | None = None
         self.applied = 0
         self.lost_lease = False
+        # How far the partition's commands are applied, and when its earliest hold ends.
+        self._horizon: datetime | None = None
+        self._next_hold_end: datetime | None = None
 
     @property
     def partition(self) -> int:
@@ -76,6 +83,8 @@ class PartitionConsumer:
         return ended or closed
 
     async def start(self, connection: AbstractConnection) -> None:
+        async with self._pool.acquire() as conn:
+            self._next_hold_end = await purchase_rows.earliest_hold_end(conn, self.partition)
         self._channel = await connection.channel()
         # Enough for the next batch to be on its way while this one commits.
         await self._channel.set_qos(prefetch_count=self._batch_size * 2)
@@ -124,10 +133,13 @@ class PartitionConsumer:
     async def _run(self) -> None:
         try:
             while True:
-                messages = await self._next_batch()
-                if not messages:
+                messages = await self._next_batch(self._until_sweep())
+                if messages:
+                    await self._handle(messages)
+                elif self._draining.is_set():
                     return
-                await self._handle(messages)
+                else:  # nothing came before a hold of the partition fell due
+                    await self._sweep()
         except LeaseLost:
             self.lost_lease = True
             log.warning(
@@ -142,10 +154,10 @@ class PartitionConsumer:
                 "partition %d: consumer failed; leaving the batch unacked", self.partition
             )
 
-    async def _next_batch(self) -> list[DeliveredMessage]:
-        """Wait for a first message, then gather more for up to BATCH_MAX_WAIT_MS.
-        Empty once draining and nothing delivered is left."""
-        first = await self._get(wait_s=None)
+    async def _next_batch(self, wait_s: float | None) -> list[DeliveredMessage]:
+        """Wait up to `wait_s` (None: for ever) for a first message, then gather more for up to
+        BATCH_MAX_WAIT_MS. Empty on that timeout, or once draining with nothing left."""
+        first = await self._get(wait_s=wait_s)
         if first is None:
             return []
         batch = [first]
@@ -175,17 +187,18 @@ class PartitionConsumer:
             return get.result()
         return self._inbox.get_nowait() if not self._inbox.empty() else None
 
-    def _observe(
-        self, purchases: list[PurchaseRequested], result: BatchResult, seconds: float
-    ) -> None:
+    def _observe(self, commands: list[Command], result: BatchResult, seconds: float) -> None:
         self.applied += len(result.decisions)
         metrics.COMMIT_SECONDS.observe(seconds)
-        metrics.BATCH_SIZE.observe(len(purchases))
+        metrics.BATCH_SIZE.observe(len(commands))
         metrics.DUPLICATES.inc(result.duplicates)
-        oldest = min(p.accepted_at for p in purchases)
-        metrics.LAG_SECONDS.labels(str(self.partition)).set(
-            max(0.0, (datetime.now(UTC) - oldest).total_seconds())
-        )
+        if commands:
+            oldest = min(c.accepted_at for c in commands)
+            metrics.LAG_SECONDS.labels(str(self.partition)).set(
+                max(0.0, (datetime.now(UTC) - oldest).total_seconds())
+            )
+        for t in result.transitions:
+            metrics.decided(t.after.value, t.reason.value if t.reason else "").inc()
         # Counted per (status, reason) once per batch: a labels() lookup per purchase costs more
         # than the purchase's share of the commit.
         decided = Counter(
@@ -205,6 +218,17 @@ class PartitionConsumer:
                     "partition": self.partition,
                     "status": decision.status.value,
                     "reason": reason or None,
+                },
+            )
+        for t in result.transitions:
+            log.info(
+                f"purchase {t.after.value}",
+                extra={
+                    "purchase_id": str(t.purchase_id),
+                    "event_id": str(t.event_id),
+                    "partition": self.partition,
+                    "status": t.after.value,
+                    "reason": t.reason.value if t.reason else None,
                 },
             )
 
@@ -234,10 +258,10 @@ class PartitionConsumer:
             batch.append((message, decoded))
 
         while batch:
-            purchases = [purchase for _, decoded in batch for purchase in decoded.purchases]
+            commands = [command for _, decoded in batch for command in decoded.commands]
             started = time.perf_counter()
             try:
-                result = await self._apply(purchases)
+                result = await self._apply(commands)
             except RecordConflict as exc:
                 # Set the messages of the purchases in conflict aside; apply the rest.
                 stuck = [item for item in batch if _touches(item[1], exc.purchase_ids)] or batch
@@ -251,7 +275,7 @@ class PartitionConsumer:
                 batch = [item for item in batch if item not in stuck]
                 continue
             try:
-                self._observe(purchases, result, time.perf_counter() - started)
+                self._observe(commands, result, time.perf_counter() - started)
             except Exception:  # bookkeeping must never stand between a commit and its ack
                 log.exception("partition %d: metrics/logging failed", self.partition)
             # Committed: one ack covers the batch. multiple=True reaches only this channel's
@@ -261,11 +285,34 @@ class PartitionConsumer:
 
     def _belongs_here(self, message: PurchaseMessage) -> bool:
         return message.partition == self.partition and all(
-            self._topology.partition_of(purchase.event_id) == self.partition
-            for purchase in message.purchases
+            self._topology.partition_of(command.event_id) == self.partition
+            for command in message.commands
         )
 
-    async def _apply(self, purchases: list[PurchaseRequested]) -> BatchResult:
+    def _until_sweep(self) -> float | None:
+        """Seconds until the partition's next hold falls due (None: no hold to wait for)."""
+        if self._next_hold_end is None:
+            return None
+        due = self._next_hold_end + CONFIRM_MARGIN + DELIVERY_MARGIN
+        return max(0.05, (due - datetime.now(UTC)).total_seconds())
+
+    def _holds_due(self, commands: list[Command]) -> bool:
+        """Whether a hold of the partition may fall due during this batch."""
+        if self._next_hold_end is None:
+            return False
+        latest = max([datetime.now(UTC), *(c.accepted_at for c in commands)])
+        return self._next_hold_end + CONFIRM_MARGIN < latest + HOLD_CLOCK_SLACK
+
+    async def _sweep(self) -> None:
+        """Expire the holds that fell due while no message came (the queue is drained)."""
+        started = time.perf_counter()
+        result = await self._apply([])
+        try:
+            self._observe([], result, time.perf_counter() - started)
+        except Exception:
+            log.exception("partition %d: metrics/logging failed", self.partition)
+
+    async def _apply(self, commands: list[Command]) -> BatchResult:
         """Commit the batch, retrying transient faults for as long as this consumer runs, and
         a record conflict a few times (a retry normally skips the purchase recorded meanwhile)."""
         for attempt in range(1, RECORD_CONFLICT_ATTEMPTS + 1):
@@ -274,7 +321,16 @@ class PartitionConsumer:
                     (*TRANSIENT_DATABASE, VersionConflict), lambda: self._aborted
                 ):
                     with retry:
-                        result = await apply_batch(self._pool, self.lease, purchases)
+                        result = await apply_batch(
+                            self._pool,
+                            self.lease,
+                            commands,
+                            horizon=self._horizon,
+                            drained=self._inbox.empty(),
+                            holds_due=self._holds_due(commands),
+                        )
+                self._horizon = result.horizon
+                self._next_hold_end = result.next_hold_end
                 return result
             except RecordConflict as exc:
                 log.warning(
@@ -319,4 +375,4 @@ class PartitionConsumer:
 
 
 def _touches(message: PurchaseMessage, purchase_ids: set[UUID]) -> bool:
-    return any(purchase.purchase_id in purchase_ids for purchase in message.purchases)
+    return any(command.purchase_id in purchase_ids for command in message.commands)

@@ -10,6 +10,7 @@ commit again. See README, "Partitions and leases".
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from shared.db import Connection
 
@@ -76,7 +77,7 @@ RELEASE = """
 # done, so a commit that passed this check is never overtaken halfway; a renewal (FOR NO KEY
 # UPDATE) does not conflict with it, so a slow commit never holds up its lease's renewal.
 FENCE = """
-    SELECT 1 FROM partition_leases
+    SELECT now() FROM partition_leases
     WHERE partition = $1 AND owner = $2 AND epoch = $3
     FOR KEY SHARE
 """
@@ -187,10 +188,13 @@ async def release(conn: Connection, partition: int, worker_id: str, epoch: int) 
     await conn.execute(RELEASE, partition, worker_id, epoch)
 
 
-async def check_fence(conn: Connection, partition: int, worker_id: str, epoch: int) -> None:
-    """Inside a commit's transaction: raise LeaseLost unless the lease is still ours."""
-    if await conn.fetchval(FENCE, partition, worker_id, epoch) is None:
+async def check_fence(conn: Connection, partition: int, worker_id: str, epoch: int) -> datetime:
+    """Inside a commit's transaction: raise LeaseLost unless the lease is still ours; return
+    the transaction's time (what its decisions are stamped with)."""
+    now: datetime | None = await conn.fetchval(FENCE, partition, worker_id, epoch)
+    if now is None:
         raise LeaseLost(f"partition {partition}: lease epoch {epoch} no longer held")
+    return now
 
 
 async def live_owners(conn: Connection) -> dict[int, str]:

@@ -1,17 +1,18 @@
-"""Apply one batch of a partition's purchases in one transaction."""
+"""Apply one batch of a partition's commands in one transaction."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from uuid import UUID
 
 import asyncpg
 
 from shared.events import repository as events
-from shared.messages import PurchaseRequested
+from shared.messages import CONFIRM_MARGIN, PurchaseRequested
 from shared.purchases import repository as purchases
-from shared.purchases.models import Decision, PurchaseStatus
+from shared.purchases.models import Decision, PurchaseStatus, Transition
 from worker import leases
-from worker.decision import decide
+from worker.decision import Command, EventRules, Recorded, decide
 from worker.leases import Lease
 
 
@@ -20,13 +21,13 @@ class VersionConflict(Exception):
 
 
 class RecordConflict(Exception):
-    """Purchases the batch decided were recorded meanwhile by another transaction: the tickets
-    the batch took for them must not be committed without their rows. The batch rolls back; a
-    retry sees the rows and skips those purchases as already decided."""
+    """Purchases the batch decided were recorded, or moved on, meanwhile by another transaction:
+    the tickets the batch took or gave back for them must not be committed without their rows.
+    The batch rolls back; a retry reads those rows as they now are."""
 
     def __init__(self, partition: int, purchase_ids: set[UUID]) -> None:
         super().__init__(
-            f"partition {partition}: {len(purchase_ids)} purchase(s) were recorded by another "
+            f"partition {partition}: {len(purchase_ids)} purchase(s) were written by another "
             "transaction during the batch"
         )
         self.purchase_ids = purchase_ids
@@ -34,59 +35,136 @@ class RecordConflict(Exception):
 
 @dataclass(slots=True)
 class BatchResult:
-    decisions: list[Decision] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)  # new purchases, decided
+    transitions: list[Transition] = field(default_factory=list)  # recorded ones, moved on
     duplicates: int = 0
+    horizon: datetime | None = None
+    next_hold_end: datetime | None = None  # the partition's earliest hold still held
 
     def count(self, status: PurchaseStatus) -> int:
         return sum(1 for decision in self.decisions if decision.status == status)
 
 
 async def apply_batch(
-    pool: asyncpg.Pool, lease: Lease, batch: Sequence[PurchaseRequested]
+    pool: asyncpg.Pool,
+    lease: Lease,
+    commands: Sequence[Command],
+    *,
+    horizon: datetime | None = None,
+    drained: bool = False,
+    holds_due: bool = True,
 ) -> BatchResult:
-    """Decide and record `batch` (in order) atomically; raise LeaseLost, VersionConflict or
-    RecordConflict (rolled back, nothing written)."""
+    """Decide and record `commands` (in order) atomically; raise LeaseLost, VersionConflict or
+    RecordConflict (rolled back, nothing written). `horizon` and `drained` are as for decide;
+    `holds_due` is False when the caller knows no hold of the partition can be due yet."""
     async with pool.acquire() as conn, conn.transaction():
         # 1. Fencing: only the current lease holder commits for this partition.
-        await leases.check_fence(conn, lease.partition, lease.owner, lease.epoch)
+        now = await leases.check_fence(conn, lease.partition, lease.owner, lease.epoch)
 
         # 2. Redelivered messages and Idempotency-Key retries carry ids already decided.
-        decided = await purchases.final_purchase_ids(conn, [p.purchase_id for p in batch])
-        fresh: list[PurchaseRequested] = []
-        for purchase in batch:
-            if purchase.purchase_id not in decided:
-                decided.add(purchase.purchase_id)  # also drops repeats within the batch
-                fresh.append(purchase)
-        result = BatchResult(duplicates=len(batch) - len(fresh))
-        if not fresh:
+        bought = [c for c in commands if isinstance(c, PurchaseRequested)]
+        decided = await purchases.final_purchase_ids(conn, [p.purchase_id for p in bought])
+        fresh: list[Command] = []
+        for command in commands:
+            if isinstance(command, PurchaseRequested):
+                if command.purchase_id in decided:
+                    continue
+                decided.add(command.purchase_id)  # also drops repeats within the batch
+            fresh.append(command)
+        result = BatchResult(duplicates=len(commands) - len(fresh), horizon=horizon)
+        if not fresh and not (drained and holds_due):
             return result
 
-        # 3. Row locks, in id order. The lease already makes this worker the partition's only
-        # writer of tickets, but events are also written by PATCH /events; the lock makes those
-        # wait instead of interleaving, and the version check below proves that nothing wrote
-        # the row between our read and our write.
-        rows = await events.lock_events_for_sale(conn, sorted({p.event_id for p in fresh}))
-        available = {row["id"]: row["available_tickets"] for row in rows}
-        version = {row["id"]: row["version"] for row in rows}
-
-        # 4. The decision itself is pure.
-        left, result.decisions = decide(available, fresh)
-
-        # 5. Every purchase row of the batch in one statement, and proof that each was written.
-        written = await purchases.record_decisions(
-            conn, partition=lease.partition, decisions=result.decisions
+        # 3. What the batch may change, locked: the purchases its confirmations and
+        # cancellations name, and the holds that may expire during it (at most up to the
+        # latest horizon it could reach).
+        named = [c.purchase_id for c in fresh if not isinstance(c, PurchaseRequested)]
+        latest = max([now, *(c.accepted_at for c in fresh)]) - CONFIRM_MARGIN
+        rows = (
+            await purchases.lock_recorded(
+                conn,
+                purchase_ids=named,
+                partition=lease.partition,
+                holds_ending_before=latest if holds_due else None,
+            )
+            if named or holds_due
+            else []
         )
-        if len(written) != len(result.decisions):
-            unwritten = {d.purchase.purchase_id for d in result.decisions} - written
+        recorded = {
+            row["id"]: Recorded(
+                row["id"],
+                row["event_id"],
+                row["customer_id"],
+                row["quantity"],
+                PurchaseStatus(row["status"]),
+                row["hold_expires_at"],
+                row["payment_reference"],
+                row["confirmed_at"],
+            )
+            for row in rows
+            if row["event_id"] is not None and row["quantity"] is not None
+        }
+
+        # 4. Row locks on the events, in id order. The lease already makes this worker the
+        # partition's only writer of tickets, but events are also written by PATCH /events;
+        # the lock makes those wait instead of interleaving, and the version check below proves
+        # that nothing wrote the row between our read and our write.
+        touched = {c.event_id for c in fresh} | {r.event_id for r in recorded.values()}
+        locked = await events.lock_events_for_sale(conn, sorted(touched))
+        rules = {row["id"]: _rules(row) for row in locked}
+        version = {row["id"]: row["version"] for row in locked}
+
+        # 5. What the batch's buyers already hold, where an event limits it.
+        buyers = sorted(
+            {
+                (c.event_id, c.customer_id)
+                for c in fresh
+                if isinstance(c, PurchaseRequested)
+                and c.event_id in rules
+                and rules[c.event_id].max_tickets_per_customer is not None
+            }
+        )
+        held = await purchases.holdings(conn, buyers) if buyers else {}
+
+        # 6. The decision itself is pure.
+        outcome = decide(rules, recorded, held, fresh, now=now, horizon=horizon, drained=drained)
+        result.decisions, result.transitions = outcome.decisions, outcome.transitions
+        result.horizon = outcome.horizon
+
+        # 7. Every row of the batch in two statements, and proof that each was written.
+        written: set[UUID] = set()
+        if outcome.decisions:
+            written = await purchases.record_decisions(
+                conn, partition=lease.partition, decisions=outcome.decisions
+            )
+        unwritten = {d.purchase.purchase_id for d in outcome.decisions} - written
+        if outcome.transitions:
+            moved = await purchases.apply_transitions(conn, outcome.transitions)
+            unwritten |= {t.purchase_id for t in outcome.transitions} - moved
+        if unwritten:
             raise RecordConflict(lease.partition, unwritten)
 
-        # 6. Optimistic lock: update only at the version read; fewer rows means a conflict.
+        # 8. Optimistic lock: update only at the version read; fewer rows means a conflict.
         changes = [
             (event_id, tickets, version[event_id])
-            for event_id, tickets in left.items()
-            if tickets != available[event_id]
+            for event_id, tickets in outcome.available.items()
+            if event_id in rules and tickets != rules[event_id].available
         ]
         if changes and await events.set_available_tickets(conn, changes) != len(changes):
             raise VersionConflict(f"partition {lease.partition}: an event version moved")
-    # 7. Committed; the caller acks.
+
+        # 9. When the partition's next hold ends, for its owner's sweep.
+        result.next_hold_end = await purchases.earliest_hold_end(conn, lease.partition)
+    # 10. Committed; the caller acks.
     return result
+
+
+def _rules(row: asyncpg.Record) -> EventRules:
+    return EventRules(
+        available=row["available_tickets"],
+        starts_at=row["starts_at"],
+        sales_start_at=row["sales_start_at"],
+        sales_end_at=row["sales_end_at"],
+        max_tickets_per_customer=row["max_tickets_per_customer"],
+        hold_seconds=row["hold_seconds"],
+    )

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response, status
 from api import purchase_contract
 from api.deps import PurchaseServiceDep
 from api.problems import problem_responses
-from shared.purchases.models import Purchase, PurchaseAccepted
+from shared.purchases.models import LifecycleAccepted, Purchase, PurchaseAccepted
 
 router = APIRouter(tags=["purchases"])
 
@@ -43,4 +43,38 @@ async def get_purchase(
     purchase_id: UUID, request: Request, purchases: PurchaseServiceDep
 ) -> Response:
     answer = await purchase_contract.status(purchases, request.scope, purchase_id)
+    return answer.response()
+
+
+@router.post(
+    purchase_contract.CONFIRM_PATH,
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=LifecycleAccepted,
+    responses=problem_responses(400, 404, 409, 413, 415, 422, 503),
+    openapi_extra=purchase_contract.CONFIRM_OPENAPI,
+)
+async def confirm_purchase(
+    purchase_id: UUID, request: Request, purchases: PurchaseServiceDep
+) -> Response:
+    """Confirm a held purchase with its payment reference. The worker confirms it if this was
+    accepted before the hold's end (`hold_expires_at`); after it, the purchase expires. 409 if
+    the purchase is rejected, expired, cancelled, failed, or confirmed with another reference;
+    confirming again with the same reference changes nothing."""
+    body = await request.body()
+    answer = await purchase_contract.confirm(purchases, request.scope, purchase_id, body)
+    return answer.response()
+
+
+@router.post(
+    purchase_contract.CANCEL_PATH,
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=LifecycleAccepted,
+    responses=problem_responses(404, 409, 422, 503),
+)
+async def cancel_purchase(
+    purchase_id: UUID, request: Request, purchases: PurchaseServiceDep
+) -> Response:
+    """Cancel a pending, held or confirmed purchase; its tickets go back on sale. 409 if it is
+    rejected or expired, or its event has started; cancelling again changes nothing."""
+    answer = await purchase_contract.cancel(purchases, request.scope, purchase_id)
     return answer.response()

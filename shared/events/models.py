@@ -1,11 +1,21 @@
 """Event DTOs: what clients send and what they get back."""
 
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from shared.text import Description, Instant, MaxTicketsPerPurchase, Name, TotalTickets, Venue
+from shared.text import (
+    Description,
+    HoldSeconds,
+    Instant,
+    MaxTicketsPerCustomer,
+    MaxTicketsPerPurchase,
+    Name,
+    TotalTickets,
+    Venue,
+)
 
 _EVENT_EXAMPLE: dict[str, Any] = {
     "name": "Rammstein — Olympiastadion",
@@ -14,7 +24,27 @@ _EVENT_EXAMPLE: dict[str, Any] = {
     "venue": "Olympiastadion, Berlin",
     "description": "Stadium tour 2027.",
     "max_tickets_per_purchase": 4,
+    "sales_start_at": "2027-01-15T10:00:00+01:00",
+    "sales_end_at": "2027-06-12T18:00:00+02:00",
+    "max_tickets_per_customer": 6,
+    "hold_seconds": 600,
 }
+
+SALES_START = "When sales open (ISO 8601 with a UTC offset); null: already open."
+SALES_END = "When sales close (ISO 8601 with a UTC offset); null: open until sold out."
+PER_CUSTOMER = (
+    "Most tickets one customer_id may hold and have confirmed for this event, across all of "
+    "their purchases; null: no limit."
+)
+HOLD = (
+    "Seconds a purchase's tickets are held while the buyer pays (then confirm it, or it "
+    "expires and the tickets go back on sale); null: purchases are confirmed at once."
+)
+
+
+def check_sales_window(start: datetime | None, end: datetime | None) -> None:
+    if start is not None and end is not None and start >= end:
+        raise ValueError("sales_start_at must be before sales_end_at")
 
 
 class EventCreate(BaseModel):
@@ -26,6 +56,17 @@ class EventCreate(BaseModel):
     venue: Venue | None = None
     description: Description | None = None
     max_tickets_per_purchase: MaxTicketsPerPurchase = 10
+    sales_start_at: Instant | None = Field(default=None, description=SALES_START)
+    sales_end_at: Instant | None = Field(default=None, description=SALES_END)
+    max_tickets_per_customer: MaxTicketsPerCustomer | None = Field(
+        default=None, description=PER_CUSTOMER
+    )
+    hold_seconds: HoldSeconds | None = Field(default=None, description=HOLD)
+
+    @model_validator(mode="after")
+    def _window_in_order(self) -> "EventCreate":
+        check_sales_window(self.sales_start_at, self.sales_end_at)
+        return self
 
 
 class EventUpdate(BaseModel):
@@ -43,6 +84,13 @@ class EventUpdate(BaseModel):
     venue: Venue | None = None
     description: Description | None = None
     max_tickets_per_purchase: MaxTicketsPerPurchase | None = None
+    # null removes the bound, the limit, the hold (a field not sent stays as it is).
+    sales_start_at: Instant | None = Field(default=None, description=SALES_START)
+    sales_end_at: Instant | None = Field(default=None, description=SALES_END)
+    max_tickets_per_customer: MaxTicketsPerCustomer | None = Field(
+        default=None, description=PER_CUSTOMER
+    )
+    hold_seconds: HoldSeconds | None = Field(default=None, description=HOLD)
 
 
 class Event(BaseModel):
@@ -69,6 +117,10 @@ class Event(BaseModel):
     total_tickets: int
     available_tickets: int
     max_tickets_per_purchase: int
+    sales_start_at: AwareDatetime | None
+    sales_end_at: AwareDatetime | None
+    max_tickets_per_customer: int | None
+    hold_seconds: int | None
     version: int
     created_at: AwareDatetime
     updated_at: AwareDatetime

@@ -10,8 +10,9 @@ from shared.db import Connection
 
 INSERT_EVENT = """
     INSERT INTO events (id, name, description, venue, starts_at, total_tickets,
-                        available_tickets, max_tickets_per_purchase)
-    VALUES ($1, $2, $3, $4, $5, $6, $6, $7)
+                        available_tickets, max_tickets_per_purchase, sales_start_at,
+                        sales_end_at, max_tickets_per_customer, hold_seconds)
+    VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $10, $11)
     RETURNING *
 """
 
@@ -37,7 +38,8 @@ LIST_EVENTS_AFTER_CURSOR = """
 UPDATE_EVENT = """
     UPDATE events
     SET name = $3, description = $4, venue = $5, starts_at = $6, total_tickets = $7,
-        available_tickets = $8, max_tickets_per_purchase = $9,
+        available_tickets = $8, max_tickets_per_purchase = $9, sales_start_at = $10,
+        sales_end_at = $11, max_tickets_per_customer = $12, hold_seconds = $13,
         version = version + 1, updated_at = now()
     WHERE id = $1 AND version = $2
     RETURNING *
@@ -58,6 +60,10 @@ async def insert_event(
     starts_at: datetime,
     total_tickets: int,
     max_tickets_per_purchase: int,
+    sales_start_at: datetime | None,
+    sales_end_at: datetime | None,
+    max_tickets_per_customer: int | None,
+    hold_seconds: int | None,
 ) -> asyncpg.Record:
     row: asyncpg.Record | None = await conn.fetchrow(
         INSERT_EVENT,
@@ -68,6 +74,10 @@ async def insert_event(
         starts_at,
         total_tickets,
         max_tickets_per_purchase,
+        sales_start_at,
+        sales_end_at,
+        max_tickets_per_customer,
+        hold_seconds,
     )
     assert row is not None  # INSERT ... RETURNING always returns the row
     return row
@@ -108,6 +118,10 @@ async def update_event(
         fields["total_tickets"],
         fields["available_tickets"],
         fields["max_tickets_per_purchase"],
+        fields["sales_start_at"],
+        fields["sales_end_at"],
+        fields["max_tickets_per_customer"],
+        fields["hold_seconds"],
     )
     return row
 
@@ -125,7 +139,8 @@ async def event_has_purchases(conn: Connection, event_id: UUID) -> bool:
 # The worker's side. Rows are locked in id order so that two transactions touching the same
 # events always queue up in the same order and can never deadlock.
 LOCK_EVENTS_FOR_SALE = """
-    SELECT id, available_tickets, version
+    SELECT id, available_tickets, version, starts_at, sales_start_at, sales_end_at,
+           max_tickets_per_customer, hold_seconds
     FROM events
     WHERE id = ANY($1::uuid[])
     ORDER BY id

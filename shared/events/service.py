@@ -16,7 +16,7 @@ from shared.errors import (
     VersionMismatch,
 )
 from shared.events import repository
-from shared.events.models import Event, EventCreate, EventPage, EventUpdate
+from shared.events.models import Event, EventCreate, EventPage, EventUpdate, check_sales_window
 from shared.text import within_domain
 
 
@@ -60,6 +60,10 @@ class EventService:
                 starts_at=data.starts_at,
                 total_tickets=data.total_tickets,
                 max_tickets_per_purchase=data.max_tickets_per_purchase,
+                sales_start_at=data.sales_start_at,
+                sales_end_at=data.sales_end_at,
+                max_tickets_per_customer=data.max_tickets_per_customer,
+                hold_seconds=data.hold_seconds,
             )
         return Event.model_validate(dict(row))
 
@@ -110,6 +114,10 @@ class EventService:
             for required in ("total_tickets", "max_tickets_per_purchase"):
                 if fields[required] is None:
                     raise InvalidRequest(f"{required} cannot be null.")
+            try:
+                check_sales_window(fields["sales_start_at"], fields["sales_end_at"])
+            except ValueError as exc:
+                raise InvalidRequest(f"{exc} (as the event would be after this change).") from None
             sold = current["total_tickets"] - current["available_tickets"]
             if fields["total_tickets"] < sold:
                 raise Conflict(

@@ -1,27 +1,42 @@
 """Purchase DTOs."""
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from shared.messages import PurchaseRequested
-from shared.text import CustomerId, Quantity
+from shared.text import CustomerId, PaymentReference, Quantity
 
 
 class PurchaseStatus(StrEnum):
-    PENDING = "pending"
+    PENDING = "pending"  # accepted, not decided yet (no row)
+    HELD = "held"  # tickets held until hold_expires_at, waiting for the confirmation
     CONFIRMED = "confirmed"
     REJECTED = "rejected"
+    EXPIRED = "expired"  # a hold that was not confirmed in time: its tickets went back on sale
+    CANCELLED = "cancelled"  # held or confirmed, then cancelled: its tickets went back on sale
     FAILED = "failed"
+
+
+# Statuses that hold tickets of the event.
+HOLDING = frozenset({PurchaseStatus.HELD, PurchaseStatus.CONFIRMED})
 
 
 class RejectReason(StrEnum):
     SOLD_OUT = "sold_out"
     INSUFFICIENT_TICKETS = "insufficient_tickets"
     EVENT_NOT_FOUND = "event_not_found"
+    CUSTOMER_LIMIT = "customer_limit"
+    SALES_NOT_OPEN = "sales_not_open"
+    SALES_CLOSED = "sales_closed"
+
+
+class ExpireReason(StrEnum):
+    HOLD_EXPIRED = "hold_expired"
 
 
 class FailReason(StrEnum):
@@ -38,7 +53,26 @@ class Decision:
 
     purchase: PurchaseRequested
     status: PurchaseStatus
-    reason: RejectReason | None = None
+    reason: RejectReason | ExpireReason | None = None
+    hold_expires_at: datetime | None = None
+    confirmed_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    payment_reference: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A recorded purchase moving on: held to confirmed or expired, held or confirmed to
+    cancelled. Written only if the row is still in `before` (the optimistic check)."""
+
+    purchase_id: UUID
+    event_id: UUID
+    before: PurchaseStatus
+    after: PurchaseStatus
+    reason: ExpireReason | None = None
+    confirmed_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    payment_reference: str | None = None
 
 
 class PurchaseCreate(BaseModel):
@@ -104,3 +138,37 @@ class Purchase(BaseModel):
     reason: str | None = None
     accepted_at: AwareDatetime | None
     processed_at: AwareDatetime | None = None
+    hold_expires_at: AwareDatetime | None = Field(
+        default=None, description="While held: when the hold ends unless confirmed before."
+    )
+    confirmed_at: AwareDatetime | None = None
+    cancelled_at: AwareDatetime | None = None
+    payment_reference: str | None = None
+
+
+class ConfirmRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"payment_reference": "psp-7f3a91"}]}
+    )
+
+    payment_reference: PaymentReference
+
+
+class LifecycleAccepted(BaseModel):
+    """A confirmation or cancellation, queued: the status URL tells when it is applied."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "purchase_id": "3f1c2a9e-5b4d-8e21-a6c4-9d1f0b7e3a55",
+                    "action": "confirm",
+                    "status_url": "/purchases/3f1c2a9e-5b4d-8e21-a6c4-9d1f0b7e3a55",
+                }
+            ]
+        }
+    )
+
+    purchase_id: UUID
+    action: Literal["confirm", "cancel"]
+    status_url: str

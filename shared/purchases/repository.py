@@ -1,17 +1,19 @@
 """SQL for purchases. Functions take a connection and never commit."""
 
 from collections.abc import Sequence
+from datetime import datetime
 from uuid import UUID
 
 import asyncpg
 
 from shared.db import Connection
 from shared.messages import PurchaseRequested
-from shared.purchases.models import Decision, FailReason
+from shared.purchases.models import Decision, FailReason, Transition
 
 SELECT_PURCHASE = """
     SELECT id AS purchase_id, event_id, customer_id, quantity, status, reason,
-           accepted_at, processed_at
+           accepted_at, processed_at, hold_expires_at, confirmed_at, cancelled_at,
+           payment_reference
     FROM purchases
     WHERE id = $1
 """
@@ -28,20 +30,67 @@ SELECT_FINAL_PURCHASE_IDS = """
 
 UPSERT_DECIDED_PURCHASES = """
     INSERT INTO purchases (id, event_id, customer_id, quantity, status, reason,
-                           accepted_at, processed_at, partition)
+                           accepted_at, processed_at, partition, hold_expires_at, confirmed_at,
+                           cancelled_at, payment_reference)
     SELECT u.id, u.event_id, u.customer_id, u.quantity, u.status, u.reason,
-           u.accepted_at, now(), $8
+           u.accepted_at, now(), $8, u.hold_expires_at, u.confirmed_at, u.cancelled_at,
+           u.payment_reference
     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[],
-                $7::timestamptz[]) AS u(id, event_id, customer_id, quantity, status, reason,
-                                        accepted_at)
+                $7::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::timestamptz[],
+                $12::text[])
+         AS u(id, event_id, customer_id, quantity, status, reason, accepted_at,
+              hold_expires_at, confirmed_at, cancelled_at, payment_reference)
     ON CONFLICT (id) DO UPDATE
         SET event_id = excluded.event_id, customer_id = excluded.customer_id,
             quantity = excluded.quantity, status = excluded.status, reason = excluded.reason,
             accepted_at = excluded.accepted_at, processed_at = excluded.processed_at,
-            partition = excluded.partition
+            partition = excluded.partition, hold_expires_at = excluded.hold_expires_at,
+            confirmed_at = excluded.confirmed_at, cancelled_at = excluded.cancelled_at,
+            payment_reference = excluded.payment_reference
         WHERE purchases.status = 'failed'
     RETURNING id
 """
+
+# What a batch may change, locked in id order: the purchases its confirmations and cancellations
+# name, and the partition's holds whose end has passed `$3` (the latest the batch could expire).
+LOCK_RECORDED = """
+    SELECT id, event_id, customer_id, quantity, status, hold_expires_at, payment_reference,
+           confirmed_at
+    FROM purchases
+    WHERE id = ANY($1::uuid[])
+       OR (partition = $2 AND status = 'held' AND hold_expires_at < $3)
+    ORDER BY id
+    FOR UPDATE
+"""
+
+# Each buyer's held and confirmed tickets of an event.
+HOLDINGS = """
+    SELECT p.event_id, p.customer_id, sum(p.quantity)::int AS tickets
+    FROM purchases AS p
+    JOIN unnest($1::uuid[], $2::text[]) AS b(event_id, customer_id)
+      ON p.event_id = b.event_id AND p.customer_id = b.customer_id
+    WHERE p.status IN ('held', 'confirmed')
+    GROUP BY p.event_id, p.customer_id
+"""
+
+# Only rows still in the status the decision started from (the optimistic check).
+APPLY_TRANSITIONS = """
+    UPDATE purchases AS p
+    SET status = u.after, reason = coalesce(u.reason, p.reason),
+        confirmed_at = coalesce(u.confirmed_at, p.confirmed_at),
+        cancelled_at = coalesce(u.cancelled_at, p.cancelled_at),
+        payment_reference = coalesce(u.payment_reference, p.payment_reference)
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+                $6::timestamptz[], $7::text[])
+         AS u(id, before, after, reason, confirmed_at, cancelled_at, payment_reference)
+    WHERE p.id = u.id AND p.status = u.before
+    RETURNING p.id
+"""
+
+EARLIEST_HOLD_END = """
+    SELECT min(hold_expires_at) FROM purchases WHERE partition = $1 AND status = 'held'
+"""
+
 
 # A failure never overwrites a decision: the purchase may have been applied before its message
 # was dead-lettered (committed, then the worker died before the ack, delivery after delivery).
@@ -92,8 +141,51 @@ async def record_decisions(
         [None if d.reason is None else d.reason.value for d in decisions],
         [d.purchase.accepted_at for d in decisions],
         partition,
+        [d.hold_expires_at for d in decisions],
+        [d.confirmed_at for d in decisions],
+        [d.cancelled_at for d in decisions],
+        [d.payment_reference for d in decisions],
     )
     return {row["id"] for row in rows}
+
+
+async def lock_recorded(
+    conn: Connection,
+    *,
+    purchase_ids: Sequence[UUID],
+    partition: int,
+    holds_ending_before: datetime | None,
+) -> list[asyncpg.Record]:
+    """The rows of `purchase_ids`, and the partition's holds ending before the given time
+    (none when it is None), locked."""
+    return await conn.fetch(LOCK_RECORDED, list(purchase_ids), partition, holds_ending_before)
+
+
+async def holdings(
+    conn: Connection, buyers: Sequence[tuple[UUID, str]]
+) -> dict[tuple[UUID, str], int]:
+    rows = await conn.fetch(HOLDINGS, [e for e, _ in buyers], [c for _, c in buyers])
+    return {(row["event_id"], row["customer_id"]): row["tickets"] for row in rows}
+
+
+async def apply_transitions(conn: Connection, transitions: Sequence[Transition]) -> set[UUID]:
+    """Move recorded purchases on; return the ids moved (one missing had left its status)."""
+    rows = await conn.fetch(
+        APPLY_TRANSITIONS,
+        [t.purchase_id for t in transitions],
+        [t.before.value for t in transitions],
+        [t.after.value for t in transitions],
+        [None if t.reason is None else t.reason.value for t in transitions],
+        [t.confirmed_at for t in transitions],
+        [t.cancelled_at for t in transitions],
+        [t.payment_reference for t in transitions],
+    )
+    return {row["id"] for row in rows}
+
+
+async def earliest_hold_end(conn: Connection, partition: int) -> datetime | None:
+    end: datetime | None = await conn.fetchval(EARLIEST_HOLD_END, partition)
+    return end
 
 
 async def record_failed_purchases(

@@ -1,8 +1,10 @@
 """Purchase use cases: accept a purchase (validate, publish, 202) and report its status."""
 
+import asyncio
 import logging
 from collections import OrderedDict
 from datetime import UTC, datetime
+from typing import NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -11,11 +13,22 @@ from shared.errors import (
     EventNotFound,
     IdempotencyKeyReused,
     InvalidRequest,
+    NotCancellable,
+    NotConfirmable,
     PurchaseNotFound,
+    SalesClosed,
+    SalesNotOpen,
+    ServiceUnavailable,
     SoldOut,
 )
 from shared.events.cache import EventCache
-from shared.messages import AcceptedPurchase
+from shared.messages import (
+    CONFIRM_MARGIN,
+    Accepted,
+    AcceptedCancel,
+    AcceptedConfirm,
+    AcceptedPurchase,
+)
 from shared.publisher import PurchasePublisher
 from shared.purchases import repository
 from shared.purchases.ids import PurchaseIds
@@ -23,6 +36,18 @@ from shared.purchases.models import Purchase, PurchaseCreate, PurchaseStatus
 from shared.retry import DATABASE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
+
+
+# How long a confirmation or cancellation waits for a pending purchase accepted by another
+# replica to be recorded (it must know the purchase's event), before a 503 asks to retry.
+LOCATE_WAIT_S = 2.0
+
+
+class _Found(NamedTuple):
+    status: PurchaseStatus
+    event_id: UUID | None
+    hold_expires_at: datetime | None = None
+    payment_reference: str | None = None
 
 
 class RecentlyAccepted:
@@ -91,12 +116,19 @@ class PurchaseService:
             raise InvalidRequest(
                 f"quantity must be at most {event.max_tickets_per_purchase} for this event."
             )
+        # The worker checks the window again against this same instant (this cache may be a
+        # little stale); a purchase outside it is refused here, and nothing is published.
+        accepted_at = datetime.now(UTC)
+        if event.sales_start_at is not None and accepted_at < event.sales_start_at:
+            raise SalesNotOpen(event_id, event.sales_start_at.isoformat())
+        if event.sales_end_at is not None and accepted_at >= event.sales_end_at:
+            raise SalesClosed(event_id, event.sales_end_at.isoformat())
         if event.available_tickets == 0:
             raise SoldOut(event_id)
 
         purchase_id = purchase_id or self._ids.new()
         purchase = AcceptedPurchase(
-            purchase_id, event_id, request.customer_id, request.quantity, datetime.now(UTC)
+            purchase_id, event_id, request.customer_id, request.quantity, accepted_at
         )
         await self._publisher.publish(purchase)
         self._recent.remember(purchase)
@@ -135,6 +167,92 @@ class PurchaseService:
                 f"ticket(s); use a new key for a different purchase."
             )
         return UUID(int=row["purchase_id"].int)  # a plain UUID, not the driver's subclass
+
+    async def confirm(self, purchase_id: UUID, payment_reference: str) -> None:
+        """Queue the confirmation of a held (or still pending) purchase; return once the
+        broker has it. Confirming again with the same reference changes nothing."""
+        found = await self._locate(purchase_id)
+        if found.status == PurchaseStatus.CONFIRMED:
+            if found.payment_reference == payment_reference:
+                return  # nothing left to do
+            raise NotConfirmable(
+                f"Purchase {purchase_id} is already confirmed with another payment_reference."
+            )
+        if found.status not in (PurchaseStatus.HELD, PurchaseStatus.PENDING):
+            raise NotConfirmable(
+                f"Purchase {purchase_id} is {found.status}; it can no longer be confirmed."
+            )
+        accepted_at = datetime.now(UTC)
+        deadline: float | None = None
+        if found.hold_expires_at is not None:
+            if accepted_at >= found.hold_expires_at:
+                raise NotConfirmable(
+                    f"The hold of purchase {purchase_id} ended at "
+                    f"{found.hold_expires_at.isoformat()}; it is expiring."
+                )
+            # Queued after the hold's end plus the margin, the confirmation could find the hold
+            # expired already: the caller gets a 503 instead (and a retry finds out).
+            margin = found.hold_expires_at + CONFIRM_MARGIN - accepted_at
+            deadline = asyncio.get_running_loop().time() + margin.total_seconds()
+        assert found.event_id is not None
+        confirm = AcceptedConfirm(purchase_id, found.event_id, payment_reference, accepted_at)
+        await self._publisher.publish(confirm, deadline=deadline)
+        log.info("purchase confirmation accepted", extra=self._context(confirm))
+
+    async def cancel(self, purchase_id: UUID) -> None:
+        """Queue the cancellation of a pending, held or confirmed purchase; return once the
+        broker has it. Cancelling again changes nothing."""
+        found = await self._locate(purchase_id)
+        if found.status == PurchaseStatus.CANCELLED:
+            return
+        if found.status not in (
+            PurchaseStatus.HELD,
+            PurchaseStatus.CONFIRMED,
+            PurchaseStatus.PENDING,
+        ):
+            raise NotCancellable(f"Purchase {purchase_id} is {found.status}; nothing to cancel.")
+        assert found.event_id is not None
+        accepted_at = datetime.now(UTC)
+        event = await self._events.get(found.event_id)
+        if event is not None and accepted_at >= event.starts_at:
+            raise NotCancellable(f"Event {found.event_id} has started; it cannot be cancelled.")
+        cancel = AcceptedCancel(purchase_id, found.event_id, accepted_at)
+        await self._publisher.publish(cancel)
+        log.info("purchase cancellation accepted", extra=self._context(cancel))
+
+    async def _locate(self, purchase_id: UUID) -> "_Found":
+        """The purchase's status and event. A pending one that this replica did not accept is
+        waited for (a moment) until the worker records it: a confirmation or a cancellation
+        must go to its event's partition."""
+        if not self._ids.is_issued(purchase_id):
+            raise PurchaseNotFound(purchase_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOCATE_WAIT_S
+        while True:
+            async with self._pool.acquire() as conn:
+                row = await repository.get_purchase(conn, purchase_id)
+            if row is not None:
+                return _Found(
+                    PurchaseStatus(row["status"]),
+                    UUID(int=row["event_id"].int),  # a plain UUID: orjson writes no subclass
+                    row["hold_expires_at"],
+                    row["payment_reference"],
+                )
+            known = self._recent.get(purchase_id)
+            if known is not None:
+                return _Found(PurchaseStatus.PENDING, known.event_id)
+            if loop.time() >= deadline:
+                raise ServiceUnavailable(
+                    f"Purchase {purchase_id} is still being decided; retry shortly."
+                )
+            await asyncio.sleep(0.05)
+
+    def _context(self, command: Accepted) -> dict[str, object]:
+        return {
+            "purchase_id": str(command.purchase_id),
+            "event_id": str(command.event_id),
+            "partition": self._publisher.partition_of(command),
+        }
 
     async def status(self, purchase_id: UUID) -> Purchase:
         if not self._ids.is_issued(purchase_id):

@@ -34,6 +34,10 @@ PURCHASE_FIELDS = {
     "reason",
     "accepted_at",
     "processed_at",
+    "hold_expires_at",
+    "confirmed_at",
+    "cancelled_at",
+    "payment_reference",
 }
 
 

@@ -25,7 +25,7 @@ from shared.messages import PurchaseMessage, PurchaseRequested
 from shared.settings import Settings
 from tests.conftest import settings_env
 from tests.factories import FINAL, create_event, purchase
-from worker.decision import decide
+from worker.decision import EventRules, decide
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,7 +126,7 @@ def purchase_message(
 ) -> PurchaseMessage:
     return PurchaseMessage(
         partition=partition,
-        purchases=[
+        commands=[
             PurchaseRequested(
                 purchase_id=purchase_id or uuid4(),
                 event_id=UUID(str(event_id)),
@@ -280,7 +280,10 @@ async def assert_first_come_first_served(db: asyncpg.Pool) -> None:
 
     One API process stamps `accepted_at` right before handing the purchase to the publisher's
     per-partition lane (no await in between), so `accepted_at` order is queue order."""
-    events = await db.fetch("SELECT id, total_tickets, available_tickets FROM events")
+    events = await db.fetch(
+        "SELECT id, total_tickets, available_tickets, starts_at, sales_start_at, sales_end_at, "
+        "max_tickets_per_customer, hold_seconds FROM events"
+    )
     rows = await db.fetch(
         "SELECT id, event_id, customer_id, quantity, status, reason, accepted_at, processed_at "
         "FROM purchases WHERE status <> 'failed' ORDER BY accepted_at, id"
@@ -300,7 +303,16 @@ async def assert_first_come_first_served(db: asyncpg.Pool) -> None:
             )
             for row in mine
         ]
-        left, decisions = decide({event["id"]: event["total_tickets"]}, requested)
+        assert event["hold_seconds"] is None, "holds expire by the clock: not replayable"
+        rules = EventRules(
+            available=event["total_tickets"],
+            starts_at=event["starts_at"],
+            sales_start_at=event["sales_start_at"],
+            sales_end_at=event["sales_end_at"],
+            max_tickets_per_customer=event["max_tickets_per_customer"],
+        )
+        outcome = decide({event["id"]: rules}, {}, {}, requested, now=datetime.now(UTC))
+        left, decisions = outcome.available, outcome.decisions
         for row, decision in zip(mine, decisions, strict=True):
             expected = (decision.status.value, decision.reason.value if decision.reason else None)
             assert (row["status"], row["reason"]) == expected, (

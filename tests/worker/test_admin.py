@@ -88,7 +88,7 @@ async def test_replay_moves_dead_letters_back_and_their_purchases_get_decided(
     purchase_id = UUID("0f0e0d0c-0b0a-4908-8706-050403020100")
     dead = PurchaseMessage(
         partition=topology.partition_of(event_id),
-        purchases=[
+        commands=[
             PurchaseRequested(
                 purchase_id=purchase_id,
                 event_id=event_id,

@@ -1,33 +1,68 @@
-"""The decision rules (`worker.decision.decide`): first come, first served, never below zero, never
-more than asked, the right reason for every rejection. Pure, so hypothesis explores it freely."""
+"""The decision step (`worker.decision.decide`): first come, first served, never below zero, never
+more than asked, the right reason for every rejection; and the box-office state machine (holds,
+confirmations, cancellations, expiries, per-customer limits, sales windows) keeping every
+invariant. Pure, so hypothesis explores it freely: the lifecycle properties drive it batch by
+batch over a simulated partition, carrying its rows over as the worker's database would."""
 
+import itertools
 from collections import defaultdict
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.messages import PurchaseRequested
-from shared.purchases.models import Decision, PurchaseStatus, RejectReason
+from shared.messages import (
+    CONFIRM_MARGIN,
+    CancelRequested,
+    ConfirmRequested,
+    PurchaseRequested,
+)
+from shared.purchases.models import (
+    HOLDING,
+    Decision,
+    ExpireReason,
+    PurchaseStatus,
+    RejectReason,
+)
 from tests.fuzzing import property_settings
-from worker.decision import decide
+from worker.decision import Command, EventRules, Recorded, decide
 
 EVENTS = [UUID(int=n + 1) for n in range(4)]
 UNKNOWN = UUID(int=999)
-ACCEPTED_AT = datetime(2027, 1, 1, tzinfo=UTC)
+T0 = datetime(2027, 1, 1, tzinfo=UTC)
+FAR = T0 + timedelta(days=365)
 
 PROPERTY = property_settings(max_examples=300)
+# A lifecycle example drives a whole simulated partition: fewer of them, as many as make fuzz asks.
+LIFECYCLE = property_settings(max_examples=100)
 
 
-def requested(event_id: UUID, quantity: int, purchase_id: UUID | None = None) -> PurchaseRequested:
+def requested(
+    event_id: UUID,
+    quantity: int,
+    purchase_id: UUID | None = None,
+    *,
+    customer: str = "customer",
+    at: datetime = T0,
+) -> PurchaseRequested:
     return PurchaseRequested(
         purchase_id=purchase_id or uuid4(),
         event_id=event_id,
-        customer_id="customer",
+        customer_id=customer,
         quantity=quantity,
-        accepted_at=ACCEPTED_AT,
+        accepted_at=at,
     )
+
+
+def plain(
+    available: dict[UUID, int], purchases: list[PurchaseRequested]
+) -> tuple[dict[UUID, int], list[Decision]]:
+    """decide for events without holds, windows or limits: the purchase rules alone."""
+    rules = {e: EventRules(available=n, starts_at=FAR) for e, n in available.items()}
+    outcome = decide(rules, {}, {}, purchases, now=T0)
+    return outcome.available, outcome.decisions
 
 
 availability = st.dictionaries(
@@ -44,8 +79,11 @@ purchase_lists = st.lists(
 )
 
 
-def summary(decisions: list[Decision]) -> list[tuple[UUID, PurchaseStatus, RejectReason | None]]:
+def summary(decisions: list[Decision]) -> list[tuple[UUID, PurchaseStatus, object]]:
     return [(o.purchase.purchase_id, o.status, o.reason) for o in decisions]
+
+
+# --- purchases alone ---------------------------------------------------------------------------
 
 
 @PROPERTY
@@ -53,7 +91,7 @@ def summary(decisions: list[Decision]) -> list[tuple[UUID, PurchaseStatus, Rejec
 def test_availability_never_goes_negative_nor_above_what_it_was(
     available: dict[UUID, int], purchases: list[PurchaseRequested]
 ) -> None:
-    left, _ = decide(available, purchases)
+    left, _ = plain(available, purchases)
     assert set(left) == set(available), "events appeared or vanished"
     for event_id, tickets in left.items():
         assert 0 <= tickets <= available[event_id]
@@ -64,7 +102,7 @@ def test_availability_never_goes_negative_nor_above_what_it_was(
 def test_confirmed_tickets_equal_exactly_what_availability_lost(
     available: dict[UUID, int], purchases: list[PurchaseRequested]
 ) -> None:
-    left, decisions = decide(available, purchases)
+    left, decisions = plain(available, purchases)
     confirmed: dict[UUID, int] = defaultdict(int)
     for decision in decisions:
         if decision.status == PurchaseStatus.CONFIRMED:
@@ -79,7 +117,7 @@ def test_confirmed_tickets_equal_exactly_what_availability_lost(
 def test_one_outcome_per_purchase_in_input_order(
     available: dict[UUID, int], purchases: list[PurchaseRequested]
 ) -> None:
-    _, decisions = decide(available, purchases)
+    _, decisions = plain(available, purchases)
     assert [o.purchase for o in decisions] == purchases
 
 
@@ -90,67 +128,24 @@ def test_each_purchase_is_confirmed_iff_it_fits_in_what_earlier_purchases_left(
 ) -> None:
     """First come, first served, with the reason of every rejection: walk the purchases in order
     keeping what each event has left; a purchase gets its tickets exactly when they fit."""
-    _, decisions = decide(available, purchases)
+    _, decisions = plain(available, purchases)
     remaining = dict(available)
     for decision in decisions:
         event_id, quantity = decision.purchase.event_id, decision.purchase.quantity
         before = remaining.get(event_id)
         if before is None:
-            assert (decision.status, decision.reason) == (
+            expected: tuple[PurchaseStatus, RejectReason | None] = (
                 PurchaseStatus.REJECTED,
                 RejectReason.EVENT_NOT_FOUND,
             )
         elif quantity <= before:
-            assert (decision.status, decision.reason) == (PurchaseStatus.CONFIRMED, None)
+            expected = (PurchaseStatus.CONFIRMED, None)
             remaining[event_id] = before - quantity
         elif before == 0:
-            assert (decision.status, decision.reason) == (
-                PurchaseStatus.REJECTED,
-                RejectReason.SOLD_OUT,
-            )
+            expected = (PurchaseStatus.REJECTED, RejectReason.SOLD_OUT)
         else:
-            assert (decision.status, decision.reason) == (
-                PurchaseStatus.REJECTED,
-                RejectReason.INSUFFICIENT_TICKETS,
-            )
-
-
-@PROPERTY
-@given(availability, purchase_lists)
-def test_a_later_purchase_never_overtakes_an_earlier_one_of_the_same_event(
-    available: dict[UUID, int], purchases: list[PurchaseRequested]
-) -> None:
-    """Once a purchase of q tickets is turned down, no later purchase of that event asking for q or
-    more gets tickets; once an event is sold out, every later purchase of it is sold_out."""
-    _, decisions = decide(available, purchases)
-    smallest_refused: dict[UUID, int] = {}
-    sold_out: set[UUID] = set()
-    for decision in decisions:
-        event_id, quantity = decision.purchase.event_id, decision.purchase.quantity
-        if event_id in sold_out:
-            assert decision.reason == RejectReason.SOLD_OUT
-        if decision.status == PurchaseStatus.CONFIRMED:
-            assert quantity < smallest_refused.get(event_id, quantity + 1)
-        elif decision.reason in (RejectReason.INSUFFICIENT_TICKETS, RejectReason.SOLD_OUT):
-            smallest_refused[event_id] = min(quantity, smallest_refused.get(event_id, quantity))
-            if decision.reason == RejectReason.SOLD_OUT:
-                sold_out.add(event_id)
-
-
-@PROPERTY
-@given(availability, purchase_lists)
-def test_reasons_match_statuses(
-    available: dict[UUID, int], purchases: list[PurchaseRequested]
-) -> None:
-    _, decisions = decide(available, purchases)
-    for decision in decisions:
-        if decision.status == PurchaseStatus.CONFIRMED:
-            assert decision.reason is None
-        else:
-            assert decision.status == PurchaseStatus.REJECTED
-            assert isinstance(decision.reason, RejectReason)
-        if decision.purchase.event_id not in available:
-            assert decision.reason == RejectReason.EVENT_NOT_FOUND
+            expected = (PurchaseStatus.REJECTED, RejectReason.INSUFFICIENT_TICKETS)
+        assert (decision.status, decision.reason) == expected
 
 
 @PROPERTY
@@ -160,10 +155,10 @@ def test_splitting_a_stream_into_batches_anywhere_gives_the_same_decisions(
 ) -> None:
     """The worker decides a partition batch by batch, carrying availability over: where the
     batches happen to be cut must not change any decision."""
-    left, decisions = decide(available, purchases)
+    left, decisions = plain(available, purchases)
     cut = min(cut, len(purchases))
-    middle, first = decide(available, purchases[:cut])
-    final, second = decide(middle, purchases[cut:])
+    middle, first = plain(available, purchases[:cut])
+    final, second = plain(middle, purchases[cut:])
     assert final == left
     assert summary(first + second) == summary(decisions)
 
@@ -173,36 +168,21 @@ def test_splitting_a_stream_into_batches_anywhere_gives_the_same_decisions(
 def test_each_event_is_decided_independently_of_the_others(
     available: dict[UUID, int], purchases: list[PurchaseRequested]
 ) -> None:
-    left, decisions = decide(available, purchases)
+    left, decisions = plain(available, purchases)
     for event_id in {*available, UNKNOWN}:
         alone = {event_id: available[event_id]} if event_id in available else {}
         own = [p for p in purchases if p.event_id == event_id]
-        own_left, own_outcomes = decide(alone, own)
-        assert summary(own_outcomes) == summary(
+        own_left, own_decisions = plain(alone, own)
+        assert summary(own_decisions) == summary(
             [o for o in decisions if o.purchase.event_id == event_id]
         )
         if event_id in available:
             assert own_left[event_id] == left[event_id]
 
 
-@PROPERTY
-@given(availability, purchase_lists)
-def test_decide_does_not_mutate_its_inputs(
-    available: dict[UUID, int], purchases: list[PurchaseRequested]
-) -> None:
-    available_before, purchases_before = dict(available), list(purchases)
-    decide(available, purchases)
-    assert available == available_before
-    assert purchases == purchases_before
-
-
-# --- examples ----------------------------------------------------------------------------------
-
-
 def test_a_smaller_later_purchase_gets_what_a_larger_earlier_one_could_not() -> None:
     event = EVENTS[0]
-    purchases = [requested(event, q) for q in (2, 2, 2, 1, 1)]
-    left, decisions = decide({event: 5}, purchases)
+    left, decisions = plain({event: 5}, [requested(event, q) for q in (2, 2, 2, 1, 1)])
     assert [(o.status, o.reason) for o in decisions] == [
         (PurchaseStatus.CONFIRMED, None),
         (PurchaseStatus.CONFIRMED, None),
@@ -213,23 +193,9 @@ def test_a_smaller_later_purchase_gets_what_a_larger_earlier_one_could_not() -> 
     assert left == {event: 0}
 
 
-def test_buying_the_last_tickets_exactly_sells_out() -> None:
-    event = EVENTS[0]
-    left, decisions = decide({event: 3}, [requested(event, 3), requested(event, 1)])
-    assert [o.status for o in decisions] == [PurchaseStatus.CONFIRMED, PurchaseStatus.REJECTED]
-    assert decisions[1].reason == RejectReason.SOLD_OUT
-    assert left == {event: 0}
-
-
-def test_an_event_with_no_tickets_left_rejects_as_sold_out_not_insufficient() -> None:
-    event = EVENTS[0]
-    _, decisions = decide({event: 0}, [requested(event, 1), requested(event, 5)])
-    assert [o.reason for o in decisions] == [RejectReason.SOLD_OUT, RejectReason.SOLD_OUT]
-
-
 def test_an_unknown_event_is_rejected_and_left_out_of_availability() -> None:
     known = EVENTS[0]
-    left, decisions = decide(
+    left, decisions = plain(
         {known: 2}, [requested(UNKNOWN, 1), requested(known, 1), requested(UNKNOWN, 1)]
     )
     assert [o.reason for o in decisions] == [
@@ -240,18 +206,395 @@ def test_an_unknown_event_is_rejected_and_left_out_of_availability() -> None:
     assert left == {known: 1}
 
 
-def test_an_empty_batch_changes_nothing() -> None:
-    left, decisions = decide({EVENTS[0]: 4}, [])
-    assert left == {EVENTS[0]: 4}
-    assert decisions == []
+# --- the box-office lifecycle, over a simulated partition --------------------------------------
 
 
-def test_events_do_not_share_tickets() -> None:
-    a, b = EVENTS[0], EVENTS[1]
-    left, decisions = decide({a: 1, b: 1}, [requested(a, 1), requested(a, 1), requested(b, 1)])
-    assert [o.status for o in decisions] == [
+@dataclass
+class Row:
+    event_id: UUID
+    customer_id: str
+    quantity: int
+    status: PurchaseStatus
+    hold_expires_at: datetime | None = None
+    payment_reference: str | None = None
+    history: list[PurchaseStatus] = field(default_factory=list)
+
+
+@dataclass
+class Partition:
+    """What the worker's database holds for one partition, as batch after batch leaves it."""
+
+    rules: dict[UUID, EventRules]
+    total: dict[UUID, int]
+    rows: dict[UUID, Row] = field(default_factory=dict)
+    horizon: datetime | None = None
+
+    def apply(self, commands: list[Command], now: datetime, *, drained: bool = False) -> None:
+        named = {c.purchase_id for c in commands if not isinstance(c, PurchaseRequested)}
+        recorded = {
+            pid: Recorded(
+                pid,
+                r.event_id,
+                r.customer_id,
+                r.quantity,
+                r.status,
+                r.hold_expires_at,
+                r.payment_reference,
+            )
+            for pid, r in self.rows.items()
+            if pid in named or r.status == PurchaseStatus.HELD
+        }
+        holdings: dict[tuple[UUID, str], int] = defaultdict(int)
+        for r in self.rows.values():
+            if r.status in HOLDING:
+                holdings[(r.event_id, r.customer_id)] += r.quantity
+        fresh = [
+            c
+            for c in commands
+            if not (isinstance(c, PurchaseRequested) and c.purchase_id in self.rows)
+        ]
+        outcome = decide(
+            self.rules, recorded, holdings, fresh, now=now, horizon=self.horizon, drained=drained
+        )
+        for d in outcome.decisions:
+            p = d.purchase
+            self.rows[p.purchase_id] = Row(
+                p.event_id,
+                p.customer_id,
+                p.quantity,
+                d.status,
+                d.hold_expires_at,
+                d.payment_reference,
+                [d.status],
+            )
+        for t in outcome.transitions:
+            row = self.rows[t.purchase_id]
+            assert row.status == t.before
+            row.status = t.after
+            row.payment_reference = t.payment_reference or row.payment_reference
+            row.history.append(t.after)
+        self.rules = {
+            e: EventRules(
+                outcome.available[e],
+                r.starts_at,
+                r.sales_start_at,
+                r.sales_end_at,
+                r.max_tickets_per_customer,
+                r.hold_seconds,
+            )
+            for e, r in self.rules.items()
+        }
+        self.horizon = outcome.horizon
+
+    def check_invariants(self) -> None:
+        for event_id, rules in self.rules.items():
+            holding = sum(
+                r.quantity
+                for r in self.rows.values()
+                if r.event_id == event_id and r.status in HOLDING
+            )
+            assert rules.available >= 0
+            assert rules.available + holding == self.total[event_id], event_id
+            limit = rules.max_tickets_per_customer
+            if limit is not None:
+                per_customer: dict[str, int] = defaultdict(int)
+                for r in self.rows.values():
+                    if r.event_id == event_id and r.status in HOLDING:
+                        per_customer[r.customer_id] += r.quantity
+                assert all(n <= limit for n in per_customer.values()), per_customer
+        for row in self.rows.values():
+            assert _legal(row.history), row.history
+
+
+FOLLOW_ONS = {
+    PurchaseStatus.HELD: {
         PurchaseStatus.CONFIRMED,
+        PurchaseStatus.EXPIRED,
+        PurchaseStatus.CANCELLED,
+    },
+    PurchaseStatus.CONFIRMED: {PurchaseStatus.CANCELLED},
+}
+
+
+def _legal(history: list[PurchaseStatus]) -> bool:
+    """held -> confirmed | expired | cancelled; confirmed -> cancelled; nothing after the rest."""
+    return all(b in FOLLOW_ONS.get(a, set()) for a, b in itertools.pairwise(history))
+
+
+@st.composite
+def partitions(draw: st.DrawFn) -> Partition:
+    rules, total = {}, {}
+    for event_id in EVENTS[:2]:
+        tickets = draw(st.integers(0, 8))
+        opens = draw(st.none() | st.integers(0, 40).map(lambda s: T0 + timedelta(seconds=s)))
+        closes = draw(st.none() | st.integers(41, 200).map(lambda s: T0 + timedelta(seconds=s)))
+        rules[event_id] = EventRules(
+            available=tickets,
+            starts_at=draw(st.sampled_from([FAR, T0 + timedelta(seconds=150)])),
+            sales_start_at=opens,
+            sales_end_at=closes,
+            max_tickets_per_customer=draw(st.none() | st.integers(1, 4)),
+            hold_seconds=draw(st.none() | st.just(30)),
+        )
+        total[event_id] = tickets
+    return Partition(rules, total)
+
+
+@st.composite
+def timelines(draw: st.DrawFn) -> list[Command]:
+    """Purchases, and confirmations and cancellations of earlier ones (or of an id never
+    bought), at increasing acceptance times spread over a few hold lifetimes."""
+    at = T0
+    commands: list[Command] = []
+    bought: list[PurchaseRequested] = []
+    for _ in range(draw(st.integers(0, 40))):
+        at += timedelta(seconds=draw(st.integers(0, 12)))
+        kind = draw(st.sampled_from(["purchase", "purchase", "confirm", "cancel"]))
+        command: Command
+        if kind == "purchase" or not bought:
+            purchase = requested(
+                draw(st.sampled_from([*EVENTS[:2], UNKNOWN])),
+                draw(st.integers(1, 3)),
+                customer=draw(st.sampled_from(["ann", "bob", "cy"])),
+                at=at,
+            )
+            bought.append(purchase)
+            command = purchase
+        else:
+            target = draw(st.sampled_from(bought))
+            common = {
+                "purchase_id": target.purchase_id,
+                "event_id": target.event_id,
+                "accepted_at": at,
+            }
+            if kind == "confirm":
+                ref = draw(st.sampled_from(["pay-1", "pay-2"]))
+                command = ConfirmRequested(payment_reference=ref, **common)
+            else:
+                command = CancelRequested(**common)
+        commands.append(command)
+    return commands
+
+
+def run(partition: Partition, commands: list[Command], cuts: list[int]) -> Partition:
+    """Apply `commands` batch by batch, cut at `cuts`, each batch decided a moment after its
+    last command was accepted."""
+    edges = sorted({min(c, len(commands)) for c in cuts} | {0, len(commands)})
+    for start, end in itertools.pairwise(edges):
+        batch = commands[start:end]
+        partition.apply(batch, batch[-1].accepted_at + timedelta(milliseconds=50))
+        partition.check_invariants()
+    return partition
+
+
+cut_lists = st.lists(st.integers(0, 40), max_size=6)
+
+
+@LIFECYCLE
+@given(partitions(), timelines(), cut_lists)
+def test_every_lifecycle_keeps_tickets_limits_and_transitions_in_order(
+    partition: Partition, commands: list[Command], cuts: list[int]
+) -> None:
+    """available + held + confirmed = total, never below zero; no customer past the limit;
+    held -> confirmed/expired/cancelled, confirmed -> cancelled, nothing after the rest. After
+    every batch, however the stream is cut, and once the queue is drained long after."""
+    run(partition, commands, cuts)
+    end = commands[-1].accepted_at if commands else T0
+    partition.apply([], end + timedelta(hours=1), drained=True)
+    partition.check_invariants()
+    assert all(r.status != PurchaseStatus.HELD for r in partition.rows.values()), (
+        "a hold outlived a drained queue an hour past its end"
+    )
+
+
+@LIFECYCLE
+@given(partitions(), timelines(), cut_lists)
+def test_where_a_stream_is_cut_into_batches_changes_nothing_but_when_holds_end(
+    partition: Partition, commands: list[Command], cuts: list[int]
+) -> None:
+    """A hold ends hold_seconds after it is given, and it is given when its batch is decided:
+    that depends on the batching. Everything else must not."""
+    partition.rules = {e: replace(r, hold_seconds=None) for e, r in partition.rules.items()}
+    whole = run(Partition(dict(partition.rules), dict(partition.total)), commands, [])
+    cut = run(partition, commands, cuts)
+    assert {p: r.status for p, r in cut.rows.items()} == {
+        p: r.status for p, r in whole.rows.items()
+    }
+
+
+@LIFECYCLE
+@given(partitions(), timelines(), cut_lists)
+def test_a_confirmation_confirms_a_hold_iff_it_was_accepted_before_the_holds_end(
+    partition: Partition, commands: list[Command], cuts: list[int]
+) -> None:
+    run(partition, commands, cuts)
+    firsts: dict[UUID, ConfirmRequested] = {}
+    for c in commands:
+        if isinstance(c, ConfirmRequested):
+            firsts.setdefault(c.purchase_id, c)
+    for purchase_id, row in partition.rows.items():
+        if PurchaseStatus.CONFIRMED in row.history and row.history[0] == PurchaseStatus.HELD:
+            confirm = firsts[purchase_id]
+            assert row.hold_expires_at is not None
+            assert confirm.accepted_at < row.hold_expires_at
+            assert row.payment_reference == confirm.payment_reference
+
+
+# --- examples of the lifecycle -----------------------------------------------------------------
+
+
+def held_event(tickets: int, **rules: object) -> EventRules:
+    return EventRules(available=tickets, starts_at=FAR, hold_seconds=30, **rules)  # type: ignore[arg-type]
+
+
+def test_a_held_purchase_confirmed_in_time_is_confirmed_with_its_reference() -> None:
+    event = EVENTS[0]
+    p = Partition({event: held_event(2)}, {event: 2})
+    buy = requested(event, 2, at=T0)
+    p.apply([buy], T0)
+    assert p.rows[buy.purchase_id].status == PurchaseStatus.HELD
+    assert p.rows[buy.purchase_id].hold_expires_at == T0 + timedelta(seconds=30)
+    confirm = ConfirmRequested(
+        purchase_id=buy.purchase_id,
+        event_id=event,
+        payment_reference="psp-1",
+        accepted_at=T0 + timedelta(seconds=29),
+    )
+    # Decided well after the hold's end: what counts is when the API accepted it.
+    p.apply([confirm], T0 + timedelta(seconds=45))
+    row = p.rows[buy.purchase_id]
+    assert (row.status, row.payment_reference) == (PurchaseStatus.CONFIRMED, "psp-1")
+    assert p.rules[event].available == 0
+
+
+def test_a_confirmation_accepted_at_the_holds_end_expires_the_purchase() -> None:
+    event = EVENTS[0]
+    p = Partition({event: held_event(1)}, {event: 1})
+    buy = requested(event, 1, at=T0)
+    p.apply([buy], T0)
+    late = ConfirmRequested(
+        purchase_id=buy.purchase_id,
+        event_id=event,
+        payment_reference="psp-1",
+        accepted_at=T0 + timedelta(seconds=30),
+    )
+    p.apply([late], T0 + timedelta(seconds=30))
+    assert p.rows[buy.purchase_id].status == PurchaseStatus.EXPIRED
+    assert p.rules[event].available == 1
+
+
+def test_an_expired_ticket_goes_to_the_first_later_purchase_that_asks() -> None:
+    event = EVENTS[0]
+    p = Partition({event: held_event(1)}, {event: 1})
+    first = requested(event, 1, customer="ann", at=T0)
+    p.apply([first], T0)
+    too_soon = requested(event, 1, customer="bob", at=T0 + timedelta(seconds=20))
+    after = T0 + timedelta(seconds=30) + CONFIRM_MARGIN + timedelta(seconds=1)
+    later = requested(event, 1, customer="cy", at=after)
+    even_later = requested(event, 1, customer="dan", at=after + timedelta(seconds=1))
+    p.apply([too_soon, later, even_later], after + timedelta(seconds=2))
+    statuses = [p.rows[c.purchase_id].status for c in (first, too_soon, later, even_later)]
+    assert statuses == [
+        PurchaseStatus.EXPIRED,
+        PurchaseStatus.REJECTED,
+        PurchaseStatus.HELD,
+        PurchaseStatus.REJECTED,
+    ]
+
+
+def test_a_hold_does_not_expire_before_the_horizon_passes_its_end_by_the_margin() -> None:
+    event = EVENTS[0]
+    p = Partition({event: held_event(1)}, {event: 1})
+    buy = requested(event, 1, at=T0)
+    p.apply([buy], T0)
+    # Not drained: only acceptance times move the horizon, and none is past the margin yet.
+    p.apply([], T0 + timedelta(minutes=5))
+    assert p.rows[buy.purchase_id].status == PurchaseStatus.HELD
+    p.apply([], T0 + timedelta(minutes=5), drained=True)
+    assert p.rows[buy.purchase_id].status == PurchaseStatus.EXPIRED
+    assert p.rows[buy.purchase_id].history == [PurchaseStatus.HELD, PurchaseStatus.EXPIRED]
+
+
+def test_a_cancel_gives_tickets_back_and_a_rejected_purchase_stays_rejected() -> None:
+    event = EVENTS[0]
+    p = Partition({event: EventRules(available=1, starts_at=FAR)}, {event: 1})
+    a, b = requested(event, 1, at=T0), requested(event, 1, at=T0)
+    cancel_a = CancelRequested(purchase_id=a.purchase_id, event_id=event, accepted_at=T0)
+    cancel_b = CancelRequested(purchase_id=b.purchase_id, event_id=event, accepted_at=T0)
+    p.apply([a, b, cancel_a, cancel_b], T0)
+    assert [p.rows[c.purchase_id].status for c in (a, b)] == [
+        PurchaseStatus.CANCELLED,
+        PurchaseStatus.REJECTED,
+    ]
+    assert p.rules[event].available == 1
+
+
+def test_no_cancellation_once_the_event_has_started() -> None:
+    event = EVENTS[0]
+    starts = T0 + timedelta(hours=1)
+    p = Partition({event: EventRules(available=1, starts_at=starts)}, {event: 1})
+    buy = requested(event, 1, at=T0)
+    late = CancelRequested(purchase_id=buy.purchase_id, event_id=event, accepted_at=starts)
+    p.apply([buy, late], starts)
+    assert p.rows[buy.purchase_id].status == PurchaseStatus.CONFIRMED
+
+
+def test_the_per_customer_limit_counts_held_and_confirmed_across_purchases() -> None:
+    event = EVENTS[0]
+    rules = EventRules(available=10, starts_at=FAR, max_tickets_per_customer=3, hold_seconds=30)
+    p = Partition({event: rules}, {event: 10})
+    buys = [requested(event, q, customer="ann", at=T0) for q in (2, 2, 1)]
+    other = requested(event, 3, customer="bob", at=T0)
+    p.apply([*buys, other], T0)
+    assert [p.rows[b.purchase_id].status for b in [*buys, other]] == [
+        PurchaseStatus.HELD,
+        PurchaseStatus.REJECTED,
+        PurchaseStatus.HELD,
+        PurchaseStatus.HELD,
+    ]
+    rejected = p.rows[buys[1].purchase_id]
+    assert rejected.status == PurchaseStatus.REJECTED
+    # An expiry stops counting: ann may buy again once her holds are gone.
+    after = T0 + timedelta(minutes=2)
+    again = requested(event, 3, customer="ann", at=after)
+    p.apply([again], after)
+    assert p.rows[again.purchase_id].status == PurchaseStatus.HELD
+
+
+def test_the_sales_window_is_checked_against_when_the_api_accepted_the_purchase() -> None:
+    event = EVENTS[0]
+    opens, closes = T0 + timedelta(hours=1), T0 + timedelta(hours=2)
+    rules = EventRules(available=5, starts_at=FAR, sales_start_at=opens, sales_end_at=closes)
+    p = Partition({event: rules}, {event: 5})
+    early = requested(event, 1, at=opens - timedelta(seconds=1))
+    on_time = requested(event, 1, at=opens)
+    late = requested(event, 1, at=closes)
+    p.apply([early, on_time, late], closes + timedelta(hours=1))
+    assert [p.rows[c.purchase_id].status for c in (early, on_time, late)] == [
         PurchaseStatus.REJECTED,
         PurchaseStatus.CONFIRMED,
+        PurchaseStatus.REJECTED,
     ]
-    assert left == {a: 0, b: 0}
+    decided = decide({event: rules}, {}, {}, [early, late], now=closes)
+    assert [d.reason for d in decided.decisions] == [
+        RejectReason.SALES_NOT_OPEN,
+        RejectReason.SALES_CLOSED,
+    ]
+
+
+def test_an_expiry_is_recorded_with_its_reason() -> None:
+    event = EVENTS[0]
+    buy = requested(event, 1, at=T0)
+    held = Recorded(buy.purchase_id, event, "c", 1, PurchaseStatus.HELD, T0 + timedelta(seconds=30))
+    outcome = decide(
+        {event: held_event(0)},
+        {buy.purchase_id: held},
+        {},
+        [],
+        now=T0 + timedelta(minutes=1),
+        drained=True,
+    )
+    assert [(t.after, t.reason) for t in outcome.transitions] == [
+        (PurchaseStatus.EXPIRED, ExpireReason.HOLD_EXPIRED)
+    ]
+    assert outcome.available == {event: 1}

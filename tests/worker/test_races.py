@@ -462,7 +462,7 @@ async def test_a_batch_that_keeps_conflicting_is_dead_lettered_and_its_partition
     event = await create_event_in_partition(api, settings, 0, total_tickets=10)
     conflicting = PurchaseMessage(
         partition=0,
-        purchases=[
+        commands=[
             purchase_message(0, event["id"]).purchases[0],
             purchase_message(0, event["id"]).purchases[0],
         ],

@@ -1,0 +1,410 @@
+"""The box office over HTTP: holds, confirmation, cancellation, per-customer limits and sales
+windows, through the API and a real worker on PostgreSQL and RabbitMQ."""
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+import aio_pika.abc
+import asyncpg
+import httpx
+import pytest
+
+from shared.messages import ConfirmRequested, PurchaseMessage
+from shared.purchases.models import LifecycleAccepted
+from shared.settings import Settings
+from tests.api.helpers import (
+    assert_problem,
+    partition_queue,
+    queue_depth,
+    read_messages,
+    wait_for_no_consumers,
+)
+from tests.conftest import StartWorker
+from tests.factories import assert_no_oversell, create_event, purchase, wait_until_final
+from tests.worker.helpers import wait_for
+
+PROBLEM = "urn:ticketing:problem:"
+
+
+def soon(**delta: float) -> str:
+    return (datetime.now(UTC) + timedelta(**delta)).isoformat()
+
+
+async def confirm(
+    api: httpx.AsyncClient, purchase_id: object, reference: str = "psp-1"
+) -> httpx.Response:
+    return await api.post(
+        f"/purchases/{purchase_id}/confirm", json={"payment_reference": reference}
+    )
+
+
+async def cancel(api: httpx.AsyncClient, purchase_id: object) -> httpx.Response:
+    return await api.post(f"/purchases/{purchase_id}/cancel")
+
+
+async def status_of(api: httpx.AsyncClient, purchase_id: object) -> dict[str, Any]:
+    response = await api.get(f"/purchases/{purchase_id}")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def wait_status(api: httpx.AsyncClient, purchase_id: object, wanted: str) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        nonlocal seen
+        seen = await status_of(api, purchase_id)
+        return bool(seen["status"] == wanted)
+
+    await wait_for(reached, timeout_s=30, what=f"purchase {purchase_id} to be {wanted}")
+    return seen
+
+
+async def held_purchase(
+    api: httpx.AsyncClient, db: asyncpg.Pool, event: dict[str, Any], **kwargs: Any
+) -> dict[str, Any]:
+    response = await purchase(api, event["id"], **kwargs)
+    assert response.status_code == 202, response.text
+    purchase_id = response.json()["purchase_id"]
+    await wait_until_final(db, [purchase_id])
+    return await wait_status(api, purchase_id, "held")
+
+
+async def available(db: asyncpg.Pool, event_id: str) -> int:
+    tickets: int = await db.fetchval(
+        "SELECT available_tickets FROM events WHERE id = $1", UUID(event_id)
+    )
+    return tickets
+
+
+# --- the answers ------------------------------------------------------------------------------
+
+
+async def test_confirm_is_202_with_location_and_its_message_is_queued_in_the_events_partition(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    amqp: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    start_worker: StartWorker,
+) -> None:
+    event = await create_event(api, hold_seconds=600)
+    worker = await start_worker()
+    held = await held_purchase(api, db, event, quantity=2)
+    worker.stop()
+    await wait_for_no_consumers(amqp, settings)
+
+    response = await confirm(api, held["purchase_id"], "psp-42")
+
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body == {
+        "purchase_id": held["purchase_id"],
+        "action": "confirm",
+        "status_url": f"/purchases/{held['purchase_id']}",
+    }
+    assert LifecycleAccepted.model_validate(body).model_dump(mode="json") == body
+    assert response.headers["location"] == body["status_url"]
+    assert response.headers["retry-after"] == "1"
+    _, queue = partition_queue(settings, event["id"])
+    [message] = [PurchaseMessage.from_body(m.body) for m in await read_messages(amqp, queue, 1)]
+    [command] = message.commands
+    assert isinstance(command, ConfirmRequested)
+    assert str(command.purchase_id) == held["purchase_id"]
+    assert command.payment_reference == "psp-42"
+
+
+@pytest.mark.parametrize("action", ["confirm", "cancel"])
+async def test_a_purchase_id_never_issued_is_404(api: httpx.AsyncClient, action: str) -> None:
+    response = await api.post(f"/purchases/{uuid4()}/{action}", json={"payment_reference": "psp-1"})
+    body = assert_problem(response, 404)
+    assert body["type"] == PROBLEM + "purchase-not-found"
+
+
+@pytest.mark.parametrize("action", ["confirm", "cancel"])
+async def test_a_malformed_purchase_id_is_422(api: httpx.AsyncClient, action: str) -> None:
+    response = await api.post(f"/purchases/not-a-uuid/{action}", json={"payment_reference": "p"})
+    assert_problem(response, 422)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"payment_reference": ""},
+        {"payment_reference": "x" * 201},
+        {"payment_reference": "line\nbreak"},
+        {"payment_reference": "nul\u0000"},
+        {"payment_reference": 42},
+        {"payment_reference": None},
+        {"payment_reference": "ok", "extra": 1},
+        [],
+        "psp",
+    ],
+)
+async def test_a_bad_confirmation_body_is_422_and_nothing_is_queued(
+    api: httpx.AsyncClient,
+    amqp: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    body: object,
+) -> None:
+    event = await create_event(api, hold_seconds=600)
+    accepted = await purchase(api, event["id"])
+    _, queue = partition_queue(settings, event["id"])
+    before = await queue_depth(amqp, queue)
+
+    response = await api.post(f"/purchases/{accepted.json()['purchase_id']}/confirm", json=body)
+
+    assert_problem(response, 422)
+    assert await queue_depth(amqp, queue) == before
+
+
+async def test_a_confirmation_body_that_is_not_json_is_400_as_everywhere(
+    api: httpx.AsyncClient,
+) -> None:
+    event = await create_event(api, hold_seconds=600)
+    accepted = await purchase(api, event["id"])
+    response = await api.post(
+        f"/purchases/{accepted.json()['purchase_id']}/confirm",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    assert assert_problem(response, 400)["type"] == PROBLEM + "malformed-json"
+
+
+# --- the lifecycle, applied by the worker ------------------------------------------------------
+
+
+async def test_a_hold_is_confirmed_with_its_reference_and_confirming_again_changes_nothing(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    event = await create_event(api, total_tickets=10, hold_seconds=600)
+    await start_worker()
+
+    held = await held_purchase(api, db, event, quantity=3)
+    assert held["hold_expires_at"] is not None
+    hold_end = datetime.fromisoformat(held["hold_expires_at"])
+    given = datetime.fromisoformat(held["processed_at"])  # the hold runs from when it is given
+    assert timedelta(seconds=599) <= hold_end - given <= timedelta(seconds=601)
+    assert held["confirmed_at"] is None
+    assert held["payment_reference"] is None
+    assert await available(db, event["id"]) == 7  # held tickets are off sale
+
+    assert (await confirm(api, held["purchase_id"], "psp-7")).status_code == 202
+    confirmed = await wait_status(api, held["purchase_id"], "confirmed")
+    assert confirmed["payment_reference"] == "psp-7"
+    assert confirmed["confirmed_at"] is not None
+    assert confirmed["reason"] is None
+
+    again = await confirm(api, held["purchase_id"], "psp-7")
+    assert again.status_code == 202, again.text
+    other = await confirm(api, held["purchase_id"], "psp-8")
+    assert assert_problem(other, 409)["type"] == PROBLEM + "purchase-cannot-be-confirmed"
+    assert (await status_of(api, held["purchase_id"]))["payment_reference"] == "psp-7"
+    assert await available(db, event["id"]) == 7
+    await assert_no_oversell(db)
+
+
+async def test_cancelling_a_held_or_confirmed_purchase_returns_its_tickets_once(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    event = await create_event(api, total_tickets=10, hold_seconds=600)
+    await start_worker()
+    held = await held_purchase(api, db, event, quantity=2, customer_id="a")
+    paid = await held_purchase(api, db, event, quantity=3, customer_id="b")
+    assert (await confirm(api, paid["purchase_id"])).status_code == 202
+    await wait_status(api, paid["purchase_id"], "confirmed")
+    assert await available(db, event["id"]) == 5
+
+    for target in (held, paid):
+        response = await cancel(api, target["purchase_id"])
+        assert response.status_code == 202, response.text
+        assert response.json()["action"] == "cancel"
+        cancelled = await wait_status(api, target["purchase_id"], "cancelled")
+        assert cancelled["cancelled_at"] is not None
+        assert (await cancel(api, target["purchase_id"])).status_code == 202  # idempotent
+
+    assert await available(db, event["id"]) == 10
+    assert (await status_of(api, paid["purchase_id"]))["confirmed_at"] is not None
+    refused = await confirm(api, held["purchase_id"])
+    assert assert_problem(refused, 409)["type"] == PROBLEM + "purchase-cannot-be-confirmed"
+    await assert_no_oversell(db)
+
+
+async def test_a_cancel_right_after_its_purchase_is_applied_after_it(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    """Both go through the event's partition in order: the purchase is decided first, then
+    cancelled (pending at the API, queued before any worker runs)."""
+    event = await create_event(api, total_tickets=5)
+    accepted = await purchase(api, event["id"], quantity=2)
+    purchase_id = accepted.json()["purchase_id"]
+    assert (await cancel(api, purchase_id)).status_code == 202
+    await start_worker()
+
+    cancelled = await wait_status(api, purchase_id, "cancelled")
+    assert cancelled["confirmed_at"] is not None  # it was confirmed, then cancelled
+    assert await available(db, event["id"]) == 5
+    await assert_no_oversell(db)
+
+
+async def test_a_purchase_rejected_or_expired_cannot_be_confirmed_nor_cancelled(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    event = await create_event(api, total_tickets=2, max_tickets_per_purchase=5, hold_seconds=30)
+    await start_worker()
+    too_many = await purchase(api, event["id"], quantity=5)
+    rejected_id = too_many.json()["purchase_id"]
+    await wait_status(api, rejected_id, "rejected")
+    # Holds of two seconds (the API takes 30 at least; a test need not wait that long).
+    await db.execute("UPDATE events SET hold_seconds = 2 WHERE id = $1", UUID(event["id"]))
+    held = await held_purchase(api, db, event, quantity=1)
+    expired = await wait_status(api, held["purchase_id"], "expired")
+    assert expired["reason"] == "hold_expired"
+
+    for purchase_id in (rejected_id, held["purchase_id"]):
+        confirmed = await confirm(api, purchase_id)
+        assert assert_problem(confirmed, 409)["type"] == PROBLEM + "purchase-cannot-be-confirmed"
+        cancelled = await cancel(api, purchase_id)
+        assert assert_problem(cancelled, 409)["type"] == PROBLEM + "purchase-cannot-be-cancelled"
+    assert await available(db, event["id"]) == 2
+    await assert_no_oversell(db)
+
+
+async def test_a_hold_past_its_end_is_refused_at_the_api(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    event = await create_event(api, hold_seconds=600)
+    worker = await start_worker()
+    held = await held_purchase(api, db, event)
+    worker.stop()
+    await db.execute(
+        "UPDATE purchases SET hold_expires_at = now() - interval '1 second' WHERE id = $1",
+        UUID(held["purchase_id"]),
+    )
+
+    assert_problem(await confirm(api, held["purchase_id"]), 409)
+
+
+async def test_no_cancellation_once_the_event_has_started(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    event = await create_event(api, total_tickets=5)
+    await start_worker()
+    accepted = await purchase(api, event["id"])
+    purchase_id = accepted.json()["purchase_id"]
+    await wait_status(api, purchase_id, "confirmed")
+    patched = await api.patch(f"/events/{event['id']}", json={"starts_at": soon(seconds=-60)})
+    assert patched.status_code == 200, patched.text
+
+    response = await cancel(api, purchase_id)
+
+    assert assert_problem(response, 409)["type"] == PROBLEM + "purchase-cannot-be-cancelled"
+    assert (await status_of(api, purchase_id))["status"] == "confirmed"
+
+
+async def test_the_per_customer_limit_counts_across_purchases_and_frees_with_a_cancel(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    event = await create_event(api, total_tickets=100, max_tickets_per_customer=4)
+    await start_worker()
+    first = await purchase(api, event["id"], quantity=3, customer_id="fan")
+    second = await purchase(api, event["id"], quantity=2, customer_id="fan")
+    other = await purchase(api, event["id"], quantity=4, customer_id="someone-else")
+    rows = await wait_until_final(
+        db, [r.json()["purchase_id"] for r in (first, second, other)], timeout_s=30
+    )
+    by_id = {str(k): v for k, v in rows.items()}
+    assert by_id[first.json()["purchase_id"]]["status"] == "confirmed"
+    assert by_id[second.json()["purchase_id"]]["status"] == "rejected"
+    assert by_id[second.json()["purchase_id"]]["reason"] == "customer_limit"
+    assert by_id[other.json()["purchase_id"]]["status"] == "confirmed"
+
+    assert (await cancel(api, first.json()["purchase_id"])).status_code == 202
+    await wait_status(api, first.json()["purchase_id"], "cancelled")
+    again = await purchase(api, event["id"], quantity=4, customer_id="fan")
+    await wait_status(api, again.json()["purchase_id"], "confirmed")
+    await assert_no_oversell(db)
+
+
+# --- the sales window --------------------------------------------------------------------------
+
+
+async def test_a_purchase_before_the_sales_open_is_409_sales_not_open_and_nothing_is_queued(
+    api: httpx.AsyncClient, amqp: aio_pika.abc.AbstractChannel, settings: Settings
+) -> None:
+    event = await create_event(api, sales_start_at=soon(hours=1))
+    _, queue = partition_queue(settings, event["id"])
+
+    response = await purchase(api, event["id"])
+
+    body = assert_problem(response, 409)
+    assert body["type"] == PROBLEM + "sales-not-open"
+    assert await queue_depth(amqp, queue) == 0
+
+
+async def test_a_purchase_after_the_sales_close_is_409_sales_closed_and_nothing_is_queued(
+    api: httpx.AsyncClient, amqp: aio_pika.abc.AbstractChannel, settings: Settings
+) -> None:
+    event = await create_event(api, sales_start_at=soon(hours=-2), sales_end_at=soon(seconds=-1))
+    _, queue = partition_queue(settings, event["id"])
+
+    response = await purchase(api, event["id"])
+
+    body = assert_problem(response, 409)
+    assert body["type"] == PROBLEM + "sales-closed"
+    assert await queue_depth(amqp, queue) == 0
+
+
+async def test_inside_the_window_a_purchase_is_accepted(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    event = await create_event(api, sales_start_at=soon(hours=-1), sales_end_at=soon(hours=1))
+    await start_worker()
+    accepted = await purchase(api, event["id"])
+    assert accepted.status_code == 202
+    await wait_status(api, accepted.json()["purchase_id"], "confirmed")
+
+
+async def test_the_worker_rechecks_the_window_of_an_event_patched_while_purchases_queued(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    """The API's cache may be stale; the worker decides against the window as it is when the
+    batch runs, and against when the API accepted each purchase."""
+    closing = await create_event(api, total_tickets=50)
+    opening = await create_event(api, total_tickets=50)
+    early = [await purchase(api, closing["id"], customer_id=f"e{i}") for i in range(5)]
+    cut = datetime.now(UTC)
+    late = [await purchase(api, closing["id"], customer_id=f"l{i}") for i in range(5)]
+    queued = [await purchase(api, opening["id"], customer_id=f"o{i}") for i in range(5)]
+    assert all(r.status_code == 202 for r in early + late + queued)
+    # While they wait in the queue, sales of one event are closed as of the cut, and those of
+    # the other are not open yet.
+    closed = await api.patch(f"/events/{closing['id']}", json={"sales_end_at": cut.isoformat()})
+    assert closed.status_code == 200, closed.text
+    later = await api.patch(f"/events/{opening['id']}", json={"sales_start_at": soon(hours=1)})
+    assert later.status_code == 200, later.text
+    await start_worker()
+
+    rows = await wait_until_final(db, [r.json()["purchase_id"] for r in early + late + queued])
+    outcome = {str(k): (v["status"], v["reason"]) for k, v in rows.items()}
+    assert {outcome[r.json()["purchase_id"]] for r in early} == {("confirmed", None)}
+    assert {outcome[r.json()["purchase_id"]] for r in late} == {("rejected", "sales_closed")}
+    assert {outcome[r.json()["purchase_id"]] for r in queued} == {("rejected", "sales_not_open")}
+    assert await available(db, closing["id"]) == 45
+    assert await available(db, opening["id"]) == 50
+    await assert_no_oversell(db)
+
+
+async def test_a_patched_window_applies_at_the_api_at_once(api: httpx.AsyncClient) -> None:
+    event = await create_event(api)
+    assert (await purchase(api, event["id"])).status_code == 202
+    patched = await api.patch(f"/events/{event['id']}", json={"sales_end_at": soon(seconds=-1)})
+    assert patched.status_code == 200, patched.text
+
+    assert assert_problem(await purchase(api, event["id"]), 409)["type"] == PROBLEM + "sales-closed"
+
+    reopened = await api.patch(f"/events/{event['id']}", json={"sales_end_at": None})
+    assert reopened.json()["sales_end_at"] is None
+    assert (await purchase(api, event["id"])).status_code == 202
