@@ -82,6 +82,10 @@ def report(figures: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> dic
             f"spread_{SPREAD_CONNECTIONS[0]}"
         ]["p99_ms"]
         < 100,
+        "flash sale with holds: sold out, every ticket confirmed": figures["flash_holds"][
+            "tickets_sold"
+        ]
+        == figures["flash_holds"]["tickets"],
         "zero oversell": all(f.get("oversold", 0) == 0 for f in figures.values()),
         "api RSS < 150 MB": peak_of(figures, "api_peak_rss_mb") < 150,
         "worker RSS < 150 MB": peak_of(figures, "worker_peak_rss_mb") < 150,
@@ -193,6 +197,13 @@ def print_table(result: dict[str, Any]) -> None:
         f" worker {peak_of(f, 'worker_peak_rss_mb'):.0f} MB;"
         f" load generator CPU: {f['api_accept']['loadgen_cpu_share']:.0%} of a core (accept),"
         f" {fs['loadgen_cpu_share']:.0%} (flash sale)"
+    )
+    fh = f["flash_holds"]
+    print(
+        f"flash sale with holds ({fh['hold_seconds']} s, a third never paid): sold"
+        f" {fh['tickets_sold']} of {fh['tickets']} tickets in {fh['seconds_to_sell_out']:.1f} s"
+        f" to {fh['buyers']} buyers at once; {fh['holds_given']} holds given,"
+        f" {fh['holds_expired']} expired and resold; oversold {fh['oversold']}"
     )
     cpu = fs["pipeline_cpu_ms_per_confirmed"]
     print(

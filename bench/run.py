@@ -24,10 +24,11 @@ import asyncpg
 import orjson
 
 from bench.cpu import CpuMeter, cpu_seconds, postgres_postmasters, rabbitmq_nodes
+from bench.holds import sell_out_with_holds
 from bench.loadgen import LoadResult, run_load
 from bench.processes import Processes, bench_settings, peak_rss_mb
 from bench.report import RESULTS, draw_chart, print_table, report
-from bench.sizes import COALESCED, FULL, QUICK, SPREAD_CONNECTIONS, SPREAD_EVENTS, Sizes
+from bench.sizes import COALESCED, FULL, HOLD_S, QUICK, SPREAD_CONNECTIONS, SPREAD_EVENTS, Sizes
 from shared import broker
 from shared.messages import AcceptedPurchase, encode_message
 from shared.migrate import create_database_if_missing, drop_database
@@ -152,12 +153,15 @@ class Bench:
         raise RuntimeError(f"only {decided} of {expected} purchases decided in {timeout_s} s")
 
     async def check_no_oversell(self) -> dict[str, int]:
+        """available + held + confirmed = total over every event, none negative (or raise)."""
         row = await self.db.fetchrow(
             """
             SELECT coalesce(sum(e.total_tickets), 0) AS total,
                    coalesce(sum(e.available_tickets), 0) AS available,
                    (SELECT coalesce(sum(quantity), 0) FROM purchases WHERE status = 'confirmed')
                        AS confirmed,
+                   (SELECT coalesce(sum(quantity), 0) FROM purchases WHERE status = 'held')
+                       AS held,
                    (SELECT count(*) FROM purchases WHERE status = 'rejected') AS rejected,
                    (SELECT count(*) - count(DISTINCT id) FROM purchases) AS duplicated,
                    (SELECT count(*) FROM events WHERE available_tickets < 0) AS negative
@@ -166,8 +170,9 @@ class Bench:
         )
         assert row is not None  # an aggregate always returns a row
         figures = {key: int(value) for key, value in row.items()}
-        figures["oversold"] = max(0, figures["confirmed"] - figures["total"])
-        if figures["confirmed"] + figures["available"] != figures["total"] or figures["negative"]:
+        taken = figures["confirmed"] + figures["held"]
+        figures["oversold"] = max(0, taken - figures["total"])
+        if taken + figures["available"] != figures["total"] or figures["negative"]:
             raise AssertionError(f"INVARIANT BROKEN: {figures}")
         return figures
 
@@ -451,6 +456,42 @@ class Bench:
             **check,
         }
 
+    async def flash_sale_with_holds(self) -> None:
+        """Holds given, a random third never paid: expired and sold again, until sold out."""
+        await self.reset()
+        (event_id,) = await self.create_events(1, self.sizes.holds_tickets)
+        await self.db.execute("UPDATE events SET hold_seconds = $1", HOLD_S)
+        api = self.procs.api()
+        worker = self.procs.worker("bench-holds")
+        try:
+            crowd = await sell_out_with_holds(
+                f"http://127.0.0.1:{self.settings.api_port}",
+                self.db,
+                event_id,
+                tickets=self.sizes.holds_tickets,
+                buyers=self.sizes.holds_buyers,
+            )
+        finally:
+            self.procs.stop(worker)
+            self.procs.stop(api)
+        check = await self.check_no_oversell()
+        outcome = await self.db.fetchrow(
+            """
+            SELECT count(*) FILTER (WHERE hold_expires_at IS NOT NULL) AS holds_given,
+                   count(*) FILTER (WHERE status = 'expired') AS holds_expired,
+                   count(*) FILTER (WHERE status = 'rejected') AS rejected_by_worker
+            FROM purchases
+            """
+        )
+        assert outcome is not None
+        self.figures["flash_holds"] = {
+            **crowd,
+            "hold_seconds": HOLD_S,
+            "tickets_sold": check["confirmed"],
+            **{key: int(value) for key, value in outcome.items()},
+            **check,
+        }
+
 
 def publish_batch_average(port: int) -> float:
     """Purchases per message the API's publisher packed (one API process's /metrics)."""
@@ -515,6 +556,7 @@ def steps_of(bench: "Bench") -> dict[str, tuple[str, Callable[[], Awaitable[None
             f"{SPREAD_EVENTS} events on sale at once, baseline and this design",
             bench.spread,
         ),
+        "holds": ("flash sale with holds (a third never paid)", bench.flash_sale_with_holds),
     }
 
 
@@ -569,6 +611,7 @@ if __name__ == "__main__":
             "polls",
             "flash",
             "spread",
+            "holds",
         ],
         help="measure just these scenarios and print their figures (nothing is written)",
     )

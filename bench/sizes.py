@@ -18,10 +18,15 @@ class Sizes:
     many_events: int
     many_purchases: int
     spread_s: float  # seconds of load per "many events on sale" measurement
+    holds_tickets: int  # the flash sale with holds: tickets to sell out
+    holds_buyers: int  # buyers at once (each purchases, polls, pays or walks away, again)
 
 
-FULL = Sizes(100_000, 10.0, 50_000, 20_000, 256, 50_000, 1_000, 100_000, 15.0)
-QUICK = Sizes(20_000, 3.0, 10_000, 4_000, 256, 10_000, 1_000, 20_000, 5.0)
+FULL = Sizes(100_000, 10.0, 50_000, 20_000, 256, 50_000, 1_000, 100_000, 15.0, 3_000, 128)
+QUICK = Sizes(20_000, 3.0, 10_000, 4_000, 256, 10_000, 1_000, 20_000, 5.0, 600, 64)
+# The flash sale with holds: holds this short (set in SQL, below the API's 30 s minimum) so that
+# abandoned tickets come back within a run.
+HOLD_S = 5
 # Many events on sale at once: a buyer picks one at random, one ticket each.
 SPREAD_EVENTS = 200
 SPREAD_CONNECTIONS = (32, 128)
