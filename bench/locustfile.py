@@ -6,20 +6,27 @@ Start the API and a worker (see docs/load-testing.md), then:
     .venv/bin/locust -f bench/locustfile.py --headless -u 200 -r 50 -t 60s \\
         --host http://127.0.0.1:8000 --html bench/results/locust.html
 
-At the start, LOAD_EVENTS fresh events of LOAD_TICKETS tickets each are created. Each simulated
-customer then loops: POST /events/{id}/tickets/purchase (random customer, 1..LOAD_MAX_QUANTITY
-tickets, an Idempotency-Key), retrying a 503 with the same key after its Retry-After, then polls
-GET /purchases/{id}, honouring Retry-After, until the purchase is confirmed, rejected or failed.
+At the start, LOAD_EVENTS fresh events of LOAD_TICKETS tickets each are created, each holding
+a purchase's tickets for LOAD_HOLD_SECONDS while its buyer pays. Each simulated customer then
+loops: POST /events/{id}/tickets/purchase (random customer, 1..LOAD_MAX_QUANTITY tickets, an
+Idempotency-Key), retrying a 503 with the same key after its Retry-After, then polls
+GET /purchases/{id}, honouring Retry-After, until it is decided. A customer given a hold then
+pays (POST /purchases/{id}/confirm), walks away without paying (LOAD_UNPAID_SHARE: the hold
+expires and the tickets go back on sale) or cancels (LOAD_CANCEL_SHARE, half of them after
+paying), and polls until the purchase is confirmed, expired or cancelled.
 
 When the test stops, each customer finishes the purchase it is in (a default --stop-timeout),
-purchases whose outcome is still unknown are resolved, and every event is read back:
-the tickets it sold (total - available) must equal the tickets confirmed to customers. A mismatch
-(oversell, or a confirmation that sold nothing) prints OVERSELL and exits with status 1.
+purchases whose outcome is still unknown are resolved (abandoned holds are waited for until they
+expire), and every event is read back: the tickets it sold (total - available) must equal the
+tickets confirmed to customers. A mismatch (oversell, or a confirmation that sold nothing)
+prints OVERSELL and exits with status 1.
 
 Knobs (environment variables): LOAD_EVENTS (10), LOAD_TICKETS (1000), LOAD_MAX_QUANTITY (2),
-LOAD_WAIT_S (0.2, think time between purchases, uniform 0..this), LOAD_503_RETRIES (2),
-LOAD_POLL_TIMEOUT_S (30), LOAD_DRAIN_TIMEOUT_S (120, how long the final check waits for
-pending purchases).
+LOAD_HOLD_SECONDS (30, the API's minimum; 0 creates events without holds, confirmed at once),
+LOAD_UNPAID_SHARE (0.3), LOAD_CANCEL_SHARE (0.1), LOAD_WAIT_S (0.2, think time between
+purchases, uniform 0..this), LOAD_PAY_S (1.0, time to pay, uniform 0..this), LOAD_503_RETRIES
+(2), LOAD_POLL_TIMEOUT_S (30), LOAD_DRAIN_TIMEOUT_S (120, how long the final check waits for
+purchases still pending or held).
 
 In distributed mode (--master / --worker) every worker process creates and checks its own events.
 """
@@ -46,14 +53,22 @@ log = logging.getLogger("ticketing.load")
 LOAD_EVENTS = int(os.environ.get("LOAD_EVENTS", "10"))
 LOAD_TICKETS = int(os.environ.get("LOAD_TICKETS", "1000"))
 LOAD_MAX_QUANTITY = int(os.environ.get("LOAD_MAX_QUANTITY", "2"))
+LOAD_HOLD_SECONDS = int(os.environ.get("LOAD_HOLD_SECONDS", "30"))
+LOAD_UNPAID_SHARE = float(os.environ.get("LOAD_UNPAID_SHARE", "0.3"))
+LOAD_CANCEL_SHARE = float(os.environ.get("LOAD_CANCEL_SHARE", "0.1"))
 LOAD_WAIT_S = float(os.environ.get("LOAD_WAIT_S", "0.2"))
+LOAD_PAY_S = float(os.environ.get("LOAD_PAY_S", "1.0"))
 LOAD_503_RETRIES = int(os.environ.get("LOAD_503_RETRIES", "2"))
 LOAD_POLL_TIMEOUT_S = float(os.environ.get("LOAD_POLL_TIMEOUT_S", "30"))
 LOAD_DRAIN_TIMEOUT_S = float(os.environ.get("LOAD_DRAIN_TIMEOUT_S", "120"))
 
 PURCHASE = "/events/[id]/tickets/purchase"
 STATUS = "/purchases/[id]"
-FINAL = {"confirmed", "rejected", "failed"}
+CONFIRM = "/purchases/[id]/confirm"
+CANCEL = "/purchases/[id]/cancel"
+# A customer's purchase is settled in one of these; a held one still waits for its buyer.
+FINAL = {"confirmed", "rejected", "failed", "expired", "cancelled"}
+DECIDED = FINAL | {"held"}
 HTTP_TIMEOUT_S = 10
 
 
@@ -130,8 +145,56 @@ class Customer(FastHttpUser):
             quantity=random.randint(1, LOAD_MAX_QUANTITY),
         )
         ledger.unresolved[attempt.key] = attempt
-        if self.purchase(attempt):
-            self.wait_until_final(attempt)
+        if not self.purchase(attempt):
+            return
+        decided = self.wait_until(attempt, DECIDED)
+        if decided is None:
+            return
+        record_latency(self.environment, decided)
+        if decided["status"] != "held":
+            ledger.settle(attempt, decided)
+            return
+        self.pay_or_walk_away(attempt)
+
+    def pay_or_walk_away(self, attempt: Attempt) -> None:
+        """A held purchase: pay for it, never pay (it expires), or cancel (some after paying)."""
+        roll = random.random()
+        time.sleep(random.uniform(0, LOAD_PAY_S))
+        if roll < LOAD_UNPAID_SHARE:
+            ledger.counts["held, never paid"] += 1
+            return  # stays unresolved: the final check waits for it to expire
+        cancelling = roll < LOAD_UNPAID_SHARE + LOAD_CANCEL_SHARE
+        pays = not cancelling or random.random() < 0.5
+        if pays and not self.send(attempt, "confirm", CONFIRM, {"payment_reference": attempt.key}):
+            return
+        if cancelling and not self.send(attempt, "cancel", CANCEL, None):
+            return
+        settled = self.wait_until(attempt, FINAL)
+        if settled is not None:
+            ledger.settle(attempt, settled)
+
+    def send(self, attempt: Attempt, action: str, name: str, body: dict[str, Any] | None) -> bool:
+        """POST a confirmation or a cancellation, retrying a 503; True unless it failed for good.
+        A 409 (the hold ended first, say) is an answer too: the status tells the outcome."""
+        for try_number in range(LOAD_503_RETRIES + 1):
+            with self.client.post(
+                f"/purchases/{attempt.purchase_id}/{action}",
+                json=body,
+                name=name,
+                catch_response=True,
+            ) as response:
+                ledger.counts[f"{action} {response.status_code}"] += 1
+                if response.status_code in (202, 409):
+                    response.success()
+                    return True
+                if response.status_code != 503:
+                    response.failure(f"unexpected {response.status_code}: {response.text!r:.200}")
+                    return False
+                response.failure("503 backpressure")
+                pause = retry_after_s(response.headers)
+            if try_number < LOAD_503_RETRIES:
+                time.sleep(pause)
+        return False
 
     def purchase(self, attempt: Attempt) -> bool:
         """POST the purchase, retrying a 503 with the same key; True once it is accepted."""
@@ -168,7 +231,8 @@ class Customer(FastHttpUser):
                 time.sleep(pause)
         return False  # still 503: stays unresolved, the final check finds out
 
-    def wait_until_final(self, attempt: Attempt) -> None:
+    def wait_until(self, attempt: Attempt, statuses: set[str]) -> dict[str, Any] | None:
+        """Poll the status URL until the purchase is in one of `statuses` (None: timed out)."""
         deadline = time.monotonic() + LOAD_POLL_TIMEOUT_S
         pause = 1.0
         while time.monotonic() < deadline:
@@ -180,13 +244,12 @@ class Customer(FastHttpUser):
                     response.failure(f"unexpected {response.status_code}")
                     pause = retry_after_s(response.headers)
                     continue
-                purchase = response.json()
-                if purchase["status"] in FINAL:
-                    ledger.settle(attempt, purchase)
-                    record_latency(self.environment, purchase)
-                    return
+                purchase: dict[str, Any] = response.json()
+                if purchase["status"] in statuses:
+                    return purchase
                 pause = retry_after_s(response.headers)
         ledger.counts["poll timed out"] += 1
+        return None
 
 
 def record_latency(environment: Environment, purchase: dict[str, Any]) -> None:
@@ -240,6 +303,7 @@ def create_events(environment: Environment, **_: Any) -> None:
                     "starts_at": starts_at,
                     "total_tickets": LOAD_TICKETS,
                     "max_tickets_per_purchase": max(LOAD_MAX_QUANTITY, 1),
+                    "hold_seconds": LOAD_HOLD_SECONDS or None,
                 },
                 timeout=HTTP_TIMEOUT_S,
             )
