@@ -330,7 +330,8 @@ class PartitionConsumer:
                             holds_due=self._holds_due(commands),
                         )
                 self._horizon = result.horizon
-                self._next_hold_end = result.next_hold_end
+                if result.holds_changed:
+                    self._next_hold_end = result.next_hold_end
                 return result
             except RecordConflict as exc:
                 log.warning(

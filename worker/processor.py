@@ -39,7 +39,10 @@ class BatchResult:
     transitions: list[Transition] = field(default_factory=list)  # recorded ones, moved on
     duplicates: int = 0
     horizon: datetime | None = None
-    next_hold_end: datetime | None = None  # the partition's earliest hold still held
+    # The partition's earliest hold still held, read again only when the batch gave or ended a
+    # hold (holds_changed); otherwise it is what it was before the batch.
+    holds_changed: bool = False
+    next_hold_end: datetime | None = None
 
     def count(self, status: PurchaseStatus) -> int:
         return sum(1 for decision in self.decisions if decision.status == status)
@@ -154,7 +157,11 @@ async def apply_batch(
             raise VersionConflict(f"partition {lease.partition}: an event version moved")
 
         # 9. When the partition's next hold ends, for its owner's sweep.
-        result.next_hold_end = await purchases.earliest_hold_end(conn, lease.partition)
+        result.holds_changed = bool(outcome.transitions) or any(
+            d.status == PurchaseStatus.HELD for d in outcome.decisions
+        )
+        if result.holds_changed:
+            result.next_hold_end = await purchases.earliest_hold_end(conn, lease.partition)
     # 10. Committed; the caller acks.
     return result
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
 
+import aio_pika.abc
 import asyncpg
 import httpx
 import pytest
@@ -25,6 +26,8 @@ from tests.worker.helpers import (
     assert_applied_once,
     owners,
     partition_of,
+    publish_raw,
+    purchase_message,
     topology,
     wait_balanced,
     wait_for,
@@ -170,6 +173,33 @@ async def test_an_unpaid_hold_expires_with_no_other_message_and_its_tickets_are_
     await assert_no_oversell(db)
     paths = await assert_moves_allowed(db)
     assert paths == {("held", "expired"): 1, ("held",): 1}
+
+
+async def test_a_hold_still_expires_after_a_batch_of_nothing_but_redelivered_purchases(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    amqp: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    start_worker: StartWorker,
+) -> None:
+    """A batch that changes no hold (every purchase in it already decided) must not make the
+    partition's owner forget when its next hold ends."""
+    event = await create_event(api, total_tickets=5, hold_seconds=30)
+    await set_hold_seconds(db, event["id"], 2)
+    await start_worker()
+    accepted = await purchase(api, event["id"], customer_id="slow-payer")
+    purchase_id = UUID(accepted.json()["purchase_id"])
+    assert (await wait_until_final(db, [purchase_id]))[purchase_id]["status"] == "held"
+    partition = partition_of(settings, event["id"])
+    again = purchase_message(partition, event["id"], purchase_id=purchase_id)
+    await publish_raw(amqp, settings, partition, again.to_body())
+
+    async def expired() -> bool:
+        row = (await statuses(db, [purchase_id]))[purchase_id]
+        return bool(row["status"] == "expired")
+
+    await wait_for(expired, timeout_s=2 + EXPIRY_SLACK_S + 5, what="the hold to expire")
+    await assert_no_oversell(db)
 
 
 async def test_confirmations_racing_the_end_of_their_holds_confirm_iff_accepted_in_time(
