@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 from api.resources import Resources
 from shared.events.service import EventService
 from shared.purchases.service import PurchaseService
+from shared.settings import Settings
 
 
 async def get_resources(request: Request) -> Resources:
@@ -42,3 +43,11 @@ async def get_purchase_service(request: Request) -> PurchaseService:
 
 EventServiceDep = Annotated[EventService, Depends(get_event_service)]
 PurchaseServiceDep = Annotated[PurchaseService, Depends(get_purchase_service)]
+
+
+async def get_settings_of_app(request: Request) -> Settings:
+    resources: Resources = request.app.state.resources
+    return resources.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_of_app)]

@@ -9,11 +9,12 @@ app's exception handlers (api/errors.py) answer for both paths alike.
 """
 
 import json
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+from urllib.parse import parse_qsl
 from uuid import UUID
 
 import orjson
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.types import Scope
 
 from api.answers import Answer
@@ -26,6 +27,7 @@ PURCHASE_PATH = "/events/{event_id}/tickets/purchase"
 STATUS_PATH = "/purchases/{purchase_id}"
 CONFIRM_PATH = "/purchases/{purchase_id}/confirm"
 CANCEL_PATH = "/purchases/{purchase_id}/cancel"
+STATUS_EVENTS_PATH = "/purchases/{purchase_id}/events"
 IDEMPOTENCY_KEY = "Idempotency-Key"
 # How soon a client should ask again about a pending purchase.
 RETRY_AFTER_PENDING_S = "1"
@@ -34,6 +36,9 @@ Body = TypeVar("Body", bound=BaseModel)
 
 _IDEMPOTENCY_KEY_HEADER = IDEMPOTENCY_KEY.lower().encode()
 _IDEMPOTENCY_KEYS: TypeAdapter[str] = TypeAdapter(IdempotencyKey)
+# Long-poll: how long a status request may be held, in seconds.
+WaitSeconds = Annotated[float, Field(ge=0, le=30, allow_inf_nan=False)]
+_WAIT: TypeAdapter[float] = TypeAdapter(WaitSeconds)
 
 
 def status_url(scope: Scope, purchase_id: UUID) -> str:
@@ -125,14 +130,55 @@ def _lifecycle_accepted(scope: Scope, purchase_id: UUID, action: str) -> Answer:
 
 
 async def status(service: PurchaseService, scope: Scope, purchase_id: UUID) -> Answer:
-    """A purchase's state; while it is pending, when to ask again."""
-    purchase: Purchase = await service.status(purchase_id)
+    """A purchase's state, tagged with its status; while it is pending, when to ask again.
+
+    With `?wait=S` (long-poll) the answer is held, up to S seconds, until the status is no longer
+    the one the client has: `pending`, or the statuses named by `If-None-Match`."""
+    wait_s = wait_seconds(scope)
+    if wait_s is None:
+        purchase: Purchase = await service.status(purchase_id)
+    else:
+        unlike = if_none_match(scope) or frozenset({PurchaseStatus.PENDING.value})
+        purchase = await service.wait_status(purchase_id, unlike=unlike, wait_s=wait_s)
+    tag = ("etag", status_tag(purchase.status))
     pending = purchase.status == PurchaseStatus.PENDING
     return Answer(
         200,
         purchase.model_dump_json().encode(),
-        headers=(("retry-after", RETRY_AFTER_PENDING_S),) if pending else (),
+        headers=(tag, ("retry-after", RETRY_AFTER_PENDING_S)) if pending else (tag,),
     )
+
+
+def status_tag(status: PurchaseStatus) -> str:
+    """The entity tag of a status answer: the status itself, which never comes back once left
+    (a purchase only moves forward), so it identifies what the client has seen."""
+    return f'"{status.value}"'
+
+
+def wait_seconds(scope: Scope) -> float | None:
+    """The `wait` query parameter (its last occurrence), validated as the route documents it."""
+    raw: str | None = None
+    for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), True):
+        if name == "wait":
+            raw = value
+    if raw is None:
+        return None
+    try:
+        return _WAIT.validate_python(raw)
+    except ValidationError as exc:
+        raise InvalidInput(_located("query", exc, "wait")) from None
+
+
+def if_none_match(scope: Scope) -> frozenset[str]:
+    """The statuses named by If-None-Match (`"held"`, `W/"held"`, a list of them)."""
+    tags: set[str] = set()
+    for name, value in scope["headers"]:
+        if name == b"if-none-match":
+            for tag in value.decode("latin-1").split(","):
+                tag = tag.strip().removeprefix("W/").strip()
+                if len(tag) >= 2 and tag[0] == tag[-1] == '"':
+                    tags.add(tag[1:-1])
+    return frozenset(tags)
 
 
 def _parse(scope: Scope, body: bytes) -> tuple[PurchaseCreate, str | None]:
@@ -187,4 +233,26 @@ CONFIRM_OPENAPI: dict[str, Any] = {
         "required": True,
         "content": {"application/json": {"schema": ConfirmRequest.model_json_schema()}},
     },
+}
+
+STATUS_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "wait",
+            "in": "query",
+            "required": False,
+            "description": "Long-poll: hold the answer up to this many seconds (0 to 30) until "
+            "the purchase is no longer pending, or no longer in the status named by "
+            "If-None-Match. Without it, the answer is immediate.",
+            "schema": _WAIT.json_schema(),
+        },
+        {
+            "name": "If-None-Match",
+            "in": "header",
+            "required": False,
+            "description": 'With `wait`: the status the client has, as its ETag (`"held"`); the '
+            "answer is held until the status is another one.",
+            "schema": {"type": "string"},
+        },
+    ],
 }

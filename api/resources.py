@@ -14,6 +14,7 @@ from shared.db import create_pool
 from shared.events.cache import EventCache
 from shared.events.service import EventService
 from shared.publisher import PurchasePublisher
+from shared.purchases.changes import StatusWaiters
 from shared.purchases.ids import PurchaseIds
 from shared.purchases.service import PurchaseService, RecentlyAccepted
 from shared.settings import DEV_PURCHASE_ID_SECRET, Settings
@@ -29,6 +30,7 @@ class Resources:
     publisher: PurchasePublisher
     events: EventService
     purchases: PurchaseService
+    waiters: StatusWaiters
 
 
 @asynccontextmanager
@@ -49,20 +51,27 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             await publisher.start(connection)
             event_service = EventService(pool)
             cache = EventCache(event_service.find_many, ttl_s=settings.event_cache_ttl_s)
-            yield Resources(
-                settings=settings,
-                pool=pool,
-                connection=connection,
-                publisher=publisher,
-                events=event_service,
-                purchases=PurchaseService(
+            waiters = StatusWaiters(settings.database_url, max_waiters=settings.status_max_waiters)
+            await waiters.start()
+            try:
+                yield Resources(
+                    settings=settings,
                     pool=pool,
-                    events=cache,
+                    connection=connection,
                     publisher=publisher,
-                    ids=PurchaseIds(settings.purchase_id_secret),
-                    recent=RecentlyAccepted(),
-                ),
-            )
+                    events=event_service,
+                    purchases=PurchaseService(
+                        pool=pool,
+                        events=cache,
+                        publisher=publisher,
+                        ids=PurchaseIds(settings.purchase_id_secret),
+                        recent=RecentlyAccepted(),
+                        waiters=waiters,
+                    ),
+                    waiters=waiters,
+                )
+            finally:
+                await waiters.close()
         finally:
             await publisher.close()
             await connection.close()

@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     publish_max_in_flight: int = Field(default=8, ge=1, le=64)
     event_cache_ttl_s: float = Field(default=0.5, ge=0)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # Status requests one API process holds at once (long-poll, server-sent events); past it a
+    # long-poll is answered at once and a stream refused with 503.
+    status_max_waiters: int = Field(default=20_000, ge=0)
+    # Server-sent events: a comment this often keeps proxies from closing an idle stream; a
+    # stream ends after status_stream_max_s (the client reconnects with Last-Event-ID).
+    status_heartbeat_s: float = Field(default=15.0, gt=0)
+    status_stream_max_s: float = Field(default=300.0, gt=0)
     db_pool_min: int = Field(default=1, ge=1)
     db_pool_max: int = Field(default=10, ge=1)
 

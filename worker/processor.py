@@ -156,13 +156,20 @@ async def apply_batch(
         if changes and await events.set_available_tickets(conn, changes) != len(changes):
             raise VersionConflict(f"partition {lease.partition}: an event version moved")
 
-        # 9. When the partition's next hold ends, for its owner's sweep.
+        # 9. Waiting status requests hear of every purchase the batch wrote, at commit.
+        await purchases.announce_changed(
+            conn,
+            [d.purchase.purchase_id for d in outcome.decisions]
+            + [t.purchase_id for t in outcome.transitions],
+        )
+
+        # 10. When the partition's next hold ends, for its owner's sweep.
         result.holds_changed = bool(outcome.transitions) or any(
             d.status == PurchaseStatus.HELD for d in outcome.decisions
         )
         if result.holds_changed:
             result.next_hold_end = await purchases.earliest_hold_end(conn, lease.partition)
-    # 10. Committed; the caller acks.
+    # 11. Committed; the caller acks.
     return result
 
 

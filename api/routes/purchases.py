@@ -8,9 +8,10 @@ documents the contract (OpenAPI), described from the types the contract validate
 from uuid import UUID
 
 from fastapi import APIRouter, Request, Response, status
+from fastapi.responses import StreamingResponse
 
-from api import purchase_contract
-from api.deps import PurchaseServiceDep
+from api import purchase_contract, status_stream
+from api.deps import PurchaseServiceDep, SettingsDep
 from api.problems import problem_responses
 from shared.purchases.models import LifecycleAccepted, Purchase, PurchaseAccepted
 
@@ -38,12 +39,43 @@ async def purchase_tickets(
     purchase_contract.STATUS_PATH,
     response_model=Purchase,
     responses=problem_responses(404, 422, 503),
+    openapi_extra=purchase_contract.STATUS_OPENAPI,
 )
 async def get_purchase(
     purchase_id: UUID, request: Request, purchases: PurchaseServiceDep
 ) -> Response:
+    """The purchase's state, with `ETag: "<status>"`. While pending, `Retry-After` says when to
+    ask again; `?wait=S` holds the answer until the status changes instead (long-poll)."""
     answer = await purchase_contract.status(purchases, request.scope, purchase_id)
     return answer.response()
+
+
+@router.get(
+    purchase_contract.STATUS_EVENTS_PATH,
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "`event: status` with the purchase as JSON, first and on every "
+            "change (`id:` is the status); a comment as heartbeat. The stream ends after a "
+            "status that can no longer change, or after a few minutes (reconnect with "
+            "`Last-Event-ID`).",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **problem_responses(404, 422, 503),
+    },
+)
+async def purchase_events(
+    purchase_id: UUID, request: Request, purchases: PurchaseServiceDep, settings: SettingsDep
+) -> StreamingResponse:
+    """Follow the purchase's status as server-sent events."""
+    stream = await status_stream.open_stream(
+        purchases,
+        purchase_id,
+        last_event_id=request.headers.get("last-event-id"),
+        heartbeat_s=settings.status_heartbeat_s,
+        max_s=settings.status_stream_max_s,
+    )
+    return StreamingResponse(stream, media_type="text/event-stream", headers=status_stream.HEADERS)
 
 
 @router.post(

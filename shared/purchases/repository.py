@@ -8,6 +8,7 @@ import asyncpg
 
 from shared.db import Connection
 from shared.messages import PurchaseRequested
+from shared.purchases import changes
 from shared.purchases.models import Decision, FailReason, Transition
 
 SELECT_PURCHASE = """
@@ -86,6 +87,9 @@ APPLY_TRANSITIONS = """
     WHERE p.id = u.id AND p.status = u.before
     RETURNING p.id
 """
+
+# Delivered to listeners when the transaction commits, dropped if it rolls back.
+ANNOUNCE_CHANGED = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
 
 EARLIEST_HOLD_END = """
     SELECT min(hold_expires_at) FROM purchases WHERE partition = $1 AND status = 'held'
@@ -183,6 +187,12 @@ async def apply_transitions(conn: Connection, transitions: Sequence[Transition])
     return {row["id"] for row in rows}
 
 
+async def announce_changed(conn: Connection, purchase_ids: Sequence[UUID]) -> None:
+    """Tell the API's waiting requests, once this transaction commits, that these changed."""
+    if purchase_ids:
+        await conn.execute(ANNOUNCE_CHANGED, changes.CHANNEL, changes.payloads(purchase_ids))
+
+
 async def earliest_hold_end(conn: Connection, partition: int) -> datetime | None:
     end: datetime | None = await conn.fetchval(EARLIEST_HOLD_END, partition)
     return end
@@ -206,9 +216,11 @@ async def record_failed_purchases(
         reason.value,
         partition,
     )
+    await announce_changed(conn, [p.purchase_id for p in purchases])
 
 
 async def record_failed_ids(
     conn: Connection, purchase_ids: Sequence[UUID], *, reason: FailReason
 ) -> None:
     await conn.execute(RECORD_FAILED_IDS, list(purchase_ids), reason.value)
+    await announce_changed(conn, purchase_ids)

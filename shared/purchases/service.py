@@ -1,6 +1,7 @@
 """Purchase use cases: accept a purchase (validate, publish, 202) and report its status."""
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ from shared.messages import (
 )
 from shared.publisher import PurchasePublisher
 from shared.purchases import repository
+from shared.purchases.changes import StatusWaiters
 from shared.purchases.ids import PurchaseIds
 from shared.purchases.models import Purchase, PurchaseCreate, PurchaseStatus
 from shared.retry import DATABASE_UNAVAILABLE
@@ -38,6 +40,9 @@ from shared.retry import DATABASE_UNAVAILABLE
 log = logging.getLogger(__name__)
 
 
+_OUTAGE: tuple[type[BaseException], ...] = (ServiceUnavailable, *DATABASE_UNAVAILABLE)
+# How often a waiting status request reads its purchase while the listener is reconnecting.
+POLL_WITHOUT_LISTENER_S = 1.0
 # How long a confirmation or cancellation waits for a pending purchase accepted by another
 # replica to be recorded (it must know the purchase's event), before a 503 asks to retry.
 LOCATE_WAIT_S = 2.0
@@ -82,12 +87,14 @@ class PurchaseService:
         publisher: PurchasePublisher,
         ids: PurchaseIds,
         recent: RecentlyAccepted,
+        waiters: StatusWaiters | None = None,
     ) -> None:
         self._pool = pool
         self._events = events
         self._publisher = publisher
         self._ids = ids
         self._recent = recent
+        self._waiters = waiters
 
     async def submit(
         self, event_id: UUID, request: PurchaseCreate, *, idempotency_key: str | None
@@ -253,6 +260,44 @@ class PurchaseService:
             "event_id": str(command.event_id),
             "partition": self._publisher.partition_of(command),
         }
+
+    async def wait_status(
+        self, purchase_id: UUID, *, unlike: frozenset[str], wait_s: float
+    ) -> Purchase:
+        """The purchase's state as soon as its status is none of `unlike` (a decision was
+        committed, a hold was confirmed...), or as it is after `wait_s` seconds. Waiting costs no
+        database read: the worker's notification wakes the request. Without a listener (or past
+        its bound of waiters) the request polls once a second, or is answered at once."""
+        waiters = self._waiters
+        if waiters is None or wait_s <= 0:
+            return await self.status(purchase_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        with waiters.watch(purchase_id) as changed:
+            if changed is None:  # as many waiters as this process holds: answer at once
+                return await self.status(purchase_id)
+            while True:
+                remaining = deadline - loop.time()
+                try:
+                    # Read after watching, so that a change committed in between still wakes us.
+                    purchase = await self.status(purchase_id)
+                except _OUTAGE:
+                    # The database is away (a restart, a failover): wait on while the client
+                    # does; at the deadline, the outage is the answer.
+                    if remaining <= 0:
+                        raise
+                    await asyncio.sleep(min(remaining, POLL_WITHOUT_LISTENER_S))
+                    continue
+                if purchase.status.value not in unlike or remaining <= 0:
+                    return purchase
+                listening = waiters.listening
+                if not listening:
+                    remaining = min(remaining, POLL_WITHOUT_LISTENER_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), remaining)
+                if listening and not changed.is_set():
+                    return purchase  # nothing was announced: it is as it was read
+                changed.clear()
 
     async def status(self, purchase_id: UUID) -> Purchase:
         if not self._ids.is_issued(purchase_id):

@@ -12,7 +12,9 @@ from uuid import UUID
 import aio_pika.abc
 import asyncpg
 import httpx
+import uvicorn
 
+from api.main import create_app
 from api.problems import Problem
 from shared.broker import Topology
 from shared.messages import PurchaseMessage, PurchaseRequested
@@ -26,6 +28,7 @@ from tests.conftest import (
     make_settings,
     with_database,
 )
+from tests.metrics import free_port
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_FIELDS = ("type", "title", "status", "detail")
@@ -176,3 +179,26 @@ async def isolated_api(
     finally:
         await delete_topology(settings)
         drop_database(settings.database_url)
+
+
+@contextlib.asynccontextmanager
+async def served_api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The API served by uvicorn in this process, on a free port, and a client over TCP: for
+    what httpx's ASGI transport cannot show, such as a response streamed as it is written."""
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    serving = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert not serving.done(), "uvicorn stopped while starting"
+        assert time.monotonic() < deadline, "uvicorn did not start within 30 s"
+        await asyncio.sleep(0.02)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 30)

@@ -408,3 +408,51 @@ async def test_a_patched_window_applies_at_the_api_at_once(api: httpx.AsyncClien
     reopened = await api.patch(f"/events/{event['id']}", json={"sales_end_at": None})
     assert reopened.json()["sales_end_at"] is None
     assert (await purchase(api, event["id"])).status_code == 202
+
+
+# --- hostile confirmations ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status"),
+    [
+        (b'{"payment_reference": "' + b"x" * 70_000 + b'"}', "application/json", 413),
+        (b"payment_reference=psp", "application/x-www-form-urlencoded", 415),
+        (b'{"payment_reference": "psp"}', "text/plain", 415),
+        (b'{"payment_reference": "\\ud800"}', "application/json", 422),  # lone surrogate
+        (b'{"payment_reference": NaN}', "application/json", 422),
+        (b"[" * 10_000, "application/json", 400),
+    ],
+)
+async def test_a_hostile_confirmation_gets_a_clear_4xx(
+    api: httpx.AsyncClient, content: bytes, content_type: str, status: int
+) -> None:
+    event = await create_event(api, hold_seconds=600)
+    accepted = await purchase(api, event["id"])
+    response = await api.post(
+        f"/purchases/{accepted.json()['purchase_id']}/confirm",
+        content=content,
+        headers={"content-type": content_type},
+    )
+    assert_problem(response, status)
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "'; UPDATE purchases SET status = 'confirmed'; --",
+        "🎸 ref \u202eevil\u202c שלום",
+        "x" * 200,
+    ],
+)
+async def test_an_odd_but_valid_payment_reference_is_stored_as_sent(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker, reference: str
+) -> None:
+    event = await create_event(api, hold_seconds=600)
+    await start_worker()
+    held = await held_purchase(api, db, event)
+
+    assert (await confirm(api, held["purchase_id"], reference)).status_code == 202
+    confirmed = await wait_status(api, held["purchase_id"], "confirmed")
+    assert confirmed["payment_reference"] == reference
+    assert await db.fetchval("SELECT count(*) FROM purchases") == 1

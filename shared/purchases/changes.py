@@ -1,0 +1,163 @@
+"""Purchases whose status changed, as the worker announces them and the API hears them.
+
+The worker sends `NOTIFY purchases_changed, '<id>,<id>,…'` inside each commit's transaction, so a
+notification means a committed change (PostgreSQL delivers it on commit, and drops it on
+rollback). Payloads are bounded (PostgreSQL refuses one of 8,000 bytes or more): a batch's ids
+are split over as many notifications as it takes.
+
+The API keeps one LISTEN connection per process (`StatusWaiters`) and wakes the requests waiting
+on those ids, which then read their purchase again: a notification carries no state, so one that
+arrives late or twice is harmless, and one that is missed (the listener reconnecting) is made up
+for by waking everybody once the listener is back.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from uuid import UUID
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "purchases_changed"
+LISTENER_NAME = "ticketing-status-listener"  # its application_name, for operators
+MAX_PAYLOAD_BYTES = 7_900  # PostgreSQL's limit is 8,000 bytes
+_ID_BYTES = 37  # 36 characters and a comma
+# How often the listener proves its connection alive, and waits before reconnecting.
+CHECK_INTERVAL_S = 5.0
+RECONNECT_S = 0.5
+
+
+def payloads(purchase_ids: Sequence[UUID]) -> list[str]:
+    """The notifications announcing `purchase_ids`, each under PostgreSQL's payload limit."""
+    per_payload = MAX_PAYLOAD_BYTES // _ID_BYTES
+    return [
+        ",".join(str(purchase_id) for purchase_id in purchase_ids[start : start + per_payload])
+        for start in range(0, len(purchase_ids), per_payload)
+    ]
+
+
+def parse(payload: str) -> list[UUID]:
+    ids = []
+    for part in payload.split(","):
+        with contextlib.suppress(ValueError):
+            ids.append(UUID(part))
+    return ids
+
+
+class StatusWaiters:
+    """Requests waiting for purchases to change, and the one LISTEN connection that wakes them.
+
+    Waiting costs memory only (an asyncio.Event per request), never a database read; past
+    `max_waiters` a request is not held (`watch` yields None) and is answered at once."""
+
+    def __init__(self, database_url: str, *, max_waiters: int) -> None:
+        self._url = database_url
+        self.max_waiters = max_waiters
+        self._waiting: dict[UUID, set[asyncio.Event]] = {}
+        self._count = 0
+        self._task: asyncio.Task[None] | None = None
+        self._up = asyncio.Event()
+        self.reconnects = 0
+
+    @property
+    def listening(self) -> bool:
+        """Whether notifications are being heard; if not, waiters should poll."""
+        return self._up.is_set()
+
+    @property
+    def waiting(self) -> int:
+        return self._count
+
+    async def start(self, *, timeout_s: float = 10.0) -> None:
+        self._task = asyncio.create_task(self._listen(), name="status-listener")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._up.wait(), timeout_s)
+        if not self.listening:
+            log.warning("status listener not connected yet; waiting requests poll meanwhile")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._wake_all()
+
+    @contextlib.contextmanager
+    def watch(self, purchase_id: UUID) -> Iterator[asyncio.Event | None]:
+        """An event set whenever `purchase_id` may have changed (None: too many waiters). Watch
+        before reading the purchase, so that no change between the read and the wait is lost."""
+        if self._count >= self.max_waiters:
+            yield None
+            return
+        event = asyncio.Event()
+        self._waiting.setdefault(purchase_id, set()).add(event)
+        self._count += 1
+        try:
+            yield event
+        finally:
+            self._count -= 1
+            events = self._waiting.get(purchase_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._waiting[purchase_id]
+
+    def changed(self, purchase_ids: Sequence[UUID]) -> None:
+        for purchase_id in purchase_ids:
+            for event in self._waiting.get(purchase_id, ()):
+                event.set()
+
+    def _wake_all(self) -> None:
+        for events in self._waiting.values():
+            for event in events:
+                event.set()
+
+    def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        self.changed(parse(str(payload)))
+
+    async def _listen(self) -> None:
+        """Keep one LISTEN connection up for good; after each reconnect, wake every waiter so it
+        reads its purchase again (what committed while nobody listened is not announced twice)."""
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    self._url,
+                    timeout=CHECK_INTERVAL_S,
+                    server_settings={"application_name": LISTENER_NAME},
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # refused, timed out: try again shortly
+                log.warning("status listener cannot connect: %r; retrying", exc)
+            else:
+                await self._session(conn)
+            await asyncio.sleep(RECONNECT_S)
+
+    async def _session(self, conn: asyncpg.Connection) -> None:
+        """Listen on `conn` until it is lost."""
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _: lost.set())
+        try:
+            await conn.add_listener(CHANNEL, self._on_notification)
+            self._up.set()
+            self._wake_all()
+            while not lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), CHECK_INTERVAL_S)
+                if not lost.is_set():  # a half-open connection hears nothing: prove it alive
+                    await conn.fetchval("SELECT 1", timeout=CHECK_INTERVAL_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # lost, timed out: reconnect
+            log.warning("status listener connection lost: %r; reconnecting", exc)
+        finally:
+            if self._up.is_set():
+                self.reconnects += 1
+            self._up.clear()
+            self._wake_all()  # waiters poll until the listener is back
+            if not conn.is_closed():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 1)

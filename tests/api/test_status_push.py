@@ -1,0 +1,353 @@
+"""Status without polling: long-poll (`?wait=`, `If-None-Match`), server-sent events and the
+ETag, answered when the worker's commit is announced (NOTIFY), against real commits."""
+
+import asyncio
+import json
+import time
+from typing import Any
+from uuid import UUID, uuid4
+
+import asyncpg
+import httpx
+import pytest
+
+from shared.purchases import repository
+from shared.settings import Settings
+from tests.api.helpers import assert_problem, served_api
+from tests.conftest import StartWorker, api_client
+from tests.factories import create_event, purchase, wait_until_final
+from tests.faults.proxy import proxy_for, through
+
+
+async def long_poll(
+    api: httpx.AsyncClient, purchase_id: object, wait: float, **headers: str
+) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = await api.get(
+        f"/purchases/{purchase_id}", params={"wait": wait}, headers=headers, timeout=60
+    )
+    return response, time.monotonic() - started
+
+
+async def queued_purchase(api: httpx.AsyncClient, **event: Any) -> str:
+    created = await create_event(api, **event)
+    accepted = await purchase(api, created["id"])
+    assert accepted.status_code == 202, accepted.text
+    purchase_id: str = accepted.json()["purchase_id"]
+    return purchase_id
+
+
+def sse_events(text: str) -> list[dict[str, str]]:
+    """The events of a text/event-stream body (comments dropped)."""
+    events = []
+    for block in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            if line.startswith(":") or not line:
+                continue
+            name, _, value = line.partition(": ")
+            fields[name] = value
+        if fields:
+            events.append(fields)
+    return events
+
+
+# --- the ETag and the parameter -----------------------------------------------------------------
+
+
+async def test_every_status_answer_carries_its_status_as_etag(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    purchase_id = await queued_purchase(api)
+    for params in ({}, {"wait": 0}):  # the fast path and the route
+        pending = await api.get(f"/purchases/{purchase_id}", params=params)
+        assert pending.headers["etag"] == '"pending"'
+        assert pending.headers["retry-after"] == "1"
+    await start_worker()
+    await wait_until_final(db, [purchase_id])
+    for params in ({}, {"wait": 0}):
+        decided = await api.get(f"/purchases/{purchase_id}", params=params)
+        assert decided.headers["etag"] == '"confirmed"'
+        assert "retry-after" not in decided.headers
+
+
+@pytest.mark.parametrize("wait", ["-1", "30.001", "31", "abc", "nan", "inf", ""])
+async def test_a_wait_outside_0_to_30_seconds_is_422(api: httpx.AsyncClient, wait: str) -> None:
+    purchase_id = await queued_purchase(api)
+    response = await api.get(f"/purchases/{purchase_id}?wait={wait}")
+    problem = assert_problem(response, 422)
+    assert "wait" in problem["detail"]
+
+
+async def test_a_never_issued_id_is_404_at_once_even_with_wait(api: httpx.AsyncClient) -> None:
+    response, seconds = await long_poll(api, uuid4(), 10)
+    assert_problem(response, 404)
+    assert seconds < 5
+
+
+# --- long-poll -----------------------------------------------------------------------------------
+
+
+async def test_a_long_poll_is_answered_when_the_decision_commits_not_at_the_timeout(
+    api: httpx.AsyncClient, start_worker: StartWorker
+) -> None:
+    purchase_id = await queued_purchase(api)
+    waiting = asyncio.create_task(long_poll(api, purchase_id, 25))
+    await asyncio.sleep(1.0)
+    assert not waiting.done(), "answered while still pending"
+    await start_worker()
+
+    response, seconds = await waiting
+    assert response.status_code == 200
+    assert response.json()["status"] == "confirmed"
+    assert response.headers["etag"] == '"confirmed"'
+    assert seconds < 15, f"answered after {seconds:.1f} s: at the timeout, not at the commit"
+
+
+async def test_a_long_poll_on_a_pending_purchase_answers_pending_after_the_wait(
+    api: httpx.AsyncClient,
+) -> None:
+    purchase_id = await queued_purchase(api)
+    response, seconds = await long_poll(api, purchase_id, 1.5)
+    assert response.status_code == 200
+    assert response.json()["status"] == "pending"
+    assert response.headers["etag"] == '"pending"'
+    assert 1.4 <= seconds < 10
+
+
+async def test_if_none_match_holds_a_held_purchase_until_it_is_confirmed(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    purchase_id = await queued_purchase(api, hold_seconds=600)
+    await start_worker()
+    held, _ = await long_poll(api, purchase_id, 25)
+    assert held.json()["status"] == "held"
+    waiting = asyncio.create_task(long_poll(api, purchase_id, 25, **{"If-None-Match": '"held"'}))
+    await asyncio.sleep(1.0)
+    assert not waiting.done(), "answered while the status was still the one the client has"
+    paid = await api.post(f"/purchases/{purchase_id}/confirm", json={"payment_reference": "p-1"})
+    assert paid.status_code == 202
+
+    response, seconds = await waiting
+    assert response.json()["status"] == "confirmed"
+    assert response.headers["etag"] == '"confirmed"'
+    assert seconds < 15
+
+
+async def test_a_status_other_than_if_none_match_is_answered_at_once(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    purchase_id = await queued_purchase(api)
+    await start_worker()
+    await wait_until_final(db, [purchase_id])
+    response, seconds = await long_poll(api, purchase_id, 20, **{"If-None-Match": 'W/"pending"'})
+    assert response.json()["status"] == "confirmed"
+    assert seconds < 5
+
+
+async def test_past_its_bound_of_waiters_a_process_answers_at_once(settings: Settings) -> None:
+    async with api_client(settings.model_copy(update={"status_max_waiters": 1})) as api:
+        first_id, second_id = await queued_purchase(api), await queued_purchase(api)
+        held = asyncio.create_task(long_poll(api, first_id, 3))
+        await asyncio.sleep(0.5)
+        response, seconds = await long_poll(api, second_id, 20)
+        assert response.json()["status"] == "pending"
+        assert seconds < 2, "held beyond the process's bound of waiters"
+        await held
+
+
+async def test_the_listener_connection_killed_mid_wait_loses_no_waiter(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    ids = [await queued_purchase(api) for _ in range(5)]
+    waiting = [asyncio.create_task(long_poll(api, i, 25)) for i in ids]
+    await asyncio.sleep(0.5)
+    killed = await db.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = 'ticketing-status-listener'"
+    )
+    assert killed == 1, "the API process should hold exactly one listener connection"
+    await start_worker()
+
+    answers = await asyncio.gather(*waiting)
+    assert [r.json()["status"] for r, _ in answers] == ["confirmed"] * 5
+    assert max(seconds for _, seconds in answers) < 20
+
+
+@pytest.mark.faults
+async def test_postgresql_going_away_mid_wait_loses_no_waiter(
+    settings: Settings, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    """Every connection of the API dropped and refused for a while (as a restart does), then
+    back: the waiting requests are answered with the decision all the same."""
+    async with proxy_for(settings.database_url, 5432) as proxy:
+        cut_off = settings.model_copy(
+            update={"database_url": through(settings.database_url, proxy.port)}
+        )
+        async with api_client(cut_off) as api:
+            ids = [await queued_purchase(api) for _ in range(5)]
+            waiting = [asyncio.create_task(long_poll(api, i, 28)) for i in ids]
+            await asyncio.sleep(0.5)
+            proxy.cut()
+            await asyncio.sleep(2.0)
+            await start_worker()  # decides meanwhile, on a direct connection
+            await wait_until_final(db, [UUID(i) for i in ids])
+            proxy.restore()
+            answers = await asyncio.gather(*waiting)
+    statuses = [r.json()["status"] if r.status_code == 200 else r.status_code for r, _ in answers]
+    assert statuses == ["confirmed"] * 5
+
+
+async def test_two_thousand_waiting_clients_are_each_answered_with_their_final_status(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    event = await create_event(api, total_tickets=1_500, max_tickets_per_purchase=1)
+    accepted = await asyncio.gather(
+        *(purchase(api, event["id"], customer_id=f"c-{i}") for i in range(2_000))
+    )
+    ids = [r.json()["purchase_id"] for r in accepted if r.status_code == 202]
+    assert len(ids) == 2_000
+    semaphore = asyncio.Semaphore(2_000)
+
+    async def wait_one(purchase_id: str) -> str:
+        async with semaphore:
+            response, _ = await long_poll(api, purchase_id, 30)
+        status: str = response.json()["status"]
+        return status
+
+    waiting = [asyncio.create_task(wait_one(i)) for i in ids]
+    await asyncio.sleep(1.0)
+    await start_worker()
+    statuses = await asyncio.gather(*waiting)
+    assert statuses.count("confirmed") == 1_500
+    assert statuses.count("rejected") == 500
+    rows = await db.fetch("SELECT status FROM purchases")
+    assert len(rows) == 2_000
+
+
+# --- server-sent events --------------------------------------------------------------------------
+
+
+async def test_the_stream_sends_the_status_then_each_change_and_ends_when_settled(
+    settings: Settings, start_worker: StartWorker
+) -> None:
+    async with served_api(settings) as api:
+        await following_a_hold_until_cancelled(api, start_worker)
+
+
+async def following_a_hold_until_cancelled(
+    api: httpx.AsyncClient, start_worker: StartWorker
+) -> None:
+    purchase_id = await queued_purchase(api, hold_seconds=600)
+    await start_worker()
+    async with api.stream("GET", f"/purchases/{purchase_id}/events", timeout=60) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        received, cancel_sent = "", False
+        async for chunk in stream.aiter_text():
+            received += chunk
+            statuses = [e["id"] for e in sse_events(received)]
+            if statuses and statuses[-1] == "held" and not cancel_sent:
+                cancel_sent = True
+                cancelled = await api.post(f"/purchases/{purchase_id}/cancel")
+                assert cancelled.status_code == 202
+    events = sse_events(received)
+    assert [e["event"] for e in events] == ["status"] * len(events)
+    statuses = [e["id"] for e in events]
+    assert statuses[-1] == "cancelled", statuses
+    assert "held" in statuses
+    assert statuses == list(dict.fromkeys(statuses)), "a status was sent twice"
+    assert json.loads(events[-1]["data"])["status"] == "cancelled"
+
+
+async def test_a_reconnect_with_last_event_id_is_not_sent_what_it_has(
+    settings: Settings, api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    purchase_id = await queued_purchase(api, hold_seconds=600)
+    await start_worker()
+    await wait_until_final(db, [purchase_id])
+    short = settings.model_copy(update={"status_stream_max_s": 1.5, "status_heartbeat_s": 0.5})
+    async with served_api(short) as other:
+        response = await other.get(
+            f"/purchases/{purchase_id}/events", headers={"Last-Event-ID": "held"}, timeout=30
+        )
+    assert response.status_code == 200
+    assert sse_events(response.text) == [], "the held status was sent again"
+    assert ": heartbeat" in response.text
+
+
+async def test_a_stream_ends_after_its_lifetime_with_heartbeats_meanwhile(
+    settings: Settings,
+) -> None:
+    short = settings.model_copy(update={"status_stream_max_s": 1.2, "status_heartbeat_s": 0.3})
+    async with served_api(short) as api:
+        purchase_id = await queued_purchase(api)
+        started = time.monotonic()
+        response = await api.get(f"/purchases/{purchase_id}/events", timeout=30)
+        seconds = time.monotonic() - started
+    events = sse_events(response.text)
+    assert [e["id"] for e in events] == ["pending"]
+    assert response.text.count(": heartbeat") >= 2
+    assert 1.0 <= seconds < 10
+
+
+async def test_a_stream_of_a_never_issued_id_is_404_problem_json(api: httpx.AsyncClient) -> None:
+    assert_problem(await api.get(f"/purchases/{uuid4()}/events"), 404)
+    assert_problem(await api.get("/purchases/not-a-uuid/events"), 422)
+
+
+async def test_the_stream_and_the_long_poll_answer_cors(
+    settings: Settings, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    async with served_api(settings) as api:
+        await answered_with_cors(api, db, start_worker)
+
+
+async def answered_with_cors(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    purchase_id = await queued_purchase(api)
+    await start_worker()
+    await wait_until_final(db, [purchase_id])
+    origin = {"Origin": "https://shop.example"}
+    polled = await api.get(f"/purchases/{purchase_id}", params={"wait": 5}, headers=origin)
+    assert polled.headers["access-control-allow-origin"] in ("*", "https://shop.example")
+    assert "etag" in polled.headers["access-control-expose-headers"].lower()
+    async with api.stream("GET", f"/purchases/{purchase_id}/events", headers=origin) as stream:
+        assert stream.headers["access-control-allow-origin"] in ("*", "https://shop.example")
+        async for _ in stream.aiter_text():
+            break  # the first event is enough; closing the stream early must be harmless
+
+
+async def test_a_waiting_request_reads_its_purchase_when_woken_not_in_a_loop(
+    api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    purchase_id = await queued_purchase(api)
+    reads = 0
+    real = repository.get_purchase
+
+    async def counted(conn: Any, wanted: UUID) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real(conn, wanted)
+
+    monkeypatch.setattr(repository, "get_purchase", counted)
+    response, seconds = await long_poll(api, purchase_id, 3)
+    assert response.json()["status"] == "pending"
+    assert seconds >= 2.9
+    assert reads == 1, f"{reads} reads while waiting 3 s for a change that never came"
+
+
+async def test_the_listener_is_one_connection_per_process(
+    api: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    waiting = [
+        asyncio.create_task(long_poll(api, await queued_purchase(api), 2)) for _ in range(20)
+    ]
+    await asyncio.sleep(0.5)
+    listeners = await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = 'ticketing-status-listener'"
+    )
+    assert listeners == 1
+    await asyncio.gather(*waiting)
