@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 RECORD_CONFLICT_ATTEMPTS = 3
 # The API's clock and this worker's may differ a little: a hold is looked for this much early.
 HOLD_CLOCK_SLACK = timedelta(seconds=2)
+# An idle partition records its progress this often.
+IDLE_PROGRESS_S = 1.0
 
 
 class PartitionConsumer:
@@ -289,12 +291,13 @@ class PartitionConsumer:
             for command in message.commands
         )
 
-    def _until_sweep(self) -> float | None:
-        """Seconds until the partition's next hold falls due (None: no hold to wait for)."""
+    def _until_sweep(self) -> float:
+        """Seconds until the partition's next hold falls due, or until the idle partition next
+        records its progress (a pending purchase's wait ahead is measured against it)."""
         if self._next_hold_end is None:
-            return None
+            return IDLE_PROGRESS_S
         due = self._next_hold_end + CONFIRM_MARGIN + DELIVERY_MARGIN
-        return max(0.05, (due - datetime.now(UTC)).total_seconds())
+        return min(IDLE_PROGRESS_S, max(0.05, (due - datetime.now(UTC)).total_seconds()))
 
     def _holds_due(self, commands: list[Command]) -> bool:
         """Whether a hold of the partition may fall due during this batch."""
@@ -304,9 +307,12 @@ class PartitionConsumer:
         return self._next_hold_end + CONFIRM_MARGIN < latest + HOLD_CLOCK_SLACK
 
     async def _sweep(self) -> None:
-        """Expire the holds that fell due while no message came (the queue is drained)."""
+        """While no message comes: expire the holds that fell due, and record that everything
+        accepted until now is decided."""
         started = time.perf_counter()
         result = await self._apply([])
+        if not result.transitions:
+            return  # nothing expired: not a batch worth counting
         try:
             self._observe([], result, time.perf_counter() - started)
         except Exception:

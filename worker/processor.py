@@ -12,7 +12,7 @@ from shared.messages import CONFIRM_MARGIN, PurchaseRequested
 from shared.purchases import repository as purchases
 from shared.purchases.models import Decision, PurchaseStatus, Transition
 from worker import leases
-from worker.decision import Command, EventRules, Recorded, decide
+from worker.decision import DELIVERY_MARGIN, Command, EventRules, Recorded, decide
 from worker.leases import Lease
 
 
@@ -76,6 +76,9 @@ async def apply_batch(
             fresh.append(command)
         result = BatchResult(duplicates=len(commands) - len(fresh), horizon=horizon)
         if not fresh and not (drained and holds_due):
+            if drained:  # nothing left to decide: everything accepted until just now is decided
+                result.horizon = _later(horizon, now - DELIVERY_MARGIN)
+                await purchases.record_progress(conn, lease.partition, result.horizon)
             return result
 
         # 3. What the batch may change, locked: the purchases its confirmations and
@@ -156,12 +159,15 @@ async def apply_batch(
         if changes and await events.set_available_tickets(conn, changes) != len(changes):
             raise VersionConflict(f"partition {lease.partition}: an event version moved")
 
-        # 9. Waiting status requests hear of every purchase the batch wrote, at commit.
-        await purchases.announce_changed(
-            conn,
-            [d.purchase.purchase_id for d in outcome.decisions]
-            + [t.purchase_id for t in outcome.transitions],
-        )
+        # 9. How far the partition is decided (the wait ahead of pending purchases), and the
+        # notification of every purchase the batch wrote, heard by waiting requests at commit.
+        written_ids = [d.purchase.purchase_id for d in outcome.decisions] + [
+            t.purchase_id for t in outcome.transitions
+        ]
+        if outcome.horizon is not None:
+            await purchases.record_progress(conn, lease.partition, outcome.horizon, written_ids)
+        else:
+            await purchases.announce_changed(conn, written_ids)
 
         # 10. When the partition's next hold ends, for its owner's sweep.
         result.holds_changed = bool(outcome.transitions) or any(
@@ -171,6 +177,10 @@ async def apply_batch(
             result.next_hold_end = await purchases.earliest_hold_end(conn, lease.partition)
     # 11. Committed; the caller acks.
     return result
+
+
+def _later(a: datetime | None, b: datetime) -> datetime:
+    return b if a is None else max(a, b)
 
 
 def _rules(row: asyncpg.Record) -> EventRules:

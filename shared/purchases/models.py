@@ -109,6 +109,19 @@ class PurchaseAccepted(BaseModel):
     status_url: str
 
 
+class QueuePosition(BaseModel):
+    """The wait ahead of a pending purchase (README, "The wait ahead")."""
+
+    ahead_s: float = Field(
+        description="Accepted time of its partition still undecided ahead of it: its "
+        "accepted_at minus the partition's decided horizon, in seconds."
+    )
+    estimated_wait_s: float | None = Field(
+        description="ahead_s over how fast the partition's horizon has been advancing; null "
+        "while that is not known."
+    )
+
+
 class Purchase(BaseModel):
     """A purchase's state. While it is pending, event_id, customer_id, quantity and accepted_at
     are known only to the API replica that accepted it; another replica answers null for them."""
@@ -144,6 +157,11 @@ class Purchase(BaseModel):
     confirmed_at: AwareDatetime | None = None
     cancelled_at: AwareDatetime | None = None
     payment_reference: str | None = None
+    queue: QueuePosition | None = Field(
+        default=None,
+        description="While pending: the wait ahead, where known (null when nothing is known, "
+        "e.g. on a replica that did not accept the purchase).",
+    )
 
 
 class ConfirmRequest(BaseModel):

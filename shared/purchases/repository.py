@@ -91,6 +91,38 @@ APPLY_TRANSITIONS = """
 # Delivered to listeners when the transaction commits, dropped if it rolls back.
 ANNOUNCE_CHANGED = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
 
+# At the end of a commit, in one round trip: how far the partition is decided (the horizon only
+# moves forward; the rate is smoothed with a weight that grows with the time since the last
+# record, about five seconds' worth of history), and the notification of the purchases the
+# commit wrote (none: no notification).
+RECORD_PROGRESS = """
+    WITH progress AS (
+        INSERT INTO partition_progress AS p (partition, horizon, recorded_at, rate)
+        VALUES ($1, $2, now(), NULL)
+        ON CONFLICT (partition) DO UPDATE SET
+            horizon = greatest(p.horizon, excluded.horizon),
+            recorded_at = excluded.recorded_at,
+            rate = CASE
+                WHEN excluded.recorded_at <= p.recorded_at THEN p.rate
+                ELSE (
+                    SELECT CASE WHEN p.rate IS NULL THEN sample.rate
+                                ELSE sample.weight * sample.rate + (1 - sample.weight) * p.rate
+                           END
+                    FROM (
+                        SELECT greatest(extract(epoch FROM excluded.horizon - p.horizon), 0)
+                                   / extract(epoch FROM excluded.recorded_at - p.recorded_at)
+                                   AS rate,
+                               1 - exp(-extract(epoch FROM excluded.recorded_at - p.recorded_at)
+                                       / 5) AS weight
+                    ) AS sample
+                )
+            END
+    )
+    SELECT pg_notify($3, payload) FROM unnest($4::text[]) AS payload
+"""
+
+PROGRESS = "SELECT horizon, recorded_at, rate FROM partition_progress WHERE partition = $1"
+
 EARLIEST_HOLD_END = """
     SELECT min(hold_expires_at) FROM purchases WHERE partition = $1 AND status = 'held'
 """
@@ -191,6 +223,21 @@ async def announce_changed(conn: Connection, purchase_ids: Sequence[UUID]) -> No
     """Tell the API's waiting requests, once this transaction commits, that these changed."""
     if purchase_ids:
         await conn.execute(ANNOUNCE_CHANGED, changes.CHANNEL, changes.payloads(purchase_ids))
+
+
+async def record_progress(
+    conn: Connection, partition: int, horizon: datetime, changed: Sequence[UUID] = ()
+) -> None:
+    """Inside a commit: everything accepted before `horizon` is decided in `partition`, and the
+    purchases `changed` are announced to waiting requests (at commit)."""
+    await conn.execute(
+        RECORD_PROGRESS, partition, horizon, changes.CHANNEL, changes.payloads(changed)
+    )
+
+
+async def progress(conn: Connection, partition: int) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(PROGRESS, partition)
+    return row
 
 
 async def earliest_hold_end(conn: Connection, partition: int) -> datetime | None:

@@ -34,7 +34,7 @@ from shared.publisher import PurchasePublisher
 from shared.purchases import repository
 from shared.purchases.changes import StatusWaiters
 from shared.purchases.ids import PurchaseIds
-from shared.purchases.models import Purchase, PurchaseCreate, PurchaseStatus
+from shared.purchases.models import Purchase, PurchaseCreate, PurchaseStatus, QueuePosition
 from shared.retry import DATABASE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
@@ -307,11 +307,35 @@ class PurchaseService:
         if row is not None:
             return Purchase.model_validate(dict(row))
         known = self._recent.get(purchase_id)
+        if known is None:
+            return Purchase(
+                purchase_id=purchase_id,
+                event_id=None,
+                customer_id=None,
+                quantity=None,
+                status=PurchaseStatus.PENDING,
+                accepted_at=None,
+            )
         return Purchase(
             purchase_id=purchase_id,
-            event_id=known.event_id if known else None,
-            customer_id=known.customer_id if known else None,
-            quantity=known.quantity if known else None,
+            event_id=known.event_id,
+            customer_id=known.customer_id,
+            quantity=known.quantity,
             status=PurchaseStatus.PENDING,
-            accepted_at=known.accepted_at if known else None,
+            accepted_at=known.accepted_at,
+            queue=await self._queue_position(known),
+        )
+
+    async def _queue_position(self, known: AcceptedPurchase) -> QueuePosition | None:
+        """How much of its partition's accepted time is undecided ahead of the purchase, and how
+        long that should take at the pace the partition's horizon has been advancing."""
+        async with self._pool.acquire() as conn:
+            row = await repository.progress(conn, self._publisher.partition_of(known))
+        if row is None:
+            return None
+        ahead_s = max(0.0, (known.accepted_at - row["horizon"]).total_seconds())
+        rate = row["rate"]
+        return QueuePosition(
+            ahead_s=ahead_s,
+            estimated_wait_s=ahead_s / rate if rate else None,
         )

@@ -38,6 +38,7 @@ PURCHASE_FIELDS = {
     "confirmed_at",
     "cancelled_at",
     "payment_reference",
+    "queue",
 }
 
 

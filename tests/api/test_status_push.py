@@ -4,19 +4,22 @@ ETag, answered when the worker's commit is announced (NOTIFY), against real comm
 import asyncio
 import json
 import time
+from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
 
+import aio_pika
 import asyncpg
 import httpx
 import pytest
 
 from shared.purchases import repository
 from shared.settings import Settings
-from tests.api.helpers import assert_problem, served_api
+from tests.api.helpers import assert_problem, served_api, wait_for_no_consumers
 from tests.conftest import StartWorker, api_client
 from tests.factories import create_event, purchase, wait_until_final
 from tests.faults.proxy import proxy_for, through
+from tests.worker.helpers import partition_of, wait_for
 
 
 async def long_poll(
@@ -351,3 +354,93 @@ async def test_the_listener_is_one_connection_per_process(
     )
     assert listeners == 1
     await asyncio.gather(*waiting)
+
+
+# --- the wait ahead ------------------------------------------------------------------------------
+
+
+async def test_a_pending_purchase_knows_no_wait_before_its_partition_decided_anything(
+    api: httpx.AsyncClient,
+) -> None:
+    purchase_id = await queued_purchase(api)
+    body = (await api.get(f"/purchases/{purchase_id}")).json()
+    assert body["status"] == "pending"
+    assert body["queue"] is None
+
+
+async def test_the_worker_records_its_partitions_horizon_in_the_commit_and_while_idle(
+    api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings, start_worker: StartWorker
+) -> None:
+    event = await create_event(api)
+    accepted = await purchase(api, event["id"])
+    await start_worker()
+    purchase_id = UUID(accepted.json()["purchase_id"])
+    row = (await wait_until_final(db, [purchase_id]))[purchase_id]
+    partition = partition_of(settings, event["id"])
+    first = await db.fetchrow("SELECT * FROM partition_progress WHERE partition = $1", partition)
+    assert first is not None
+    assert first["horizon"] >= row["accepted_at"]
+
+    async def moved_on() -> bool:  # idle, it records that everything until now is decided
+        later = await db.fetchrow(
+            "SELECT * FROM partition_progress WHERE partition = $1", partition
+        )
+        assert later is not None
+        return bool(later["horizon"] > first["horizon"] and later["rate"] is not None)
+
+    await wait_for(moved_on, timeout_s=10, what="the idle partition to record its progress")
+    rate = await db.fetchval("SELECT rate FROM partition_progress WHERE partition = $1", partition)
+    assert 0.5 < rate < 1.5, "an idle partition keeps up: about a second decided per second"
+
+
+async def test_a_pending_purchase_carries_the_wait_ahead_of_it(
+    api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings, start_worker: StartWorker
+) -> None:
+    event = await create_event(api)
+    worker = await start_worker()
+    first = await purchase(api, event["id"])
+    await wait_until_final(db, [first.json()["purchase_id"]])
+    await asyncio.sleep(1.5)  # idle: the horizon reaches about now
+    worker.stop()
+    await wait_for_no_consumers_of(settings)
+    horizon = await db.fetchval(
+        "SELECT horizon FROM partition_progress WHERE partition = $1",
+        partition_of(settings, event["id"]),
+    )
+    await asyncio.sleep(1.0)
+
+    accepted = await purchase(api, event["id"])
+    body = (await api.get(f"/purchases/{accepted.json()['purchase_id']}")).json()
+
+    assert body["status"] == "pending"
+    queue = body["queue"]
+    ahead = (datetime.fromisoformat(body["accepted_at"]) - horizon).total_seconds()
+    assert queue["ahead_s"] == pytest.approx(ahead, abs=0.01)
+    assert queue["ahead_s"] >= 1.0  # the second the worker has been stopped, at least
+    assert queue["estimated_wait_s"] is not None
+    assert queue["estimated_wait_s"] > 0
+
+
+async def test_another_replica_knows_nothing_of_the_wait_ahead(
+    api: httpx.AsyncClient, settings: Settings, start_worker: StartWorker, db: asyncpg.Pool
+) -> None:
+    event = await create_event(api)
+    worker = await start_worker()
+    first = await purchase(api, event["id"])
+    await wait_until_final(db, [first.json()["purchase_id"]])
+    worker.stop()
+    await wait_for_no_consumers_of(settings)
+    purchase_id = (await purchase(api, event["id"])).json()["purchase_id"]
+    async with api_client(settings) as other:
+        body = (await other.get(f"/purchases/{purchase_id}")).json()
+    assert body["status"] == "pending"
+    assert body["queue"] is None
+
+
+async def wait_for_no_consumers_of(settings: Settings) -> None:
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    try:
+        channel = await connection.channel()
+        await wait_for_no_consumers(channel, settings)
+    finally:
+        await connection.close()
