@@ -12,6 +12,7 @@ COPY api ./api
 COPY worker ./worker
 COPY shared ./shared
 COPY migrations ./migrations
+COPY docs/flash-sale-demo.html ./docs/
 RUN pip install . && useradd --system --uid 10001 app
 USER app
 

@@ -14,7 +14,7 @@ from api.guards import RequestGuard
 from api.metrics import RequestMetrics
 from api.metrics import router as metrics_router
 from api.resources import open_resources
-from api.routes import events, health, purchases
+from api.routes import demo, events, health, purchases
 from shared.gc_tuning import tune_gc
 from shared.settings import Settings, get_settings
 
@@ -46,7 +46,13 @@ def cors_options(settings: Settings) -> dict[str, Any]:
     return {
         "allow_origins": settings.cors_origins,
         "allow_methods": ["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
-        "allow_headers": ["Content-Type", "Idempotency-Key", "If-Match"],
+        "allow_headers": [
+            "Content-Type",
+            "Idempotency-Key",
+            "If-Match",
+            "If-None-Match",
+            "Last-Event-ID",
+        ],
         "expose_headers": ["Location", "Retry-After", "ETag"],
         "max_age": 600,
     }
@@ -80,4 +86,5 @@ def create_app(settings: Settings | None = None) -> TicketingAPI:
     app.include_router(purchases.router)
     app.include_router(health.router)
     app.include_router(metrics_router)
+    app.include_router(demo.router)
     return app
