@@ -10,7 +10,7 @@ answer they return:
 
 - a purchase with a canonical event id and a plain `application/json` body of declared length
   within the limit (other shapes are the request guard's and the route's to judge);
-- a status poll with a canonical purchase id and no query string.
+- a status poll with a canonical purchase id and no query string but `wait` (a long-poll).
 
 What the middleware stack would add to those answers is done here too, once: the app's exception
 handlers answer failures (looked up as Starlette looks them up, a bug logged and answered 500),
@@ -98,7 +98,7 @@ class FastPaths:
                 return
             if (
                 method == "GET"
-                and not scope["query_string"]
+                and _plain_status_query(scope["query_string"])
                 and (match := STATUS.fullmatch(route_path(scope)))
             ):
                 purchase_id = UUID(match[1])
@@ -180,6 +180,12 @@ class FastPaths:
             return False
         media_type = seen.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
         return media_type == b"application/json"
+
+
+def _plain_status_query(query: bytes) -> bool:
+    """No query, or only `wait` (a long-poll): what the status contract reads by itself. A
+    long-poll held here costs its waiting request none of the middleware stack's frames."""
+    return not query or (query.startswith(b"wait=") and b"&" not in query)
 
 
 def _has_origin(scope: Scope) -> bool:

@@ -16,6 +16,7 @@ from shared.events.service import EventService
 from shared.publisher import PurchasePublisher
 from shared.purchases.changes import StatusWaiters
 from shared.purchases.ids import PurchaseIds
+from shared.purchases.models import Purchase
 from shared.purchases.service import PurchaseService, RecentlyAccepted
 from shared.settings import DEV_PURCHASE_ID_SECRET, Settings
 
@@ -30,7 +31,7 @@ class Resources:
     publisher: PurchasePublisher
     events: EventService
     purchases: PurchaseService
-    waiters: StatusWaiters
+    waiters: StatusWaiters[Purchase]
 
 
 @asynccontextmanager
@@ -51,7 +52,9 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             await publisher.start(connection)
             event_service = EventService(pool)
             cache = EventCache(event_service.find_many, ttl_s=settings.event_cache_ttl_s)
-            waiters = StatusWaiters(settings.database_url, max_waiters=settings.status_max_waiters)
+            waiters: StatusWaiters[Purchase] = StatusWaiters(
+                settings.database_url, max_waiters=settings.status_max_waiters
+            )
             await waiters.start()
             try:
                 yield Resources(

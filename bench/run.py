@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import random
+import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -28,7 +29,17 @@ from bench.holds import sell_out_with_holds
 from bench.loadgen import LoadResult, run_load
 from bench.processes import Processes, bench_settings, peak_rss_mb
 from bench.report import RESULTS, draw_chart, print_table, report
-from bench.sizes import COALESCED, FULL, HOLD_S, QUICK, SPREAD_CONNECTIONS, SPREAD_EVENTS, Sizes
+from bench.sizes import (
+    COALESCED,
+    FULL,
+    HOLD_S,
+    QUICK,
+    SPREAD_CONNECTIONS,
+    SPREAD_EVENTS,
+    STATUS_BUYERS,
+    Sizes,
+)
+from bench.status_push import hold_waiters, requests_per_purchase
 from shared import broker
 from shared.messages import AcceptedPurchase, encode_message
 from shared.migrate import create_database_if_missing, drop_database
@@ -492,6 +503,60 @@ class Bench:
             **check,
         }
 
+    async def status_push(self) -> None:
+        """What following a purchase costs: status requests per purchase, polling against
+        long-poll; then decision-to-client latency and API RSS with `waiters` requests held."""
+        base = f"http://127.0.0.1:{self.settings.api_port}"
+        for key, long_poll in (("status_polling", False), ("status_long_poll", True)):
+            await self.reset()
+            (event_id,) = await self.create_events(1, 1_000_000)
+            api = self.procs.api()
+            worker = self.procs.worker("bench-status")
+            try:
+                self.figures[key] = await requests_per_purchase(
+                    base,
+                    str(event_id),
+                    purchases=self.sizes.status_purchases,
+                    buyers=STATUS_BUYERS,
+                    long_poll=long_poll,
+                )
+            finally:
+                self.procs.stop(worker)
+                self.procs.stop(api)
+        for key, sse in (("waiters_long_poll", False), ("waiters_sse", True)):
+            self.figures[key] = await self._waiters(sse=sse)
+
+    async def _waiters(self, *, sse: bool) -> dict[str, Any]:
+        await self.reset()
+        (event_id,) = await self.create_events(1, 1_000_000)
+        base = f"http://127.0.0.1:{self.settings.api_port}"
+        api = self.procs.api()
+        started: list[subprocess.Popen[bytes]] = []
+
+        async def start_deciding() -> None:
+            started.append(self.procs.worker("bench-waiters"))
+
+        try:
+            queued = await run_load(
+                base,
+                purchase_request(event_id),
+                total=self.sizes.waiters,
+                concurrency=64,
+                keep_bodies=True,
+            )
+            ids = [orjson.loads(body)["purchase_id"] for body in queued.bodies]
+            return await hold_waiters(
+                base,
+                ids,
+                sse=sse,
+                start_deciding=start_deciding,
+                sample_rss=lambda: peak_rss_mb(api),
+            )
+        finally:
+            for worker in started:
+                self.procs.stop(worker)
+            self.procs.stop(api)
+
 
 def publish_batch_average(port: int) -> float:
     """Purchases per message the API's publisher packed (one API process's /metrics)."""
@@ -557,6 +622,7 @@ def steps_of(bench: "Bench") -> dict[str, tuple[str, Callable[[], Awaitable[None
             bench.spread,
         ),
         "holds": ("flash sale with holds (a third never paid)", bench.flash_sale_with_holds),
+        "status": ("status: polling against long-poll, and waiters held", bench.status_push),
     }
 
 
@@ -612,6 +678,7 @@ if __name__ == "__main__":
             "flash",
             "spread",
             "holds",
+            "status",
         ],
         help="measure just these scenarios and print their figures (nothing is written)",
     )

@@ -20,10 +20,16 @@ class Sizes:
     spread_s: float  # seconds of load per "many events on sale" measurement
     holds_tickets: int  # the flash sale with holds: tickets to sell out
     holds_buyers: int  # buyers at once (each purchases, polls, pays or walks away, again)
+    status_purchases: int  # purchases followed by polling, then by long-poll
+    waiters: int  # status requests held open on one API process at once
 
 
-FULL = Sizes(100_000, 10.0, 50_000, 20_000, 256, 50_000, 1_000, 100_000, 15.0, 3_000, 128)
-QUICK = Sizes(20_000, 3.0, 10_000, 4_000, 256, 10_000, 1_000, 20_000, 5.0, 600, 64)
+FULL = Sizes(
+    100_000, 10.0, 50_000, 20_000, 256, 50_000, 1_000, 100_000, 15.0, 3_000, 128, 20_000, 10_000
+)
+QUICK = Sizes(20_000, 3.0, 10_000, 4_000, 256, 10_000, 1_000, 20_000, 5.0, 600, 64, 4_000, 2_000)
+# Buyers following their purchases' status at once, in the status scenario.
+STATUS_BUYERS = 256
 # The flash sale with holds: holds this short (set in SQL, below the API's 30 s minimum) so that
 # abandoned tickets come back within a run.
 HOLD_S = 5

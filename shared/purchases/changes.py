@@ -5,21 +5,24 @@ notification means a committed change (PostgreSQL delivers it on commit, and dro
 rollback). Payloads are bounded (PostgreSQL refuses one of 8,000 bytes or more): a batch's ids
 are split over as many notifications as it takes.
 
-The API keeps one LISTEN connection per process (`StatusWaiters`) and wakes the requests waiting
-on those ids, which then read their purchase again: a notification carries no state, so one that
-arrives late or twice is harmless, and one that is missed (the listener reconnecting) is made up
-for by waking everybody once the listener is back.
+The API keeps one LISTEN connection per process (`StatusWaiters`), reads the purchases that
+requests wait on in one query, and wakes those requests with them. A notification carries no
+state, so one that arrives late or twice is harmless, and one that is missed (the listener
+reconnecting) is made up for by waking everybody, to read for themselves, once it is back.
 """
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Generic, TypeVar
 from uuid import UUID
 
 import asyncpg
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CHANNEL = "purchases_changed"
 LISTENER_NAME = "ticketing-status-listener"  # its application_name, for operators
@@ -47,20 +50,61 @@ def parse(payload: str) -> list[UUID]:
     return ids
 
 
-class StatusWaiters:
+class Waiter(Generic[T]):
+    """One waiting request: woken when its purchase may have changed, with the purchase as
+    read for it (None: read it yourself)."""
+
+    __slots__ = ("_woken", "latest")
+
+    def __init__(self) -> None:
+        self._woken = asyncio.Event()
+        self.latest: T | None = None
+
+    def wake(self, latest: T | None = None) -> None:
+        self.latest = latest
+        self._woken.set()
+
+    @property
+    def woken(self) -> bool:
+        return self._woken.is_set()
+
+    async def wait(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._woken.wait()
+
+    def take(self) -> T | None:
+        """The purchase it was woken with, once; and be ready to wait again."""
+        latest, self.latest = self.latest, None
+        self._woken.clear()
+        return latest
+
+
+Fetch = Callable[[list[UUID]], Awaitable[dict[UUID, T]]]
+
+
+class StatusWaiters(Generic[T]):
     """Requests waiting for purchases to change, and the one LISTEN connection that wakes them.
 
-    Waiting costs memory only (an asyncio.Event per request), never a database read; past
-    `max_waiters` a request is not held (`watch` yields None) and is answered at once."""
+    Waiting costs memory only, never a database read. When a notification names purchases that
+    requests wait on, `fetch` reads them all in one query and each request is woken with its
+    purchase: one read per commit, not one per waiter. Past `max_waiters` a request is not held
+    (`watch` yields None) and is answered at once."""
 
     def __init__(self, database_url: str, *, max_waiters: int) -> None:
         self._url = database_url
         self.max_waiters = max_waiters
-        self._waiting: dict[UUID, set[asyncio.Event]] = {}
+        self._waiting: dict[UUID, set[Waiter[T]]] = {}
         self._count = 0
         self._task: asyncio.Task[None] | None = None
         self._up = asyncio.Event()
+        self._fetch: Fetch[T] | None = None
+        self._to_fetch: set[UUID] = set()
+        self._fetching: asyncio.Task[None] | None = None
         self.reconnects = 0
+
+    def fetch_with(self, fetch: Fetch[T]) -> None:
+        self._fetch = fetch
 
     @property
     def listening(self) -> bool:
@@ -79,41 +123,69 @@ class StatusWaiters:
             log.warning("status listener not connected yet; waiting requests poll meanwhile")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._fetching):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._wake_all()
 
     @contextlib.contextmanager
-    def watch(self, purchase_id: UUID) -> Iterator[asyncio.Event | None]:
-        """An event set whenever `purchase_id` may have changed (None: too many waiters). Watch
-        before reading the purchase, so that no change between the read and the wait is lost."""
+    def watch(self, purchase_id: UUID) -> Iterator[Waiter[T] | None]:
+        """A waiter woken whenever `purchase_id` may have changed (None: too many waiters).
+        Watch before reading the purchase, so that no change between the read and the wait is
+        lost."""
         if self._count >= self.max_waiters:
             yield None
             return
-        event = asyncio.Event()
-        self._waiting.setdefault(purchase_id, set()).add(event)
+        waiter: Waiter[T] = Waiter()
+        self._waiting.setdefault(purchase_id, set()).add(waiter)
         self._count += 1
         try:
-            yield event
+            yield waiter
         finally:
             self._count -= 1
-            events = self._waiting.get(purchase_id)
-            if events is not None:
-                events.discard(event)
-                if not events:
+            waiters = self._waiting.get(purchase_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
                     del self._waiting[purchase_id]
 
     def changed(self, purchase_ids: Sequence[UUID]) -> None:
-        for purchase_id in purchase_ids:
-            for event in self._waiting.get(purchase_id, ()):
-                event.set()
+        """These purchases may have changed: read those waited on (in one query), wake their
+        waiters with them."""
+        wanted = [p for p in purchase_ids if p in self._waiting]
+        if not wanted:
+            return
+        if self._fetch is None:
+            for purchase_id in wanted:
+                self._wake(purchase_id, None)
+            return
+        self._to_fetch.update(wanted)
+        if self._fetching is None or self._fetching.done():
+            self._fetching = asyncio.create_task(self._fetch_and_wake())
+
+    async def _fetch_and_wake(self) -> None:
+        assert self._fetch is not None
+        await asyncio.sleep(0)  # the rest of this commit's notifications join the read
+        while self._to_fetch:
+            ids, self._to_fetch = list(self._to_fetch), set()
+            try:
+                found = await self._fetch(ids)
+            except Exception as exc:  # the database is away: each waiter reads for itself
+                log.warning("reading %d changed purchases failed: %r", len(ids), exc)
+                found = {}
+            for purchase_id in ids:
+                self._wake(purchase_id, found.get(purchase_id))
+
+    def _wake(self, purchase_id: UUID, latest: T | None) -> None:
+        for waiter in self._waiting.get(purchase_id, ()):
+            waiter.wake(latest)
 
     def _wake_all(self) -> None:
-        for events in self._waiting.values():
-            for event in events:
-                event.set()
+        for waiters in self._waiting.values():
+            for waiter in waiters:
+                waiter.wake()
 
     def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         self.changed(parse(str(payload)))

@@ -19,6 +19,14 @@ SELECT_PURCHASE = """
     WHERE id = $1
 """
 
+SELECT_PURCHASES_IN_FULL = """
+    SELECT id AS purchase_id, event_id, customer_id, quantity, status, reason,
+           accepted_at, processed_at, hold_expires_at, confirmed_at, cancelled_at,
+           payment_reference
+    FROM purchases
+    WHERE id = ANY($1::uuid[])
+"""
+
 SELECT_PURCHASES = """
     SELECT id AS purchase_id, status, quantity FROM purchases WHERE id = ANY($1::uuid[])
 """
@@ -150,6 +158,12 @@ RECORD_FAILED_IDS = """
 async def get_purchase(conn: Connection, purchase_id: UUID) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(SELECT_PURCHASE, purchase_id)
     return row
+
+
+async def get_purchases_in_full(
+    conn: Connection, purchase_ids: Sequence[UUID]
+) -> list[asyncpg.Record]:
+    return await conn.fetch(SELECT_PURCHASES_IN_FULL, list(purchase_ids))
 
 
 async def get_purchases(conn: Connection, purchase_ids: Sequence[UUID]) -> list[asyncpg.Record]:

@@ -1,7 +1,6 @@
 """Purchase use cases: accept a purchase (validate, publish, 202) and report its status."""
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from datetime import UTC, datetime
@@ -42,7 +41,7 @@ log = logging.getLogger(__name__)
 
 _OUTAGE: tuple[type[BaseException], ...] = (ServiceUnavailable, *DATABASE_UNAVAILABLE)
 # How often a waiting status request reads its purchase while the listener is reconnecting.
-POLL_WITHOUT_LISTENER_S = 1.0
+POLL_S = 1.0
 # How long a confirmation or cancellation waits for a pending purchase accepted by another
 # replica to be recorded (it must know the purchase's event), before a 503 asks to retry.
 LOCATE_WAIT_S = 2.0
@@ -87,7 +86,7 @@ class PurchaseService:
         publisher: PurchasePublisher,
         ids: PurchaseIds,
         recent: RecentlyAccepted,
-        waiters: StatusWaiters | None = None,
+        waiters: "StatusWaiters[Purchase] | None" = None,
     ) -> None:
         self._pool = pool
         self._events = events
@@ -95,6 +94,8 @@ class PurchaseService:
         self._ids = ids
         self._recent = recent
         self._waiters = waiters
+        if waiters is not None:
+            waiters.fetch_with(self._read_many)
 
     async def submit(
         self, event_id: UUID, request: PurchaseCreate, *, idempotency_key: str | None
@@ -273,31 +274,37 @@ class PurchaseService:
             return await self.status(purchase_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        with waiters.watch(purchase_id) as changed:
-            if changed is None:  # as many waiters as this process holds: answer at once
+        with waiters.watch(purchase_id) as waiter:
+            if waiter is None:  # as many waiters as this process holds: answer at once
                 return await self.status(purchase_id)
+            latest: Purchase | None = None
             while True:
                 remaining = deadline - loop.time()
                 try:
-                    # Read after watching, so that a change committed in between still wakes us.
-                    purchase = await self.status(purchase_id)
+                    # Read after watching, so that a change committed in between still wakes
+                    # us; a wake-up with the purchase read by the listener needs no read.
+                    purchase = latest or await self.status(purchase_id)
                 except _OUTAGE:
                     # The database is away (a restart, a failover): wait on while the client
                     # does; at the deadline, the outage is the answer.
                     if remaining <= 0:
                         raise
-                    await asyncio.sleep(min(remaining, POLL_WITHOUT_LISTENER_S))
+                    await asyncio.sleep(min(remaining, POLL_S))
                     continue
                 if purchase.status.value not in unlike or remaining <= 0:
                     return purchase
                 listening = waiters.listening
-                if not listening:
-                    remaining = min(remaining, POLL_WITHOUT_LISTENER_S)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), remaining)
-                if listening and not changed.is_set():
+                await waiter.wait(remaining if listening else min(remaining, POLL_S))
+                if listening and not waiter.woken:
                     return purchase  # nothing was announced: it is as it was read
-                changed.clear()
+                latest = waiter.take()
+
+    async def _read_many(self, purchase_ids: list[UUID]) -> dict[UUID, Purchase]:
+        """The recorded purchases among `purchase_ids` (what the listener wakes waiters with)."""
+        async with self._pool.acquire() as conn:
+            rows = await repository.get_purchases_in_full(conn, purchase_ids)
+        purchases = [Purchase.model_validate(dict(row)) for row in rows]
+        return {purchase.purchase_id: purchase for purchase in purchases}
 
     async def status(self, purchase_id: UUID) -> Purchase:
         if not self._ids.is_issued(purchase_id):

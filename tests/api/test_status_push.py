@@ -444,3 +444,34 @@ async def wait_for_no_consumers_of(settings: Settings) -> None:
         await wait_for_no_consumers(channel, settings)
     finally:
         await connection.close()
+
+
+async def test_waiters_woken_by_one_commit_are_read_in_one_query_not_one_each(
+    api: httpx.AsyncClient, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    event = await create_event(api, total_tickets=100)
+    accepted = [await purchase(api, event["id"], customer_id=f"c-{i}") for i in range(50)]
+    single = batched = 0
+    real_one, real_many = repository.get_purchase, repository.get_purchases_in_full
+
+    async def one(conn: Any, wanted: UUID) -> Any:
+        nonlocal single
+        single += 1
+        return await real_one(conn, wanted)
+
+    async def many(conn: Any, wanted: list[UUID]) -> Any:
+        nonlocal batched
+        batched += 1
+        return await real_many(conn, wanted)
+
+    monkeypatch.setattr(repository, "get_purchase", one)
+    monkeypatch.setattr(repository, "get_purchases_in_full", many)
+    waiting = [asyncio.create_task(long_poll(api, r.json()["purchase_id"], 25)) for r in accepted]
+    await asyncio.sleep(1.0)
+    assert single == 50  # each read once, before it waits
+    await start_worker()
+
+    answers = await asyncio.gather(*waiting)
+    assert [r.json()["status"] for r, _ in answers] == ["confirmed"] * 50
+    assert single == 50, "a woken waiter read its purchase by itself"
+    assert 1 <= batched <= 5

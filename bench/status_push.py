@@ -1,0 +1,233 @@
+"""Status delivery measured: what buyers cost while they wait for their purchase, and how soon
+they hear of it.
+
+- `requests_per_purchase`: buyers purchase, then follow the status until it is decided, either by
+  plain polling that honours Retry-After or by long-poll; status requests per purchase.
+- `waiters_latency`: `waiters` purchases queued with no worker running, each followed by its own
+  connection (long-poll or server-sent events) held open on one API process; then a worker
+  decides them all. Latency runs from the decision's timestamp (`processed_at`, the commit
+  transaction's start: the figure errs long) to the client reading the answer.
+"""
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+PENDING = b'"status":"pending"'
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection: a request, then its response (Content-Length or a
+    server-sent event stream), nothing more."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: bytes):
+        self.reader, self.writer, self.host = reader, writer, host
+
+    @classmethod
+    async def open(cls, base_url: str) -> "Connection":
+        parts = urlsplit(base_url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer, f"{host}:{port}".encode())
+
+    def send(self, method: str, path: str, body: bytes = b"", headers: bytes = b"") -> None:
+        self.writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: ".encode()
+            + self.host
+            + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n"
+            + headers
+            + b"\r\n"
+            + body
+        )
+
+    async def response(self) -> tuple[int, dict[bytes, bytes], bytes]:
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("connection closed")
+        status = int(status_line.split(b" ", 2)[1])
+        headers: dict[bytes, bytes] = {}
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get(b"content-length", b"0"))
+        body = await self.reader.readexactly(length) if length else b""
+        return status, headers, body
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: bytes = b""
+    ) -> tuple[int, dict[bytes, bytes], bytes]:
+        self.send(method, path, body, headers)
+        return await self.response()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def purchase_body(i: int) -> bytes:
+    return orjson.dumps({"customer_id": f"waiter-{i}", "quantity": 1})
+
+
+async def requests_per_purchase(
+    base_url: str, event_id: str, *, purchases: int, buyers: int, long_poll: bool
+) -> dict[str, Any]:
+    """Buyers purchase, then follow the status until decided: by polling (honouring
+    Retry-After) or by long-poll (`?wait=25`). Status requests per purchase until decided."""
+    numbers = iter(range(purchases))
+    polls: Counter[str] = Counter()
+    latencies: list[float] = []
+
+    async def buyer() -> None:
+        conn = await Connection.open(base_url)
+        try:
+            for i in numbers:
+                status, headers, body = await conn.request(
+                    "POST", f"/events/{event_id}/tickets/purchase", purchase_body(i)
+                )
+                if status != 202:
+                    polls[f"purchase {status}"] += 1
+                    continue
+                accepted = time.perf_counter()
+                url = orjson.loads(body)["status_url"]
+                if not long_poll:
+                    await asyncio.sleep(float(headers.get(b"retry-after", b"1")))
+                while True:
+                    status, headers, body = await conn.request(
+                        "GET", url + ("?wait=25" if long_poll else "")
+                    )
+                    polls["status requests"] += 1
+                    if status == 200 and PENDING not in body:
+                        break
+                    if not long_poll:
+                        await asyncio.sleep(float(headers.get(b"retry-after", b"1")))
+                latencies.append(time.perf_counter() - accepted)
+                polls["decided"] += 1
+        finally:
+            conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(buyer() for _ in range(buyers)))
+    seconds = time.perf_counter() - started
+    latencies.sort()
+    decided = polls["decided"]
+    return {
+        "purchases": purchases,
+        "buyers": buyers,
+        "decided": decided,
+        "status_requests": polls["status requests"],
+        "status_requests_per_purchase": polls["status requests"] / decided if decided else 0.0,
+        "accepted_to_decided_p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else 0,
+        "accepted_to_decided_p99_ms": 1000 * latencies[int(0.99 * len(latencies))]
+        if latencies
+        else 0,
+        "seconds": seconds,
+        "other": {k: v for k, v in polls.items() if k.startswith("purchase")},
+    }
+
+
+async def hold_waiters(
+    base_url: str,
+    purchase_ids: list[str],
+    *,
+    sse: bool,
+    start_deciding: Callable[[], Awaitable[None]],
+    sample_rss: Callable[[], float],
+) -> dict[str, Any]:
+    """One connection per purchase, each waiting for its decision (long-poll or server-sent
+    events); once all are held, `start_deciding()`. Latency: processed_at to the answer read."""
+    heard: list[float] = []
+    held = 0
+    all_held = asyncio.Event()
+    failures: Counter[str] = Counter()
+
+    async def waiter(purchase_id: str) -> None:
+        nonlocal held
+        conn = await Connection.open(base_url)
+        try:
+            if sse:
+                body = await _first_decided_event(conn, purchase_id, on_held=lambda: _held())
+            else:
+                conn.send("GET", f"/purchases/{purchase_id}?wait=30")
+                _held()
+                status, _, body = await conn.response()
+                if status != 200:
+                    failures[f"status {status}"] += 1
+                    return
+            received = time.time()
+            decided = orjson.loads(body)
+            if decided["status"] == "pending":
+                failures["still pending at the timeout"] += 1
+                return
+            processed = datetime.fromisoformat(decided["processed_at"]).timestamp()
+            heard.append(received - processed)
+        except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
+            failures[type(exc).__name__] += 1
+        finally:
+            conn.close()
+
+    def _held() -> None:
+        nonlocal held
+        held += 1
+        if held == len(purchase_ids):
+            all_held.set()
+
+    tasks = []
+    for start in range(0, len(purchase_ids), 500):  # opened in waves: the accept backlog
+        tasks += [asyncio.create_task(waiter(p)) for p in purchase_ids[start : start + 500]]
+        await asyncio.sleep(0.05)
+    await asyncio.wait_for(all_held.wait(), 60)
+    await asyncio.sleep(1.0)  # every request has reached the API and is waiting
+    rss = sample_rss()
+    await start_deciding()
+    await asyncio.gather(*tasks)
+    heard.sort()
+    return {
+        "waiters": len(purchase_ids),
+        "answered": len(heard),
+        "failures": dict(failures),
+        "decision_to_client_p50_ms": 1000 * heard[len(heard) // 2] if heard else None,
+        "decision_to_client_p99_ms": 1000 * heard[int(0.99 * len(heard))] if heard else None,
+        "api_rss_mb_with_waiters": rss,
+    }
+
+
+async def _first_decided_event(
+    conn: Connection, purchase_id: str, *, on_held: Callable[[], None]
+) -> bytes:
+    """Open the purchase's event stream; the data of its first event past pending."""
+    conn.send("GET", f"/purchases/{purchase_id}/events", headers=b"Accept: text/event-stream\r\n")
+    status_line = await conn.reader.readline()
+    if b" 200 " not in status_line:
+        raise ConnectionError(f"stream refused: {status_line!r}")
+    while (await conn.reader.readline()) not in (b"\r\n", b""):
+        pass  # headers
+    on_held()
+    data = b""
+    while True:
+        line = await conn.reader.readline()
+        if not line:
+            raise ConnectionError("stream closed before a decision")
+        line = line.strip()
+        if line.isdigit() or not line:  # chunk sizes and blank lines of chunked encoding
+            if not line and data and PENDING not in data:
+                return data
+            continue
+        try:
+            int(line, 16)  # a chunk size in hex
+            continue
+        except ValueError:
+            pass
+        if line.startswith(b"data: "):
+            data = line[6:]
+            if PENDING not in data:
+                return data
