@@ -56,8 +56,8 @@ class Processes:
         wait_http(f"http://127.0.0.1:{self.settings.api_port}/readyz")
         return proc
 
-    def worker(self, name: str) -> subprocess.Popen[bytes]:
-        return self.start("-m", "worker", WORKER_ID=name)
+    def worker(self, name: str, **env: str) -> subprocess.Popen[bytes]:
+        return self.start("-m", "worker", WORKER_ID=name, **env)
 
     def uvicorn(self, app: str, port: int, *, ready_path: str = "/docs") -> subprocess.Popen[bytes]:
         proc = self.start(

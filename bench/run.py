@@ -39,7 +39,7 @@ from bench.sizes import (
     STATUS_BUYERS,
     Sizes,
 )
-from bench.status_push import hold_waiters, requests_per_purchase
+from bench.status_push import hold_waiters, requests_per_purchase, wait_estimates
 from shared import broker
 from shared.messages import AcceptedPurchase, encode_message
 from shared.migrate import create_database_if_missing, drop_database
@@ -525,6 +525,49 @@ class Bench:
                 self.procs.stop(api)
         for key, sse in (("waiters_long_poll", False), ("waiters_sse", True)):
             self.figures[key] = await self._waiters(sse=sse)
+        self.figures["wait_estimates"] = await self._wait_estimates()
+
+    async def _wait_estimates(self) -> dict[str, Any]:
+        await self.reset()
+        (event_id,) = await self.create_events(1, 10_000_000)
+        api = self.procs.api()
+        workers: list[subprocess.Popen[bytes]] = []
+
+        async def start_worker() -> None:
+            # Commits of 20 messages: a worker slower than the flow for a while, so a backlog
+            # of several seconds drains over a few more.
+            workers.append(self.procs.worker("bench-estimates", BATCH_SIZE="20"))
+
+        async def stop_worker() -> None:
+            self.procs.stop(workers.pop())
+
+        async def read_decided(ids: list[str]) -> dict[str, float]:
+            deadline = time.monotonic() + 120
+            while True:
+                rows = await self.db.fetch(
+                    "SELECT id::text AS id, extract(epoch FROM processed_at)::float8 AS at "
+                    "FROM purchases WHERE id = ANY($1::uuid[])",
+                    ids,
+                )
+                if len(rows) == len(ids) or time.monotonic() > deadline:
+                    return {row["id"]: row["at"] for row in rows}
+                await asyncio.sleep(0.5)
+
+        try:
+            return await wait_estimates(
+                f"http://127.0.0.1:{self.settings.api_port}",
+                str(event_id),
+                rate_per_s=1_500,
+                backlog_s=4.0,
+                start_worker=start_worker,
+                stop_worker=stop_worker,
+                observe_s=8.0,
+                read_decided=read_decided,
+            )
+        finally:
+            for worker in workers:
+                self.procs.stop(worker)
+            self.procs.stop(api)
 
     async def _waiters(self, *, sse: bool) -> dict[str, Any]:
         await self.reset()

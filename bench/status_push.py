@@ -231,3 +231,90 @@ async def _first_decided_event(
             data = line[6:]
             if PENDING not in data:
                 return data
+
+
+async def wait_estimates(
+    base_url: str,
+    event_id: str,
+    *,
+    rate_per_s: float,
+    backlog_s: float,
+    start_worker: Callable[[], Awaitable[None]],
+    stop_worker: Callable[[], Awaitable[None]],
+    observe_s: float,
+    read_decided: Callable[[list[str]], Awaitable[dict[str, float]]],
+) -> dict[str, Any]:
+    """The wait ahead, given right after the 202, against the real wait, under a steady flow of
+    purchases (`rate_per_s`) that queued without a worker for `backlog_s` and then drains while
+    the flow goes on. A probe is every 20th purchase: its estimate is read at once, its real
+    wait is processed_at - accepted_at."""
+    await start_worker()  # the partition learns its pace (idle: about one second per second)
+    await asyncio.sleep(3.0)
+    await stop_worker()
+    probes: dict[str, float | None] = {}
+    accepted_at: dict[str, float] = {}
+    senders = 16
+    interval = senders / rate_per_s
+    deadline = time.monotonic() + backlog_s + observe_s
+    worker_started = asyncio.Event()
+
+    async def sender(number: int) -> None:
+        conn = await Connection.open(base_url)
+        sent = 0
+        try:
+            next_at = time.monotonic() + number * interval / senders
+            while time.monotonic() < deadline:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at += interval
+                status, _, body = await conn.request(
+                    "POST",
+                    f"/events/{event_id}/tickets/purchase",
+                    purchase_body(number * 1_000_000 + sent),
+                )
+                sent += 1
+                if status != 202 or sent % 20:
+                    continue
+                purchase = orjson.loads(body)
+                _, _, state = await conn.request("GET", purchase["status_url"])
+                read = orjson.loads(state)
+                if read["status"] != "pending" or read.get("accepted_at") is None:
+                    continue  # decided already: no wait to estimate
+                queue = read.get("queue") or {}
+                probes[purchase["purchase_id"]] = queue.get("estimated_wait_s")
+                accepted_at[purchase["purchase_id"]] = datetime.fromisoformat(
+                    read["accepted_at"]
+                ).timestamp()
+        finally:
+            conn.close()
+
+    async def starter() -> None:
+        await asyncio.sleep(backlog_s)
+        await start_worker()
+        worker_started.set()
+
+    await asyncio.gather(starter(), *(sender(n) for n in range(senders)))
+    decided = await read_decided(list(probes))
+    within = total = unknown = 0
+    errors: list[float] = []
+    for purchase_id, estimate in probes.items():
+        if purchase_id not in decided:
+            continue
+        real = decided[purchase_id] - accepted_at[purchase_id]
+        if real < 0.2:
+            continue  # no backlog ahead of it: nothing to estimate
+        total += 1
+        if estimate is None:
+            unknown += 1
+            continue
+        errors.append(estimate / real - 1)
+        within += abs(estimate - real) <= 0.5 * real
+    errors.sort()
+    return {
+        "rate_per_s": rate_per_s,
+        "backlog_s": backlog_s,
+        "probes_with_a_wait": total,
+        "estimate_unknown": unknown,
+        "within_50_percent": within,
+        "share_within_50_percent": within / total if total else 0.0,
+        "median_relative_error": errors[len(errors) // 2] if errors else None,
+    }
