@@ -529,7 +529,7 @@ class Bench:
 
     async def _wait_estimates(self) -> dict[str, Any]:
         await self.reset()
-        (event_id,) = await self.create_events(1, 10_000_000)
+        (event_id,) = await self.create_events(1, 1_000_000)
         api = self.procs.api()
         workers: list[subprocess.Popen[bytes]] = []
 
