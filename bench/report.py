@@ -86,6 +86,25 @@ def report(figures: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> dic
             "tickets_sold"
         ]
         == figures["flash_holds"]["tickets"],
+        "status: long-poll <= 1.2 status requests per purchase": figures["status_long_poll"][
+            "status_requests_per_purchase"
+        ]
+        <= 1.2,
+        "status: decision to client p99 < 100 ms, long-poll, with the waiters held": _below(
+            figures["waiters_long_poll"]["decision_to_client_p99_ms"], 100
+        ),
+        "status: decision to client p99 < 100 ms, server-sent events": _below(
+            figures["waiters_sse"]["decision_to_client_p99_ms"], 100
+        ),
+        "status: API RSS < 200 MB with the waiters held": max(
+            figures["waiters_long_poll"]["api_rss_mb_with_waiters"],
+            figures["waiters_sse"]["api_rss_mb_with_waiters"],
+        )
+        < 200,
+        "status: estimated_wait_s within +-50 % for >= 80 % of purchases": figures[
+            "wait_estimates"
+        ]["share_within_50_percent"]
+        >= 0.8,
         "zero oversell": all(f.get("oversold", 0) == 0 for f in figures.values()),
         "api RSS < 150 MB": peak_of(figures, "api_peak_rss_mb") < 150,
         "worker RSS < 150 MB": peak_of(figures, "worker_peak_rss_mb") < 150,
@@ -104,6 +123,10 @@ def report(figures: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> dic
         "ratios": ratios,
         "targets_met": targets,
     }
+
+
+def _below(value: float | None, limit: float) -> bool:
+    return value is not None and value < limit
 
 
 def peak_of(figures: dict[str, dict[str, Any]], key: str) -> float:
@@ -204,6 +227,26 @@ def print_table(result: dict[str, Any]) -> None:
         f" {fh['tickets_sold']} of {fh['tickets']} tickets in {fh['seconds_to_sell_out']:.1f} s"
         f" to {fh['buyers']} buyers at once; {fh['holds_given']} holds given,"
         f" {fh['holds_expired']} expired and resold; oversold {fh['oversold']}"
+    )
+    sp, sl = f["status_polling"], f["status_long_poll"]
+    print(
+        f"status until decided ({sp['buyers']} buyers, {sp['purchases']} purchases): polling"
+        f" {sp['status_requests_per_purchase']:.2f} requests per purchase, p50"
+        f" {sp['accepted_to_decided_p50_ms']:.0f} ms; long-poll"
+        f" {sl['status_requests_per_purchase']:.2f}, p50 {sl['accepted_to_decided_p50_ms']:.0f} ms"
+    )
+    for label, key in (("long-poll", "waiters_long_poll"), ("server-sent events", "waiters_sse")):
+        w = f[key]
+        print(
+            f"{w['waiters']} waiters on one API process ({label}): {w['answered']} answered,"
+            f" decision to client p50 {w['decision_to_client_p50_ms'] or 0:.0f} /"
+            f" p99 {w['decision_to_client_p99_ms'] or 0:.0f} ms,"
+            f" API RSS {w['api_rss_mb_with_waiters']:.0f} MB"
+        )
+    we = f["wait_estimates"]
+    print(
+        f"estimated_wait_s at accept: {we['share_within_50_percent']:.0%} of"
+        f" {we['probes_with_a_wait']} purchases within +-50 % of the real wait"
     )
     cpu = fs["pipeline_cpu_ms_per_confirmed"]
     print(
