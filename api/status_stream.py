@@ -15,6 +15,7 @@ from uuid import UUID
 from shared.errors import ServiceUnavailable
 from shared.purchases.models import Purchase, PurchaseStatus
 from shared.purchases.service import PurchaseService
+from shared.retry import DATABASE_UNAVAILABLE
 
 HEADERS = {"cache-control": "no-store", "x-accel-buffering": "no"}
 # Statuses nothing moves a purchase out of (a confirmed one may still be cancelled, a failed one
@@ -38,10 +39,12 @@ async def open_stream(
     last_event_id: str | None,
     heartbeat_s: float,
     max_s: float,
-) -> AsyncIterator[bytes]:
-    """The stream's events. Refusals (404 never issued, 503) are raised here, before any byte of
+) -> AsyncIterator[bytes] | None:
+    """The stream's events (None: there will be none). Refusals (404 never issued, 503) are raised here, before any byte of
     the stream is sent, so that they are answered as problems."""
     first = await service.status(purchase_id)
+    if first.status in SETTLED and first.status.value == last_event_id:
+        return None  # nothing will follow what the client has: 204 tells EventSource to stop
     return _events(service, first, last_event_id, heartbeat_s=heartbeat_s, max_s=max_s)
 
 
@@ -80,7 +83,7 @@ async def _wait_for_change(
     when the wait ends early, the database down or too many waiters, the rest is slept)."""
     loop = asyncio.get_running_loop()
     until = loop.time() + timeout_s
-    with contextlib.suppress(ServiceUnavailable):
+    with contextlib.suppress(ServiceUnavailable, *DATABASE_UNAVAILABLE):
         latest = await service.wait_status(
             purchase.purchase_id, unlike=frozenset({purchase.status.value}), wait_s=timeout_s
         )

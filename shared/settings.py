@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     event_cache_ttl_s: float = Field(default=0.5, ge=0)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     # Status requests one API process holds at once (long-poll, server-sent events); past it a
-    # long-poll is answered at once and a stream refused with 503.
+    # long-poll is answered at once and a stream reads its purchase once per heartbeat instead.
     status_max_waiters: int = Field(default=20_000, ge=0)
     # Server-sent events: a comment this often keeps proxies from closing an idle stream; a
     # stream ends after status_stream_max_s (the client reconnects with Last-Event-ID).

@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 
-from shared.broker import Topology
+from shared.broker import HEARTBEAT_S, Topology
 from shared.messages import CONFIRM_MARGIN, PurchaseMessage
 from shared.purchases import repository as purchase_rows
 from shared.purchases.models import FailReason
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 RECORD_CONFLICT_ATTEMPTS = 3
 # The API's clock and this worker's may differ a little: a hold is looked for this much early.
 HOLD_CLOCK_SLACK = timedelta(seconds=2)
+# How long a new consumer waits, unless a delivery reaches it first, before it counts itself
+# the queue's active consumer: the broker closes a dead predecessor's connection (returning the
+# messages it held to the queue) after two missed heartbeats.
+TAKEOVER_GRACE_S = 3 * HEARTBEAT_S
 # An idle partition records its progress this often.
 IDLE_PROGRESS_S = 1.0
 
@@ -69,6 +73,8 @@ class PartitionConsumer:
         # How far the partition's commands are applied, and when its earliest hold ends.
         self._horizon: datetime | None = None
         self._next_hold_end: datetime | None = None
+        self._delivered = False  # a delivery proves this consumer the queue's active one
+        self._started = time.monotonic()
 
     @property
     def partition(self) -> int:
@@ -98,6 +104,7 @@ class PartitionConsumer:
         self._task = asyncio.create_task(self._run(), name=f"partition-{self.partition}")
 
     async def _deliver(self, message: DeliveredMessage) -> None:
+        self._delivered = True
         self._inbox.put_nowait(message)
 
     async def stop(self) -> None:
@@ -291,6 +298,25 @@ class PartitionConsumer:
             for command in message.commands
         )
 
+    async def _drained(self) -> bool:
+        """Whether every message of the partition's queue has been delivered to this consumer
+        and is in hand or applied: nothing in the inbox, none ready in the queue, and this
+        consumer known to be the queue's active one. A new consumer is not, until a delivery
+        reaches it or a predecessor's connection must have been closed by the broker (with the
+        messages it held back in the queue): single-active-consumer keeps a standby silent."""
+        if not self._inbox.empty() or self._amqp is None:
+            return False
+        if not self._delivered and time.monotonic() < self._started + TAKEOVER_GRACE_S:
+            return False
+        try:
+            declared = await self._amqp.queue_declare(
+                self._topology.queue(self.partition), passive=True
+            )
+        except Exception as exc:  # channel gone: not known to be drained
+            log.debug("partition %d: queue check failed: %r", self.partition, exc)
+            return False
+        return declared.message_count == 0 and self._inbox.empty()
+
     def _until_sweep(self) -> float:
         """Seconds until the partition's next hold falls due, or until the idle partition next
         records its progress (a pending purchase's wait ahead is measured against it)."""
@@ -332,7 +358,8 @@ class PartitionConsumer:
                             self.lease,
                             commands,
                             horizon=self._horizon,
-                            drained=self._inbox.empty(),
+                            idle=self._inbox.empty(),
+                            verify_drained=self._drained,
                             holds_due=self._holds_due(commands),
                         )
                 self._horizon = result.horizon

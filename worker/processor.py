@@ -1,6 +1,6 @@
 """Apply one batch of a partition's commands in one transaction."""
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
@@ -54,12 +54,19 @@ async def apply_batch(
     commands: Sequence[Command],
     *,
     horizon: datetime | None = None,
-    drained: bool = False,
+    idle: bool = False,
+    verify_drained: Callable[[], Awaitable[bool]] | None = None,
     holds_due: bool = True,
 ) -> BatchResult:
     """Decide and record `commands` (in order) atomically; raise LeaseLost, VersionConflict or
-    RecordConflict (rolled back, nothing written). `horizon` and `drained` are as for decide;
-    `holds_due` is False when the caller knows no hold of the partition can be due yet."""
+    RecordConflict (rolled back, nothing written). `horizon` is as for decide; `holds_due` is
+    False when the caller knows no hold of the partition can be due yet.
+
+    A hold may expire on the clock only once the partition's queue is known to be drained, or a
+    confirmation still queued could find it gone. An empty inbox is not proof (the next
+    deliveries may be on their way; a new owner may not be the active consumer yet), so when
+    holds may be due, `verify_drained` asks the broker, inside this transaction, after its time
+    is known. `idle` (nothing in hand) only moves the progress shown to waiting buyers."""
     async with pool.acquire() as conn, conn.transaction():
         # 1. Fencing: only the current lease holder commits for this partition.
         now = await leases.check_fence(conn, lease.partition, lease.owner, lease.epoch)
@@ -75,10 +82,11 @@ async def apply_batch(
                 decided.add(command.purchase_id)  # also drops repeats within the batch
             fresh.append(command)
         result = BatchResult(duplicates=len(commands) - len(fresh), horizon=horizon)
-        if not fresh and not (drained and holds_due):
-            if drained:  # nothing left to decide: everything accepted until just now is decided
-                result.horizon = _later(horizon, now - DELIVERY_MARGIN)
-                await purchases.record_progress(conn, lease.partition, result.horizon)
+        drained = holds_due and verify_drained is not None and await verify_drained()
+        if not fresh and not drained:
+            if idle:  # for the wait ahead only: not a horizon any hold may expire by
+                shown = _later(horizon, now - DELIVERY_MARGIN)
+                await purchases.record_progress(conn, lease.partition, shown)
             return result
 
         # 3. What the batch may change, locked: the purchases its confirmations and

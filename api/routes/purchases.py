@@ -66,8 +66,9 @@ async def get_purchase(
 )
 async def purchase_events(
     purchase_id: UUID, request: Request, purchases: PurchaseServiceDep, settings: SettingsDep
-) -> StreamingResponse:
-    """Follow the purchase's status as server-sent events."""
+) -> Response:
+    """Follow the purchase's status as server-sent events (204 when the client already has its
+    final status: EventSource then stops reconnecting)."""
     stream = await status_stream.open_stream(
         purchases,
         purchase_id,
@@ -75,6 +76,8 @@ async def purchase_events(
         heartbeat_s=settings.status_heartbeat_s,
         max_s=settings.status_stream_max_s,
     )
+    if stream is None:
+        return Response(status_code=204, headers=status_stream.HEADERS)
     return StreamingResponse(stream, media_type="text/event-stream", headers=status_stream.HEADERS)
 
 

@@ -40,6 +40,25 @@ log = logging.getLogger(__name__)
 
 
 _OUTAGE: tuple[type[BaseException], ...] = (ServiceUnavailable, *DATABASE_UNAVAILABLE)
+# How far along its lifecycle each status is: a purchase only moves to a later one (a failed one
+# may still be decided when its message is replayed).
+_STAGE = {
+    PurchaseStatus.PENDING: 0,
+    PurchaseStatus.HELD: 1,
+    PurchaseStatus.FAILED: 1,
+    PurchaseStatus.CONFIRMED: 2,
+    PurchaseStatus.REJECTED: 2,
+    PurchaseStatus.EXPIRED: 3,
+    PurchaseStatus.CANCELLED: 3,
+}
+
+
+def _older(latest: Purchase, seen: Purchase | None) -> bool:
+    """Whether `latest` (read by the listener for many waiters) is older than what this waiter
+    read itself: a read that started before the waiter's own may end after it."""
+    return seen is not None and _STAGE[latest.status] < _STAGE[seen.status]
+
+
 # How often a waiting status request reads its purchase while the listener is reconnecting.
 POLL_S = 1.0
 # How long a confirmation or cancellation waits for a pending purchase accepted by another
@@ -278,12 +297,18 @@ class PurchaseService:
             if waiter is None:  # as many waiters as this process holds: answer at once
                 return await self.status(purchase_id)
             latest: Purchase | None = None
+            seen: Purchase | None = None
             while True:
                 remaining = deadline - loop.time()
                 try:
                     # Read after watching, so that a change committed in between still wakes
                     # us; a wake-up with the purchase read by the listener needs no read.
-                    purchase = latest or await self.status(purchase_id)
+                    purchase = (
+                        latest
+                        if latest is not None and not _older(latest, seen)
+                        else await self.status(purchase_id)
+                    )
+                    seen = purchase
                 except _OUTAGE:
                     # The database is away (a restart, a failover): wait on while the client
                     # does; at the deadline, the outage is the answer.

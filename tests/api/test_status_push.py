@@ -389,8 +389,14 @@ async def test_the_worker_records_its_partitions_horizon_in_the_commit_and_while
         return bool(later["horizon"] > first["horizon"] and later["rate"] is not None)
 
     await wait_for(moved_on, timeout_s=10, what="the idle partition to record its progress")
-    rate = await db.fetchval("SELECT rate FROM partition_progress WHERE partition = $1", partition)
-    assert 0.5 < rate < 1.5, "an idle partition keeps up: about a second decided per second"
+
+    async def keeps_up() -> bool:  # about a second decided per second, once smoothed
+        rate = await db.fetchval(
+            "SELECT rate FROM partition_progress WHERE partition = $1", partition
+        )
+        return bool(0.8 < rate < 1.2)
+
+    await wait_for(keeps_up, timeout_s=30, what="the idle partition's pace to settle near 1")
 
 
 async def test_a_pending_purchase_carries_the_wait_ahead_of_it(
@@ -475,3 +481,44 @@ async def test_waiters_woken_by_one_commit_are_read_in_one_query_not_one_each(
     assert [r.json()["status"] for r, _ in answers] == ["confirmed"] * 50
     assert single == 50, "a woken waiter read its purchase by itself"
     assert 1 <= batched <= 5
+
+
+async def test_a_reconnect_that_has_the_final_status_is_told_204_to_stop(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    purchase_id = await queued_purchase(api)
+    await start_worker()
+    await wait_until_final(db, [purchase_id])
+    assert (await api.post(f"/purchases/{purchase_id}/cancel")).status_code == 202
+    response, _ = await long_poll(api, purchase_id, 20, **{"If-None-Match": '"confirmed"'})
+    assert response.json()["status"] == "cancelled"
+
+    again = await api.get(
+        f"/purchases/{purchase_id}/events", headers={"Last-Event-ID": "cancelled"}
+    )
+    assert again.status_code == 204
+    assert again.content == b""
+
+
+def test_a_purchase_read_for_many_waiters_never_moves_one_of_them_backwards() -> None:
+    """The listener's read may have started before a waiter's own: what is older than what the
+    waiter saw is read again, never answered."""
+    from shared.purchases.models import Purchase, PurchaseStatus
+    from shared.purchases.service import _older
+
+    def state(status: PurchaseStatus) -> Purchase:
+        return Purchase(
+            purchase_id=uuid4(),
+            event_id=None,
+            customer_id=None,
+            quantity=None,
+            status=status,
+            accepted_at=None,
+        )
+
+    held, confirmed = state(PurchaseStatus.HELD), state(PurchaseStatus.CONFIRMED)
+    assert _older(held, confirmed)
+    assert not _older(confirmed, held)
+    assert not _older(state(PurchaseStatus.CANCELLED), confirmed)
+    assert not _older(state(PurchaseStatus.CONFIRMED), state(PurchaseStatus.FAILED))
+    assert not _older(held, None)

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from shared.settings import Settings
+from tests.api.helpers import wait_for_no_consumers
 from tests.conftest import StartWorker
 from tests.factories import assert_no_oversell, create_event, purchase, wait_until_final
 from tests.worker.helpers import (
@@ -199,6 +200,43 @@ async def test_a_hold_still_expires_after_a_batch_of_nothing_but_redelivered_pur
         return bool(row["status"] == "expired")
 
     await wait_for(expired, timeout_s=2 + EXPIRY_SLACK_S + 5, what="the hold to expire")
+    await assert_no_oversell(db)
+
+
+async def test_a_hold_does_not_expire_while_its_confirmation_waits_behind_a_backlog(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    amqp: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    start_worker: StartWorker,
+) -> None:
+    """A confirmation answered 202 before the hold's end, queued behind a backlog, must find the
+    hold when it is applied, however late: an inbox that is empty for a moment (the next
+    deliveries on their way) is not a drained queue."""
+    event = await create_event(api, total_tickets=1_000, hold_seconds=30)
+    await set_hold_seconds(db, event["id"], 2)
+    first = await start_worker("w-1")
+    held = await buy_held(api, db, event["id"], 1)
+    first.stop()
+    await wait_for_no_consumers(amqp, settings)
+    backlog = [await purchase(api, event["id"], customer_id=f"b-{i}") for i in range(150)]
+    assert all(r.status_code == 202 for r in backlog)
+    assert await confirm(api, held[0]["id"], "psp-late") == 202  # before the hold's end
+    await asyncio.sleep(
+        (held[0]["hold_expires_at"] - datetime.now(UTC)).total_seconds() + 2.5
+    )  # the hold's end and its margin have passed while the confirmation waits in the queue
+    await start_worker("w-2", batch_size=3)  # many small batches: many moments of empty inbox
+
+    await wait_until_final(db, [UUID(r.json()["purchase_id"]) for r in backlog])
+
+    async def settled() -> bool:
+        row = (await statuses(db, [held[0]["id"]]))[held[0]["id"]]
+        return bool(row["status"] != "held")
+
+    await wait_for(settled, timeout_s=30, what="the confirmation to be applied")
+    row = (await statuses(db, [held[0]["id"]]))[held[0]["id"]]
+    assert row["status"] == "confirmed", "the hold expired under a confirmation answered 202"
+    assert row["payment_reference"] == "psp-late"
     await assert_no_oversell(db)
 
 
