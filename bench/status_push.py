@@ -212,25 +212,13 @@ async def _first_decided_event(
     while (await conn.reader.readline()) not in (b"\r\n", b""):
         pass  # headers
     on_held()
-    data = b""
+    # Every event is written as one chunk; chunk sizes, blank lines and comments are skipped.
     while True:
         line = await conn.reader.readline()
         if not line:
             raise ConnectionError("stream closed before a decision")
-        line = line.strip()
-        if line.isdigit() or not line:  # chunk sizes and blank lines of chunked encoding
-            if not line and data and PENDING not in data:
-                return data
-            continue
-        try:
-            int(line, 16)  # a chunk size in hex
-            continue
-        except ValueError:
-            pass
-        if line.startswith(b"data: "):
-            data = line[6:]
-            if PENDING not in data:
-                return data
+        if line.startswith(b"data: ") and PENDING not in line:
+            return line[6:].strip()
 
 
 async def wait_estimates(

@@ -101,7 +101,6 @@ class StatusWaiters(Generic[T]):
         self._fetch: Fetch[T] | None = None
         self._to_fetch: set[UUID] = set()
         self._fetching: asyncio.Task[None] | None = None
-        self.reconnects = 0
 
     def fetch_with(self, fetch: Fetch[T]) -> None:
         self._fetch = fetch
@@ -110,10 +109,6 @@ class StatusWaiters(Generic[T]):
     def listening(self) -> bool:
         """Whether notifications are being heard; if not, waiters should poll."""
         return self._up.is_set()
-
-    @property
-    def waiting(self) -> int:
-        return self._count
 
     async def start(self, *, timeout_s: float = 10.0) -> None:
         self._task = asyncio.create_task(self._listen(), name="status-listener")
@@ -226,8 +221,6 @@ class StatusWaiters(Generic[T]):
         except Exception as exc:  # lost, timed out: reconnect
             log.warning("status listener connection lost: %r; reconnecting", exc)
         finally:
-            if self._up.is_set():
-                self.reconnects += 1
             self._up.clear()
             self._wake_all()  # waiters poll until the listener is back
             if not conn.is_closed():
