@@ -5,10 +5,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import aio_pika.abc
 import asyncpg
 
 from shared import broker
+from shared.broker_nodes import BrokerLink
 from shared.cluster_config import agree_on_partitions
 from shared.db import create_pool
 from shared.events.cache import EventCache
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class Resources:
     settings: Settings
     pool: asyncpg.Pool
-    connection: aio_pika.abc.AbstractRobustConnection
+    broker: BrokerLink
     publisher: PurchasePublisher
     events: EventService
     purchases: PurchaseService
@@ -42,14 +42,14 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
     try:
         async with pool.acquire() as conn:
             await agree_on_partitions(conn, settings.partitions)
-        connection = await broker.connect(settings)
+        publisher = PurchasePublisher(
+            broker.Topology.from_settings(settings),
+            timeout_s=settings.publish_timeout_s,
+            max_in_flight=settings.publish_max_in_flight,
+        )
+        link = BrokerLink(settings, "api", on_connected=publisher.start)
         try:
-            publisher = PurchasePublisher(
-                broker.Topology.from_settings(settings),
-                timeout_s=settings.publish_timeout_s,
-                max_in_flight=settings.publish_max_in_flight,
-            )
-            await publisher.start(connection)
+            await link.start(wait_s=settings.startup_timeout_s)
             event_service = EventService(pool)
             cache = EventCache(event_service.find_many, ttl_s=settings.event_cache_ttl_s)
             waiters: StatusWaiters[Purchase] = StatusWaiters(
@@ -60,7 +60,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
                 yield Resources(
                     settings=settings,
                     pool=pool,
-                    connection=connection,
+                    broker=link,
                     publisher=publisher,
                     events=event_service,
                     purchases=PurchaseService(
@@ -77,6 +77,6 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
                 await waiters.close()
         finally:
             await publisher.close()
-            await connection.close()
+            await link.close()
     finally:
         await pool.close()

@@ -70,7 +70,7 @@ class Bench:
         connection = await aio_pika.connect(self.settings.rabbitmq_url)
         channel = await connection.channel()
         await broker.delete_topology(channel, self.topology)
-        await broker.declare_topology(channel, self.topology)
+        await broker.declare_topology(connection, self.topology)
         await connection.close()
 
     async def teardown(self) -> None:

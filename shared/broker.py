@@ -1,4 +1,4 @@
-"""RabbitMQ topology, declared in this one place, and the connection both services open.
+"""RabbitMQ topology, declared in this one place (connections: shared/broker_nodes.py).
 
     purchases (direct) --"<p>"--> <ns>.purchases.<p>   quorum, single active consumer, one per partition
           | dead letters (rejected by a worker, or past the delivery limit)
@@ -7,33 +7,25 @@
                            --> <ns>.purchases.dead-letter.record  read by workers to mark purchases failed
 
 The routing key is the event's partition, from a stable hash of the event id, so every purchase of
-one event lands in one queue in the order the API accepted it.
+one event lands in one queue in the order the API accepted it. Every queue is a quorum queue,
+replicated over QUORUM_REPLICAS nodes of a cluster, its leader placed on the node with the fewest.
 """
 
+import logging
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 import aio_pika
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractConnection,
-    AbstractExchange,
-    AbstractQueue,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from aio_pika.exceptions import ChannelPreconditionFailed
 
 from shared.errors import StartupError
-from shared.retry import BROKER_UNAVAILABLE, wait_for_service
 from shared.settings import Settings
 
-# The broker closes a connection after two missed heartbeats: short, so that a frozen worker's
-# single-active-consumer slot passes to the lease's new owner within seconds, not minutes.
-HEARTBEAT_S = 5
-# After a broker outage the API is back within about this long (503s meanwhile).
-RECONNECT_INTERVAL_S = 1.0
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +34,7 @@ class Topology:
     partitions: int
     max_length: int
     delivery_limit: int
+    quorum_replicas: int = 1
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Topology":
@@ -50,6 +43,7 @@ class Topology:
             partitions=settings.partitions,
             max_length=settings.queue_max_length,
             delivery_limit=settings.delivery_limit,
+            quorum_replicas=settings.quorum_replicas,
         )
 
     @property
@@ -80,8 +74,22 @@ class Topology:
         # must route one event to one queue.
         return zlib.crc32(event_id.bytes) % self.partitions
 
+    def placement_arguments(self) -> dict[str, Any]:
+        """Where a new queue's replicas and leader go. They only count when the queue is
+        created, so a queue declared before them keeps its own (see _declare_queue)."""
+        return {
+            "x-quorum-initial-group-size": self.quorum_replicas,
+            # Leaders spread over the nodes (the fewest leaders first), not all on the node
+            # the declaring client happens to be connected to.
+            "x-queue-leader-locator": "balanced",
+        }
+
+    def dead_letter_queue_arguments(self) -> dict[str, Any]:
+        return {"x-queue-type": "quorum", **self.placement_arguments()}
+
     def partition_queue_arguments(self) -> dict[str, Any]:
         return {
+            **self.placement_arguments(),
             "x-queue-type": "quorum",
             # The lease table spreads partitions; this is the broker's backstop that never lets
             # two consumers read one partition at once.
@@ -98,66 +106,91 @@ class Topology:
         }
 
 
-async def connect(settings: Settings, *, wait_s: float = 30.0) -> AbstractRobustConnection:
-    """A connection that reopens itself and its channels (the API's publisher)."""
-    async for attempt in wait_for_service("rabbitmq", BROKER_UNAVAILABLE, wait_s):
-        with attempt:
-            connection = await aio_pika.connect_robust(
-                settings.rabbitmq_url,
-                heartbeat=HEARTBEAT_S,
-                client_properties=_name("api"),
-                reconnect_interval=RECONNECT_INTERVAL_S,
-            )
-    return connection
-
-
-async def connect_plain(settings: Settings) -> AbstractConnection:
-    """A connection that stays closed once lost (the worker's): a robust one would silently
-    re-subscribe consumers to partitions the worker may no longer lease."""
-    return await aio_pika.connect(
-        settings.rabbitmq_url,
-        heartbeat=HEARTBEAT_S,
-        client_properties=_name(f"worker {settings.worker_id}"),
-    )
-
-
-def _name(role: str) -> dict[str, Any]:
-    return {"connection_name": f"ticketing {role}"}
-
-
 class TopologyMismatch(StartupError):
     """A queue or exchange exists with other arguments than these settings ask for."""
 
 
-async def declare_topology(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
-    """Declare every exchange, queue and binding (idempotent); return the purchases exchange."""
+async def declare_topology(connection: AbstractConnection, topology: Topology) -> None:
+    """Declare every exchange, queue and binding (idempotent), each queue on a channel of its
+    own: the broker closes a channel whose declaration it refuses."""
+    channel = await connection.channel()
     try:
-        return await _declare(channel, topology)
-    except ChannelPreconditionFailed as exc:
-        raise TopologyMismatch(
-            f"{exc}. RabbitMQ cannot change a queue's arguments in place: keep the earlier "
-            "setting (PARTITIONS, QUEUE_MAX_LENGTH, DELIVERY_LIMIT), or drain and delete the "
-            f"{topology.namespace}.purchases.* queues, or use another BROKER_NAMESPACE."
-        ) from exc
-
-
-async def _declare(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
-    exchange = await channel.declare_exchange(
-        topology.exchange, aio_pika.ExchangeType.DIRECT, durable=True
-    )
-    dlx = await channel.declare_exchange(
-        topology.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-    )
-    for name in (topology.dead_letter_queue, topology.dead_letter_record_queue):
-        dead = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
-        await dead.bind(dlx)
-    arguments = topology.partition_queue_arguments()
-    for partition in range(topology.partitions):
-        queue = await channel.declare_queue(
-            topology.queue(partition), durable=True, arguments=arguments
+        exchange = await channel.declare_exchange(
+            topology.exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
-        await queue.bind(exchange, routing_key=topology.routing_key(partition))
-    return exchange
+        dlx = await channel.declare_exchange(
+            topology.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        for name in (topology.dead_letter_queue, topology.dead_letter_record_queue):
+            await _declare_queue(connection, name, topology.dead_letter_queue_arguments())
+            await (await channel.get_queue(name, ensure=False)).bind(dlx)
+        for partition in range(topology.partitions):
+            name = topology.queue(partition)
+            await _declare_queue(connection, name, topology.partition_queue_arguments())
+            queue = await channel.get_queue(name, ensure=False)
+            await queue.bind(exchange, routing_key=topology.routing_key(partition))
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+# Arguments that only decide where a new queue's replicas and leader go: a queue declared
+# without them (before QUORUM_REPLICAS existed) or with other values keeps its own.
+PLACEMENT_ARGUMENTS = ("x-quorum-initial-group-size", "x-queue-leader-locator")
+# RabbitMQ's words for a refused re-declaration, e.g. "inequivalent arg 'x-max-length' for queue
+# 'q' in vhost '/': received '6' but current is '5'" or "... current is none".
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)'.*but current is "
+    r"(?:none|the value '(?P<value>[^']*)' of type '(?P<type>[^']+)'|'(?P<plain>[^']*)')"
+)
+
+
+async def _declare_queue(
+    connection: AbstractConnection, name: str, arguments: dict[str, Any]
+) -> None:
+    """Declare a quorum queue; one that exists with other placement arguments is kept as it
+    is (logged), one with any other difference is a TopologyMismatch."""
+    wanted = dict(arguments)
+    for _ in range(len(PLACEMENT_ARGUMENTS) + 1):
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(name, durable=True, arguments=wanted)
+        except ChannelPreconditionFailed as exc:
+            found = _INEQUIVALENT.search(str(exc))
+            if found is None or found["arg"] not in PLACEMENT_ARGUMENTS:
+                raise TopologyMismatch(
+                    f"{exc}. RabbitMQ cannot change a queue's arguments in place: keep the earlier "
+                    "setting (PARTITIONS, QUEUE_MAX_LENGTH, DELIVERY_LIMIT), or move the queued "
+                    "purchases to new queues (README, 'Moving queues to new arguments'), or use "
+                    "another BROKER_NAMESPACE."
+                ) from exc
+            _adopt(wanted, found)
+            continue
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        kept = {k: wanted.get(k) for k in PLACEMENT_ARGUMENTS if wanted.get(k) != arguments[k]}
+        if kept:
+            log.warning(
+                "queue %s keeps the placement it was created with (%s); see README, 'Moving "
+                "queues to new arguments', to give it QUORUM_REPLICAS=%s",
+                name,
+                ", ".join(f"{k}={v if v is not None else 'none'}" for k, v in kept.items()),
+                arguments["x-quorum-initial-group-size"],
+            )
+        return
+    raise TopologyMismatch(f"queue {name} could not be declared with its placement arguments")
+
+
+def _adopt(wanted: dict[str, Any], found: re.Match[str]) -> None:
+    """Take the existing queue's value of the refused placement argument."""
+    arg, value = found["arg"], found["value"] if found["value"] is not None else found["plain"]
+    if value is None:
+        wanted.pop(arg, None)
+    elif arg == "x-quorum-initial-group-size":
+        wanted[arg] = int(value)
+    else:
+        wanted[arg] = value
 
 
 async def queue_depth(channel: AbstractChannel, name: str) -> int:

@@ -135,22 +135,30 @@ async def check_database(settings: Settings, *, wait_s: float, partitions: bool)
 
 
 async def check_broker(settings: Settings, *, wait_s: float) -> None:
-    """RabbitMQ accepts a connection with RABBITMQ_URL's credentials."""
-    where = _where(settings.rabbitmq_url)
+    """RabbitMQ (one node of RABBITMQ_URL at least) accepts a connection with its
+    credentials."""
+    urls = settings.rabbitmq_urls
+    where = ", ".join(_where(url) for url in urls)
 
-    async def connect() -> AbstractConnection:
+    async def connect_one(url: str) -> AbstractConnection:
         # A plain TCP probe first: the AMQP client logs an error of its own for every refused
         # connection, on top of the one line this check is about.
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(*_host_port(settings.rabbitmq_url)), 5
-        )
+        _, writer = await asyncio.wait_for(asyncio.open_connection(*_host_port(url)), 5)
         writer.close()
         try:
-            return await aio_pika.connect(settings.rabbitmq_url, timeout=5)
+            return await aio_pika.connect(url, timeout=5)
         except aiormq.exceptions.ProbableAuthenticationError:
             raise StartupError(
-                f"RabbitMQ at {where} refused the user or password in RABBITMQ_URL."
+                f"RabbitMQ at {_where(url)} refused the user or password in RABBITMQ_URL."
             ) from None
+
+    async def connect() -> AbstractConnection:
+        for url in urls[:-1]:
+            try:
+                return await connect_one(url)
+            except UNREACHABLE:
+                continue  # another node may answer
+        return await connect_one(urls[-1])
 
     connection = await _until_reachable(
         connect, service="RabbitMQ", where=where, setting="RABBITMQ_URL", wait_s=wait_s

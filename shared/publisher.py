@@ -25,7 +25,7 @@ from typing import cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import DeliveryError, PublishError
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -109,11 +109,12 @@ class PurchasePublisher:
         self.window = window or InFlightWindow(maximum=max_in_flight)
         self._senders: dict[int, _PartitionSender] = {}
         self._channel: AbstractChannel | None = None
-        self._exchange: AbstractExchange | None = None
 
-    async def start(self, connection: AbstractRobustConnection) -> None:
+    async def start(self, connection: AbstractConnection) -> None:
+        """Declare the topology and publish on a new channel of `connection` from now on (again
+        after each reconnect: see shared/broker_nodes.BrokerLink)."""
+        await declare_topology(connection, self._topology)
         self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._exchange = await declare_topology(self._channel, self._topology)
 
     @staticmethod
     def _properties() -> aiormq.spec.Basic.Properties:
@@ -157,13 +158,12 @@ class PurchasePublisher:
 
     async def send(self, partition: int, commands: list[Accepted]) -> None:
         """Publish one message of `commands` and wait for its confirm."""
-        if self._exchange is None or not self.is_ready:
+        if not self.is_ready:
             raise BrokerUnavailable("The message broker connection is down; retry shortly.")
         body = encode_message(partition, commands)
         started = time.perf_counter()
         try:
-            # The deadline covers the whole publish: the robust channel first waits for a
-            # reconnecting connection, outside any timeout of its own, and the expiry bound
+            # The deadline covers the whole publish, frames and confirm: the expiry bound
             # relies on it.
             async with asyncio.timeout(self.timeout_s):
                 # Straight on the channel underneath (aio-pika's Message and Exchange wrappers

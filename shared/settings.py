@@ -8,6 +8,7 @@ import os
 import socket
 from functools import lru_cache
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -23,7 +24,16 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/ticketing"
+    # One AMQP URL, or a comma-separated list with one per node of a RabbitMQ cluster: each
+    # process connects to the first that answers, and moves on to the next when it loses it.
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # Replicas of each partition and dead-letter queue when it is created (a cluster smaller
+    # than this gives each queue one replica per node).
+    quorum_replicas: int = Field(default=3, ge=1, le=99)
+    # The management API, read by `python -m worker status` for each partition's leader node:
+    # a comma-separated list like RABBITMQ_URL's; empty means port 15672 of each RABBITMQ_URL
+    # host, with its user and password.
+    rabbitmq_management_url: str = ""
     # Prefix of every exchange and queue name, so several deployments (or test runs) share a broker.
     broker_namespace: str = Field(default="ticketing", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # Queues, and units of work a worker leases: fewer fill each message with more purchases
@@ -74,13 +84,44 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _amqp_urls(cls, value: str) -> str:
+        urls = _split(value)
+        if not urls:
+            raise ValueError("needs at least one amqp:// or amqps:// URL")
+        for url in urls:
+            if urlsplit(url).scheme not in ("amqp", "amqps"):
+                raise ValueError(f"{url!r} is not an amqp:// or amqps:// URL")
+        return value
+
+    @property
+    def rabbitmq_urls(self) -> list[str]:
+        """RABBITMQ_URL's nodes, in the order they are tried."""
+        return _split(self.rabbitmq_url)
+
+    @property
+    def rabbitmq_management_urls(self) -> list[str]:
+        if self.rabbitmq_management_url.strip():
+            return _split(self.rabbitmq_management_url)
+        return [_management_url_of(url) for url in self.rabbitmq_urls]
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         # Accept a comma-separated list, the form people type in a shell or a compose file.
-        if isinstance(value, str):
-            return [origin.strip() for origin in value.split(",") if origin.strip()]
-        return value
+        return _split(value) if isinstance(value, str) else value
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _management_url_of(amqp_url: str) -> str:
+    parts = urlsplit(amqp_url)
+    scheme = "https" if parts.scheme == "amqps" else "http"
+    netloc = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
+    return f"{scheme}://{netloc}:15672/"
 
 
 @lru_cache

@@ -162,9 +162,8 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 async def amqp(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
     """A plain channel on the test's broker, with the topology declared."""
     connection = await aio_pika.connect(settings.rabbitmq_url)
-    channel = await connection.channel()
-    await broker.declare_topology(channel, broker.Topology.from_settings(settings))
-    yield channel
+    await broker.declare_topology(connection, broker.Topology.from_settings(settings))
+    yield await connection.channel()
     await connection.close()
 
 

@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -335,7 +336,27 @@ def test_compose_api_starts_after_the_migration_completed(compose: Manifest) -> 
 
 def test_compose_env_vars_are_settings(compose: Manifest) -> None:
     for name, service in compose["services"].items():
-        if name in {"postgres", "rabbitmq"}:
+        if str(service.get("image", "")).startswith(("postgres:", "rabbitmq:")):
             continue
         unknown = set(service.get("environment", {})) - SETTINGS_ENV_VARS
         assert not unknown, (name, sorted(unknown))
+
+
+def test_compose_cluster_profile_points_the_services_at_three_rabbitmq_nodes(
+    compose: Manifest,
+) -> None:
+    services = compose["services"]
+    nodes = [f"rabbitmq-{i}" for i in (1, 2, 3)]
+    for node in nodes:
+        assert services[node]["profiles"] == ["cluster"]
+        assert services[node]["hostname"] == node
+    for name in ("migrate-cluster", "api-cluster", "worker-cluster"):
+        service = services[name]
+        assert service["profiles"] == ["cluster"]
+        urls = service["environment"]["RABBITMQ_URL"].split(",")
+        assert [urlsplit(url).hostname for url in urls] == nodes
+        # Its own database: the single-node stack's workers lease the same partitions.
+        assert service["environment"]["DATABASE_URL"].endswith("/ticketing_cluster")
+    # The default stack is untouched by the profile.
+    assert "profiles" not in services["api"]
+    assert "rabbitmq-1" not in services["api"]["environment"]["RABBITMQ_URL"]

@@ -2,20 +2,21 @@
 
 import asyncio
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import TextIO
 
 import aio_pika
 from aio_pika.exceptions import ChannelNotFoundEntity
 from pydantic import ValidationError
 
-from shared import broker, preflight
+from shared import broker, broker_nodes, preflight
 from shared.db import create_pool
 from shared.errors import StartupError
 from shared.messages import Command, PurchaseMessage, PurchaseRequested, encode_message
 from shared.publisher import amqp_message
 from shared.settings import Settings
 from worker import leases, membership
+from worker.queue_leaders import public_address, queue_leaders
 
 
 async def status(settings: Settings, out: TextIO = sys.stdout) -> None:
@@ -30,15 +31,16 @@ async def status(settings: Settings, out: TextIO = sys.stdout) -> None:
             workers = await membership.live_workers(conn)
     finally:
         await pool.close()
-    connection = await aio_pika.connect(settings.rabbitmq_url)
+    connection = await broker_nodes.connect(settings, "admin")
     try:
         depths = [await _depth(connection, topology.queue(p)) for p in range(topology.partitions)]
         dead = await _depth(connection, topology.dead_letter_queue)
     finally:
         await connection.close()
+    leaders = await queue_leaders(settings)
 
     out.write(f"live workers ({len(workers)}): {', '.join(workers) or '-'}\n")
-    out.write(f"{'partition':>9}  {'owner':<30} {'epoch':>6}  {'lease':<7} {'queued':>8}\n")
+    out.write(f"{'partition':>9}  {'owner':<30} {'epoch':>6}  {'lease':<7} {'queued':>8}  leader\n")
     for partition in range(topology.partitions):
         row = rows.get(partition)
         owner = str(row["owner"]) if row and row["owner"] else "-"
@@ -46,11 +48,28 @@ async def status(settings: Settings, out: TextIO = sys.stdout) -> None:
         state = "live" if row and row["live"] else ("expired" if row and row["owner"] else "free")
         depth = depths[partition]
         queued = "-" if depth is None else str(depth)
-        out.write(f"{partition:>9}  {owner:<30} {epoch:>6}  {state:<7} {queued:>8}\n")
+        leader = (leaders or {}).get(topology.queue(partition), "-")
+        out.write(f"{partition:>9}  {owner:<30} {epoch:>6}  {state:<7} {queued:>8}  {leader}\n")
     out.write(f"queued in all partitions: {sum(d or 0 for d in depths)}\n")
+    out.write(_leader_spread(settings, topology, leaders))
     out.write(f"dead letters ({topology.dead_letter_queue}): {'-' if dead is None else dead}\n")
     if None in depths or dead is None:
         out.write("('-': queue not declared yet; a worker or the API declares them on start)\n")
+
+
+def _leader_spread(
+    settings: Settings, topology: broker.Topology, leaders: dict[str, str] | None
+) -> str:
+    if leaders is None:
+        return (
+            "partition leaders: unknown (no RabbitMQ management API answered at "
+            f"{', '.join(map(public_address, settings.rabbitmq_management_urls))}: enable the "
+            "rabbitmq_management plugin, or set RABBITMQ_MANAGEMENT_URL)\n"
+        )
+    queues = map(topology.queue, range(topology.partitions))
+    spread = Counter(leaders[queue] for queue in queues if queue in leaders)
+    nodes = ", ".join(f"{node} {count}" for node, count in sorted(spread.items()))
+    return f"partition leaders per node: {nodes or '-'}\n"
 
 
 async def _depth(connection: aio_pika.abc.AbstractConnection, name: str) -> int | None:
@@ -79,7 +98,7 @@ async def replay_dead_letters(settings: Settings, out: TextIO = sys.stdout) -> t
     await preflight.check_database(settings, wait_s=0, partitions=True)
     await preflight.check_broker(settings, wait_s=0)
     topology = broker.Topology.from_settings(settings)
-    connection = await aio_pika.connect(settings.rabbitmq_url)
+    connection = await broker_nodes.connect(settings, "admin")
     replayed = kept = 0
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)

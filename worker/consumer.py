@@ -22,7 +22,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 
-from shared.broker import HEARTBEAT_S, Topology
+from shared.broker import Topology
+from shared.broker_nodes import HEARTBEAT_S
 from shared.messages import CONFIRM_MARGIN, PurchaseMessage
 from shared.purchases import repository as purchase_rows
 from shared.purchases.models import FailReason

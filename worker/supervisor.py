@@ -16,6 +16,7 @@ import asyncpg
 from aio_pika.abc import AbstractConnection
 
 from shared import broker
+from shared.broker_nodes import connect_any, where
 from shared.cluster_config import agree_on_partitions
 from shared.db import Connection, create_pool
 from shared.gc_tuning import tune_gc
@@ -52,6 +53,7 @@ class Worker:
         self._pool: asyncpg.Pool | None = None  # commits
         self._control: asyncpg.Pool | None = None  # membership and leases
         self._connection: AbstractConnection | None = None
+        self._node = -1  # index in RABBITMQ_URL of the node connected to (or last lost)
         self._recorder: DeadLetterRecorder | None = None
         self._held: dict[int, int] = {}  # partition -> lease epoch
         self._consumers: dict[int, PartitionConsumer] = {}
@@ -134,13 +136,17 @@ class Worker:
         while not self._stopping.is_set():
             connection: AbstractConnection | None = None
             try:
-                connection = await broker.connect_plain(self.settings)
-                channel = await connection.channel()
-                await broker.declare_topology(channel, self.topology)
-                await channel.close()
+                # After a loss, the nodes after the lost one first: it is likely the one down.
+                connection, self._node = await connect_any(
+                    self.settings, f"worker {self.worker_id}", first=self._node + 1
+                )
+                await broker.declare_topology(connection, self.topology)
                 self._connection = connection
                 self._recorder = DeadLetterRecorder(self._commit_pool(), self.topology)
                 await self._recorder.start(connection)
+                log.info(
+                    "connected to rabbitmq node %s", where(self.settings.rabbitmq_urls[self._node])
+                )
                 return connection
             except broker.TopologyMismatch:
                 raise  # a configuration error: retrying cannot fix it

@@ -43,4 +43,4 @@ async def _database_ok(resources: ResourcesDep) -> bool:
 
 
 def _broker_ok(resources: ResourcesDep) -> bool:
-    return not resources.connection.is_closed and resources.publisher.is_ready
+    return resources.broker.connected and resources.publisher.is_ready

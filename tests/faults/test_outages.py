@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from shared import broker
+from shared import broker, broker_nodes
 from shared.errors import BrokerUnavailable
 from shared.messages import AcceptedPurchase
 from shared.publisher import PurchasePublisher
@@ -139,7 +139,7 @@ async def test_purchases_waiting_behind_a_stalled_broker_are_refused_within_twic
         proxied = settings.model_copy(
             update={"rabbitmq_url": through(settings.rabbitmq_url, proxy.port)}
         )
-        connection = await broker.connect(proxied)
+        connection = await broker_nodes.connect(proxied)
         # One message in flight, as the window is while purchases queue behind a stall it has
         # not had the time to widen for: the expiry bound is what is measured here.
         publisher = PurchasePublisher(

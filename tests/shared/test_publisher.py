@@ -8,7 +8,7 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from shared import broker
+from shared import broker, broker_nodes
 from shared.errors import BrokerUnavailable
 from shared.in_flight import CpuIdle, InFlightWindow
 from shared.messages import AcceptedPurchase, PurchaseMessage
@@ -24,7 +24,7 @@ async def test_a_bug_while_sending_fails_the_callers_instead_of_hanging_them(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug in building the message")
 
-    connection = await broker.connect(settings)
+    connection = await broker_nodes.connect(settings)
     publisher = PurchasePublisher(broker.Topology.from_settings(settings), timeout_s=5)
     try:
         await publisher.start(connection)
@@ -72,7 +72,7 @@ async def test_with_slow_confirms_a_wider_window_keeps_every_purchase_and_the_qu
         slow = settings.model_copy(
             update={"rabbitmq_url": through(settings.rabbitmq_url, proxy.port)}
         )
-        connection = await broker.connect(slow)
+        connection = await broker_nodes.connect(slow)
         window = InFlightWindow(maximum=4, cpu=AlwaysIdle(), interval_s=0.0)
         publisher = PurchasePublisher(
             broker.Topology.from_settings(settings), timeout_s=5, max_batch=2, window=window

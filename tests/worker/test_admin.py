@@ -31,6 +31,24 @@ async def wait_for_owners(db: asyncpg.Pool, partitions: int) -> None:
     raise AssertionError("the worker never took every partition")
 
 
+async def test_status_says_so_when_no_management_api_tells_the_queue_leaders(
+    settings: Settings, amqp: aio_pika.abc.AbstractChannel
+) -> None:
+    # The leaders themselves are shown on a real cluster: tests/faults/test_broker_cluster.py.
+    closed = settings.model_copy(update={"rabbitmq_management_url": "http://127.0.0.1:9/"})
+    out = io.StringIO()
+    await admin.status(closed, out)
+    lines = out.getvalue().splitlines()
+    header = next(line for line in lines if line.split()[0] == "partition")
+    assert header.split()[-1] == "leader"
+    rows = [line.split() for line in lines if line.split()[0].isdigit()]
+    assert len(rows) == settings.partitions
+    assert all(row[-1] == "-" for row in rows)
+    assert any(
+        line.startswith("partition leaders: unknown") and "127.0.0.1:9" in line for line in lines
+    )
+
+
 async def test_status_prints_each_partitions_owner_epoch_depth_and_the_dead_letters(
     settings: Settings,
     api: httpx.AsyncClient,

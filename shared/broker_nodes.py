@@ -1,0 +1,161 @@
+"""Connections to RabbitMQ: one node of RABBITMQ_URL at a time, the next one when it is lost.
+
+RABBITMQ_URL lists one URL per node of a cluster. A process connects to the first node that
+answers; when it loses that connection it tries the nodes after it first (the one it lost is
+likely the one that is down) and comes back around the list, so a lost node costs about a
+reconnect interval. Connections are plain, never aio-pika's robust ones: those reconnect to the
+one URL they were given, and would silently restore a worker's consumers on partitions it may no
+longer lease. Their owners reconnect: the API through `BrokerLink`, the worker in its own loop.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+import aio_pika
+from aio_pika.abc import AbstractConnection
+
+from shared.retry import BROKER_UNAVAILABLE, wait_for_service
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The broker closes a connection after two missed heartbeats: short, so that a frozen worker's
+# single-active-consumer slot passes to the lease's new owner within seconds, not minutes.
+HEARTBEAT_S = 5
+# A node that neither answers nor refuses (a host gone from the network) is given up after this.
+CONNECT_TIMEOUT_S = 2.0
+# After losing its node, a process tries the others this often (503s meanwhile).
+RECONNECT_INTERVAL_S = 0.25
+
+# What a connect raises when the node is not there: refused, reset, timed out, closed mid-handshake.
+UNREACHABLE: tuple[type[BaseException], ...] = (*BROKER_UNAVAILABLE, TimeoutError)
+
+
+def where(url: str) -> str:
+    """host:port of an AMQP URL (never its password), for logs."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or '127.0.0.1'}:{parts.port or 5672}"
+
+
+async def connect_any(
+    settings: Settings, role: str, *, first: int = 0
+) -> tuple[AbstractConnection, int]:
+    """A connection to the first node that answers, trying them in turn from index `first`;
+    and that node's index. Raises the last node's error when none answers."""
+    urls = settings.rabbitmq_urls
+    error: BaseException | None = None
+    for step in range(len(urls)):
+        index = (first + step) % len(urls)
+        try:
+            connection = await aio_pika.connect(
+                urls[index],
+                heartbeat=HEARTBEAT_S,
+                timeout=CONNECT_TIMEOUT_S,
+                client_properties={"connection_name": f"ticketing {role}"},
+            )
+        except UNREACHABLE as exc:
+            if len(urls) > 1:
+                log.warning("rabbitmq node %s unavailable: %r", where(urls[index]), exc)
+            error = exc
+            continue
+        return connection, index
+    assert error is not None  # the list is never empty (Settings checks it)
+    raise error
+
+
+async def connect(
+    settings: Settings, role: str = "client", *, wait_s: float = 0.0
+) -> AbstractConnection:
+    """A connection to the first node that answers, waiting up to `wait_s` for one to."""
+    async for attempt in wait_for_service("rabbitmq", UNREACHABLE, wait_s):
+        with attempt:
+            connection, _ = await connect_any(settings, role)
+    return connection
+
+
+class BrokerLink:
+    """Keeps one connection to some node of RABBITMQ_URL for a process's lifetime.
+
+    `on_connected` runs on every new connection (opening channels, declaring the topology);
+    while there is none, `connected` is False and the process answers 503s. A lost connection
+    is replaced by one to the next node that answers, tried every RECONNECT_INTERVAL_S.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        role: str,
+        on_connected: Callable[[AbstractConnection], Awaitable[None]],
+    ) -> None:
+        self._settings = settings
+        self._role = role
+        self._on_connected = on_connected
+        self._connection: AbstractConnection | None = None
+        self._index = 0
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._closing = False
+        self.connects = 0  # connections made, the first included (tests, metrics)
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None
+
+    @property
+    def node(self) -> str | None:
+        """host:port of the node connected to, if any."""
+        return where(self._settings.rabbitmq_urls[self._index]) if self.connected else None
+
+    async def start(self, *, wait_s: float) -> None:
+        """Connect to the first node that answers, waiting up to `wait_s` for one."""
+        async for attempt in wait_for_service("rabbitmq", UNREACHABLE, wait_s):
+            with attempt:
+                await self._attach(first=0)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            await asyncio.gather(self._reconnecting, return_exceptions=True)
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def _attach(self, *, first: int) -> None:
+        connection, index = await connect_any(self._settings, self._role, first=first)
+        try:
+            await self._on_connected(connection)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        self._connection, self._index = connection, index
+        self.connects += 1
+        # A plain connection's is_closed stays False when the broker vanishes abruptly; its
+        # close callbacks always fire.
+        connection.close_callbacks.add(lambda *_: self._lost(connection))
+        if self.connects > 1:
+            log.warning("rabbitmq: connected to node %s", self.node)
+
+    def _lost(self, connection: AbstractConnection) -> None:
+        if self._closing or self._connection is not connection:
+            return
+        log.warning("rabbitmq connection to %s lost; trying the other nodes", self.node)
+        self._connection = None
+        self._reconnecting = asyncio.get_running_loop().create_task(
+            self._reconnect(), name="rabbitmq-reconnect"
+        )
+
+    async def _reconnect(self) -> None:
+        # The node just lost goes last: it is the likeliest to be down.
+        first = self._index + 1
+        while not self._closing:
+            try:
+                await self._attach(first=first)
+                return
+            except Exception as exc:
+                log.warning("rabbitmq: no node could be reached (%r); retrying", exc)
+            await asyncio.sleep(RECONNECT_INTERVAL_S)
