@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install install-load migrate run api worker test test-fast test-faults fuzz lint format openapi bench bench-quick clean
+.PHONY: install install-load migrate run api worker test test-fast test-faults fuzz lint format openapi bench bench-quick cluster-up cluster-down clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,15 @@ bench: install-load
 
 bench-quick: install-load
 	$(PY) -m bench.run --quick
+
+# A local 3-node RabbitMQ cluster (t1..t3@localhost, AMQP 5701-5703, management 15701-15703)
+# for the cluster tests and bench; the system node on 5672 is never touched. The tests and the
+# bench start it themselves when it is not up, and stop it after them.
+cluster-up: install
+	$(PY) -m tests.broker_cluster up
+
+cluster-down: install
+	$(PY) -m tests.broker_cluster down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

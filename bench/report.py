@@ -46,6 +46,10 @@ def report(figures: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> dic
             for c in SPREAD_CONNECTIONS
         },
     }
+    if "flash_sale_cluster" in figures:
+        ratios["flash_sale_cluster_vs_single_node"] = figures["flash_sale_cluster"][
+            "vs_single_node"
+        ]
     pipeline = figures["flash_sale"]["pipeline_cpu_ms_per_confirmed"]["total"]
     before = pipeline_before()
     if before is not None:
@@ -208,6 +212,7 @@ def print_table(result: dict[str, Any]) -> None:
     for name, rate, unit, note in rows:
         print(f"{name:<42} {rate:>10,.0f}  {unit:<12} {note}")
     fs = f["flash_sale"]
+    cpu_single = fs["pipeline_cpu_ms_per_confirmed"]
     print(
         f"\nflash sale: {fs['accepted_202']} accepted, {fs['fast_rejected_409']} fast-rejected (409),"
         f" {fs['unavailable_503']} 503; confirmed {fs['confirmed']} of {fs['total']} tickets,"
@@ -221,6 +226,17 @@ def print_table(result: dict[str, Any]) -> None:
         f" load generator CPU: {f['api_accept']['loadgen_cpu_share']:.0%} of a core (accept),"
         f" {fs['loadgen_cpu_share']:.0%} (flash sale)"
     )
+    if "flash_sale_cluster" in f:
+        fc = f["flash_sale_cluster"]
+        print(
+            f"flash sale on a 3-node RabbitMQ cluster: {fc['purchases_per_s']:,.0f} purchases/s"
+            f" ({fc['vs_single_node']:.2f}x the single node's {fs['purchases_per_s']:,.0f}),"
+            f" accept p50 {fc['p50_ms']:.1f} / p99 {fc['p99_ms']:.1f} ms; {fc['accepted_202']}"
+            f" accepted, confirmed {fc['confirmed']} of {fc['total']} tickets, oversold"
+            f" {fc['oversold']}, duplicated {fc['duplicated']}; RabbitMQ CPU per confirmed"
+            f" purchase {fc['pipeline_cpu_ms_per_confirmed']['rabbitmq']:.3f} ms"
+            f" (single node {cpu_single['rabbitmq']:.3f} ms)"
+        )
     fh = f["flash_holds"]
     print(
         f"flash sale with holds ({fh['hold_seconds']} s, a third never paid): sold"

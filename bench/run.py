@@ -40,11 +40,12 @@ from bench.sizes import (
     Sizes,
 )
 from bench.status_push import hold_waiters, requests_per_purchase, wait_estimates
-from shared import broker
+from shared import broker, broker_nodes
 from shared.messages import AcceptedPurchase, encode_message
 from shared.migrate import create_database_if_missing, drop_database
 from shared.migrate import migrate as apply_schema
 from shared.publisher import amqp_message
+from tests.broker_cluster import BrokerCluster
 
 # Connections of the accept measurements: a browser crowd on a small box, and four times that.
 ACCEPT_CONNECTIONS = (64, 256)
@@ -391,10 +392,12 @@ class Bench:
             self.figures[f"spread_{connections}"] = figures
 
     @staticmethod
-    def _pipeline_meter(roots: dict[str, int]) -> CpuMeter:
+    def _pipeline_meter(
+        roots: dict[str, int], rabbitmq: Callable[[], list[int]] = rabbitmq_nodes
+    ) -> CpuMeter:
         """CPU of the processes started here (by root pid), RabbitMQ's and PostgreSQL's."""
         own = {name: (lambda pid=pid: [pid]) for name, pid in roots.items()}
-        return CpuMeter({**own, "rabbitmq": rabbitmq_nodes, "postgresql": postgres_postmasters})
+        return CpuMeter({**own, "rabbitmq": rabbitmq, "postgresql": postgres_postmasters})
 
     async def _spread_figures(
         self, load: LoadResult, seconds: float, cpu: dict[str, float], connections: int
@@ -417,12 +420,44 @@ class Bench:
         }
 
     async def flash_sale(self) -> None:
+        self.figures["flash_sale"] = await self._flash_sale(self.procs)
+
+    async def flash_sale_on_a_cluster(self) -> None:
+        """The same flash sale with RabbitMQ a 3-node cluster (quorum queues replicated on all
+        three): the price of replication, next to the single node's figures."""
+        cluster = BrokerCluster()
+        started_here = await asyncio.to_thread(cluster.up)
+        settings = self.settings.model_copy(
+            update={"rabbitmq_url": cluster.urls(), "quorum_replicas": 3}
+        )
+        topology = broker.Topology.from_settings(settings)
+        connection = await broker_nodes.connect(settings)
+        try:
+            await broker.delete_topology(await connection.channel(), topology)
+            await broker.declare_topology(connection, topology)
+            figures = await self._flash_sale(
+                Processes(settings, self.http_processes),
+                rabbitmq=lambda: rabbitmq_nodes(node.pid_file for node in cluster.nodes),
+            )
+            await broker.delete_topology(await connection.channel(), topology)
+        finally:
+            await connection.close()
+            if started_here:
+                await asyncio.to_thread(cluster.down)
+        single = self.figures.get("flash_sale")
+        if single is not None:
+            figures["vs_single_node"] = figures["purchases_per_s"] / single["purchases_per_s"]
+        self.figures["flash_sale_cluster"] = figures
+
+    async def _flash_sale(
+        self, procs: Processes, rabbitmq: Callable[[], list[int]] = rabbitmq_nodes
+    ) -> dict[str, Any]:
         await self.reset()
         (event_id,) = await self.create_events(1, self.sizes.flash_tickets)
-        api = self.procs.api()
-        worker = self.procs.worker("bench-flash")
+        api = procs.api()
+        worker = procs.worker("bench-flash")
         # The whole pipeline: every process a purchase passes through on its way to the database.
-        meter = self._pipeline_meter({"api": api.pid, "worker": worker.pid})
+        meter = self._pipeline_meter({"api": api.pid, "worker": worker.pid}, rabbitmq)
         try:
             meter.start()
             started = time.perf_counter()
@@ -439,13 +474,13 @@ class Bench:
             api_rss, worker_rss = peak_rss_mb(api), peak_rss_mb(worker)
             coalesced = publish_batch_average(self.settings.api_port)
         finally:
-            self.procs.stop(worker)
-            self.procs.stop(api)
+            procs.stop(worker)
+            procs.stop(api)
         check = await self.check_no_oversell()
         confirmed_purchases = await self.db.fetchval(
             "SELECT count(*) FROM purchases WHERE status = 'confirmed'"
         )
-        self.figures["flash_sale"] = {
+        return {
             "purchases_per_s": self.sizes.flash_requests / seconds,
             "requests": self.sizes.flash_requests,
             "seconds_until_all_final": seconds,
@@ -664,6 +699,10 @@ def steps_of(bench: "Bench") -> dict[str, tuple[str, Callable[[], Awaitable[None
             f"{SPREAD_EVENTS} events on sale at once, baseline and this design",
             bench.spread,
         ),
+        "flash-cluster": (
+            "flash sale end to end on a 3-node RabbitMQ cluster",
+            bench.flash_sale_on_a_cluster,
+        ),
         "holds": ("flash sale with holds (a third never paid)", bench.flash_sale_with_holds),
         "status": ("status: polling against long-poll, and waiters held", bench.status_push),
     }
@@ -719,6 +758,7 @@ if __name__ == "__main__":
             "accept",
             "polls",
             "flash",
+            "flash-cluster",
             "spread",
             "holds",
             "status",

@@ -182,10 +182,14 @@ class PurchasePublisher:
             _OUTCOME["unroutable"].inc()
             log.error("purchase message unroutable (partition %d): %s", partition, exc)
             raise BrokerUnavailable("The purchase could not be queued; retry shortly.") from exc
-        except DeliveryError as exc:  # nacked: the partition queue is full (reject-publish)
+        except DeliveryError as exc:
+            # Nacked: the partition queue is full (reject-publish), or, on a cluster, it is
+            # electing a new leader (a channel's first publish to it meanwhile is nacked).
             _OUTCOME["nacked"].inc()
             raise QueueFull(
-                "Too many purchases are waiting for this event; retry shortly.", retry_after_s=2
+                "Too many purchases are waiting for this event, or its queue is moving to "
+                "another broker node; retry shortly.",
+                retry_after_s=2,
             ) from exc
         except TimeoutError as exc:
             _OUTCOME["timed_out"].inc()

@@ -25,7 +25,7 @@ import pytest
 import pytest_asyncio
 
 from api.main import create_app
-from shared import broker
+from shared import broker, broker_nodes
 from shared.migrate import apply_migrations, create_database_if_missing, drop_database
 from shared.settings import Settings
 from worker.supervisor import Worker
@@ -143,7 +143,7 @@ async def settings(
 
 
 async def delete_topology(settings: Settings) -> None:
-    connection = await aio_pika.connect(settings.rabbitmq_url)
+    connection = await broker_nodes.connect(settings)
     try:
         channel = await connection.channel()
         await broker.delete_topology(channel, broker.Topology.from_settings(settings))
@@ -161,7 +161,7 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 @pytest_asyncio.fixture
 async def amqp(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
     """A plain channel on the test's broker, with the topology declared."""
-    connection = await aio_pika.connect(settings.rabbitmq_url)
+    connection = await broker_nodes.connect(settings)
     await broker.declare_topology(connection, broker.Topology.from_settings(settings))
     yield await connection.channel()
     await connection.close()

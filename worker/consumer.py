@@ -159,6 +159,14 @@ class PartitionConsumer:
         except asyncio.CancelledError:
             if not self._aborted:
                 raise
+        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
+            # The channel or its connection went (a broker node lost): the worker reconnects,
+            # and the broker redelivers the batch to whoever consumes the partition next.
+            log.warning(
+                "partition %d: broker channel lost (%r); leaving the batch unacked",
+                self.partition,
+                exc,
+            )
         except Exception:
             log.exception(
                 "partition %d: consumer failed; leaving the batch unacked", self.partition

@@ -8,11 +8,11 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
 
+from shared import broker_nodes
 from shared.purchases import repository
 from shared.settings import Settings
 from tests.api.helpers import assert_problem, served_api, wait_for_no_consumers
@@ -444,7 +444,7 @@ async def test_another_replica_knows_nothing_of_the_wait_ahead(
 
 
 async def wait_for_no_consumers_of(settings: Settings) -> None:
-    connection = await aio_pika.connect(settings.rabbitmq_url)
+    connection = await broker_nodes.connect(settings)
     try:
         channel = await connection.channel()
         await wait_for_no_consumers(channel, settings)

@@ -20,7 +20,7 @@ def _old_arguments(topology: broker.Topology) -> dict[str, object]:
 
 
 async def _declare_raw(settings: Settings, name: str, arguments: dict[str, object]) -> None:
-    connection = await aio_pika.connect(settings.rabbitmq_url)
+    connection = await broker_nodes.connect(settings)
     try:
         channel = await connection.channel()
         await channel.declare_queue(name, durable=True, arguments=arguments)  # type: ignore[arg-type]

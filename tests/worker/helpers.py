@@ -20,6 +20,7 @@ import aio_pika
 import asyncpg
 import httpx
 
+from shared import broker_nodes
 from shared.broker import Topology
 from shared.messages import PurchaseMessage, PurchaseRequested
 from shared.settings import Settings
@@ -154,7 +155,7 @@ async def publish_raw(
 
 async def queue_depth(settings: Settings, name: str) -> int:
     """Ready messages in a queue (passive declare), on a connection of its own."""
-    connection = await aio_pika.connect(settings.rabbitmq_url)
+    connection = await broker_nodes.connect(settings)
     try:
         channel = await connection.channel()
         queue = await channel.declare_queue(name, passive=True)
@@ -181,7 +182,7 @@ async def read_back(settings: Settings, name: str, *, timeout_s: float = 10.0) -
     """Every ready message of a queue, left in place and in order. basic.get is refused on a
     single-active-consumer quorum queue, so a consumer (the only one: call this with no worker
     running) takes them unacked, and closing its connection returns them to the queue."""
-    connection = await aio_pika.connect(settings.rabbitmq_url)
+    connection = await broker_nodes.connect(settings)
     bodies: list[bytes] = []
     try:
         channel = await connection.channel()

@@ -12,7 +12,7 @@ import asyncpg
 import httpx
 import pytest
 
-from shared import broker
+from shared import broker, broker_nodes
 from shared.messages import PurchaseMessage, PurchaseRequested
 from shared.settings import Settings
 from tests.conftest import StartWorker, settings_env
@@ -176,7 +176,7 @@ async def test_a_message_past_its_delivery_limit_is_dead_lettered_and_recorded_f
 
 async def take_and_die(settings: Settings, queue_name: str) -> bool:
     """Consume one message and close the connection without acking it; False if none came."""
-    connection = await aio_pika.connect(settings.rabbitmq_url)
+    connection = await broker_nodes.connect(settings)
     try:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=1)
