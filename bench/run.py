@@ -566,15 +566,11 @@ class Bench:
         await self.reset()
         (event_id,) = await self.create_events(1, 1_000_000)
         api = self.procs.api()
-        workers: list[subprocess.Popen[bytes]] = []
+        # One message per commit: a worker slower than a modest flow, so a backlog builds up.
+        worker = self.procs.worker("bench-estimates", BATCH_SIZE="1", BATCH_MAX_WAIT_MS="0")
 
-        async def start_worker() -> None:
-            # Commits of 20 messages: a worker slower than the flow for a while, so a backlog
-            # of several seconds drains over a few more.
-            workers.append(self.procs.worker("bench-estimates", BATCH_SIZE="20"))
-
-        async def stop_worker() -> None:
-            self.procs.stop(workers.pop())
+        async def decided_count() -> int:
+            return int(await self.db.fetchval("SELECT count(*) FROM purchases"))
 
         async def read_decided(ids: list[str]) -> dict[str, float]:
             deadline = time.monotonic() + 120
@@ -592,16 +588,13 @@ class Bench:
             return await wait_estimates(
                 f"http://127.0.0.1:{self.settings.api_port}",
                 str(event_id),
-                rate_per_s=1_500,
-                backlog_s=4.0,
-                start_worker=start_worker,
-                stop_worker=stop_worker,
-                observe_s=8.0,
+                overload=1.3,
+                observe_s=self.sizes.estimate_s,
+                decided_count=decided_count,
                 read_decided=read_decided,
             )
         finally:
-            for worker in workers:
-                self.procs.stop(worker)
+            self.procs.stop(worker)
             self.procs.stop(api)
 
     async def _waiters(self, *, sse: bool) -> dict[str, Any]:

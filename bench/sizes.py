@@ -22,12 +22,28 @@ class Sizes:
     holds_buyers: int  # buyers at once (each purchases, polls, pays or walks away, again)
     status_purchases: int  # purchases followed by polling, then by long-poll
     waiters: int  # status requests held open on one API process at once
+    estimate_s: float  # seconds of a steady flow whose wait estimates are checked
 
 
 FULL = Sizes(
-    100_000, 10.0, 50_000, 20_000, 256, 50_000, 1_000, 100_000, 15.0, 3_000, 128, 20_000, 10_000
+    100_000,
+    10.0,
+    50_000,
+    20_000,
+    256,
+    50_000,
+    1_000,
+    100_000,
+    15.0,
+    3_000,
+    128,
+    20_000,
+    10_000,
+    15.0,
 )
-QUICK = Sizes(20_000, 3.0, 10_000, 4_000, 256, 10_000, 1_000, 20_000, 5.0, 600, 64, 4_000, 2_000)
+QUICK = Sizes(
+    20_000, 3.0, 10_000, 4_000, 256, 10_000, 1_000, 20_000, 5.0, 600, 64, 4_000, 2_000, 8.0
+)
 # Buyers following their purchases' status at once, in the status scenario.
 STATUS_BUYERS = 256
 # The flash sale with holds: holds this short (set in SQL, below the API's 30 s minimum) so that

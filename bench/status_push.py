@@ -225,62 +225,27 @@ async def wait_estimates(
     base_url: str,
     event_id: str,
     *,
-    rate_per_s: float,
-    backlog_s: float,
-    start_worker: Callable[[], Awaitable[None]],
-    stop_worker: Callable[[], Awaitable[None]],
+    overload: float,
     observe_s: float,
+    decided_count: Callable[[], Awaitable[int]],
     read_decided: Callable[[list[str]], Awaitable[dict[str, float]]],
 ) -> dict[str, Any]:
-    """The wait ahead, given right after the 202, against the real wait, under a steady flow of
-    purchases (`rate_per_s`) that queued without a worker for `backlog_s` and then drains while
-    the flow goes on. A probe is every 20th purchase: its estimate is read at once, its real
-    wait is processed_at - accepted_at."""
-    await start_worker()  # the partition learns its pace (idle: about one second per second)
-    await asyncio.sleep(3.0)
-    await stop_worker()
+    """The wait ahead, given right after the 202, against the real wait, with a steady backlog:
+    a worker slower than the flow of purchases (the caller runs it with small commits), so the
+    backlog grows at a steady pace. Its pace is measured first, under a burst it cannot keep up
+    with; once that backlog is gone and the partition idles again, purchases flow at `overload`
+    times that pace for `observe_s`. A probe is every 20th purchase: its estimate is read at
+    once, its real wait is processed_at - accepted_at."""
+    pace = await _worker_pace(base_url, event_id, decided_count)
     probes: dict[str, float | None] = {}
     accepted_at: dict[str, float] = {}
-    senders = 16
-    interval = senders / rate_per_s
-    deadline = time.monotonic() + backlog_s + observe_s
-    worker_started = asyncio.Event()
-
-    async def sender(number: int) -> None:
-        conn = await Connection.open(base_url)
-        sent = 0
-        try:
-            next_at = time.monotonic() + number * interval / senders
-            while time.monotonic() < deadline:
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-                next_at += interval
-                status, _, body = await conn.request(
-                    "POST",
-                    f"/events/{event_id}/tickets/purchase",
-                    purchase_body(number * 1_000_000 + sent),
-                )
-                sent += 1
-                if status != 202 or sent % 20:
-                    continue
-                purchase = orjson.loads(body)
-                _, _, state = await conn.request("GET", purchase["status_url"])
-                read = orjson.loads(state)
-                if read["status"] != "pending" or read.get("accepted_at") is None:
-                    continue  # decided already: no wait to estimate
-                queue = read.get("queue") or {}
-                probes[purchase["purchase_id"]] = queue.get("estimated_wait_s")
-                accepted_at[purchase["purchase_id"]] = datetime.fromisoformat(
-                    read["accepted_at"]
-                ).timestamp()
-        finally:
-            conn.close()
-
-    async def starter() -> None:
-        await asyncio.sleep(backlog_s)
-        await start_worker()
-        worker_started.set()
-
-    await asyncio.gather(starter(), *(sender(n) for n in range(senders)))
+    await _flow(
+        base_url,
+        event_id,
+        rate_per_s=overload * pace,
+        seconds=observe_s,
+        probes=(probes, accepted_at),
+    )
     decided = await read_decided(list(probes))
     within = total = unknown = 0
     errors: list[float] = []
@@ -298,11 +263,83 @@ async def wait_estimates(
         within += abs(estimate - real) <= 0.5 * real
     errors.sort()
     return {
-        "rate_per_s": rate_per_s,
-        "backlog_s": backlog_s,
+        "worker_pace_per_s": pace,
+        "rate_per_s": overload * pace,
+        "observe_s": observe_s,
         "probes_with_a_wait": total,
         "estimate_unknown": unknown,
         "within_50_percent": within,
         "share_within_50_percent": within / total if total else 0.0,
         "median_relative_error": errors[len(errors) // 2] if errors else None,
     }
+
+
+async def _worker_pace(
+    base_url: str, event_id: str, decided_count: Callable[[], Awaitable[int]]
+) -> float:
+    """Purchases the worker decides per second while it has a backlog: a 1.5 s burst it cannot
+    keep up with, its decisions counted over the next 1.5 s; then wait until it is idle again
+    and its horizon has kept up with the clock for a few seconds."""
+    sent = await _flow(base_url, event_id, rate_per_s=4_000, seconds=1.5)
+    before, started = await decided_count(), time.monotonic()
+    await asyncio.sleep(1.5)
+    pace = (await decided_count() - before) / (time.monotonic() - started)
+    for _ in range(600):  # at most two minutes
+        if await decided_count() >= sent:
+            break
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(4.0)
+    return pace
+
+
+async def _flow(
+    base_url: str,
+    event_id: str,
+    *,
+    rate_per_s: float,
+    seconds: float,
+    probes: tuple[dict[str, float | None], dict[str, float]] | None = None,
+) -> int:
+    """Purchases at a steady rate from 16 connections for `seconds`; every 20th is probed for
+    its estimate when `probes` are given. Returns how many were accepted."""
+    senders = 16
+    interval = senders / rate_per_s
+    deadline = time.monotonic() + seconds
+    accepted = 0
+
+    async def sender(number: int) -> None:
+        nonlocal accepted
+        conn = await Connection.open(base_url)
+        sent = 0
+        try:
+            next_at = time.monotonic() + number * interval / senders
+            while time.monotonic() < deadline:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at += interval
+                status, _, body = await conn.request(
+                    "POST",
+                    f"/events/{event_id}/tickets/purchase",
+                    purchase_body(number * 1_000_000 + sent),
+                )
+                sent += 1
+                if status != 202:
+                    continue
+                accepted += 1
+                if probes is None or sent % 20:
+                    continue
+                purchase = orjson.loads(body)
+                _, _, state = await conn.request("GET", purchase["status_url"])
+                read = orjson.loads(state)
+                if read["status"] != "pending" or read.get("accepted_at") is None:
+                    continue  # decided already: no wait to estimate
+                queue = read.get("queue") or {}
+                estimates, accepted_at = probes
+                estimates[purchase["purchase_id"]] = queue.get("estimated_wait_s")
+                accepted_at[purchase["purchase_id"]] = datetime.fromisoformat(
+                    read["accepted_at"]
+                ).timestamp()
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(sender(n) for n in range(senders)))
+    return accepted

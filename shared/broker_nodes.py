@@ -34,6 +34,18 @@ RECONNECT_INTERVAL_S = 0.25
 UNREACHABLE: tuple[type[BaseException], ...] = (*BROKER_UNAVAILABLE, TimeoutError)
 
 
+class _Connection(aio_pika.Connection):
+    """A connection that is closed when connecting fails: aio-pika leaves that one to the
+    garbage collector, which schedules a close nobody awaits (a warning per refused node)."""
+
+    async def connect(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (the base signature)
+        try:
+            await super().connect(timeout)
+        except BaseException:
+            await self.close()
+            raise
+
+
 def where(url: str) -> str:
     """host:port of an AMQP URL (never its password), for logs."""
     parts = urlsplit(url)
@@ -55,6 +67,7 @@ async def connect_any(
                 heartbeat=HEARTBEAT_S,
                 timeout=CONNECT_TIMEOUT_S,
                 client_properties={"connection_name": f"ticketing {role}"},
+                connection_class=_Connection,
             )
         except UNREACHABLE as exc:
             if len(urls) > 1:

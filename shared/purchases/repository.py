@@ -129,7 +129,10 @@ RECORD_PROGRESS = """
     SELECT pg_notify($3, payload) FROM unnest($4::text[]) AS payload
 """
 
-PROGRESS = "SELECT horizon, recorded_at, rate FROM partition_progress WHERE partition = $1"
+PROGRESS = """
+    SELECT horizon, recorded_at, rate, extract(epoch FROM now() - recorded_at)::float8 AS age_s
+    FROM partition_progress WHERE partition = $1
+"""
 
 EARLIEST_HOLD_END = """
     SELECT min(hold_expires_at) FROM purchases WHERE partition = $1 AND status = 'held'

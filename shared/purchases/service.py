@@ -96,6 +96,10 @@ class RecentlyAccepted:
         return len(self._items)
 
 
+# A partition's worker records its progress at every commit and once a second while idle.
+STALE_PROGRESS_S = 5.0
+
+
 class PurchaseService:
     def __init__(
         self,
@@ -366,7 +370,8 @@ class PurchaseService:
         if row is None:
             return None
         ahead_s = max(0.0, (known.accepted_at - row["horizon"]).total_seconds())
-        rate = row["rate"]
+        # No record for a while: no worker is deciding the partition now, so no pace holds.
+        rate = row["rate"] if row["age_s"] <= STALE_PROGRESS_S else None
         return QueuePosition(
             ahead_s=ahead_s,
             estimated_wait_s=ahead_s / rate if rate else None,

@@ -427,6 +427,32 @@ async def test_a_pending_purchase_carries_the_wait_ahead_of_it(
     assert queue["estimated_wait_s"] > 0
 
 
+async def test_no_wait_is_promised_while_no_worker_decides_the_partition(
+    api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings, start_worker: StartWorker
+) -> None:
+    """The last record of the partition's progress is older than a worker ever leaves it (it
+    records at every commit and once a second while idle): nobody decides the partition now,
+    so the wait ahead is known but its duration is not."""
+    event = await create_event(api)
+    worker = await start_worker()
+    first = await purchase(api, event["id"])
+    await wait_until_final(db, [first.json()["purchase_id"]])
+    worker.stop()
+    await wait_for_no_consumers_of(settings)
+    await db.execute(
+        "UPDATE partition_progress SET recorded_at = now() - interval '10 seconds', "
+        "horizon = horizon - interval '10 seconds' WHERE partition = $1",
+        partition_of(settings, event["id"]),
+    )
+
+    accepted = await purchase(api, event["id"])
+    body = (await api.get(f"/purchases/{accepted.json()['purchase_id']}")).json()
+
+    assert body["status"] == "pending"
+    assert body["queue"]["ahead_s"] >= 10
+    assert body["queue"]["estimated_wait_s"] is None
+
+
 async def test_another_replica_knows_nothing_of_the_wait_ahead(
     api: httpx.AsyncClient, settings: Settings, start_worker: StartWorker, db: asyncpg.Pool
 ) -> None:
