@@ -101,8 +101,8 @@ ANNOUNCE_CHANGED = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS pay
 
 # At the end of a commit, in one round trip: how far the partition is decided (the horizon only
 # moves forward; the rate is smoothed with a weight that grows with the time since the last
-# record, about five seconds' worth of history), and the notification of the purchases the
-# commit wrote (none: no notification).
+# record, about two seconds' worth of history, so a pace that changes is followed within a few
+# seconds), and the notification of the purchases the commit wrote (none: no notification).
 RECORD_PROGRESS = """
     WITH progress AS (
         INSERT INTO partition_progress AS p (partition, horizon, recorded_at, rate)
@@ -121,7 +121,7 @@ RECORD_PROGRESS = """
                                    / extract(epoch FROM excluded.recorded_at - p.recorded_at)
                                    AS rate,
                                1 - exp(-extract(epoch FROM excluded.recorded_at - p.recorded_at)
-                                       / 5) AS weight
+                                       / 2) AS weight
                     ) AS sample
                 )
             END
