@@ -39,7 +39,7 @@ from bench.sizes import (
     STATUS_BUYERS,
     Sizes,
 )
-from bench.status_push import hold_waiters, requests_per_purchase, wait_estimates
+from bench.status_push import CommitClock, hold_waiters, requests_per_purchase, wait_estimates
 from shared import broker, broker_nodes
 from shared.messages import AcceptedPurchase, encode_message
 from shared.migrate import create_database_if_missing, drop_database
@@ -559,7 +559,8 @@ class Bench:
                 self.procs.stop(worker)
                 self.procs.stop(api)
         for key, sse in (("waiters_long_poll", False), ("waiters_sse", True)):
-            self.figures[key] = await self._waiters(sse=sse)
+            self.figures[key] = await self._waiters(sse=sse, paced=False)
+            self.figures[f"{key}_paced"] = await self._waiters(sse=sse, paced=True)
         self.figures["wait_estimates"] = await self._wait_estimates()
 
     async def _wait_estimates(self) -> dict[str, Any]:
@@ -597,7 +598,10 @@ class Bench:
             self.procs.stop(worker)
             self.procs.stop(api)
 
-    async def _waiters(self, *, sse: bool) -> dict[str, Any]:
+    async def _waiters(self, *, sse: bool, paced: bool) -> dict[str, Any]:
+        """`waiters` requests held on one API process, then their purchases decided: in one
+        burst (a backlog of them all, decided in a few commits of 500 messages), or at a steady
+        pace (a worker committing one message at a time, as when it keeps up with a flow)."""
         await self.reset()
         (event_id,) = await self.create_events(1, 1_000_000)
         base = f"http://127.0.0.1:{self.settings.api_port}"
@@ -605,7 +609,8 @@ class Bench:
         started: list[subprocess.Popen[bytes]] = []
 
         async def start_deciding() -> None:
-            started.append(self.procs.worker("bench-waiters"))
+            pace = {"BATCH_SIZE": "1", "BATCH_MAX_WAIT_MS": "0"} if paced else {}
+            started.append(self.procs.worker("bench-waiters", **pace))
 
         try:
             queued = await run_load(
@@ -616,13 +621,15 @@ class Bench:
                 keep_bodies=True,
             )
             ids = [orjson.loads(body)["purchase_id"] for body in queued.bodies]
-            return await hold_waiters(
-                base,
-                ids,
-                sse=sse,
-                start_deciding=start_deciding,
-                sample_rss=lambda: peak_rss_mb(api),
-            )
+            with CommitClock(self.settings.database_url) as commits:
+                return await hold_waiters(
+                    base,
+                    ids,
+                    sse=sse,
+                    start_deciding=start_deciding,
+                    sample_rss=lambda: peak_rss_mb(api),
+                    commits=commits,
+                )
         finally:
             for worker in started:
                 self.procs.stop(worker)
