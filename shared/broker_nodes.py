@@ -159,10 +159,15 @@ class BrokerLink:
         log.warning("rabbitmq connection to %s lost; trying the other nodes", self.node)
         self._connection = None
         self._reconnecting = asyncio.get_running_loop().create_task(
-            self._reconnect(), name="rabbitmq-reconnect"
+            self._reconnect(connection), name="rabbitmq-reconnect"
         )
 
-    async def _reconnect(self) -> None:
+    async def _reconnect(self, lost: AbstractConnection) -> None:
+        # A connection lost abruptly still counts as open to aio-pika: closed here, or the
+        # garbage collector schedules a close that nobody awaits.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await lost.close()
         # The node just lost goes last: it is the likeliest to be down.
         first = self._index + 1
         while not self._closing:

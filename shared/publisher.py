@@ -15,6 +15,7 @@ message ahead of it. So no caller waits more than about twice the timeout.
 """
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
@@ -65,6 +66,9 @@ MESSAGE_PURCHASES = Histogram(
 )
 
 
+# A publishing channel is replaced after a nack at most this often (see _renew_channel).
+RENEW_CHANNEL_S = 1.0
+
 _OUTCOME = {
     outcome: PUBLISHES.labels(outcome)
     for outcome in ("confirmed", "nacked", "timed_out", "unroutable", "failed")
@@ -109,12 +113,41 @@ class PurchasePublisher:
         self.window = window or InFlightWindow(maximum=max_in_flight)
         self._senders: dict[int, _PartitionSender] = {}
         self._channel: AbstractChannel | None = None
+        self._connection: AbstractConnection | None = None
+        self._renewed_at = float("-inf")  # loop time the channel was last replaced after a nack
+        self._retiring: set[asyncio.Task[None]] = set()
 
     async def start(self, connection: AbstractConnection) -> None:
         """Declare the topology and publish on a new channel of `connection` from now on (again
         after each reconnect: see shared/broker_nodes.BrokerLink)."""
         await declare_topology(connection, self._topology)
-        self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channel = await self._open_channel(connection)
+        self._connection = connection
+
+    @staticmethod
+    async def _open_channel(connection: AbstractConnection) -> AbstractChannel:
+        return await connection.channel(publisher_confirms=True, on_return_raises=True)
+
+    async def _renew_channel(self) -> None:
+        """Publish on a new channel from now on (at most once a second). RabbitMQ 3.10 nacks,
+        for good, a channel whose first publish to a quorum queue came while that queue was
+        electing a new leader (a broker node lost); a new channel gets through. Messages in
+        flight on the old one are answered as it closes (503s, to retry with the same key)."""
+        loop = asyncio.get_running_loop()
+        if self._connection is None or loop.time() - self._renewed_at < RENEW_CHANNEL_S:
+            return
+        self._renewed_at = loop.time()
+        old = self._channel
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                self._channel = await self._open_channel(self._connection)
+        except Exception as exc:  # the connection is going: its reconnect opens a channel
+            log.warning("could not open a new publishing channel: %r", exc)
+            return
+        if old is not None:
+            retiring = loop.create_task(_close_quietly(old))
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
 
     @staticmethod
     def _properties() -> aiormq.spec.Basic.Properties:
@@ -186,6 +219,7 @@ class PurchasePublisher:
             # Nacked: the partition queue is full (reject-publish), or, on a cluster, it is
             # electing a new leader (a channel's first publish to it meanwhile is nacked).
             _OUTCOME["nacked"].inc()
+            await self._renew_channel()
             raise QueueFull(
                 "Too many purchases are waiting for this event, or its queue is moving to "
                 "another broker node; retry shortly.",
@@ -328,6 +362,11 @@ class _PartitionSender:
                     _fail(waiting.confirmed, _too_late())
                 elif not waiting.confirmed.done():
                     waiting.confirmed.set_result(None)
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    with contextlib.suppress(Exception):
+        await channel.close()
 
 
 def _too_late() -> BrokerUnavailable:

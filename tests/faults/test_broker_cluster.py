@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from uuid import UUID
 
+import aio_pika
 import asyncpg
 import httpx
 import pytest
@@ -334,6 +335,26 @@ async def test_stopping_the_node_the_api_is_connected_to_loses_nothing(
     assert connects == 2
 
 
+async def test_killing_the_apis_node_while_it_leads_every_queue_loses_nothing(
+    on_cluster: Settings, cluster: BrokerCluster, db: asyncpg.Pool
+) -> None:
+    """The worst loss of one node: the API's own, leading every queue. The API reconnects to
+    another node while the queues elect new leaders, and its first publishes meanwhile are
+    nacked: RabbitMQ 3.10 goes on nacking a channel whose first publish came during an
+    election, so the publisher must move to a new channel, or 503 for good."""
+    topology = broker.Topology.from_settings(on_cluster)
+    await _declare_led_by(cluster.nodes[0].amqp_port, topology)
+    leaders = {cluster.leader_of(topology.queue(p)) for p in range(topology.partitions)}
+    assert leaders == {cluster.nodes[0].name}
+
+    async def kill_the_apis_node(app: TicketingAPI, events: list[str]) -> str:
+        assert app.state.resources.broker.node == f"127.0.0.1:{cluster.nodes[0].amqp_port}"
+        await asyncio.to_thread(cluster.kill, cluster.nodes[0].name)
+        return f"SIGKILL {cluster.nodes[0].name}, the API's node, leading every queue"
+
+    await flood_through(on_cluster, db, "API's node killed, leading all", kill_the_apis_node)
+
+
 async def test_partition_leaders_are_spread_and_shown_by_worker_status(
     on_cluster: Settings, cluster: BrokerCluster
 ) -> None:
@@ -380,6 +401,25 @@ async def _connected_node(cluster: BrokerCluster, connection_name: str) -> str:
             break
         await asyncio.sleep(0.1)
     raise AssertionError(f"no connection named {connection_name!r}")
+
+
+async def _declare_led_by(port: int, topology: broker.Topology) -> None:
+    """The queues, as the services declare them but led by the node on `port` (declared there
+    with the client-local locator; the services keep a queue's placement as it is)."""
+    connection = await aio_pika.connect(f"amqp://guest:guest@127.0.0.1:{port}/")
+    try:
+        channel = await connection.channel()
+        local = {"x-queue-leader-locator": "client-local"}
+        for name in (topology.dead_letter_queue, topology.dead_letter_record_queue):
+            arguments = topology.dead_letter_queue_arguments() | local
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+        for partition in range(topology.partitions):
+            arguments = topology.partition_queue_arguments() | local
+            await channel.declare_queue(
+                topology.queue(partition), durable=True, arguments=arguments
+            )
+    finally:
+        await connection.close()
 
 
 async def _all_nodes_up(cluster: BrokerCluster) -> None:
