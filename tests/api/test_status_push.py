@@ -427,18 +427,27 @@ async def test_a_pending_purchase_carries_the_wait_ahead_of_it(
     assert queue["estimated_wait_s"] > 0
 
 
-async def test_no_wait_is_promised_while_no_worker_decides_the_partition(
+async def event_with_a_stopped_worker(
     api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings, start_worker: StartWorker
-) -> None:
-    """The last record of the partition's progress is older than a worker ever leaves it (it
-    records at every commit and once a second while idle): nobody decides the partition now,
-    so the wait ahead is known but its duration is not."""
+) -> dict[str, Any]:
+    """An event whose partition has decided a purchase (its progress is recorded), and no
+    worker any more: what is purchased next stays pending."""
     event = await create_event(api)
     worker = await start_worker()
     first = await purchase(api, event["id"])
     await wait_until_final(db, [first.json()["purchase_id"]])
     worker.stop()
     await wait_for_no_consumers_of(settings)
+    return event
+
+
+async def test_no_wait_is_promised_while_no_worker_decides_the_partition(
+    api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings, start_worker: StartWorker
+) -> None:
+    """The last record of the partition's progress is older than a worker ever leaves it (it
+    records at every commit and once a second while idle): nobody decides the partition now,
+    so the wait ahead is known but its duration is not."""
+    event = await event_with_a_stopped_worker(api, db, settings, start_worker)
     await db.execute(
         "UPDATE partition_progress SET recorded_at = now() - interval '10 seconds', "
         "horizon = horizon - interval '10 seconds' WHERE partition = $1",
@@ -456,12 +465,7 @@ async def test_no_wait_is_promised_while_no_worker_decides_the_partition(
 async def test_another_replica_knows_nothing_of_the_wait_ahead(
     api: httpx.AsyncClient, settings: Settings, start_worker: StartWorker, db: asyncpg.Pool
 ) -> None:
-    event = await create_event(api)
-    worker = await start_worker()
-    first = await purchase(api, event["id"])
-    await wait_until_final(db, [first.json()["purchase_id"]])
-    worker.stop()
-    await wait_for_no_consumers_of(settings)
+    event = await event_with_a_stopped_worker(api, db, settings, start_worker)
     purchase_id = (await purchase(api, event["id"])).json()["purchase_id"]
     async with api_client(settings) as other:
         body = (await other.get(f"/purchases/{purchase_id}")).json()
