@@ -47,6 +47,8 @@ START_TIMEOUT = 60.0
 # a node's beam and its children even when its pid file is stale or was never written.
 PROCESS_TAG = "TICKETING_BROKER_CLUSTER_NODE"
 EPMD_PORT = 4369
+# How long a starting node may show no process of its own before it counts as exited.
+GONE_AFTER_S = 3.0
 
 
 class ClusterError(RuntimeError):
@@ -197,10 +199,18 @@ class BrokerCluster:
         node = self._node(name)
         if self.is_running(node.name):
             raise ClusterError(f"{node.name} is already running")
-        self._kill_processes(node)  # leftovers of a crash would hold its ports or its epmd name
-        self._launch(node)
         deadline = time.monotonic() + timeout
-        self._wait_ready([node], deadline)
+        # Once more if it dies while starting: on a loaded machine a node just stopped has been
+        # seen to exit again at once, with nothing in its logs.
+        for attempt in (1, 2):
+            self._kill_processes(node)  # leftovers of a crash would hold its ports or epmd name
+            self._launch(node)
+            try:
+                self._wait_ready([node], deadline)
+                break
+            except ClusterError:
+                if attempt == 2:
+                    raise
         self._wait_clustered([node], deadline)
 
     def leader_of(self, queue: str, timeout: float = 10) -> str:
@@ -377,11 +387,16 @@ class BrokerCluster:
     def _wait_ready(self, nodes: list[Node], deadline: float) -> None:
         """Wait until each node's beam lives and its AMQP and management ports answer."""
         pending = list(nodes)
+        # A node counts as gone only once none of its processes was seen for a while: right
+        # after the launch, a scan of /proc can miss the processes being forked and exec'd.
+        seen = dict.fromkeys((node.name for node in nodes), time.monotonic())
         while pending:
             for node in list(pending):
                 if _port_open(node.amqp_port) and _port_open(node.http_port):
                     pending.remove(node)
-                elif not _tagged_pids(str(node.dir)):
+                elif _tagged_pids(str(node.dir)):
+                    seen[node.name] = time.monotonic()
+                elif time.monotonic() - seen[node.name] > GONE_AFTER_S:
                     raise self._failure(node, "exited during start-up")
             if pending and time.monotonic() > deadline:
                 raise self._failure(pending[0], "did not accept AMQP in time")
