@@ -131,8 +131,8 @@ class PurchasePublisher:
     async def _renew_channel(self) -> None:
         """Publish on a new channel from now on (at most once a second). RabbitMQ 3.10 nacks,
         for good, a channel whose first publish to a quorum queue came while that queue was
-        electing a new leader (a broker node lost); a new channel gets through. Messages in
-        flight on the old one are answered as it closes (503s, to retry with the same key)."""
+        electing a new leader (a broker node lost); a new channel gets through. The old one is
+        closed once the messages in flight on it had their whole timeout to be confirmed."""
         loop = asyncio.get_running_loop()
         if self._connection is None or loop.time() - self._renewed_at < RENEW_CHANNEL_S:
             return
@@ -145,7 +145,7 @@ class PurchasePublisher:
             log.warning("could not open a new publishing channel: %r", exc)
             return
         if old is not None:
-            retiring = loop.create_task(_close_quietly(old))
+            retiring = loop.create_task(_close_quietly(old, after_s=self.timeout_s))
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
 
@@ -165,6 +165,8 @@ class PurchasePublisher:
         return self._channel
 
     async def close(self) -> None:
+        for retiring in self._retiring:
+            retiring.cancel()
         for sender in self._senders.values():
             await sender.stop()
         self._senders.clear()
@@ -364,7 +366,8 @@ class _PartitionSender:
                     waiting.confirmed.set_result(None)
 
 
-async def _close_quietly(channel: AbstractChannel) -> None:
+async def _close_quietly(channel: AbstractChannel, *, after_s: float) -> None:
+    await asyncio.sleep(after_s)
     with contextlib.suppress(Exception):
         await channel.close()
 
