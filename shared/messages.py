@@ -151,12 +151,19 @@ def encode_message(partition: int, commands: Sequence[_Encodable]) -> bytes:
         {
             "version": MESSAGE_VERSION,
             "partition": partition,
-            "commands": [
-                {"kind": c.kind, **{name: getattr(c, name) for name in _FIELDS[c.kind]}}
-                for c in commands
-            ],
+            "commands": [_command(c) for c in commands],
         }
     )
+
+
+def _command(command: _Encodable) -> dict[str, object]:
+    if isinstance(command, AcceptedPurchase | AcceptedConfirm | AcceptedCancel):
+        return dict(zip(command._fields, command, strict=True))  # its fields are the message's
+    # The kind last, as in the records, so a message reads back to the same bytes.
+    return {
+        **{name: getattr(command, name) for name in _FIELDS[command.kind]},
+        "kind": command.kind,
+    }
 
 
 def readable_purchase_ids(body: bytes) -> list[UUID]:
