@@ -46,6 +46,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             broker.Topology.from_settings(settings),
             timeout_s=settings.publish_timeout_s,
             max_in_flight=settings.publish_max_in_flight,
+            linger_s=settings.publish_linger_ms / 1000,
         )
         link = BrokerLink(settings, "api", on_connected=publisher.start)
         try:

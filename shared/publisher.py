@@ -4,10 +4,16 @@ Each partition has a sender: one task that sends its purchases in the order they
 as messages of up to `max_batch` purchases, with up to the window's size of them in flight
 (shared/in_flight.py: one while the CPU is busy, more while confirms are what purchases wait
 for). Purchases that arrive while the window is full queue up and go out together in the next
-message, the way a Kafka producer lingers, so a flood costs one publish and one confirm per many
-purchases. Each caller returns only once the message holding its purchase is confirmed. Messages
-of one partition go out in order on one channel, and RabbitMQ keeps a channel's order, so the
-queue holds purchases in the order they were accepted.
+message, so a flood costs one publish and one confirm per many purchases. When a slot is free,
+the sender still lingers, as a Kafka producer does, while purchases keep arriving: it gives the
+loop's other ready work a turn, and sends once a turn brings no new purchase (or after
+`linger_s`). A message costs the process several times the CPU of a whole request (a socket
+write that wakes the broker, a confirm to read), so under a flood fewer, fuller messages leave
+the CPU to requests; a lone purchase waits one turn of the loop.
+
+Each caller returns only once the message holding its purchase is confirmed. Messages of one
+partition go out in order on one channel, and RabbitMQ keeps a channel's order, so the queue
+holds purchases in the order they were accepted.
 
 A purchase still waiting to be sent when the publish timeout has passed is refused (503) rather
 than sent: behind a stalled broker, a deep queue of waiters would otherwise wait one timeout per
@@ -106,11 +112,13 @@ class PurchasePublisher:
         timeout_s: float,
         max_batch: int = 256,
         max_in_flight: int = 8,
+        linger_s: float = 0.001,
         window: InFlightWindow | None = None,
     ) -> None:
         self._topology = topology
         self.timeout_s = timeout_s
         self.max_batch = max_batch
+        self.linger_s = linger_s
         self.window = window or InFlightWindow(maximum=max_in_flight)
         self._senders: dict[int, _PartitionSender] = {}
         self._channel: AbstractChannel | None = None
@@ -257,16 +265,22 @@ class _PartitionSender:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
         self._deadlines = 0  # callers waiting with a deadline of their own
-        self._task = asyncio.create_task(self._run(), name=f"publish-{partition}")
+        # Kept: asyncio.get_running_loop() makes a getpid() system call each time (Python 3.11).
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name=f"publish-{partition}")
 
     def submit(self, command: Accepted, deadline: float | None) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         waiting = _Waiting(command, loop.create_future(), loop.time(), deadline)
         self._pending.append(waiting)
         if deadline is not None:
             self._deadlines += 1
             waiting.confirmed.add_done_callback(self._deadline_done)
-        self._changed.set()
+        window = self._publisher.window
+        if len(self._in_flight) < window.size:
+            self._changed.set()
+        else:  # nothing can go out before a confirm, which wakes the sender: no turn for nothing
+            window.waited()
         return waiting.confirmed
 
     def _deadline_done(self, _: asyncio.Future[None]) -> None:
@@ -284,17 +298,22 @@ class _PartitionSender:
         """Refuse what waited too long, send what the window allows, sleep until a purchase
         arrives or a message is confirmed; again."""
         window = self._publisher.window
+        shown = 0
         try:
             while True:
                 self._expire()
                 size = window.adapt()
+                if self._pending and len(self._in_flight) < size:
+                    await self._linger()
                 while self._pending and len(self._in_flight) < size:
                     batch = self._take()
                     if batch:
-                        self._in_flight.add(asyncio.create_task(self._send(batch)))
+                        self._in_flight.add(self._loop.create_task(self._send(batch)))
                 if self._pending:
                     window.waited()
-                IN_FLIGHT_WINDOW.set(size)
+                if size != shown:
+                    IN_FLIGHT_WINDOW.set(size)
+                    shown = size
                 self._changed.clear()
                 await self._changed.wait()
         except asyncio.CancelledError:  # shutting down: no caller may wait for ever
@@ -309,6 +328,19 @@ class _PartitionSender:
             for waiting in self._pending:
                 _fail(waiting.confirmed, BrokerUnavailable("The purchase could not be queued."))
 
+    async def _linger(self) -> None:
+        """Give the loop's other ready work turns while each brings more purchases, up to the
+        publisher's linger_s or a full message: under a flood those turns are requests on
+        their way here, and they join this message instead of needing one of their own."""
+        publisher = self._publisher
+        until = self._loop.time() + publisher.linger_s
+        seen = len(self._pending)
+        while seen < publisher.max_batch and self._loop.time() < until:
+            await asyncio.sleep(0)  # one turn: what is ready now runs first
+            if len(self._pending) == seen:
+                return
+            seen = len(self._pending)
+
     def _take(self) -> list[_Waiting]:
         """The next message's purchases, oldest first. A caller cancelled before its purchase
         went out never sees a 202: its purchase is dropped, not bought."""
@@ -322,7 +354,7 @@ class _PartitionSender:
     def _expire(self) -> None:
         """Refuse, unsent, the purchases that waited their whole timeout for a turn (oldest
         first: the queue is in arrival order)."""
-        now = asyncio.get_running_loop().time()
+        now = self._loop.time()
         deadline = now - self._publisher.timeout_s
         while self._pending and self._pending[0].since <= deadline:
             waiting = self._pending.popleft()
@@ -359,7 +391,7 @@ class _PartitionSender:
             if task is not None:
                 self._in_flight.discard(task)
             self._changed.set()
-            now = asyncio.get_running_loop().time()
+            now = self._loop.time()
             for waiting in batch:
                 if outcome is not None:
                     _fail(waiting.confirmed, outcome)

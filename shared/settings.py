@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # Messages one partition may have in flight at most; the publisher widens towards it only
     # while confirms, not the CPU, hold purchases back (1: always one).
     publish_max_in_flight: int = Field(default=8, ge=1, le=64)
+    # How long a partition's sender may hold a message open while purchases keep arriving (0:
+    # send at once): under a flood, fewer and fuller messages leave the CPU to requests.
+    publish_linger_ms: float = Field(default=1.0, ge=0, le=100)
     event_cache_ttl_s: float = Field(default=0.5, ge=0)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     # Status requests one API process holds at once (long-poll, server-sent events); past it a

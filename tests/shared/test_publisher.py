@@ -107,3 +107,55 @@ def requested(event_id: UUID, i: int) -> AcceptedPurchase:
         quantity=1,
         accepted_at=datetime.now(UTC),
     )
+
+
+async def _publish_one_per_turn(
+    publisher: PurchasePublisher, purchases: list[AcceptedPurchase]
+) -> None:
+    """Each purchase submitted one turn of the loop after the one before, as requests reach
+    the publisher under a flood, then every confirm awaited."""
+    waits = []
+    for purchase in purchases:
+        waits.append(asyncio.ensure_future(publisher.publish(purchase)))
+        await asyncio.sleep(0)
+    await asyncio.gather(*waits)
+
+
+@pytest.mark.parametrize(("linger_s", "one_message"), [(5.0, True), (0.0, False)])
+async def test_purchases_arriving_turn_after_turn_are_held_into_one_message_while_they_keep_coming(
+    settings: Settings, linger_s: float, one_message: bool
+) -> None:
+    """With a linger, the sender gives each turn of the loop its chance to add a purchase and
+    sends once a turn adds none: twelve purchases a turn apart are one message (well before
+    the linger's end). Without it, the first goes out alone."""
+    connection = await broker_nodes.connect(settings)
+    topology = broker.Topology.from_settings(settings)
+    publisher = PurchasePublisher(topology, timeout_s=5, max_in_flight=1, linger_s=linger_s)
+    event_id = uuid4()
+    purchases = [requested(event_id, i) for i in range(12)]
+    try:
+        await publisher.start(connection)
+        async with asyncio.timeout(2):  # a lone turn ends the linger, not its 5 s
+            await _publish_one_per_turn(publisher, purchases)
+    finally:
+        await publisher.close()
+        await connection.close()
+
+    bodies = await read_back(settings, topology.queue(topology.partition_of(event_id)))
+    messages = [PurchaseMessage.from_body(body).purchases for body in bodies]
+    assert [p.purchase_id for m in messages for p in m] == [p.purchase_id for p in purchases]
+    assert (len(messages) == 1) is one_message, [len(m) for m in messages]
+
+
+async def test_a_lone_purchase_is_sent_after_one_turn_not_after_the_linger(
+    settings: Settings,
+) -> None:
+    connection = await broker_nodes.connect(settings)
+    publisher = PurchasePublisher(broker.Topology.from_settings(settings), timeout_s=5, linger_s=30)
+    try:
+        await publisher.start(connection)
+        async with asyncio.timeout(2):
+            await publisher.publish(requested(uuid4(), 0))
+    finally:
+        await publisher.close()
+        await connection.close()
