@@ -45,10 +45,14 @@ from shared.messages import AcceptedPurchase, encode_message
 from shared.migrate import create_database_if_missing, drop_database
 from shared.migrate import migrate as apply_schema
 from shared.publisher import amqp_message
+from shared.purchases.ids import PurchaseIds
 from tests.broker_cluster import BrokerCluster
 
 # Connections of the accept measurements: a browser crowd on a small box, and four times that.
 ACCEPT_CONNECTIONS = (64, 256)
+# Purchases per message of the held waiters' backlog: what the API packed at 64 connections
+# before its sender lingered, which set the pace the status targets were first measured at.
+WAITERS_PER_MESSAGE = 16
 # Rounds of the accept measurements; each figure is its median round.
 ACCEPT_ROUNDS = 3
 
@@ -118,21 +122,24 @@ class Bench:
 
     async def prefill(
         self, event_ids: list[uuid.UUID], count: int, *, per_message: int = 1
-    ) -> None:
+    ) -> list[uuid.UUID]:
         """Queue `count` purchases spread over `event_ids`, in the API's message format: one per
         message (the worst case for the worker), or `per_message` of one event per message (as
-        the API coalesces concurrent purchases of a partition under a flood)."""
+        the API coalesces concurrent purchases of a partition under a flood). Their ids are
+        issued as the API issues them (so the API answers their status), and returned."""
         connection = await aio_pika.connect(self.settings.rabbitmq_url)
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(self.topology.exchange)
         now = datetime.now(UTC)
+        issue = PurchaseIds(self.settings.purchase_id_secret)
+        issued: list[uuid.UUID] = []
 
         async def publish(i: int) -> None:
             event_id = event_ids[i % len(event_ids)]
             partition = self.topology.partition_of(event_id)
             purchases = [
                 AcceptedPurchase(
-                    purchase_id=uuid.uuid4(),
+                    purchase_id=issue.new(),
                     event_id=event_id,
                     customer_id=f"c{i}-{n}",
                     quantity=1,
@@ -140,6 +147,7 @@ class Bench:
                 )
                 for n in range(per_message)
             ]
+            issued.extend(p.purchase_id for p in purchases)
             await exchange.publish(
                 amqp_message(encode_message(partition, purchases)),
                 routing_key=self.topology.routing_key(partition),
@@ -149,6 +157,7 @@ class Bench:
         for start in range(0, messages, 2000):
             await asyncio.gather(*(publish(i) for i in range(start, min(start + 2000, messages))))
         await connection.close()
+        return issued
 
     async def wait_final(self, expected: int, timeout_s: float = 600.0) -> float:
         """Seconds from the first decided purchase until `expected` are decided."""
@@ -614,7 +623,9 @@ class Bench:
     async def _waiters(self, *, sse: bool, paced: bool) -> dict[str, Any]:
         """`waiters` requests held on one API process, then their purchases decided: in one
         burst (a backlog of them all, decided in a few commits of 500 messages), or at a steady
-        pace (a worker committing one message at a time, as when it keeps up with a flow)."""
+        pace (a worker committing one message at a time, as when it keeps up with a flow). The
+        backlog is queued directly, WAITERS_PER_MESSAGE purchases per message, so the pace is
+        the same whatever the API's publisher packs."""
         await self.reset()
         (event_id,) = await self.create_events(1, 1_000_000)
         base = f"http://127.0.0.1:{self.settings.api_port}"
@@ -626,14 +637,10 @@ class Bench:
             started.append(self.procs.worker("bench-waiters", **pace))
 
         try:
-            queued = await run_load(
-                base,
-                purchase_request(event_id),
-                total=self.sizes.waiters,
-                concurrency=64,
-                keep_bodies=True,
+            queued = await self.prefill(
+                [event_id], self.sizes.waiters, per_message=WAITERS_PER_MESSAGE
             )
-            ids = [orjson.loads(body)["purchase_id"] for body in queued.bodies]
+            ids = [str(purchase_id) for purchase_id in queued]
             with CommitClock(self.settings.database_url) as commits:
                 return await hold_waiters(
                     base,
