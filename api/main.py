@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
+from api.draining import release_on_stop
 from api.errors import install_error_handlers
 from api.fast_paths import FastPaths
 from api.guards import RequestGuard
@@ -66,7 +67,8 @@ def create_app(settings: Settings | None = None) -> TicketingAPI:
         async with open_resources(settings) as resources:
             app.state.resources = resources
             tune_gc()
-            yield
+            with release_on_stop(resources.purchases.release_waiters):
+                yield
 
     app = TicketingAPI(
         title="Ticketing API",

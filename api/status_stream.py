@@ -4,7 +4,8 @@ The first event is the purchase as it is, then one on every change; each event's
 status, so a client that reconnects with `Last-Event-ID` is not sent again what it has (a
 purchase never returns to a status it left). A comment every `heartbeat_s` keeps proxies from
 closing an idle stream. The stream ends after a status that can no longer change, or after
-`max_s`, when the client reconnects (the browser's EventSource does so by itself).
+`max_s`, or when the process is stopping; the client then reconnects (the browser's
+EventSource does so by itself).
 """
 
 import asyncio
@@ -70,6 +71,10 @@ async def _events(
         if remaining <= 0:
             return
         changed = await _wait_for_change(service, purchase, timeout_s=min(heartbeat_s, remaining))
+        if service.draining:  # the process is stopping: the client reconnects elsewhere
+            if changed is not None and changed.status.value != sent:
+                yield status_event(changed)
+            return
         if changed is None:
             yield HEARTBEAT
         else:
@@ -89,5 +94,6 @@ async def _wait_for_change(
         )
         if latest.status != purchase.status:
             return latest
-    await asyncio.sleep(max(0.0, until - loop.time()))
+    if not service.draining:
+        await asyncio.sleep(max(0.0, until - loop.time()))
     return None

@@ -101,6 +101,8 @@ class StatusWaiters(Generic[T]):
         self._fetch: Fetch[T] | None = None
         self._to_fetch: set[UUID] = set()
         self._fetching: asyncio.Task[None] | None = None
+        # Set once the process is stopping: nobody is held any longer (see release).
+        self.released = False
 
     def fetch_with(self, fetch: Fetch[T]) -> None:
         self._fetch = fetch
@@ -125,12 +127,18 @@ class StatusWaiters(Generic[T]):
                     await task
         self._wake_all()
 
+    def release(self) -> None:
+        """The process is stopping: wake every waiter, for good, and hold no new one, so that
+        held requests answer now rather than be cut at the server's graceful timeout."""
+        self.released = True
+        self._wake_all()
+
     @contextlib.contextmanager
     def watch(self, purchase_id: UUID) -> Iterator[Waiter[T] | None]:
-        """A waiter woken whenever `purchase_id` may have changed (None: too many waiters).
-        Watch before reading the purchase, so that no change between the read and the wait is
-        lost."""
-        if self._count >= self.max_waiters:
+        """A waiter woken whenever `purchase_id` may have changed (None: too many waiters, or
+        the process is stopping). Watch before reading the purchase, so that no change between
+        the read and the wait is lost."""
+        if self._count >= self.max_waiters or self.released:
             yield None
             return
         waiter: Waiter[T] = Waiter()

@@ -327,6 +327,20 @@ class PurchaseService:
                 if listening and not waiter.woken:
                     return purchase  # nothing was announced: it is as it was read
                 latest = waiter.take()
+                if waiters.released:  # the process is stopping: answer with what is known
+                    return (
+                        latest if latest is not None and not _older(latest, purchase) else purchase
+                    )
+
+    @property
+    def draining(self) -> bool:
+        """Whether this process is stopping: status requests are no longer held."""
+        return self._waiters is not None and self._waiters.released
+
+    def release_waiters(self) -> None:
+        """Answer every held status request now and hold no more (the process is stopping)."""
+        if self._waiters is not None:
+            self._waiters.release()
 
     async def _read_many(self, purchase_ids: list[UUID]) -> dict[UUID, Purchase]:
         """The recorded purchases among `purchase_ids` (what the listener wakes waiters with)."""

@@ -12,6 +12,7 @@ import asyncpg
 import httpx
 import pytest
 
+from api.main import create_app
 from shared import broker_nodes
 from shared.purchases import repository
 from shared.settings import Settings
@@ -157,6 +158,28 @@ async def test_past_its_bound_of_waiters_a_process_answers_at_once(settings: Set
         assert response.json()["status"] == "pending"
         assert seconds < 2, "held beyond the process's bound of waiters"
         await held
+
+
+async def test_once_the_process_is_stopping_no_status_request_is_held(settings: Settings) -> None:
+    """release_waiters() is what a stop signal runs (api/draining.py): held long-polls answer
+    with the status as it stands, and a new one is answered at once."""
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api,
+    ):
+        first_id, second_id = await queued_purchase(api), await queued_purchase(api)
+        held = asyncio.create_task(long_poll(api, first_id, 20))
+        await asyncio.sleep(0.5)
+        assert not held.done()
+
+        app.state.resources.purchases.release_waiters()
+        answered, held_s = await held
+        later, later_s = await long_poll(api, second_id, 20)
+
+    assert answered.json()["status"] == later.json()["status"] == "pending"
+    assert held_s < 2, "the held long-poll waited on after the release"
+    assert later_s < 2, "a long-poll was held while the process is stopping"
 
 
 async def test_the_listener_connection_killed_mid_wait_loses_no_waiter(

@@ -13,7 +13,7 @@ import pytest
 
 from shared.settings import Settings
 from tests.conftest import StartWorker, api_client, settings_env
-from tests.factories import create_event
+from tests.factories import create_event, purchase
 from tests.faults.helpers import Flood, account, flood, report, worker_process
 from tests.metrics import free_port, sample, scrape
 
@@ -145,3 +145,62 @@ async def test_api_sigterm_mid_flood_answers_in_flight_requests_then_exits(
     assert counts["doubled"] == 0
     # Every purchase that reached the queue was answered 202: nothing applied unannounced.
     assert counts["rows"] == counts["accepted"]
+
+
+async def test_api_sigterm_answers_held_long_polls_and_ends_event_streams_at_once(
+    settings: Settings,
+) -> None:
+    """A stop must not wait out the graceful timeout (10 s) on requests held for up to 30 s,
+    then cut them: on SIGTERM each held long-poll answers with the status as it stands, each
+    event stream ends, and the process exits, with no error logged for any of them."""
+    port = free_port()
+    env = settings_env(settings)
+    env.update({"API_PORT": str(port), "LOG_FORMAT": "text"})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            for _ in range(100):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
+            event = await create_event(client)
+            ids = [
+                (await purchase(client, event["id"], customer_id=f"c-{i}")).json()["purchase_id"]
+                for i in range(21)
+            ]  # no worker: every one stays pending
+
+            async def long_poll(purchase_id: str) -> httpx.Response:
+                return await client.get(f"/purchases/{purchase_id}?wait=30")
+
+            async def stream(purchase_id: str) -> list[str]:
+                async with client.stream("GET", f"/purchases/{purchase_id}/events") as response:
+                    return [line async for line in response.aiter_lines() if line]
+
+            polls = [asyncio.create_task(long_poll(p)) for p in ids[:20]]
+            streaming = asyncio.create_task(stream(ids[20]))
+            await asyncio.sleep(1.0)  # every request is held
+            assert not any(task.done() for task in (*polls, streaming))
+
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(5):  # far below the 10 s graceful timeout
+                answers = await asyncio.gather(*polls)
+                events = await streaming
+                exit_code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.stderr is not None
+    log = (await proc.stderr.read()).decode()
+
+    assert [answer.status_code for answer in answers] == [200] * 20
+    assert {answer.headers["etag"] for answer in answers} == {'"pending"'}
+    assert {answer.json()["status"] for answer in answers} == {"pending"}
+    assert events[:2] == ["id: pending", "event: status"], events
+    assert exit_code in (0, -signal.SIGTERM)
+    assert "Exception in ASGI application" not in log
+    assert "timeout graceful shutdown exceeded" not in log
