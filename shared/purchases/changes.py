@@ -52,32 +52,51 @@ def parse(payload: str) -> list[UUID]:
 
 class Waiter(Generic[T]):
     """One waiting request: woken when its purchase may have changed, with the purchase as
-    read for it (None: read it yourself)."""
+    read for it (None: read it yourself).
 
-    __slots__ = ("_woken", "latest")
+    Thousands are held at once, so it is kept small: a flag, and a future only while it waits
+    (an asyncio.Event would carry a deque of its own, and asyncio.timeout() an object and a
+    context per wait)."""
+
+    __slots__ = ("_future", "_woken", "latest")
 
     def __init__(self) -> None:
-        self._woken = asyncio.Event()
+        self._woken = False
+        self._future: asyncio.Future[None] | None = None
         self.latest: T | None = None
 
     def wake(self, latest: T | None = None) -> None:
         self.latest = latest
-        self._woken.set()
+        self._woken = True
+        _settle(self._future)
 
     @property
     def woken(self) -> bool:
-        return self._woken.is_set()
+        return self._woken
 
     async def wait(self, timeout_s: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._woken.wait()
+        """Until woken, or `timeout_s` passed."""
+        if self._woken:
+            return
+        loop = asyncio.get_running_loop()
+        future = self._future = loop.create_future()
+        timer = loop.call_later(timeout_s, _settle, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+            self._future = None
 
     def take(self) -> T | None:
         """The purchase it was woken with, once; and be ready to wait again."""
         latest, self.latest = self.latest, None
-        self._woken.clear()
+        self._woken = False
         return latest
+
+
+def _settle(future: "asyncio.Future[None] | None") -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
 
 
 Fetch = Callable[[list[UUID]], Awaitable[dict[UUID, T]]]
