@@ -14,7 +14,7 @@ reconnecting) is made up for by waking everybody, to read for themselves, once i
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 from uuid import UUID
 
@@ -94,6 +94,28 @@ class Waiter(Generic[T]):
         return latest
 
 
+class Watch(Generic[T]):
+    """What StatusWaiters.watch returns: registers a waiter for the `with` block. A class of
+    its own rather than a generator-based context manager, whose frame each of thousands of
+    held requests would keep."""
+
+    __slots__ = ("_owner", "_purchase_id", "_waiter")
+
+    def __init__(self, owner: "StatusWaiters[T]", purchase_id: UUID) -> None:
+        self._owner = owner
+        self._purchase_id = purchase_id
+        self._waiter: Waiter[T] | None = None
+
+    def __enter__(self) -> Waiter[T] | None:
+        self._waiter = self._owner._add(self._purchase_id)
+        return self._waiter
+
+    def __exit__(self, *_: object) -> None:
+        if self._waiter is not None:
+            self._owner._remove(self._purchase_id, self._waiter)
+            self._waiter = None
+
+
 def _settle(future: "asyncio.Future[None] | None") -> None:
     if future is not None and not future.done():
         future.set_result(None)
@@ -152,26 +174,27 @@ class StatusWaiters(Generic[T]):
         self.released = True
         self._wake_all()
 
-    @contextlib.contextmanager
-    def watch(self, purchase_id: UUID) -> Iterator[Waiter[T] | None]:
-        """A waiter woken whenever `purchase_id` may have changed (None: too many waiters, or
-        the process is stopping). Watch before reading the purchase, so that no change between
-        the read and the wait is lost."""
+    def watch(self, purchase_id: UUID) -> "Watch[T]":
+        """`with waiters.watch(purchase_id) as waiter:` a waiter woken whenever `purchase_id`
+        may have changed (None: too many waiters, or the process is stopping). Watch before
+        reading the purchase, so that no change between the read and the wait is lost."""
+        return Watch(self, purchase_id)
+
+    def _add(self, purchase_id: UUID) -> Waiter[T] | None:
         if self._count >= self.max_waiters or self.released:
-            yield None
-            return
+            return None
         waiter: Waiter[T] = Waiter()
         self._waiting.setdefault(purchase_id, set()).add(waiter)
         self._count += 1
-        try:
-            yield waiter
-        finally:
-            self._count -= 1
-            waiters = self._waiting.get(purchase_id)
-            if waiters is not None:
-                waiters.discard(waiter)
-                if not waiters:
-                    del self._waiting[purchase_id]
+        return waiter
+
+    def _remove(self, purchase_id: UUID, waiter: Waiter[T]) -> None:
+        self._count -= 1
+        waiters = self._waiting.get(purchase_id)
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._waiting[purchase_id]
 
     def changed(self, purchase_ids: Sequence[UUID]) -> None:
         """These purchases may have changed: read those waited on (in one query), wake their
