@@ -94,21 +94,32 @@ async def wait_committing(proc: asyncio.subprocess.Process, port: int) -> None:
     raise AssertionError("the worker committed nothing within 30 s")
 
 
-async def test_api_sigterm_mid_flood_answers_in_flight_requests_then_exits(
-    settings: Settings, db: asyncpg.Pool, start_worker: StartWorker
-) -> None:
+async def api_process(
+    settings: Settings, *, stderr: int | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
+    """`python -m api` on a free port, and its base URL."""
     port = free_port()
     env = settings_env(settings)
     env.update({"API_PORT": str(port), "LOG_FORMAT": "text"})
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "api", env=env)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "api", env=env, stderr=stderr)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def until_ready(client: httpx.AsyncClient) -> None:
+    for _ in range(100):
+        with contextlib.suppress(httpx.HTTPError):
+            if (await client.get("/readyz")).status_code == 200:
+                return
+        await asyncio.sleep(0.1)
+
+
+async def test_api_sigterm_mid_flood_answers_in_flight_requests_then_exits(
+    settings: Settings, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    proc, base = await api_process(settings)
     try:
-        base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-            for _ in range(100):
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get("/readyz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.1)
+            await until_ready(client)
             event = await create_event(client, total_tickets=100_000)
             progress = Flood()
             # Far more than can be sent before the signal: the flood ends when the API does.
@@ -153,20 +164,10 @@ async def test_api_sigterm_answers_held_long_polls_and_ends_event_streams_at_onc
     """A stop must not wait out the graceful timeout (10 s) on requests held for up to 30 s,
     then cut them: on SIGTERM each held long-poll answers with the status as it stands, each
     event stream ends, and the process exits, with no error logged for any of them."""
-    port = free_port()
-    env = settings_env(settings)
-    env.update({"API_PORT": str(port), "LOG_FORMAT": "text"})
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api", env=env, stderr=asyncio.subprocess.PIPE
-    )
+    proc, base = await api_process(settings, stderr=asyncio.subprocess.PIPE)
     try:
-        base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-            for _ in range(100):
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get("/readyz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.1)
+            await until_ready(client)
             event = await create_event(client)
             ids = [
                 (await purchase(client, event["id"], customer_id=f"c-{i}")).json()["purchase_id"]
