@@ -65,20 +65,18 @@ async def _events(
         if purchase.status.value != sent:
             yield status_event(purchase)
             sent = purchase.status.value
-        if purchase.status in SETTLED:
+        # Past a status that cannot change, or once the process is stopping (the client
+        # reconnects elsewhere), there is nothing more to send.
+        if purchase.status in SETTLED or service.draining:
             return
         remaining = deadline - loop.time()
         if remaining <= 0:
             return
         changed = await _wait_for_change(service, purchase, timeout_s=min(heartbeat_s, remaining))
-        if service.draining:  # the process is stopping: the client reconnects elsewhere
-            if changed is not None and changed.status.value != sent:
-                yield status_event(changed)
-            return
-        if changed is None:
-            yield HEARTBEAT
-        else:
+        if changed is not None:
             purchase = changed
+        elif not service.draining:
+            yield HEARTBEAT
 
 
 async def _wait_for_change(
