@@ -11,12 +11,13 @@ from starlette.responses import Response
 from starlette.types import Send
 
 JSON = "application/json"
+_WITHOUT_CONTENT = frozenset({204, 304})
 
 
 class Answer(NamedTuple):  # a tuple: built once per request, the cheapest immutable record
     status: int
     body: bytes
-    media_type: str = JSON
+    media_type: str | None = JSON  # None: no body, and no Content-Type
     headers: tuple[tuple[str, str], ...] = ()  # besides Content-Type and Content-Length
 
     def response(self) -> Response:
@@ -32,8 +33,10 @@ class Answer(NamedTuple):  # a tuple: built once per request, the cheapest immut
         headers = [
             (name.encode("latin-1"), value.encode("latin-1")) for name, value in self.headers
         ]
-        headers.append((b"content-length", str(len(self.body)).encode()))
-        headers.append((b"content-type", self.media_type.encode()))
+        if self.status not in _WITHOUT_CONTENT:  # as Starlette: these carry no length
+            headers.append((b"content-length", str(len(self.body)).encode()))
+        if self.media_type is not None:
+            headers.append((b"content-type", self.media_type.encode()))
         headers.extend(extra)
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": self.body})

@@ -45,9 +45,14 @@ EventServiceDep = Annotated[EventService, Depends(get_event_service)]
 PurchaseServiceDep = Annotated[PurchaseService, Depends(get_purchase_service)]
 
 
-async def get_settings_of_app(request: Request) -> Settings:
-    resources: Resources = request.app.state.resources
+def settings_of(app: Starlette) -> Settings:
+    """The app's settings, as the dependency below gives them to the routes."""
+    resources: Resources = app.state.resources
     return resources.settings
+
+
+async def get_settings_of_app(request: Request) -> Settings:
+    return settings_of(request.app)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_of_app)]

@@ -10,7 +10,9 @@ answer they return:
 
 - a purchase with a canonical event id and a plain `application/json` body of declared length
   within the limit (other shapes are the request guard's and the route's to judge);
-- a status poll with a canonical purchase id and no query string but `wait` (a long-poll).
+- a status poll with a canonical purchase id and no query string but `wait` (a long-poll);
+- a status event stream with a canonical purchase id and no query string: thousands are held at
+  once, and the middleware stack's frames and tasks would be kept by each for minutes.
 
 What the middleware stack would add to those answers is done here too, once: the app's exception
 handlers answer failures (looked up as Starlette looks them up, a bug logged and answered 500),
@@ -38,9 +40,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api import metrics, purchase_contract
 from api.answers import Answer
-from api.deps import purchase_service_of
+from api.deps import purchase_service_of, settings_of
 from api.errors import ProblemHandler
 from api.routes import purchases
+from api.status_stream import EventStream
 
 if TYPE_CHECKING:
     from api.main import TicketingAPI
@@ -63,8 +66,10 @@ def _route(path: str) -> APIRoute:
 
 PURCHASE = _pattern(purchase_contract.PURCHASE_PATH, "event_id")
 STATUS = _pattern(purchase_contract.STATUS_PATH, "purchase_id")
+EVENTS = _pattern(purchase_contract.STATUS_EVENTS_PATH, "purchase_id")
 PURCHASE_ROUTE = _route(purchase_contract.PURCHASE_PATH)
 STATUS_ROUTE = _route(purchase_contract.STATUS_PATH)
+EVENTS_ROUTE = _route(purchase_contract.STATUS_EVENTS_PATH)
 
 # The event ids of the last few thousand purchase paths, by their text: a flash sale names one
 # event over and over, and parsing its id each time is a visible share of the request.
@@ -127,10 +132,30 @@ class FastPaths:
                 answer = purchase_contract.status(service, scope, UUID(match[1]))
                 await self._serve(scope, receive, send, STATUS_ROUTE, answer)
                 return
+            elif (
+                method == "GET"
+                and not scope["query_string"]
+                and (match := EVENTS.fullmatch(route_path(scope)))
+            ):
+                settings = settings_of(app)
+                stream = purchase_contract.status_events(
+                    purchase_service_of(app),
+                    scope,
+                    UUID(match[1]),
+                    heartbeat_s=settings.status_heartbeat_s,
+                    max_s=settings.status_stream_max_s,
+                )
+                await self._serve(scope, receive, send, EVENTS_ROUTE, stream)
+                return
         await app.framework(scope, receive, send)
 
     async def _serve(
-        self, scope: Scope, receive: Receive, send: Send, route: APIRoute, answer: Awaitable[Answer]
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        route: APIRoute,
+        answer: Awaitable[Answer | EventStream],
     ) -> None:
         """Answer with the contract's `answer` as the middleware stack would answer with a
         route: failures by the app's handlers, CORS headers by Starlette's CORS logic, a bug
@@ -142,10 +167,10 @@ class FastPaths:
         status = 500
         try:
             try:
-                reply: Answer | Response = await answer
+                reply: Answer | EventStream | Response = await answer
             except Exception as exc:
                 reply = await _error_response(scope, receive, exc)
-            status = reply.status if isinstance(reply, Answer) else reply.status_code
+            status = _status_of(reply)
             await self._send_with_cors(scope, receive, send, reply)
         except Exception as exc:
             await _answer_bug(scope, receive, send, exc)
@@ -154,16 +179,21 @@ class FastPaths:
             metrics.record(scope["method"], route.path, status, time.perf_counter() - started)
 
     async def _send_with_cors(
-        self, scope: Scope, receive: Receive, send: Send, reply: "Answer | Response"
+        self, scope: Scope, receive: Receive, send: Send, reply: Answer | EventStream | Response
     ) -> None:
         if isinstance(reply, Answer) and not _has_origin(scope):
             await reply.send(send, extra=self._without_origin)
+            return
+        if isinstance(reply, EventStream) and not _has_origin(scope):
+            await reply.send(receive, send, extra=self._without_origin)
             return
         cors_send = functools.partial(
             self._cors.send, send=send, request_headers=Headers(scope=scope)
         )
         if isinstance(reply, Answer):
             await reply.send(cors_send)
+        elif isinstance(reply, EventStream):
+            await reply.send(receive, cors_send)
         else:
             await reply(scope, receive, cors_send)
 
@@ -184,6 +214,12 @@ class FastPaths:
             return False
         media_type = seen.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
         return media_type == b"application/json"
+
+
+def _status_of(reply: Answer | EventStream | Response) -> int:
+    if isinstance(reply, Answer):
+        return reply.status
+    return 200 if isinstance(reply, EventStream) else reply.status_code
 
 
 def _plain_status_query(query: bytes) -> bool:

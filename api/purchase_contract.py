@@ -17,6 +17,7 @@ import orjson
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.types import Scope
 
+from api import status_stream
 from api.answers import Answer
 from api.errors import InvalidInput
 from shared.purchases.models import ConfirmRequest, Purchase, PurchaseCreate, PurchaseStatus
@@ -147,6 +148,33 @@ async def status(service: PurchaseService, scope: Scope, purchase_id: UUID) -> A
         purchase.model_dump_json().encode(),
         headers=(tag, ("retry-after", RETRY_AFTER_PENDING_S)) if pending else (tag,),
     )
+
+
+async def status_events(
+    service: PurchaseService, scope: Scope, purchase_id: UUID, *, heartbeat_s: float, max_s: float
+) -> "Answer | status_stream.EventStream":
+    """The purchase's status as server-sent events, from what the client has (`Last-Event-ID`)
+    on; 204 when it already has a status that cannot change (EventSource then stops
+    reconnecting). A refusal (404, 503) is raised before the stream starts."""
+    events = await status_stream.open_stream(
+        service,
+        purchase_id,
+        last_event_id=_header(scope, b"last-event-id"),
+        heartbeat_s=heartbeat_s,
+        max_s=max_s,
+    )
+    if events is None:
+        return Answer(204, b"", media_type=None, headers=tuple(status_stream.HEADERS.items()))
+    return status_stream.EventStream(events)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """A header's first occurrence, as Starlette reads headers."""
+    for key, value in scope["headers"]:
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
+    return None
 
 
 def status_tag(status: PurchaseStatus) -> str:

@@ -6,19 +6,32 @@ purchase never returns to a status it left). A comment every `heartbeat_s` keeps
 closing an idle stream. The stream ends after a status that can no longer change, or after
 `max_s`, or when the process is stopping; the client then reconnects (the browser's
 EventSource does so by itself).
+
+An open stream (`EventStream`) sends itself: the route hands it to Starlette as a response, the
+raw-ASGI dispatch (api/fast_paths.py) sends it as it is, through the same code. Thousands are held
+at once, so each costs one task besides its request's: the one that notices the client leaving,
+and stops the stream then rather than at its next heartbeat.
 """
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from uuid import UUID
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from shared.errors import ServiceUnavailable
 from shared.purchases.models import Purchase, PurchaseStatus
-from shared.purchases.service import PurchaseService
+from shared.purchases.service import PurchaseService, StatusFollower
 from shared.retry import DATABASE_UNAVAILABLE
 
 HEADERS = {"cache-control": "no-store", "x-accel-buffering": "no"}
+MEDIA_TYPE = "text/event-stream; charset=utf-8"
+_START_HEADERS = [
+    *((name.encode(), value.encode()) for name, value in HEADERS.items()),
+    (b"content-type", MEDIA_TYPE.encode()),
+]
 # Statuses nothing moves a purchase out of (a confirmed one may still be cancelled, a failed one
 # decided when its message is replayed).
 SETTLED = frozenset({PurchaseStatus.REJECTED, PurchaseStatus.EXPIRED, PurchaseStatus.CANCELLED})
@@ -40,9 +53,9 @@ async def open_stream(
     last_event_id: str | None,
     heartbeat_s: float,
     max_s: float,
-) -> AsyncIterator[bytes] | None:
-    """The stream's events (None: there will be none). Refusals (404 never issued, 503) are raised here, before any byte of
-    the stream is sent, so that they are answered as problems."""
+) -> AsyncGenerator[bytes, None] | None:
+    """The stream's events (None: there will be none). Refusals (404 never issued, 503) are
+    raised here, before any byte of the stream is sent, so that they are answered as problems."""
     first = await service.status(purchase_id)
     if first.status in SETTLED and first.status.value == last_event_id:
         return None  # nothing will follow what the client has: 204 tells EventSource to stop
@@ -56,42 +69,105 @@ async def _events(
     *,
     heartbeat_s: float,
     max_s: float,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_s
     sent = last_event_id
     purchase = first
-    while True:
-        if purchase.status.value != sent:
-            yield status_event(purchase)
-            sent = purchase.status.value
-        # Past a status that cannot change, or once the process is stopping (the client
-        # reconnects elsewhere), there is nothing more to send.
-        if purchase.status in SETTLED or service.draining:
-            return
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return
-        changed = await _wait_for_change(service, purchase, timeout_s=min(heartbeat_s, remaining))
-        if changed is not None:
-            purchase = changed
-        elif not service.draining:
-            yield HEARTBEAT
+    with service.follow(first.purchase_id) as follower:
+        while True:
+            if purchase.status.value != sent:
+                yield status_event(purchase)
+                sent = purchase.status.value
+            # Past a status that cannot change, or once the process is stopping (the client
+            # reconnects elsewhere), there is nothing more to send.
+            if purchase.status in SETTLED or service.draining:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            changed = await _wait_for_change(
+                service, follower, purchase, timeout_s=min(heartbeat_s, remaining)
+            )
+            if changed is not None:
+                purchase = changed
+            elif not service.draining:
+                yield HEARTBEAT
 
 
 async def _wait_for_change(
-    service: PurchaseService, purchase: Purchase, *, timeout_s: float
+    service: PurchaseService, follower: StatusFollower, purchase: Purchase, *, timeout_s: float
 ) -> Purchase | None:
     """The purchase once its status changed within `timeout_s`, else None (after `timeout_s`:
     when the wait ends early, the database down or too many waiters, the rest is slept)."""
     loop = asyncio.get_running_loop()
     until = loop.time() + timeout_s
     with contextlib.suppress(ServiceUnavailable, *DATABASE_UNAVAILABLE):
-        latest = await service.wait_status(
-            purchase.purchase_id, unlike=frozenset({purchase.status.value}), wait_s=timeout_s
-        )
+        latest = await follower.change(unlike=frozenset({purchase.status.value}), wait_s=timeout_s)
         if latest.status != purchase.status:
             return latest
     if not service.draining:
         await asyncio.sleep(max(0.0, until - loop.time()))
     return None
+
+
+class EventStream:
+    """An open stream of a purchase's events, to be sent as one chunked 200 answer."""
+
+    __slots__ = ("_events",)
+
+    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
+        self._events = events
+
+    def response(self) -> Response:
+        return _StreamResponse(self)
+
+    async def send(
+        self, receive: Receive, send: Send, *, extra: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
+        """Send every event, then end the answer; if the client goes away first, stop there.
+
+        The stream's own task waits for the purchase to change; a second one waits for the
+        client's disconnect and cancels the first. (uvicorn sends into a closed connection
+        without complaint, so without it a stream would find out only at its end.)"""
+        task = asyncio.current_task()
+        assert task is not None
+        streaming = True
+
+        def stop(_: object) -> None:
+            if streaming:
+                task.cancel()
+
+        gone = asyncio.ensure_future(_disconnected(receive))
+        gone.add_done_callback(stop)
+        try:
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [*_START_HEADERS, *extra]}
+            )
+            async for event in self._events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+        except asyncio.CancelledError:
+            if gone.cancelled() or not gone.done() or task.uncancel() > 0:
+                raise  # not (only) the client leaving: the server is cancelling the request
+            return
+        finally:
+            streaming = False
+            gone.cancel()
+            await self._events.aclose()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _StreamResponse(Response):
+    """An EventStream as the route's response (its headers are the stream's own)."""
+
+    def __init__(self, stream: EventStream) -> None:
+        super().__init__(status_code=200, media_type=MEDIA_TYPE, headers=HEADERS)
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._stream.send(receive, send)

@@ -10,7 +10,7 @@ from uuid import UUID
 from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import StreamingResponse
 
-from api import purchase_contract, status_stream
+from api import purchase_contract
 from api.deps import PurchaseServiceDep, SettingsDep
 from api.problems import problem_responses
 from shared.purchases.models import LifecycleAccepted, Purchase, PurchaseAccepted
@@ -69,16 +69,14 @@ async def purchase_events(
 ) -> Response:
     """Follow the purchase's status as server-sent events (204 when the client already has its
     final status: EventSource then stops reconnecting)."""
-    stream = await status_stream.open_stream(
+    answer = await purchase_contract.status_events(
         purchases,
+        request.scope,
         purchase_id,
-        last_event_id=request.headers.get("last-event-id"),
         heartbeat_s=settings.status_heartbeat_s,
         max_s=settings.status_stream_max_s,
     )
-    if stream is None:
-        return Response(status_code=204, headers=status_stream.HEADERS)
-    return StreamingResponse(stream, media_type="text/event-stream", headers=status_stream.HEADERS)
+    return answer.response()
 
 
 @router.post(

@@ -94,28 +94,6 @@ class Waiter(Generic[T]):
         return latest
 
 
-class Watch(Generic[T]):
-    """What StatusWaiters.watch returns: registers a waiter for the `with` block. A class of
-    its own rather than a generator-based context manager, whose frame each of thousands of
-    held requests would keep."""
-
-    __slots__ = ("_owner", "_purchase_id", "_waiter")
-
-    def __init__(self, owner: "StatusWaiters[T]", purchase_id: UUID) -> None:
-        self._owner = owner
-        self._purchase_id = purchase_id
-        self._waiter: Waiter[T] | None = None
-
-    def __enter__(self) -> Waiter[T] | None:
-        self._waiter = self._owner._add(self._purchase_id)
-        return self._waiter
-
-    def __exit__(self, *_: object) -> None:
-        if self._waiter is not None:
-            self._owner._remove(self._purchase_id, self._waiter)
-            self._waiter = None
-
-
 def _settle(future: "asyncio.Future[None] | None") -> None:
     if future is not None and not future.done():
         future.set_result(None)
@@ -130,7 +108,7 @@ class StatusWaiters(Generic[T]):
     Waiting costs memory only, never a database read. When a notification names purchases that
     requests wait on, `fetch` reads them all in one query and each request is woken with its
     purchase: one read per commit, not one per waiter. Past `max_waiters` a request is not held
-    (`watch` yields None) and is answered at once."""
+    (`add` gives None) and is answered at once."""
 
     def __init__(self, database_url: str, *, max_waiters: int) -> None:
         self._url = database_url
@@ -147,6 +125,11 @@ class StatusWaiters(Generic[T]):
 
     def fetch_with(self, fetch: Fetch[T]) -> None:
         self._fetch = fetch
+
+    @property
+    def held(self) -> int:
+        """How many waiters are held now."""
+        return self._count
 
     @property
     def listening(self) -> bool:
@@ -174,13 +157,10 @@ class StatusWaiters(Generic[T]):
         self.released = True
         self._wake_all()
 
-    def watch(self, purchase_id: UUID) -> "Watch[T]":
-        """`with waiters.watch(purchase_id) as waiter:` a waiter woken whenever `purchase_id`
-        may have changed (None: too many waiters, or the process is stopping). Watch before
-        reading the purchase, so that no change between the read and the wait is lost."""
-        return Watch(self, purchase_id)
-
-    def _add(self, purchase_id: UUID) -> Waiter[T] | None:
+    def add(self, purchase_id: UUID) -> Waiter[T] | None:
+        """A waiter woken whenever `purchase_id` may have changed, until `remove`d (None: too
+        many waiters, or the process is stopping). Add it before reading the purchase, so that
+        no change between the read and the wait is lost."""
         if self._count >= self.max_waiters or self.released:
             return None
         waiter: Waiter[T] = Waiter()
@@ -188,7 +168,7 @@ class StatusWaiters(Generic[T]):
         self._count += 1
         return waiter
 
-    def _remove(self, purchase_id: UUID, waiter: Waiter[T]) -> None:
+    def remove(self, purchase_id: UUID, waiter: Waiter[T]) -> None:
         self._count -= 1
         waiters = self._waiting.get(purchase_id)
         if waiters is not None:

@@ -31,7 +31,7 @@ from shared.messages import (
 )
 from shared.publisher import PurchasePublisher
 from shared.purchases import repository
-from shared.purchases.changes import StatusWaiters
+from shared.purchases.changes import StatusWaiters, Waiter
 from shared.purchases.ids import PurchaseIds
 from shared.purchases.models import Purchase, PurchaseCreate, PurchaseStatus, QueuePosition
 from shared.retry import DATABASE_UNAVAILABLE
@@ -289,48 +289,14 @@ class PurchaseService:
         self, purchase_id: UUID, *, unlike: frozenset[str], wait_s: float
     ) -> Purchase:
         """The purchase's state as soon as its status is none of `unlike` (a decision was
-        committed, a hold was confirmed...), or as it is after `wait_s` seconds. Waiting costs no
-        database read: the worker's notification wakes the request. Without a listener (or past
-        its bound of waiters) the request polls once a second, or is answered at once."""
-        waiters = self._waiters
-        if waiters is None or wait_s <= 0:
-            return await self.status(purchase_id)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        with waiters.watch(purchase_id) as waiter:
-            if waiter is None:  # as many waiters as this process holds: answer at once
-                return await self.status(purchase_id)
-            latest: Purchase | None = None
-            seen: Purchase | None = None
-            while True:
-                remaining = deadline - loop.time()
-                try:
-                    # Read after watching, so that a change committed in between still wakes
-                    # us; a wake-up with the purchase read by the listener needs no read.
-                    purchase = (
-                        latest
-                        if latest is not None and not _older(latest, seen)
-                        else await self.status(purchase_id)
-                    )
-                    seen = purchase
-                except _OUTAGE:
-                    # The database is away (a restart, a failover): wait on while the client
-                    # does; at the deadline, the outage is the answer.
-                    if remaining <= 0:
-                        raise
-                    await asyncio.sleep(min(remaining, POLL_S))
-                    continue
-                if purchase.status.value not in unlike or remaining <= 0:
-                    return purchase
-                listening = waiters.listening
-                await waiter.wait(remaining if listening else min(remaining, POLL_S))
-                if listening and not waiter.woken:
-                    return purchase  # nothing was announced: it is as it was read
-                latest = waiter.take()
-                if waiters.released:  # the process is stopping: answer with what is known
-                    return (
-                        latest if latest is not None and not _older(latest, purchase) else purchase
-                    )
+        committed, a hold was confirmed...), or as it is after `wait_s` seconds (a long-poll)."""
+        with self.follow(purchase_id) as follower:
+            return await follower.change(unlike=unlike, wait_s=wait_s)
+
+    def follow(self, purchase_id: UUID) -> "StatusFollower":
+        """`with service.follow(purchase_id) as follower:` wait for the purchase's changes, one
+        after another (an event stream), with `await follower.change(...)`."""
+        return StatusFollower(self, self._waiters, purchase_id)
 
     @property
     def draining(self) -> bool:
@@ -390,3 +356,86 @@ class PurchaseService:
             ahead_s=ahead_s,
             estimated_wait_s=ahead_s / rate if rate else None,
         )
+
+
+class StatusFollower:
+    """One purchase's status, followed for as long as the `with` block lasts.
+
+    Waiting costs no database read: the worker's notification wakes the request, with the
+    purchase as the listener read it. One waiter is kept throughout, so a change committed
+    between two waits still wakes the next one, and what the follower last saw stays current
+    until a wake-up says otherwise: following a purchase through several changes reads it once.
+    Without a listener (or past its bound of waiters) a wait polls once a second, or is
+    answered at once. Thousands are held at once, so this is one small object, no generator."""
+
+    __slots__ = ("_known", "_purchase_id", "_service", "_waiter", "_waiters")
+
+    def __init__(
+        self,
+        service: PurchaseService,
+        waiters: "StatusWaiters[Purchase] | None",
+        purchase_id: UUID,
+    ) -> None:
+        self._service = service
+        self._waiters = waiters
+        self._purchase_id = purchase_id
+        self._waiter: Waiter[Purchase] | None = None
+        self._known: Purchase | None = None  # as last read or heard
+
+    def __enter__(self) -> "StatusFollower":
+        if self._waiters is not None:
+            self._waiter = self._waiters.add(self._purchase_id)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._waiters is not None and self._waiter is not None:
+            self._waiters.remove(self._purchase_id, self._waiter)
+            self._waiter = None
+
+    async def change(self, *, unlike: frozenset[str], wait_s: float) -> Purchase:
+        """The purchase as soon as its status is none of `unlike`, or as it is after `wait_s`."""
+        waiters, waiter = self._waiters, self._waiter
+        if waiters is None or waiter is None:  # as many waiters as this process holds
+            return await self._service.status(self._purchase_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                purchase = await self._current(waiters, waiter)
+            except _OUTAGE:
+                # The database is away (a restart, a failover): wait on while the client
+                # does; at the deadline, the outage is the answer.
+                if remaining <= 0:
+                    raise
+                await asyncio.sleep(min(remaining, POLL_S))
+                continue
+            if purchase.status.value not in unlike or remaining <= 0:
+                return purchase
+            listening = waiters.listening
+            await waiter.wait(remaining if listening else min(remaining, POLL_S))
+            if listening and not waiter.woken:
+                return purchase  # nothing was announced: it is as it was read
+            if waiters.released:  # the process is stopping: answer with what is known
+                latest = waiter.take()
+                if latest is not None and not _older(latest, purchase):
+                    self._known = purchase = latest
+                return purchase
+
+    async def _current(
+        self, waiters: "StatusWaiters[Purchase]", waiter: Waiter[Purchase]
+    ) -> Purchase:
+        """The purchase as it is now: as the listener read it when it woke us, or as last seen
+        while nothing was announced since, else read."""
+        known = self._known
+        if waiter.woken:
+            latest = waiter.take()
+            # The listener's read may have started before our own and ended after it.
+            if latest is not None and not _older(latest, known):
+                self._known = latest
+                return latest
+        elif known is not None and waiters.listening:
+            return known
+        # Read after the waiter was added, so that a change committed meanwhile still wakes it.
+        self._known = await self._service.status(self._purchase_id)
+        return self._known

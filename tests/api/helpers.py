@@ -13,6 +13,7 @@ import aio_pika.abc
 import asyncpg
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from api.main import create_app
 from api.problems import Problem
@@ -182,10 +183,13 @@ async def isolated_api(
 
 
 @contextlib.asynccontextmanager
-async def served_api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The API served by uvicorn in this process, on a free port, and a client over TCP: for
-    what httpx's ASGI transport cannot show, such as a response streamed as it is written."""
-    app = create_app(settings)
+async def served_api(
+    settings: Settings, app: FastAPI | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The API (`app`, else a new one) served by uvicorn in this process, on a free port, and a
+    client over TCP: for what httpx's ASGI transport cannot show, such as a response streamed as
+    it is written, or a client that leaves."""
+    app = app or create_app(settings)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")

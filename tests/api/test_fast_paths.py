@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 from starlette.types import Message, Receive, Scope, Send
 
 from api.deps import get_purchase_service
-from api.fast_paths import PURCHASE_ROUTE, STATUS_ROUTE, FastPaths
+from api.fast_paths import EVENTS_ROUTE, PURCHASE_ROUTE, STATUS_ROUTE, FastPaths
 from api.main import create_app
 from api.purchase_contract import PURCHASE_PATH
 from shared.purchases.ids import PurchaseIds
@@ -344,8 +344,9 @@ def test_the_purchase_routes_take_only_what_the_dispatch_passes_on() -> None:
     expected = {
         PURCHASE_ROUTE.path: ({"event_id"}, {"request", "purchases"}),
         STATUS_ROUTE.path: ({"purchase_id"}, {"request", "purchases"}),
+        EVENTS_ROUTE.path: ({"purchase_id"}, {"request", "purchases", "settings"}),
     }
-    for route in (PURCHASE_ROUTE, STATUS_ROUTE):
+    for route in (PURCHASE_ROUTE, STATUS_ROUTE, EVENTS_ROUTE):
         dependant = route.dependant
         path_params = {param.name for param in dependant.path_params}
         others = {
@@ -500,4 +501,57 @@ async def test_plain_status_poll_skips_the_route_and_a_query_reaches_it(
     assert plain.headers["retry-after"] == "1"
     assert [scope["query_string"] for scope in reached] == [b"fresh=1"], (
         "only the poll with a query string reached the route"
+    )
+
+
+async def _cancelled_purchase(db: asyncpg.Pool, settings: Settings, event_id: str) -> UUID:
+    purchase_id = PurchaseIds(settings.purchase_id_secret).new()
+    await record_purchase(db, purchase_id=purchase_id, event_id=event_id)
+    await db.execute(
+        "UPDATE purchases SET status = 'cancelled', cancelled_at = now() WHERE id = $1",
+        purchase_id,
+    )
+    return purchase_id
+
+
+async def test_status_streams_are_answered_by_the_dispatch_as_by_the_route(
+    api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings
+) -> None:
+    event = await create_event(api)
+    cancelled = await _cancelled_purchase(db, settings, event["id"])  # its stream ends at once
+    stream = f"/purchases/{cancelled}/events"
+    cases: list[tuple[str, dict[str, str]]] = [
+        (stream, {}),
+        (stream, {"Last-Event-ID": "cancelled"}),  # has the final status: 204
+        (stream, {"Last-Event-ID": "pending"}),
+        (stream, {"Origin": "https://shop.example"}),
+        (f"/purchases/{uuid4()}/events", {}),  # never issued: 404
+        (f"/purchases/{str(cancelled).upper()}/events", {}),
+        ("/purchases/not-a-uuid/events", {}),
+    ]
+    statuses = []
+    for path, headers in cases:
+        dispatched = _normalize(await api.get(path, headers=headers))
+        routed = _normalize(await api.get(path, params={"via": "route"}, headers=headers))
+        assert dispatched == routed, (path, headers)
+        statuses.append(dispatched[0])
+    assert statuses == [200, 204, 200, 200, 404, 200, 422], statuses
+
+
+async def test_a_plain_status_stream_skips_the_route_and_a_query_reaches_it(
+    api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reached = requests_reaching(EVENTS_ROUTE, monkeypatch)
+    event = await create_event(api)
+    cancelled = await _cancelled_purchase(db, settings, event["id"])
+    path = f"/purchases/{cancelled}/events"
+
+    plain = await api.get(path)
+    queried = await api.get(path, params={"fresh": "1"})
+
+    assert plain.status_code == queried.status_code == 200
+    assert plain.content == queried.content
+    assert plain.content.startswith(b"id: cancelled\nevent: status\ndata: ")
+    assert [scope["query_string"] for scope in reached] == [b"fresh=1"], (
+        "only the stream with a query string reached the route"
     )

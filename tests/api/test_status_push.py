@@ -4,6 +4,7 @@ ETag, answered when the worker's commit is announced (NOTIFY), against real comm
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
@@ -15,6 +16,7 @@ import pytest
 from api.main import create_app
 from shared import broker_nodes
 from shared.purchases import repository
+from shared.purchases.service import PurchaseService
 from shared.settings import Settings
 from tests.api.helpers import assert_problem, served_api, wait_for_no_consumers
 from tests.conftest import StartWorker, api_client
@@ -315,6 +317,63 @@ async def test_a_stream_ends_after_its_lifetime_with_heartbeats_meanwhile(
     assert [e["id"] for e in events] == ["pending"]
     assert response.text.count(": heartbeat") >= 2
     assert 1.0 <= seconds < 10
+
+
+async def test_a_stream_reads_its_purchase_twice_however_many_changes_it_follows(
+    settings: Settings, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once to answer 404 before the stream starts, once when its waiter is in place; every
+    change after that comes with the purchase as the listener read it for all its waiters."""
+    reads = 0
+    real = PurchaseService.status
+
+    async def counted(self: PurchaseService, purchase_id: UUID) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real(self, purchase_id)
+
+    monkeypatch.setattr(PurchaseService, "status", counted)
+    async with served_api(settings) as api:
+        purchase_id = await queued_purchase(api, hold_seconds=600)
+        received, statuses = "", []
+        async with api.stream("GET", f"/purchases/{purchase_id}/events", timeout=60) as stream:
+            async for chunk in stream.aiter_text():
+                received += chunk
+                statuses = [e["id"] for e in sse_events(received)]
+                if statuses == ["pending"]:
+                    await asyncio.sleep(0.3)  # the stream waits, its waiter in place
+                    await start_worker()
+                elif statuses == ["pending", "held"]:
+                    assert (await api.post(f"/purchases/{purchase_id}/cancel")).status_code == 202
+    assert statuses == ["pending", "held", "cancelled"]
+    assert reads == 2, f"{reads} reads of a purchase followed through 2 changes"
+
+
+@pytest.mark.parametrize("query", ["", "?via=route"], ids=["dispatched", "routed"])
+async def test_a_stream_whose_client_leaves_lets_go_of_its_waiter_at_once(
+    settings: Settings, query: str
+) -> None:
+    """Heartbeats are 15 s apart and uvicorn writes to a closed connection without complaint:
+    the stream notices the client leaving by itself, and stops holding a waiter then."""
+    app = create_app(settings)
+    async with served_api(settings, app) as api:
+        waiters = app.state.resources.waiters
+        purchase_id = await queued_purchase(api)
+        async with api.stream("GET", f"/purchases/{purchase_id}/events{query}") as stream:
+            first = await anext(stream.aiter_text())
+            assert [e["id"] for e in sse_events(first)] == ["pending"]
+            await wait_for(_is(lambda: waiters.held == 1), timeout_s=5, what="the stream waits")
+        left_s = await wait_for(
+            _is(lambda: waiters.held == 0), timeout_s=5, what="the waiter let go"
+        )
+    assert left_s < 2, f"the waiter stayed {left_s:.1f} s after its client left"
+
+
+def _is(condition: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return condition()
+
+    return check
 
 
 async def test_a_stream_of_a_never_issued_id_is_404_problem_json(api: httpx.AsyncClient) -> None:
