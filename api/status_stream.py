@@ -36,6 +36,8 @@ _START_HEADERS = [
 # decided when its message is replayed).
 SETTLED = frozenset({PurchaseStatus.REJECTED, PurchaseStatus.EXPIRED, PurchaseStatus.CANCELLED})
 HEARTBEAT = b": heartbeat\n\n"
+# What a stream waits for a purchase to no longer be, built once rather than on every wait.
+_OTHER_THAN = {status: frozenset({status.value}) for status in PurchaseStatus}
 
 
 def status_event(purchase: Purchase) -> bytes:
@@ -72,39 +74,43 @@ async def _events(
 ) -> AsyncGenerator[bytes, None]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_s
-    sent = last_event_id
-    purchase = first
-    with service.follow(first.purchase_id) as follower:
+    purchase_id, status = first.purchase_id, first.status
+    event = status_event(first) if status.value != last_event_id else None
+    # Thousands of streams are held at once: each keeps its status, not the purchase (~1 KB).
+    del first
+    with service.follow(purchase_id) as follower:
         while True:
-            if purchase.status.value != sent:
-                yield status_event(purchase)
-                sent = purchase.status.value
+            if event is not None:
+                yield event
+                event = None
             # Past a status that cannot change, or once the process is stopping (the client
             # reconnects elsewhere), there is nothing more to send.
-            if purchase.status in SETTLED or service.draining:
+            if status in SETTLED or service.draining:
                 return
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
             changed = await _wait_for_change(
-                service, follower, purchase, timeout_s=min(heartbeat_s, remaining)
+                service, follower, status, timeout_s=min(heartbeat_s, remaining)
             )
             if changed is not None:
-                purchase = changed
+                status, event = changed.status, status_event(changed)
+                changed = None
             elif not service.draining:
                 yield HEARTBEAT
 
 
 async def _wait_for_change(
-    service: PurchaseService, follower: StatusFollower, purchase: Purchase, *, timeout_s: float
+    service: PurchaseService, follower: StatusFollower, status: PurchaseStatus, *, timeout_s: float
 ) -> Purchase | None:
-    """The purchase once its status changed within `timeout_s`, else None (after `timeout_s`:
-    when the wait ends early, the database down or too many waiters, the rest is slept)."""
+    """The purchase once its status is no longer `status`, within `timeout_s`; else None (after
+    `timeout_s`: when the wait ends early, the database down or too many waiters, the rest is
+    slept)."""
     loop = asyncio.get_running_loop()
     until = loop.time() + timeout_s
     with contextlib.suppress(ServiceUnavailable, *DATABASE_UNAVAILABLE):
-        latest = await follower.change(unlike=frozenset({purchase.status.value}), wait_s=timeout_s)
-        if latest.status != purchase.status:
+        latest = await follower.change(unlike=_OTHER_THAN[status], wait_s=timeout_s)
+        if latest is not None and latest.status != status:
             return latest
     if not service.draining:
         await asyncio.sleep(max(0.0, until - loop.time()))
@@ -146,6 +152,7 @@ class EventStream:
             )
             async for event in self._events:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
+                del event  # not kept while the stream waits for the next one
         except asyncio.CancelledError:
             if gone.cancelled() or not gone.done() or task.uncancel() > 0:
                 raise  # not (only) the client leaving: the server is cancelling the request

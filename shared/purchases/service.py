@@ -53,10 +53,10 @@ _STAGE = {
 }
 
 
-def _older(latest: Purchase, seen: Purchase | None) -> bool:
-    """Whether `latest` (read by the listener for many waiters) is older than what this waiter
-    read itself: a read that started before the waiter's own may end after it."""
-    return seen is not None and _STAGE[latest.status] < _STAGE[seen.status]
+def _older(latest: PurchaseStatus, seen: PurchaseStatus | None) -> bool:
+    """Whether `latest` (as the listener read it for many waiters) is older than what this
+    waiter saw: a read that started before the waiter's own may end after it."""
+    return seen is not None and _STAGE[latest] < _STAGE[seen]
 
 
 # How often a waiting status request reads its purchase while the listener is reconnecting.
@@ -289,9 +289,11 @@ class PurchaseService:
         self, purchase_id: UUID, *, unlike: frozenset[str], wait_s: float
     ) -> Purchase:
         """The purchase's state as soon as its status is none of `unlike` (a decision was
-        committed, a hold was confirmed...), or as it is after `wait_s` seconds (a long-poll)."""
+        committed, a hold was confirmed...), or as it is after `wait_s` seconds (a long-poll:
+        read again then, so that a pending answer's wait ahead is as of now)."""
         with self.follow(purchase_id) as follower:
-            return await follower.change(unlike=unlike, wait_s=wait_s)
+            purchase = await follower.change(unlike=unlike, wait_s=wait_s)
+        return purchase or await self.status(purchase_id)
 
     def follow(self, purchase_id: UUID) -> "StatusFollower":
         """`with service.follow(purchase_id) as follower:` wait for the purchase's changes, one
@@ -363,12 +365,15 @@ class StatusFollower:
 
     Waiting costs no database read: the worker's notification wakes the request, with the
     purchase as the listener read it. One waiter is kept throughout, so a change committed
-    between two waits still wakes the next one, and what the follower last saw stays current
-    until a wake-up says otherwise: following a purchase through several changes reads it once.
-    Without a listener (or past its bound of waiters) a wait polls once a second, or is
-    answered at once. Thousands are held at once, so this is one small object, no generator."""
+    between two waits still wakes the next one, and the status the follower last saw stays
+    current until a wake-up says otherwise: following a purchase through several changes reads
+    it once. Without a listener (or past its bound of waiters) a wait polls once a second, or is
+    answered at once.
 
-    __slots__ = ("_known", "_purchase_id", "_service", "_waiter", "_waiters")
+    Thousands wait at once, so a follower keeps the status it saw, not the purchase (about 1 KB
+    as a model), and is one small object rather than a generator."""
+
+    __slots__ = ("_purchase_id", "_seen", "_service", "_waiter", "_waiters")
 
     def __init__(
         self,
@@ -380,7 +385,7 @@ class StatusFollower:
         self._waiters = waiters
         self._purchase_id = purchase_id
         self._waiter: Waiter[Purchase] | None = None
-        self._known: Purchase | None = None  # as last read or heard
+        self._seen: PurchaseStatus | None = None  # as last read or heard
 
     def __enter__(self) -> "StatusFollower":
         if self._waiters is not None:
@@ -392,10 +397,12 @@ class StatusFollower:
             self._waiters.remove(self._purchase_id, self._waiter)
             self._waiter = None
 
-    async def change(self, *, unlike: frozenset[str], wait_s: float) -> Purchase:
-        """The purchase as soon as its status is none of `unlike`, or as it is after `wait_s`."""
+    async def change(self, *, unlike: frozenset[str], wait_s: float) -> Purchase | None:
+        """The purchase as soon as its status is none of `unlike`. After `wait_s`, the purchase
+        if it is at hand, else None: its status is still the one last seen. Past the bound of
+        waiters, the purchase as it is, at once."""
         waiters, waiter = self._waiters, self._waiter
-        if waiters is None or waiter is None:  # as many waiters as this process holds
+        if waiters is None or waiter is None:
             return await self._service.status(self._purchase_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
@@ -410,32 +417,34 @@ class StatusFollower:
                     raise
                 await asyncio.sleep(min(remaining, POLL_S))
                 continue
-            if purchase.status.value not in unlike or remaining <= 0:
+            if purchase is not None and purchase.status.value not in unlike:
                 return purchase
+            if remaining <= 0:
+                return purchase
+            purchase = None  # not kept while waiting (see the class's note)
             listening = waiters.listening
             await waiter.wait(remaining if listening else min(remaining, POLL_S))
             if listening and not waiter.woken:
-                return purchase  # nothing was announced: it is as it was read
+                return None  # nothing was announced: it is as last seen
             if waiters.released:  # the process is stopping: answer with what is known
                 latest = waiter.take()
-                if latest is not None and not _older(latest, purchase):
-                    self._known = purchase = latest
-                return purchase
+                fresh = latest is not None and not _older(latest.status, self._seen)
+                return latest if fresh else None
 
     async def _current(
         self, waiters: "StatusWaiters[Purchase]", waiter: Waiter[Purchase]
-    ) -> Purchase:
-        """The purchase as it is now: as the listener read it when it woke us, or as last seen
-        while nothing was announced since, else read."""
-        known = self._known
+    ) -> Purchase | None:
+        """The purchase as the listener read it when it woke us, or None while nothing was
+        announced since the status last seen, else the purchase as read now."""
+        seen = self._seen
         if waiter.woken:
             latest = waiter.take()
-            # The listener's read may have started before our own and ended after it.
-            if latest is not None and not _older(latest, known):
-                self._known = latest
+            if latest is not None and not _older(latest.status, seen):
+                self._seen = latest.status
                 return latest
-        elif known is not None and waiters.listening:
-            return known
+        elif seen is not None and waiters.listening:
+            return None
         # Read after the waiter was added, so that a change committed meanwhile still wakes it.
-        self._known = await self._service.status(self._purchase_id)
-        return self._known
+        purchase = await self._service.status(self._purchase_id)
+        self._seen = purchase.status
+        return purchase
