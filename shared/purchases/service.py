@@ -285,19 +285,10 @@ class PurchaseService:
             "partition": self._publisher.partition_of(command),
         }
 
-    async def wait_status(
-        self, purchase_id: UUID, *, unlike: frozenset[str], wait_s: float
-    ) -> Purchase:
-        """The purchase's state as soon as its status is none of `unlike` (a decision was
-        committed, a hold was confirmed...), or as it is after `wait_s` seconds (a long-poll:
-        read again then, so that a pending answer's wait ahead is as of now)."""
-        with self.follow(purchase_id) as follower:
-            purchase = await follower.change(unlike=unlike, wait_s=wait_s)
-        return purchase or await self.status(purchase_id)
-
     def follow(self, purchase_id: UUID) -> "StatusFollower":
-        """`with service.follow(purchase_id) as follower:` wait for the purchase's changes, one
-        after another (an event stream), with `await follower.change(...)`."""
+        """`with service.follow(purchase_id) as follower:` wait for the purchase's changes with
+        `await follower.change(...)`: once (a long-poll) or one after another (an event
+        stream)."""
         return StatusFollower(self, self._waiters, purchase_id)
 
     @property
