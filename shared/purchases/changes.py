@@ -58,45 +58,52 @@ class Waiter(Generic[T]):
     (an asyncio.Event would carry a deque of its own, and asyncio.timeout() an object and a
     context per wait)."""
 
-    __slots__ = ("_future", "_woken", "latest")
+    __slots__ = ("_future", "_timer", "_woken", "latest")
 
     def __init__(self) -> None:
         self._woken = False
         self._future: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.latest: T | None = None
 
     def wake(self, latest: T | None = None) -> None:
         self.latest = latest
         self._woken = True
-        _settle(self._future)
+        self._settle()
 
     @property
     def woken(self) -> bool:
         return self._woken
 
-    async def wait(self, timeout_s: float) -> None:
-        """Until woken, or `timeout_s` passed."""
-        if self._woken:
-            return
+    def wait(self, timeout_s: float) -> "asyncio.Future[None]":
+        """Done once woken (at once if it was), or once `timeout_s` passed. A future rather
+        than a coroutine: the coroutine's frame would be kept by every held request."""
         loop = asyncio.get_running_loop()
-        future = self._future = loop.create_future()
-        timer = loop.call_later(timeout_s, _settle, future)
-        try:
-            await future
-        finally:
+        future: asyncio.Future[None] = loop.create_future()
+        if self._woken:
+            future.set_result(None)
+        else:
+            self._future = future
+            self._timer = loop.call_later(timeout_s, self._settle)
+        return future
+
+    def close(self) -> None:
+        """Nobody waits on it any longer: drop its future and its timer."""
+        self._settle()
+
+    def _settle(self) -> None:
+        future, self._future = self._future, None
+        timer, self._timer = self._timer, None
+        if timer is not None:
             timer.cancel()
-            self._future = None
+        if future is not None and not future.done():
+            future.set_result(None)
 
     def take(self) -> T | None:
         """The purchase it was woken with, once; and be ready to wait again."""
         latest, self.latest = self.latest, None
         self._woken = False
         return latest
-
-
-def _settle(future: "asyncio.Future[None] | None") -> None:
-    if future is not None and not future.done():
-        future.set_result(None)
 
 
 Fetch = Callable[[list[UUID]], Awaitable[dict[UUID, T]]]
@@ -169,6 +176,7 @@ class StatusWaiters(Generic[T]):
         return waiter
 
     def remove(self, purchase_id: UUID, waiter: Waiter[T]) -> None:
+        waiter.close()
         self._count -= 1
         waiters = self._waiting.get(purchase_id)
         if waiters is not None:
