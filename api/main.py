@@ -12,7 +12,7 @@ from api.draining import release_on_stop
 from api.errors import install_error_handlers
 from api.fast_paths import FastPaths
 from api.guards import RequestGuard
-from api.metrics import RequestMetrics
+from api.metrics import RequestMetrics, counting_status_waiters
 from api.metrics import router as metrics_router
 from api.resources import open_resources
 from api.routes import demo, events, health, purchases
@@ -67,7 +67,11 @@ def create_app(settings: Settings | None = None) -> TicketingAPI:
         async with open_resources(settings) as resources:
             app.state.resources = resources
             tune_gc()
-            with release_on_stop(resources.purchases.release_waiters):
+            waiters = resources.waiters
+            with (
+                release_on_stop(resources.purchases.release_waiters),
+                counting_status_waiters(lambda: waiters.held),
+            ):
                 yield
 
     app = TicketingAPI(

@@ -1,11 +1,12 @@
 """Prometheus metrics of the API, served on /metrics."""
 
+import contextlib
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -78,6 +79,22 @@ def _le(bound: float) -> str:
 STATS = RequestStats()
 REGISTRY.register(STATS)
 record = STATS.record
+
+STATUS_WAITERS = Gauge(
+    "ticketing_status_waiters",
+    "Status requests (long-polls, event streams) this process holds; past STATUS_MAX_WAITERS "
+    "long-polls are answered at once",
+)
+
+
+@contextlib.contextmanager
+def counting_status_waiters(held: Callable[[], int]) -> Iterator[None]:
+    """Report `held()` as the gauge while the app runs (read when scraped, not kept up)."""
+    STATUS_WAITERS.set_function(held)
+    try:
+        yield
+    finally:
+        STATUS_WAITERS.set_function(lambda: 0)
 
 
 class RequestMetrics:

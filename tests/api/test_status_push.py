@@ -22,6 +22,7 @@ from tests.api.helpers import assert_problem, served_api, wait_for_no_consumers
 from tests.conftest import StartWorker, api_client
 from tests.factories import create_event, purchase, wait_until_final
 from tests.faults.proxy import proxy_for, through
+from tests.metrics import sample
 from tests.worker.helpers import partition_of, wait_for
 
 
@@ -363,10 +364,17 @@ async def test_a_stream_whose_client_leaves_lets_go_of_its_waiter_at_once(
             first = await anext(stream.aiter_text())
             assert [e["id"] for e in sse_events(first)] == ["pending"]
             await wait_for(_is(lambda: waiters.held == 1), timeout_s=5, what="the stream waits")
+            assert await held_as_scraped(api) == 1
         left_s = await wait_for(
             _is(lambda: waiters.held == 0), timeout_s=5, what="the waiter let go"
         )
+        assert await held_as_scraped(api) == 0
     assert left_s < 2, f"the waiter stayed {left_s:.1f} s after its client left"
+
+
+async def held_as_scraped(api: httpx.AsyncClient) -> float:
+    """What operators see: the held status requests gauge."""
+    return sample((await api.get("/metrics")).text, "ticketing_status_waiters")
 
 
 def _is(condition: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
