@@ -44,6 +44,23 @@ async def queued_purchase(api: httpx.AsyncClient, **event: Any) -> str:
     return purchase_id
 
 
+class Calls:
+    count = 0
+
+
+def counting(owner: object, name: str, monkeypatch: pytest.MonkeyPatch) -> Calls:
+    """Count the calls of the coroutine function `owner.name` from now on."""
+    calls = Calls()
+    real = getattr(owner, name)
+
+    async def counted(*args: Any) -> Any:
+        calls.count += 1
+        return await real(*args)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 def sse_events(text: str) -> list[dict[str, str]]:
     """The events of a text/event-stream body (comments dropped)."""
     events = []
@@ -325,15 +342,7 @@ async def test_a_stream_reads_its_purchase_twice_however_many_changes_it_follows
 ) -> None:
     """Once to answer 404 before the stream starts, once when its waiter is in place; every
     change after that comes with the purchase as the listener read it for all its waiters."""
-    reads = 0
-    real = PurchaseService.status
-
-    async def counted(self: PurchaseService, purchase_id: UUID) -> Any:
-        nonlocal reads
-        reads += 1
-        return await real(self, purchase_id)
-
-    monkeypatch.setattr(PurchaseService, "status", counted)
+    reads = counting(PurchaseService, "status", monkeypatch)
     async with served_api(settings) as api:
         purchase_id = await queued_purchase(api, hold_seconds=600)
         received, statuses = "", []
@@ -347,7 +356,7 @@ async def test_a_stream_reads_its_purchase_twice_however_many_changes_it_follows
                 elif statuses == ["pending", "held"]:
                     assert (await api.post(f"/purchases/{purchase_id}/cancel")).status_code == 202
     assert statuses == ["pending", "held", "cancelled"]
-    assert reads == 2, f"{reads} reads of a purchase followed through 2 changes"
+    assert reads.count == 2, f"{reads.count} reads of a purchase followed through 2 changes"
 
 
 @pytest.mark.parametrize("query", ["", "?via=route"], ids=["dispatched", "routed"])
@@ -416,20 +425,12 @@ async def test_a_waiting_request_reads_its_purchase_when_woken_not_in_a_loop(
     api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     purchase_id = await queued_purchase(api)
-    reads = 0
-    real = repository.get_purchase
-
-    async def counted(conn: Any, wanted: UUID) -> Any:
-        nonlocal reads
-        reads += 1
-        return await real(conn, wanted)
-
-    monkeypatch.setattr(repository, "get_purchase", counted)
+    reads = counting(repository, "get_purchase", monkeypatch)
     response, seconds = await long_poll(api, purchase_id, 3)
     assert response.json()["status"] == "pending"
     assert seconds >= 2.9
     # Once on arrival, once at the deadline (so that the wait ahead it answers is as of now).
-    assert reads == 2, f"{reads} reads while waiting 3 s for a change that never came"
+    assert reads.count == 2, f"{reads.count} reads while waiting 3 s for a change that never came"
 
 
 async def test_the_listener_is_one_connection_per_process(
