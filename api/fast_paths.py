@@ -165,16 +165,18 @@ class FastPaths:
         scope["app"] = self.app
         started = time.perf_counter()
         status = 500
+        reply: Answer | EventStream | Response | None = None
         try:
             try:
-                reply: Answer | EventStream | Response = await answer
+                reply = await answer
             except Exception as exc:
                 reply = await _error_response(scope, receive, exc)
             status = _status_of(reply)
             await self._send_with_cors(scope, receive, send, reply)
         except Exception as exc:
-            await _answer_bug(scope, receive, send, exc)
-            raise
+            if not (isinstance(reply, EventStream) and reply.started):
+                await _answer_bug(scope, receive, send, exc)
+            raise  # (a stream already under way is cut short: its 200 is sent)
         finally:
             metrics.record(scope["method"], route.path, status, time.perf_counter() - started)
 

@@ -82,8 +82,8 @@ record = STATS.record
 
 STATUS_WAITERS = Gauge(
     "ticketing_status_waiters",
-    "Status requests (long-polls, event streams) this process holds; past STATUS_MAX_WAITERS "
-    "long-polls are answered at once",
+    "Status requests (long-polls, event streams) waiting on this process's listener; past "
+    "STATUS_MAX_WAITERS no more wait: long-polls are answered at once, streams poll",
 )
 
 

@@ -15,6 +15,7 @@ and stops the stream then rather than at its next heartbeat.
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator
 from uuid import UUID
 
@@ -25,6 +26,8 @@ from shared.errors import ServiceUnavailable
 from shared.purchases.models import Purchase, PurchaseStatus
 from shared.purchases.service import PurchaseService, StatusFollower
 from shared.retry import DATABASE_UNAVAILABLE
+
+log = logging.getLogger(__name__)
 
 HEADERS = {"cache-control": "no-store", "x-accel-buffering": "no"}
 MEDIA_TYPE = "text/event-stream; charset=utf-8"
@@ -120,10 +123,11 @@ async def _wait_for_change(
 class EventStream:
     """An open stream of a purchase's events, to be sent as one chunked 200 answer."""
 
-    __slots__ = ("_events",)
+    __slots__ = ("_events", "started")
 
     def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
         self._events = events
+        self.started = False  # once its 200 is sent, a failure can only cut it short
 
     def response(self) -> Response:
         return _StreamResponse(self)
@@ -138,10 +142,16 @@ class EventStream:
         without complaint, so without it a stream would find out only at its end.)"""
         task = asyncio.current_task()
         assert task is not None
-        streaming = True
+        streaming, left = True, False
 
-        def stop(_: object) -> None:
-            if streaming:
+        def stop(gone: "asyncio.Task[None]") -> None:
+            nonlocal left
+            if gone.cancelled():
+                return
+            if (error := gone.exception()) is not None:  # the stream will end at its lifetime
+                log.warning("cannot tell when a status stream's client leaves: %r", error)
+            elif streaming:
+                left = True
                 task.cancel()
 
         gone = asyncio.ensure_future(_disconnected(receive))
@@ -150,11 +160,12 @@ class EventStream:
             await send(
                 {"type": "http.response.start", "status": 200, "headers": [*_START_HEADERS, *extra]}
             )
+            self.started = True
             async for event in self._events:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
                 del event  # not kept while the stream waits for the next one
         except asyncio.CancelledError:
-            if gone.cancelled() or not gone.done() or task.uncancel() > 0:
+            if not left or task.uncancel() > 0:
                 raise  # not (only) the client leaving: the server is cancelling the request
             return
         finally:
@@ -170,11 +181,15 @@ async def _disconnected(receive: Receive) -> None:
 
 
 class _StreamResponse(Response):
-    """An EventStream as the route's response (its headers are the stream's own)."""
+    """An EventStream as the route's response: the stream sends its own status and headers,
+    and any the framework added to these."""
 
     def __init__(self, stream: EventStream) -> None:
-        super().__init__(status_code=200, media_type=MEDIA_TYPE, headers=HEADERS)
         self._stream = stream
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = list(_START_HEADERS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._stream.send(receive, send)
+        added = tuple(self.raw_headers[len(_START_HEADERS) :])
+        await self._stream.send(receive, send, extra=added)

@@ -78,6 +78,7 @@ class Waiter(Generic[T]):
     def wait(self, timeout_s: float) -> "asyncio.Future[None]":
         """Done once woken (at once if it was), or once `timeout_s` passed. A future rather
         than a coroutine: the coroutine's frame would be kept by every held request."""
+        self._settle()  # a wait given up (its task cancelled) leaves no timer behind
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         if self._woken:

@@ -357,14 +357,14 @@ class StatusFollower:
     Waiting costs no database read: the worker's notification wakes the request, with the
     purchase as the listener read it. One waiter is kept throughout, so a change committed
     between two waits still wakes the next one, and the status the follower last saw stays
-    current until a wake-up says otherwise: following a purchase through several changes reads
-    it once. Without a listener (or past its bound of waiters) a wait polls once a second, or is
-    answered at once.
+    current until a wake-up says otherwise: a follower reads its purchase when it starts, and
+    after that only when the listener could not read it for it. Without a listener (or past its
+    bound of waiters) a wait polls once a second, or is answered at once.
 
     Thousands wait at once, so a follower keeps the status it saw, not the purchase (about 1 KB
     as a model), and is one small object rather than a generator."""
 
-    __slots__ = ("_purchase_id", "_seen", "_service", "_waiter", "_waiters")
+    __slots__ = ("_purchase_id", "_seen", "_service", "_unread", "_waiter", "_waiters")
 
     def __init__(
         self,
@@ -377,6 +377,8 @@ class StatusFollower:
         self._purchase_id = purchase_id
         self._waiter: Waiter[Purchase] | None = None
         self._seen: PurchaseStatus | None = None  # as last read or heard
+        # Whether `_seen` may be out of date: nothing read yet, or a wake-up whose read failed.
+        self._unread = True
 
     def __enter__(self) -> "StatusFollower":
         if self._waiters is not None:
@@ -389,15 +391,18 @@ class StatusFollower:
             self._waiter = None
 
     async def change(self, *, unlike: frozenset[str], wait_s: float) -> Purchase | None:
-        """The purchase as soon as its status is none of `unlike`. After `wait_s`, the purchase
-        if it is at hand, else None: its status is still the one last seen. Past the bound of
-        waiters, the purchase as it is, at once."""
+        """The purchase as soon as its status is none of `unlike`. Otherwise, after `wait_s` or
+        once the process is stopping: the purchase if it is at hand, else None (nothing changed
+        that was heard: read it if you need it). Past the bound of waiters: the purchase as it
+        is, at once."""
         waiters, waiter = self._waiters, self._waiter
         if waiters is None or waiter is None:
             return await self._service.status(self._purchase_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while True:
+            if waiters.released:  # the process is stopping: nobody is held any longer
+                return None
             remaining = deadline - loop.time()
             try:
                 purchase = await self._current(waiters, waiter)
@@ -417,25 +422,21 @@ class StatusFollower:
             await waiter.wait(remaining if listening else min(remaining, POLL_S))
             if listening and not waiter.woken:
                 return None  # nothing was announced: it is as last seen
-            if waiters.released:  # the process is stopping: answer with what is known
-                latest = waiter.take()
-                fresh = latest is not None and not _older(latest.status, self._seen)
-                return latest if fresh else None
 
     async def _current(
         self, waiters: "StatusWaiters[Purchase]", waiter: Waiter[Purchase]
     ) -> Purchase | None:
         """The purchase as the listener read it when it woke us, or None while nothing was
         announced since the status last seen, else the purchase as read now."""
-        seen = self._seen
         if waiter.woken:
             latest = waiter.take()
-            if latest is not None and not _older(latest.status, seen):
-                self._seen = latest.status
+            if latest is not None and not _older(latest.status, self._seen):
+                self._seen, self._unread = latest.status, False
                 return latest
-        elif seen is not None and waiters.listening:
+            self._unread = True  # until read: should the read fail, the next try reads again
+        elif not self._unread and waiters.listening:
             return None
         # Read after the waiter was added, so that a change committed meanwhile still wakes it.
         purchase = await self._service.status(self._purchase_id)
-        self._seen = purchase.status
+        self._seen, self._unread = purchase.status, False
         return purchase

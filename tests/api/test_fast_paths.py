@@ -28,6 +28,7 @@ from api.fast_paths import EVENTS_ROUTE, PURCHASE_ROUTE, STATUS_ROUTE, FastPaths
 from api.main import create_app
 from api.purchase_contract import PURCHASE_PATH
 from shared.purchases.ids import PurchaseIds
+from shared.purchases.service import StatusFollower
 from shared.settings import Settings
 from tests.api.helpers import record_purchase
 from tests.factories import create_event, purchase
@@ -555,3 +556,20 @@ async def test_a_plain_status_stream_skips_the_route_and_a_query_reaches_it(
     assert [scope["query_string"] for scope in reached] == [b"fresh=1"], (
         "only the stream with a query string reached the route"
     )
+
+
+@pytest.mark.parametrize("query", ["", "?via=route"], ids=["dispatched", "routed"])
+async def test_a_stream_failing_once_under_way_is_cut_short_with_its_own_error(
+    api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, query: str
+) -> None:
+    """Its 200 is sent: no second answer is attempted (that would be an ASGI protocol error,
+    raised in place of the bug), the bug itself is raised, for the server to log."""
+    event = await create_event(api)
+    purchase_id = (await purchase(api, event["id"])).json()["purchase_id"]
+
+    async def broken(*_: Any, **__: Any) -> None:
+        raise RuntimeError("a bug while the stream waits")
+
+    monkeypatch.setattr(StatusFollower, "change", broken)
+    with pytest.raises(RuntimeError, match="a bug while the stream waits"):
+        await api.get(f"/purchases/{purchase_id}/events{query}")

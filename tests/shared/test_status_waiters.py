@@ -1,10 +1,16 @@
-"""A waiter: woken with what was read for it, or timed out; nothing left behind once removed."""
+"""A waiter: woken with what was read for it, or timed out; nothing left behind once removed.
+A follower: no wake-up lost, even when the read it calls for fails; none held past a stop."""
 
 import asyncio
 import time
-from uuid import uuid4
+from collections.abc import Iterator
+from typing import cast
+from uuid import UUID, uuid4
 
+from shared.errors import ServiceUnavailable
 from shared.purchases.changes import StatusWaiters, Waiter
+from shared.purchases.models import Purchase, PurchaseStatus
+from shared.purchases.service import PurchaseService, StatusFollower
 
 
 async def test_a_wait_ends_when_woken_with_what_was_read() -> None:
@@ -50,3 +56,69 @@ async def test_a_removed_waiter_leaves_no_timer_and_frees_its_place() -> None:
     assert waiter._future is None
     assert waiters.held == 0
     assert waiters.add(purchase_id) is not None
+
+
+class ScriptedReads:
+    """The service's reads of one purchase, as scripted: a status, or an outage."""
+
+    def __init__(self, *outcomes: PurchaseStatus | Exception) -> None:
+        self._outcomes: Iterator[PurchaseStatus | Exception] = iter(outcomes)
+        self.reads = 0
+
+    async def status(self, purchase_id: UUID) -> Purchase:
+        self.reads += 1
+        outcome = next(self._outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return Purchase(
+            purchase_id=purchase_id,
+            event_id=None,
+            customer_id=None,
+            quantity=None,
+            status=outcome,
+            accepted_at=None,
+        )
+
+
+def listening_waiters() -> StatusWaiters[Purchase]:
+    waiters: StatusWaiters[Purchase] = StatusWaiters("postgresql://unused", max_waiters=10)
+    waiters._up.set()  # as if its LISTEN connection were up
+    return waiters
+
+
+PENDING = frozenset({PurchaseStatus.PENDING.value})
+
+
+async def test_a_wake_up_whose_read_fails_is_read_again_not_lost() -> None:
+    """Woken without the purchase (the listener's read failed too), the follower's own read
+    fails: the next try must read again, not take the status it saw before as current."""
+    waiters = listening_waiters()
+    purchase_id = uuid4()
+    reads = ScriptedReads(
+        PurchaseStatus.PENDING, ServiceUnavailable("pool exhausted"), PurchaseStatus.HELD
+    )
+    follower = StatusFollower(cast(PurchaseService, reads), waiters, purchase_id)
+    with follower:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, waiters._wake, purchase_id, None)
+        started = time.monotonic()
+        changed = await follower.change(unlike=PENDING, wait_s=10)
+    assert changed is not None
+    assert changed.status == PurchaseStatus.HELD
+    assert time.monotonic() - started < 3, "the change was seen only at the deadline"
+    assert reads.reads == 3
+
+
+async def test_a_stop_during_an_outage_is_not_waited_through() -> None:
+    waiters = listening_waiters()
+    purchase_id = uuid4()
+    reads = ScriptedReads(
+        ServiceUnavailable("database away"), PurchaseStatus.PENDING, PurchaseStatus.PENDING
+    )
+    follower = StatusFollower(cast(PurchaseService, reads), waiters, purchase_id)
+    with follower:
+        asyncio.get_running_loop().call_later(0.3, waiters.release)
+        started = time.monotonic()
+        changed = await follower.change(unlike=PENDING, wait_s=10)
+    assert changed is None, "nothing changed: the caller answers with the status as it is"
+    assert time.monotonic() - started < 2, "held on after the process began to stop"
