@@ -183,21 +183,20 @@ class FastPaths:
     async def _send_with_cors(
         self, scope: Scope, receive: Receive, send: Send, reply: Answer | EventStream | Response
     ) -> None:
-        if isinstance(reply, Answer) and not _has_origin(scope):
-            await reply.send(send, extra=self._without_origin)
-            return
-        if isinstance(reply, EventStream) and not _has_origin(scope):
-            await reply.send(receive, send, extra=self._without_origin)
-            return
-        cors_send = functools.partial(
-            self._cors.send, send=send, request_headers=Headers(scope=scope)
-        )
-        if isinstance(reply, Answer):
-            await reply.send(cors_send)
-        elif isinstance(reply, EventStream):
-            await reply.send(receive, cors_send)
+        if not isinstance(reply, Response) and not _has_origin(scope):
+            # Ours carry no header CORS would merge with: add what it adds without an Origin.
+            extra = self._without_origin
         else:
-            await reply(scope, receive, cors_send)
+            extra = ()
+            send = functools.partial(
+                self._cors.send, send=send, request_headers=Headers(scope=scope)
+            )
+        if isinstance(reply, Answer):
+            await reply.send(send, extra=extra)
+        elif isinstance(reply, EventStream):
+            await reply.send(receive, send, extra=extra)
+        else:
+            await reply(scope, receive, send)
 
     def _plain_json(self, scope: Scope) -> bool:
         """A body of declared length within the limit, sent as plain `application/json`, with
