@@ -5,7 +5,6 @@ applied and takes a lock, so two processes migrating at once apply each migratio
 """
 
 import logging
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -13,9 +12,8 @@ from psycopg import errors, sql
 from yoyo import get_backend, read_migrations
 
 from shared.logs import configure_logging
+from shared.schema import MIGRATIONS_DIR, database_name
 from shared.settings import Settings, get_settings
-
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +21,6 @@ log = logging.getLogger(__name__)
 def _with_database(url: str, database: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{database}"))
-
-
-def database_name(url: str) -> str:
-    name = urlsplit(url).path.lstrip("/")
-    if not name:
-        raise ValueError(f"DATABASE_URL names no database: {url!r}")
-    return name
 
 
 def create_database_if_missing(url: str) -> bool:

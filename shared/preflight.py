@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -21,7 +20,7 @@ from aio_pika.abc import AbstractConnection
 
 from shared.cluster_config import agree_on_partitions
 from shared.errors import StartupError
-from shared.migrate import MIGRATIONS_DIR, database_name
+from shared.schema import database_name, expected_migrations
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -98,14 +97,6 @@ async def connect_database(settings: Settings, *, wait_s: float) -> asyncpg.Conn
     return await _until_reachable(
         connect, service="PostgreSQL", where=where, setting="DATABASE_URL", wait_s=wait_s
     )
-
-
-def expected_migrations(directory: Path = MIGRATIONS_DIR) -> set[str]:
-    return {
-        path.name.removesuffix(".sql")
-        for path in directory.glob("*.sql")
-        if not path.name.endswith(".rollback.sql")
-    }
 
 
 async def check_schema(connection: asyncpg.Connection) -> None:

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from shared.migrate import MIGRATIONS_DIR, drop_database
+from shared.migrate import drop_database
+from shared.schema import MIGRATIONS_DIR
 from tests.conftest import Services, make_settings, settings_env, with_database
 
 
@@ -75,3 +76,20 @@ def test_two_migrations_at_once_apply_each_migration_once(
     migrations = applied(fresh_database_url)
     assert migrations
     assert len(migrations) == len(set(migrations))
+
+
+def test_the_services_do_not_load_the_migration_tool() -> None:
+    """psycopg and yoyo are `make migrate`'s: loaded by the API or a worker, they would cost each
+    process about 10 MB for nothing."""
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, api.__main__, api.main, worker.__main__; "
+            "print(sorted(name for name in ('psycopg', 'yoyo') if name in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "[]"
