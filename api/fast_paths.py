@@ -103,7 +103,9 @@ class FastPaths:
         self._cors = CORSMiddleware(self.app, **cors_options)
         self._without_origin = _cors_headers_without_origin(self._cors)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """What serves the request, to be awaited. A plain method rather than a coroutine: a
+        held status request keeps every frame between its task and its wait, for minutes."""
         app = self.app
         if app.root_path:  # as FastAPI itself does, before anything reads the path
             scope["root_path"] = app.root_path
@@ -114,25 +116,15 @@ class FastPaths:
                 and (match := PURCHASE.fullmatch(route_path(scope)))
                 and self._plain_json(scope)
             ):
-                # Read here, not in a helper of its own: this frame is the one the request's
-                # task resumes when the broker confirms, and each frame more costs per purchase.
-                body, received = await _read_body(receive)
-                receive = _replay(received, receive)
-                if body is not None:  # else the client went away mid-body: the route answers
-                    service = purchase_service_of(app)
-                    answer = purchase_contract.accept(service, scope, _event_id(match[1]), body)
-                    await self._serve(scope, receive, send, PURCHASE_ROUTE, answer)
-                    return
-            elif (
+                return self._purchase(scope, receive, send, _event_id(match[1]))
+            if (
                 method == "GET"
                 and _plain_status_query(scope["query_string"])
                 and (match := STATUS.fullmatch(route_path(scope)))
             ):
-                service = purchase_service_of(app)
-                answer = purchase_contract.status(service, scope, UUID(match[1]))
-                await self._serve(scope, receive, send, STATUS_ROUTE, answer)
-                return
-            elif (
+                answer = purchase_contract.status(purchase_service_of(app), scope, UUID(match[1]))
+                return self._serve(scope, receive, send, STATUS_ROUTE, answer)
+            if (
                 method == "GET"
                 and not scope["query_string"]
                 and (match := EVENTS.fullmatch(route_path(scope)))
@@ -145,9 +137,19 @@ class FastPaths:
                     heartbeat_s=settings.status_heartbeat_s,
                     max_s=settings.status_stream_max_s,
                 )
-                await self._serve(scope, receive, send, EVENTS_ROUTE, stream)
-                return
-        await app.framework(scope, receive, send)
+                return self._serve(scope, receive, send, EVENTS_ROUTE, stream)
+        return app.framework(scope, receive, send)
+
+    async def _purchase(self, scope: Scope, receive: Receive, send: Send, event_id: UUID) -> None:
+        # Read here, not in a helper of its own: this frame is the one the request's task
+        # resumes when the broker confirms, and each frame more costs per purchase.
+        body, received = await _read_body(receive)
+        receive = _replay(received, receive)
+        if body is None:  # the client went away mid-body: the route answers
+            await self.app.framework(scope, receive, send)
+            return
+        answer = purchase_contract.accept(purchase_service_of(self.app), scope, event_id, body)
+        await self._serve(scope, receive, send, PURCHASE_ROUTE, answer)
 
     async def _serve(
         self,
@@ -171,8 +173,11 @@ class FastPaths:
                 reply = await answer
             except Exception as exc:
                 reply = await _error_response(scope, receive, exc)
+            # Done with, but a finished coroutine keeps its frame's memory for as long as it
+            # is referenced, and a stream is held for minutes.
+            del answer
             status = _status_of(reply)
-            await self._send_with_cors(scope, receive, send, reply)
+            await self._sending(scope, receive, send, reply)
         except Exception as exc:
             if not (isinstance(reply, EventStream) and reply.started):
                 await _answer_bug(scope, receive, send, exc)
@@ -180,9 +185,11 @@ class FastPaths:
         finally:
             metrics.record(scope["method"], route.path, status, time.perf_counter() - started)
 
-    async def _send_with_cors(
+    def _sending(
         self, scope: Scope, receive: Receive, send: Send, reply: Answer | EventStream | Response
-    ) -> None:
+    ) -> Awaitable[None]:
+        """What sends `reply` with the CORS headers due, to be awaited (a plain method, for the
+        same reason as `__call__`)."""
         if not isinstance(reply, Response) and not _has_origin(scope):
             # Ours carry no header CORS would merge with: add what it adds without an Origin.
             extra = self._without_origin
@@ -192,11 +199,10 @@ class FastPaths:
                 self._cors.send, send=send, request_headers=Headers(scope=scope)
             )
         if isinstance(reply, Answer):
-            await reply.send(send, extra=extra)
-        elif isinstance(reply, EventStream):
-            await reply.send(receive, send, extra=extra)
-        else:
-            await reply(scope, receive, send)
+            return reply.send(send, extra=extra)
+        if isinstance(reply, EventStream):
+            return reply.send(receive, send, extra=extra)
+        return reply(scope, receive, send)
 
     def _plain_json(self, scope: Scope) -> bool:
         """A body of declared length within the limit, sent as plain `application/json`, with

@@ -162,16 +162,16 @@ async def status_events(
     """The purchase's status as server-sent events, from what the client has (`Last-Event-ID`)
     on; 204 when it already has a status that cannot change (EventSource then stops
     reconnecting). A refusal (404, 503) is raised before the stream starts."""
-    events = await status_stream.open_stream(
+    stream = await status_stream.open_stream(
         service,
         purchase_id,
         last_event_id=_header(scope, b"last-event-id"),
         heartbeat_s=heartbeat_s,
         max_s=max_s,
     )
-    if events is None:
+    if stream is None:
         return Answer(204, b"", media_type=None, headers=tuple(status_stream.HEADERS.items()))
-    return status_stream.EventStream(events)
+    return stream
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -16,7 +16,7 @@ and stops the stream then rather than at its next heartbeat.
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from typing import Any
 from uuid import UUID
 
 from starlette.responses import Response
@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from shared.errors import ServiceUnavailable
 from shared.purchases.models import Purchase, PurchaseStatus
-from shared.purchases.service import PurchaseService, StatusFollower
+from shared.purchases.service import PurchaseService
 from shared.retry import DATABASE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
@@ -58,75 +58,50 @@ async def open_stream(
     last_event_id: str | None,
     heartbeat_s: float,
     max_s: float,
-) -> AsyncGenerator[bytes, None] | None:
-    """The stream's events (None: there will be none). Refusals (404 never issued, 503) are
-    raised here, before any byte of the stream is sent, so that they are answered as problems."""
+) -> "EventStream | None":
+    """The stream (None: there will be no event). Refusals (404 never issued, 503) are raised
+    here, before any byte of the stream is sent, so that they are answered as problems."""
     first = await service.status(purchase_id)
     if first.status in SETTLED and first.status.value == last_event_id:
         return None  # nothing will follow what the client has: 204 tells EventSource to stop
-    return _events(service, first, last_event_id, heartbeat_s=heartbeat_s, max_s=max_s)
-
-
-async def _events(
-    service: PurchaseService,
-    first: Purchase,
-    last_event_id: str | None,
-    *,
-    heartbeat_s: float,
-    max_s: float,
-) -> AsyncGenerator[bytes, None]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + max_s
-    purchase_id, status = first.purchase_id, first.status
-    event = status_event(first) if status.value != last_event_id else None
-    # Thousands of streams are held at once: each keeps its status, not the purchase (~1 KB).
-    del first
-    with service.follow(purchase_id) as follower:
-        while True:
-            if event is not None:
-                yield event
-                event = None
-            # Past a status that cannot change, or once the process is stopping (the client
-            # reconnects elsewhere), there is nothing more to send.
-            if status in SETTLED or service.draining:
-                return
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            changed = await _wait_for_change(
-                service, follower, status, timeout_s=min(heartbeat_s, remaining)
-            )
-            if changed is not None:
-                status, event = changed.status, status_event(changed)
-                changed = None
-            elif not service.draining:
-                yield HEARTBEAT
-
-
-async def _wait_for_change(
-    service: PurchaseService, follower: StatusFollower, status: PurchaseStatus, *, timeout_s: float
-) -> Purchase | None:
-    """The purchase once its status is no longer `status`, within `timeout_s`; else None (after
-    `timeout_s`: when the wait ends early, the database down or too many waiters, the rest is
-    slept)."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + timeout_s
-    with contextlib.suppress(ServiceUnavailable, *DATABASE_UNAVAILABLE):
-        latest = await follower.change(unlike=_OTHER_THAN[status], wait_s=timeout_s)
-        if latest is not None and latest.status != status:
-            return latest
-    if not service.draining:
-        await asyncio.sleep(max(0.0, until - loop.time()))
-    return None
+    return EventStream(service, first, last_event_id, heartbeat_s=heartbeat_s, max_s=max_s)
 
 
 class EventStream:
-    """An open stream of a purchase's events, to be sent as one chunked 200 answer."""
+    """An open stream of a purchase's events, to be sent as one chunked 200 answer.
 
-    __slots__ = ("_events", "started")
+    Thousands are held at once, each for minutes, so a stream keeps its status rather than the
+    purchase (about 1 KB), and one coroutine (`send`) does all its work: every frame between the
+    request's task and its wait is kept for as long as it waits."""
 
-    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
-        self._events = events
+    __slots__ = (
+        "_first",
+        "_heartbeat_s",
+        "_left",
+        "_max_s",
+        "_purchase_id",
+        "_service",
+        "_status",
+        "_streaming",
+        "_task",
+        "started",
+    )
+
+    def __init__(
+        self,
+        service: PurchaseService,
+        first: Purchase,
+        last_event_id: str | None,
+        *,
+        heartbeat_s: float,
+        max_s: float,
+    ) -> None:
+        self._service = service
+        self._purchase_id, self._status = first.purchase_id, first.status
+        self._first = status_event(first) if first.status.value != last_event_id else None
+        self._heartbeat_s, self._max_s = heartbeat_s, max_s
+        self._task: asyncio.Task[Any] | None = None
+        self._streaming = self._left = False
         self.started = False  # once its 200 is sent, a failure can only cut it short
 
     def response(self) -> Response:
@@ -137,42 +112,66 @@ class EventStream:
     ) -> None:
         """Send every event, then end the answer; if the client goes away first, stop there.
 
-        The stream's own task waits for the purchase to change; a second one waits for the
-        client's disconnect and cancels the first. (uvicorn sends into a closed connection
-        without complaint, so without it a stream would find out only at its end.)"""
-        task = asyncio.current_task()
+        A second task waits for the client's disconnect and cancels this one (uvicorn sends into
+        a closed connection without complaint, so without it a stream would find out only at
+        its end)."""
+        task = self._task = asyncio.current_task()
         assert task is not None
-        streaming, left = True, False
-
-        def stop(gone: "asyncio.Task[None]") -> None:
-            nonlocal left
-            if gone.cancelled():
-                return
-            if (error := gone.exception()) is not None:  # the stream will end at its lifetime
-                log.warning("cannot tell when a status stream's client leaves: %r", error)
-            elif streaming:
-                left = True
-                task.cancel()
-
+        self._streaming = True
         gone = asyncio.ensure_future(_disconnected(receive))
-        gone.add_done_callback(stop)
+        gone.add_done_callback(self._client_gone)
+        service, status = self._service, self._status
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_s
         try:
             await send(
                 {"type": "http.response.start", "status": 200, "headers": [*_START_HEADERS, *extra]}
             )
             self.started = True
-            async for event in self._events:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-                del event  # not kept while the stream waits for the next one
+            event, self._first = self._first, None
+            with service.follow(self._purchase_id) as follower:
+                while True:
+                    if event is not None:
+                        await send({"type": "http.response.body", "body": event, "more_body": True})
+                        event = None  # not kept while the stream waits for the next one
+                    # Past a status that cannot change, or once the process is stopping (the
+                    # client reconnects elsewhere), there is nothing more to send.
+                    if status in SETTLED or service.draining:
+                        break
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    wait_s = min(self._heartbeat_s, remaining)
+                    until = loop.time() + wait_s
+                    changed = None
+                    with contextlib.suppress(ServiceUnavailable, *DATABASE_UNAVAILABLE):
+                        changed = await follower.change(unlike=_OTHER_THAN[status], wait_s=wait_s)
+                    if changed is not None and changed.status != status:
+                        status, event = changed.status, status_event(changed)
+                    elif not service.draining:
+                        # Nothing changed. A wait that ended early (the database down, too many
+                        # waiters) sleeps the rest, so that heartbeats keep their pace.
+                        await asyncio.sleep(max(0.0, until - loop.time()))
+                        if not service.draining:
+                            event = HEARTBEAT
+                    changed = None
         except asyncio.CancelledError:
-            if not left or task.uncancel() > 0:
+            if not self._left or task.uncancel() > 0:
                 raise  # not (only) the client leaving: the server is cancelling the request
             return
         finally:
-            streaming = False
+            self._streaming = False
             gone.cancel()
-            await self._events.aclose()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _client_gone(self, gone: "asyncio.Future[None]") -> None:
+        if gone.cancelled():
+            return
+        if (error := gone.exception()) is not None:  # the stream will end at its lifetime
+            log.warning("cannot tell when a status stream's client leaves: %r", error)
+        elif self._streaming and self._task is not None:
+            self._left = True
+            self._task.cancel()
 
 
 async def _disconnected(receive: Receive) -> None:
