@@ -8,13 +8,13 @@ from typing import cast
 from uuid import UUID, uuid4
 
 from shared.errors import ServiceUnavailable
-from shared.purchases.changes import StatusWaiters, Waiter
+from shared.purchases.changes import StatusWaiters, Timeouts, Waiter
 from shared.purchases.models import Purchase, PurchaseStatus
 from shared.purchases.service import PurchaseService, StatusFollower
 
 
 async def test_a_wait_ends_when_woken_with_what_was_read() -> None:
-    waiter: Waiter[str] = Waiter()
+    waiter: Waiter[str] = Waiter(Timeouts())
     asyncio.get_running_loop().call_later(0.05, waiter.wake, "confirmed")
     started = time.monotonic()
     await waiter.wait(10)
@@ -25,7 +25,7 @@ async def test_a_wait_ends_when_woken_with_what_was_read() -> None:
 
 
 async def test_a_wake_before_the_wait_is_not_lost() -> None:
-    waiter: Waiter[str] = Waiter()
+    waiter: Waiter[str] = Waiter(Timeouts())
     waiter.wake()
     started = time.monotonic()
     await waiter.wait(10)
@@ -35,10 +35,40 @@ async def test_a_wake_before_the_wait_is_not_lost() -> None:
 
 
 async def test_a_wait_ends_at_its_timeout_unwoken() -> None:
-    waiter: Waiter[str] = Waiter()
+    waiter: Waiter[str] = Waiter(Timeouts())
     started = time.monotonic()
     await waiter.wait(0.1)
     assert 0.09 <= time.monotonic() - started < 2
+    assert not waiter.woken
+
+
+async def test_waits_time_out_each_at_its_own_time_on_one_timer() -> None:
+    timeouts = Timeouts()
+    waiters: list[Waiter[str]] = [Waiter(timeouts) for _ in range(3)]
+    ended: list[tuple[float, float]] = []
+    started = time.monotonic()
+
+    async def wait(waiter: Waiter[str], timeout_s: float) -> None:
+        await waiter.wait(timeout_s)
+        ended.append((timeout_s, time.monotonic() - started))
+
+    await asyncio.gather(*(wait(w, t) for w, t in zip(waiters, (0.3, 0.1, 0.2), strict=True)))
+    assert [timeout_s for timeout_s, _ in ended] == [0.1, 0.2, 0.3]
+    for timeout_s, after in ended:
+        assert timeout_s - 0.005 <= after < timeout_s + 0.5
+    assert len(timeouts) == 0, "nothing is left once every wait has timed out"
+
+
+async def test_a_wait_is_not_cut_short_by_the_timeout_of_an_earlier_one() -> None:
+    timeouts = Timeouts()
+    waiter: Waiter[str] = Waiter(timeouts)
+    first = waiter.wait(0.1)
+    waiter.wake("held")
+    await first
+    assert waiter.take() == "held"
+    started = time.monotonic()
+    await waiter.wait(0.4)  # the first wait's entry comes due meanwhile
+    assert time.monotonic() - started >= 0.39
     assert not waiter.woken
 
 
@@ -52,8 +82,8 @@ async def test_a_removed_waiter_leaves_no_timer_and_frees_its_place() -> None:
     await asyncio.sleep(0)
     waiting.cancel()  # the client went away
     waiters.remove(purchase_id, waiter)
-    assert waiter._timer is None
     assert waiter._future is None
+    assert waiter._deadline is None, "its timeout's entry, when due, ends nothing"
     assert waiters.held == 0
     assert waiters.add(purchase_id) is not None
 
