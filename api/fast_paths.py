@@ -141,8 +141,9 @@ class FastPaths:
         return app.framework(scope, receive, send)
 
     async def _purchase(self, scope: Scope, receive: Receive, send: Send, event_id: UUID) -> None:
-        # Read here, not in a helper of its own: this frame is the one the request's task
-        # resumes when the broker confirms, and each frame more costs per purchase.
+        # The body is read here, not in a helper of its own: this frame is the one the
+        # request's task resumes when the broker confirms, and each frame more costs per
+        # purchase (it takes the place of `__call__`'s, which is not a coroutine).
         body, received = await _read_body(receive)
         receive = _replay(received, receive)
         if body is None:  # the client went away mid-body: the route answers

@@ -148,13 +148,14 @@ class EventStream:
                         changed = await follower.change(unlike=_OTHER_THAN[status], wait_s=wait_s)
                     if changed is not None and changed.status != status:
                         status, event = changed.status, status_event(changed)
+                        changed = None
                     elif not service.draining:
                         # Nothing changed. A wait that ended early (the database down, too many
                         # waiters) sleeps the rest, so that heartbeats keep their pace.
+                        changed = None
                         await asyncio.sleep(max(0.0, until - loop.time()))
                         if not service.draining:
                             event = HEARTBEAT
-                    changed = None
         except asyncio.CancelledError:
             if not self._left or task.uncancel() > 0:
                 raise  # not (only) the client leaving: the server is cancelling the request

@@ -58,14 +58,18 @@ class Timeouts:
     of waits are held at once, and a timer of uvloop's (a libuv timer and its handle) costs
     about 0.5 KB where an entry here costs about 0.1 KB.
 
-    A wait that ends early leaves its entry behind until its time: cheaper than finding it."""
+    A wait that ends early leaves its entry behind, cheaper than finding it; once most entries
+    are left behind they are swept out together, as asyncio's own loop does with cancelled
+    timers, so what is kept follows the waits held, not the requests served."""
 
     # uvloop's timers are in milliseconds and may fire up to one early.
     _RESOLUTION_S = 0.001
+    _SWEEP_MIN = 512
 
     def __init__(self) -> None:
         self._due: list[tuple[float, int, Waiter[Any]]] = []
         self._order = itertools.count()
+        self._left = 0  # entries of waits that ended early
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
 
@@ -75,8 +79,21 @@ class Timeouts:
     def add(self, when: float, waiter: "Waiter[Any]") -> None:
         """Time `waiter` out at `when` (the loop's time), unless its wait has ended before."""
         heapq.heappush(self._due, (when, next(self._order), waiter))
-        if when < self._timer_at:
-            self._arm(when)
+        if self._due[0][0] < self._timer_at:
+            self._arm(self._due[0][0])
+
+    def left_behind(self) -> None:
+        """A wait ended before its time: its entry no longer times anything out."""
+        self._left += 1
+        if self._left > self._SWEEP_MIN and 2 * self._left > len(self._due):
+            self._due = [entry for entry in self._due if entry[2].waits_until(entry[0])]
+            heapq.heapify(self._due)
+            self._left = 0
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, math.inf
 
     def _arm(self, when: float) -> None:
         if self._timer is not None:
@@ -87,12 +104,16 @@ class Timeouts:
     def _fire(self) -> None:
         self._timer, self._timer_at = None, math.inf
         now = asyncio.get_running_loop().time() + self._RESOLUTION_S
-        due = self._due
-        while due and due[0][0] <= now:
-            when, _, waiter = heapq.heappop(due)
-            waiter.time_out(when)
-        if due:
-            self._arm(due[0][0])
+        try:
+            while self._due and self._due[0][0] <= now:
+                when, _, waiter = heapq.heappop(self._due)
+                if waiter.waits_until(when):
+                    waiter.time_out()
+                else:
+                    self._left -= 1
+        finally:
+            if self._due:
+                self._arm(self._due[0][0])
 
 
 class Waiter(Generic[T]):
@@ -135,18 +156,25 @@ class Waiter(Generic[T]):
             self._timeouts.add(self._deadline, self)
         return future
 
-    def time_out(self, deadline: float) -> None:
-        """`deadline` has come: the wait it was set for ends, if that wait is still on."""
-        if deadline == self._deadline:
-            self._settle()
+    def waits_until(self, deadline: float) -> bool:
+        """Whether a wait is on, and ends at `deadline`."""
+        return deadline == self._deadline
 
-    def close(self) -> None:
-        """Nobody waits on it any longer: drop its future."""
+    def time_out(self) -> None:
+        """The wait's deadline has come (the wait is over, and so is its entry)."""
+        self._deadline = None
         self._settle()
 
+    def close(self) -> None:
+        """Nobody waits on it any longer: drop its future and what it was woken with."""
+        self._settle()
+        self.latest = None
+
     def _settle(self) -> None:
+        if self._deadline is not None:
+            self._deadline = None
+            self._timeouts.left_behind()
         future, self._future = self._future, None
-        self._deadline = None
         if future is not None and not future.done():
             future.set_result(None)
 
@@ -210,6 +238,7 @@ class StatusWaiters(Generic[T]):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._wake_all()
+        self._timeouts.close()
 
     def release(self) -> None:
         """The process is stopping: wake every waiter, for good, and hold no new one, so that
@@ -232,8 +261,9 @@ class StatusWaiters(Generic[T]):
         waiter.close()
         self._count -= 1
         waiters = self._waiting.get(purchase_id)
-        if waiters is not None and waiter in waiters:
-            waiters.remove(waiter)
+        if waiters is not None:
+            with contextlib.suppress(ValueError):  # removed twice
+                waiters.remove(waiter)
             if not waiters:
                 del self._waiting[purchase_id]
 

@@ -42,7 +42,7 @@ async def test_a_wait_ends_at_its_timeout_unwoken() -> None:
     assert not waiter.woken
 
 
-async def test_waits_time_out_each_at_its_own_time_on_one_timer() -> None:
+async def test_waits_time_out_each_at_its_own_time() -> None:
     timeouts = Timeouts()
     waiters: list[Waiter[str]] = [Waiter(timeouts) for _ in range(3)]
     ended: list[tuple[float, float]] = []
@@ -72,7 +72,26 @@ async def test_a_wait_is_not_cut_short_by_the_timeout_of_an_earlier_one() -> Non
     assert not waiter.woken
 
 
-async def test_a_removed_waiter_leaves_no_timer_and_frees_its_place() -> None:
+async def test_waits_ended_early_are_swept_out_not_kept_until_their_time() -> None:
+    """A flash sale's long-polls mostly end early, at their decision: what is kept must follow
+    the waits held, not the requests served in the last 30 s."""
+    timeouts = Timeouts()
+    held: Waiter[str] = Waiter(timeouts)
+    held_wait = held.wait(30)
+    for _ in range(10_000):
+        answered: Waiter[str] = Waiter(timeouts)
+        waiting = answered.wait(30)
+        answered.wake("confirmed")
+        assert waiting.done()
+        answered.close()
+    assert len(timeouts) <= 2 * Timeouts._SWEEP_MIN + 2
+    assert not held_wait.done(), "the sweep keeps the waits still held"
+    started = time.monotonic()
+    await held.wait(0.1)
+    assert time.monotonic() - started >= 0.09
+
+
+async def test_a_removed_waiter_ends_its_wait_and_frees_its_place() -> None:
     waiters: StatusWaiters[str] = StatusWaiters("postgresql://unused", max_waiters=1)
     purchase_id = uuid4()
     waiter = waiters.add(purchase_id)
