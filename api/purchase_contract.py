@@ -76,13 +76,13 @@ def parse_body(model: type[Body], body: bytes) -> Body:
 
 def idempotency_key(scope: Scope) -> str | None:
     """The Idempotency-Key header (its first occurrence, as Starlette reads headers)."""
-    for name, value in scope["headers"]:
-        if name == _IDEMPOTENCY_KEY_HEADER:
-            try:
-                return _IDEMPOTENCY_KEYS.validate_python(value.decode("latin-1"))
-            except ValidationError as exc:
-                raise InvalidInput(_located("header", exc, IDEMPOTENCY_KEY)) from None
-    return None
+    value = _header(scope, _IDEMPOTENCY_KEY_HEADER)
+    if value is None:
+        return None
+    try:
+        return _IDEMPOTENCY_KEYS.validate_python(value)
+    except ValidationError as exc:
+        raise InvalidInput(_located("header", exc, IDEMPOTENCY_KEY)) from None
 
 
 async def accept(service: PurchaseService, scope: Scope, event_id: UUID, body: bytes) -> Answer:

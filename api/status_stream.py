@@ -82,7 +82,6 @@ class EventStream:
         "_purchase_id",
         "_service",
         "_status",
-        "_streaming",
         "_task",
         "started",
     )
@@ -100,8 +99,8 @@ class EventStream:
         self._purchase_id, self._status = first.purchase_id, first.status
         self._first = status_event(first) if first.status.value != last_event_id else None
         self._heartbeat_s, self._max_s = heartbeat_s, max_s
-        self._task: asyncio.Task[Any] | None = None
-        self._streaming = self._left = False
+        self._task: asyncio.Task[Any] | None = None  # while it streams
+        self._left = False
         self.started = False  # once its 200 is sent, a failure can only cut it short
 
     def response(self) -> Response:
@@ -117,7 +116,6 @@ class EventStream:
         its end)."""
         task = self._task = asyncio.current_task()
         assert task is not None
-        self._streaming = True
         gone = asyncio.ensure_future(_disconnected(receive))
         gone.add_done_callback(self._client_gone)
         service, status = self._service, self._status
@@ -161,7 +159,7 @@ class EventStream:
                 raise  # not (only) the client leaving: the server is cancelling the request
             return
         finally:
-            self._streaming = False
+            self._task = None
             gone.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -170,7 +168,7 @@ class EventStream:
             return
         if (error := gone.exception()) is not None:  # the stream will end at its lifetime
             log.warning("cannot tell when a status stream's client leaves: %r", error)
-        elif self._streaming and self._task is not None:
+        elif self._task is not None:
             self._left = True
             self._task.cancel()
 
