@@ -2,8 +2,8 @@
 
 Local services are used when reachable (DATABASE_URL / RABBITMQ_URL, with the usual local
 defaults); otherwise testcontainers starts them where Docker exists. Each test gets its own
-database (cloned from a migrated template) and its own broker namespace, and both are removed
-afterwards.
+database (a clone of a migrated template, or one a finished test left as the template is but for
+its rows: tests/databases.py) and its own broker namespace; everything is removed afterwards.
 """
 
 import asyncio
@@ -28,6 +28,7 @@ from api.main import create_app
 from shared import broker, broker_nodes
 from shared.migrate import apply_migrations, create_database_if_missing, drop_database
 from shared.settings import Settings
+from tests.databases import TestDatabases
 from worker.supervisor import Worker
 
 RUN_ID = uuid.uuid4().hex[:8]
@@ -100,6 +101,14 @@ def template_database(services: Services) -> Iterator[str]:
     drop_database(url)
 
 
+@pytest.fixture(scope="session")
+def databases(services: Services, template_database: str) -> Iterator[TestDatabases]:
+    """Each test's database: cloned from the template, or recycled (tests/databases.py)."""
+    pool = TestDatabases(services.database_url, template_database)
+    yield pool
+    pool.drop_all()
+
+
 def make_settings(
     services: Services, database: str, namespace: str, **overrides: object
 ) -> Settings:
@@ -119,27 +128,17 @@ def make_settings(
     return Settings(**values)  # type: ignore[arg-type]
 
 
-async def _admin(services: Services) -> asyncpg.Connection:
-    return await asyncpg.connect(with_database(services.database_url, "postgres"))
-
-
 @pytest_asyncio.fixture
 async def settings(
-    services: Services, template_database: str, request: pytest.FixtureRequest
+    services: Services, databases: TestDatabases, request: pytest.FixtureRequest
 ) -> AsyncIterator[Settings]:
     number = next(_counter)
-    database = f"ticketing_test_{RUN_ID}_{number}"
-    admin = await _admin(services)
-    try:
-        # Names are ours (hex and digits); identifiers cannot be bound as parameters.
-        await admin.execute(f'CREATE DATABASE "{database}" TEMPLATE "{template_database}"')
-    finally:
-        await admin.close()
+    database = await databases.acquire(f"ticketing_test_{RUN_ID}_{number}")
     overrides = getattr(request, "param", {})
     settings = make_settings(services, database, f"test.{RUN_ID}.{number}", **overrides)
     yield settings
     await delete_topology(settings)
-    drop_database(settings.database_url)
+    await databases.release(database)
 
 
 async def delete_topology(settings: Settings) -> None:
