@@ -29,8 +29,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -138,13 +140,13 @@ class BrokerCluster:
         return ",".join(f"amqp://guest:guest@127.0.0.1:{n.amqp_port}/" for n in self.nodes)
 
     def running_nodes(self) -> list[str]:
-        """The cluster's running nodes as one running member sees them (cluster_status)."""
+        """The cluster's running nodes as one running member sees them."""
         for node in self.nodes:
             if not self.is_running(node.name):
                 continue
-            result = self._ctl("rabbitmqctl", node, "cluster_status", "--formatter", "json")
-            if result.returncode == 0:
-                return list(json.loads(result.stdout)["running_nodes"])
+            seen = _running_nodes_seen_by(node)
+            if isinstance(seen, list):
+                return seen
         return []
 
     def status(self) -> str:
@@ -406,16 +408,12 @@ class BrokerCluster:
         expected = sorted(n.name for n in self.nodes)
         for node in nodes:
             while True:
-                result = self._ctl("rabbitmqctl", node, "cluster_status", "--formatter", "json")
-                if result.returncode == 0:
-                    running = sorted(json.loads(result.stdout)["running_nodes"])
-                    if running == expected:
-                        break
-                else:
-                    running = [result.stderr.strip()]
+                seen = _running_nodes_seen_by(node)
+                if isinstance(seen, list) and sorted(seen) == expected:
+                    break
                 if time.monotonic() > deadline:
-                    raise self._failure(node, f"is not clustered; its running nodes: {running}")
-                time.sleep(0.5)
+                    raise self._failure(node, f"is not clustered; its running nodes: {seen}")
+                time.sleep(0.2)
 
     def _failure(self, node: Node, what: str) -> ClusterError:
         tails = [f"--- {path} ---\n{_tail(path)}" for path in (node.log_file, node.console_file)]
@@ -485,6 +483,65 @@ class BrokerCluster:
         if (self.base / "epmd-started").exists():
             # Refuses (and leaves it running) while any node is still registered.
             subprocess.run(["epmd", "-kill"], capture_output=True, check=False)
+
+
+class EarlyStart:
+    """The cluster brought up on a thread of its own while the tests before the cluster tests run
+    (tests/conftest.py starts it once the run's tests are known): three nodes take half a
+    minute to boot on a slow machine, and the cluster tests then find them running."""
+
+    def __init__(self) -> None:
+        self._started: Future[bool] | None = None
+        self._taken = False
+
+    def begin(self) -> None:
+        started: Future[bool] = Future()
+
+        def start() -> None:
+            try:
+                started.set_result(BrokerCluster().up())
+            except BaseException as exc:  # handed to whoever waits for the cluster
+                started.set_exception(exc)
+
+        threading.Thread(target=start, name="broker-cluster-start", daemon=True).start()
+        self._started = started
+
+    @property
+    def begun(self) -> bool:
+        return self._started is not None
+
+    def take(self) -> bool:
+        """Wait for the early start: whether it started the cluster (the taker then stops it),
+        or its failure, raised."""
+        assert self._started is not None
+        self._taken = True
+        return self._started.result(timeout=2 * START_TIMEOUT)
+
+    def abandon(self) -> None:
+        """At the end of the run: stop the cluster if it was started early and nobody took it
+        (the cluster tests were interrupted or never reached)."""
+        if self._started is None or self._taken:
+            return
+        with contextlib.suppress(Exception):
+            if self._started.result(timeout=2 * START_TIMEOUT):
+                BrokerCluster().down()
+
+
+EARLY_START = EarlyStart()
+
+
+def _running_nodes_seen_by(node: Node) -> list[str] | str:
+    """The cluster's running nodes as `node` sees them, from its management API (what
+    `rabbitmqctl cluster_status` tells, without booting an Erlang VM for each question); the
+    error, if it did not answer."""
+    try:
+        response = httpx.get(
+            f"http://127.0.0.1:{node.http_port}/api/nodes", auth=("guest", "guest"), timeout=5
+        )
+        response.raise_for_status()
+    except httpx.HTTPError as error:
+        return repr(error)
+    return [member["name"] for member in response.json() if member.get("running")]
 
 
 def _port_open(port: int) -> bool:

@@ -28,6 +28,7 @@ from api.main import create_app
 from shared import broker, broker_nodes
 from shared.migrate import apply_migrations, create_database_if_missing, drop_database
 from shared.settings import Settings
+from tests.broker_cluster import EARLY_START
 from tests.databases import TestDatabases
 from worker.supervisor import Worker
 
@@ -36,6 +37,23 @@ _counter = itertools.count(1)
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/ticketing"
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+# The module whose tests need the three-node broker cluster (tests/broker_cluster.py).
+CLUSTER_TESTS = "tests/faults/test_broker_cluster.py"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When the run holds the cluster tests, start their cluster now, while the tests before
+    them run, rather than when they come."""
+    if session.config.option.collectonly:
+        return
+    if any(item.nodeid.startswith(CLUSTER_TESTS) for item in session.items):
+        EARLY_START.begin()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    EARLY_START.abandon()
 
 
 @dataclass(frozen=True)

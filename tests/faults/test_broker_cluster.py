@@ -28,7 +28,7 @@ import pytest_asyncio
 from api.main import TicketingAPI, create_app
 from shared import broker, broker_nodes
 from shared.settings import Settings
-from tests.broker_cluster import BrokerCluster
+from tests.broker_cluster import EARLY_START, BrokerCluster
 from tests.conftest import delete_topology
 from tests.factories import FINAL, create_event
 from tests.faults.helpers import worker_process
@@ -52,9 +52,10 @@ PUBLISH_TIMEOUT_S = 5.0
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[BrokerCluster]:
-    """The cluster of `make cluster-up` if it runs (left running), else one of this module's."""
+    """The cluster of `make cluster-up` if it runs (left running), else one of this run's: started
+    early, while the tests before these ran (tests/conftest.py), or now."""
     cluster = BrokerCluster()
-    started_here = cluster.up()
+    started_here = EARLY_START.take() if EARLY_START.begun else cluster.up()
     yield cluster
     if started_here:
         cluster.down()
