@@ -25,17 +25,28 @@ async def _exists(services: Services, name: str) -> bool:
         await admin.close()
 
 
+async def _used(services: Services, pool: TestDatabases, tag: str, statement: str) -> str:
+    """A database from the pool, given back after `statement` ran in it; its name."""
+    name = await pool.acquire(f"ticketing_test_{RUN_ID}_recycle_{tag}")
+    conn = await asyncpg.connect(with_database(services.database_url, name))
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+    await pool.release(name)
+    return name
+
+
 async def test_a_database_left_with_rows_only_is_handed_out_again_without_them(
     services: Services, pool: TestDatabases
 ) -> None:
-    first = await pool.acquire(f"ticketing_test_{RUN_ID}_recycle_a")
-    conn = await asyncpg.connect(with_database(services.database_url, first))
-    await conn.execute(
+    first = await _used(
+        services,
+        pool,
+        "a",
         "INSERT INTO events (id, name, starts_at, total_tickets, available_tickets, "
-        "max_tickets_per_purchase) VALUES (gen_random_uuid(), 'x', now(), 5, 5, 1)"
+        "max_tickets_per_purchase) VALUES (gen_random_uuid(), 'x', now(), 5, 5, 1)",
     )
-    await conn.close()
-    await pool.release(first)
 
     again = await pool.acquire(f"ticketing_test_{RUN_ID}_recycle_b")
 
@@ -51,11 +62,7 @@ async def test_a_database_left_with_rows_only_is_handed_out_again_without_them(
 async def test_a_database_whose_schema_changed_is_dropped_not_handed_out(
     services: Services, pool: TestDatabases
 ) -> None:
-    first = await pool.acquire(f"ticketing_test_{RUN_ID}_recycle_c")
-    conn = await asyncpg.connect(with_database(services.database_url, first))
-    await conn.execute("ALTER TABLE events ADD COLUMN extra int")
-    await conn.close()
-    await pool.release(first)
+    first = await _used(services, pool, "c", "ALTER TABLE events ADD COLUMN extra int")
 
     again = await pool.acquire(f"ticketing_test_{RUN_ID}_recycle_d")
 
