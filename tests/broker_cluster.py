@@ -514,8 +514,9 @@ class EarlyStart:
         """Wait for the early start: whether it started the cluster (the taker then stops it),
         or its failure, raised."""
         assert self._started is not None
-        self._taken = True
-        return self._started.result(timeout=2 * START_TIMEOUT)
+        started_it = self._started.result(timeout=2 * START_TIMEOUT)
+        self._taken = True  # (not before: a run interrupted while waiting still stops it)
+        return started_it
 
     def abandon(self) -> None:
         """At the end of the run: stop the cluster if it was started early and nobody took it
