@@ -88,7 +88,7 @@ class TestDatabases:
     __test__ = False  # not a test class, whatever its name
 
     def __init__(self, server_url: str, template: str) -> None:
-        self._server_url = server_url.rsplit("/", 1)[0]
+        self._server_url = _server_url(server_url)
         self._template = template
         self._fingerprint: str | None = None
         self._free: list[str] = []
@@ -96,19 +96,14 @@ class TestDatabases:
         self.recycled = 0
 
     def _url(self, name: str) -> str:
-        return f"{self._server_url}/{name}"
+        return _database_url(self._server_url, name)
 
     async def acquire(self, name: str) -> str:
         """A database as the template is: a recycled one, else `name`, cloned."""
         if self._free:
             self.recycled += 1
             return self._free.pop()
-        admin = await asyncpg.connect(self._url("postgres"))
-        try:
-            # Names are ours (hex and digits); identifiers cannot be bound as parameters.
-            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self._template}"')
-        finally:
-            await admin.close()
+        await clone(self._url(self._template), self._template, name)
         self._made.add(name)
         return name
 
@@ -137,11 +132,12 @@ class TestDatabases:
     async def _unused(self, name: str) -> bool:
         admin = await asyncpg.connect(self._url("postgres"))
         try:
-            deadline = asyncio.get_running_loop().time() + CLOSE_WAIT_S
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + CLOSE_WAIT_S
             while await admin.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", name
             ):
-                if asyncio.get_running_loop().time() > deadline:
+                if loop.time() > deadline:
                     return False
                 await asyncio.sleep(0.01)
         finally:
@@ -153,6 +149,26 @@ class TestDatabases:
             drop_database(self._url(name))
         self._made.clear()
         self._free.clear()
+
+
+async def clone(url: str, template: str, name: str) -> None:
+    """Create database `name` as a copy of `template`, on the server of `url` (a URL of any
+    database there)."""
+    admin = await asyncpg.connect(_database_url(_server_url(url), "postgres"))
+    try:
+        # Names are ours (hex, digits and fixed tags); identifiers cannot be bound as parameters.
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    finally:
+        await admin.close()
+
+
+def _server_url(url: str) -> str:
+    """A database URL without its database name."""
+    return url.rsplit("/", 1)[0]
+
+
+def _database_url(server_url: str, name: str) -> str:
+    return f"{server_url}/{name}"
 
 
 async def _fetch(url: str, query: str) -> str:

@@ -27,8 +27,8 @@ from tests.conftest import (
     api_client,
     delete_topology,
     make_settings,
-    with_database,
 )
+from tests.databases import clone
 from tests.metrics import free_port
 
 PROBLEM_JSON = "application/problem+json"
@@ -167,12 +167,7 @@ async def isolated_api(
     """An API on its own database (cloned from the migrated template) and broker namespace, for
     a module whose tests only add rows and never read the whole table or a whole queue."""
     database = f"ticketing_test_{RUN_ID}_{tag}"
-    admin = await asyncpg.connect(with_database(services.database_url, "postgres"))
-    try:
-        # Names are ours (hex, digits and a fixed tag); identifiers cannot be bound.
-        await admin.execute(f'CREATE DATABASE "{database}" TEMPLATE "{template_database}"')
-    finally:
-        await admin.close()
+    await clone(services.database_url, template_database, database)
     settings = make_settings(services, database, f"test.{RUN_ID}.{tag}")
     try:
         async with api_client(settings) as client:
