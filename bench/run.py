@@ -27,7 +27,7 @@ import orjson
 from bench.cpu import CpuMeter, cpu_seconds, postgres_postmasters, rabbitmq_nodes
 from bench.holds import sell_out_with_holds
 from bench.loadgen import LoadResult, run_load
-from bench.processes import Processes, bench_settings, peak_rss_mb
+from bench.processes import Processes, bench_settings, peak_rss_mb, wait_http
 from bench.report import RESULTS, draw_chart, print_table, report
 from bench.sizes import (
     COALESCED,
@@ -39,7 +39,13 @@ from bench.sizes import (
     STATUS_BUYERS,
     Sizes,
 )
-from bench.status_push import CommitClock, hold_waiters, requests_per_purchase, wait_estimates
+from bench.status_push import (
+    CommitClock,
+    ReleaseClock,
+    hold_waiters,
+    requests_per_purchase,
+    wait_estimates,
+)
 from shared import broker, broker_nodes
 from shared.messages import AcceptedPurchase, encode_message
 from shared.migrate import create_database_if_missing, drop_database
@@ -53,6 +59,8 @@ ACCEPT_CONNECTIONS = (64, 256)
 # Purchases per message of the held waiters' backlog: what the API packed at 64 connections
 # before its sender lingered, which set the pace the status targets were first measured at.
 WAITERS_PER_MESSAGE = 16
+# The answer floor's server (bench/answer_floor.py), beside the API's port.
+ANSWER_FLOOR_PORT = 8804
 # Rounds of the accept measurements; each figure is its median round.
 ACCEPT_ROUNDS = 3
 
@@ -583,6 +591,8 @@ class Bench:
         for key, sse in (("waiters_long_poll", False), ("waiters_sse", True)):
             self.figures[key] = await self._waiters(sse=sse, paced=False)
             self.figures[f"{key}_paced"] = await self._waiters(sse=sse, paced=True)
+        for key, sse in (("floor_long_poll", False), ("floor_sse", True)):
+            self.figures[key] = await self._answer_floor(sse=sse)
         self.figures["wait_estimates"] = await self._wait_estimates()
 
     async def _wait_estimates(self) -> dict[str, Any]:
@@ -654,6 +664,28 @@ class Bench:
             for worker in started:
                 self.procs.stop(worker)
             self.procs.stop(api)
+
+    async def _answer_floor(self, *, sse: bool) -> dict[str, Any]:
+        """As many waiters, read by the same client, from a server that answers them all in one
+        tight loop, one socket write each (bench/answer_floor.py): the least any server could
+        take on this machine to deliver a burst of that many decisions."""
+        port = ANSWER_FLOOR_PORT
+        base = f"http://127.0.0.1:{port}"
+        proc = self.procs.start("-m", "bench.answer_floor", str(port))
+        try:
+            wait_http(f"{base}/ready")
+            ids = [str(uuid.uuid4()) for _ in range(self.sizes.waiters)]
+            clock = ReleaseClock(base, ids)
+            return await hold_waiters(
+                base,
+                ids,
+                sse=sse,
+                start_deciding=clock.release,
+                sample_rss=lambda: peak_rss_mb(proc),
+                commits=clock,
+            )
+        finally:
+            self.procs.stop(proc)
 
 
 def publish_batch_average(port: int) -> float:

@@ -141,6 +141,26 @@ class CommitClock:
             self.heard.setdefault(purchase_id, now)
 
 
+class ReleaseClock:
+    """The commit clock of the answer floor (bench/answer_floor.py): every decision "committed"
+    when that server began answering."""
+
+    def __init__(self, base_url: str, purchase_ids: list[str]) -> None:
+        self._base_url = base_url
+        self._ids = purchase_ids
+        self.heard: dict[str, float] = {}
+
+    async def release(self) -> None:
+        conn = await Connection.open(self._base_url)
+        try:
+            status, _, body = await conn.request("POST", "/release")
+        finally:
+            conn.close()
+        if status != 200:
+            raise RuntimeError(f"the answer floor refused the release: {status}")
+        self.heard = dict.fromkeys(self._ids, float(body))
+
+
 def purchase_body(i: int) -> bytes:
     return orjson.dumps({"customer_id": f"waiter-{i}", "quantity": 1})
 
@@ -209,7 +229,7 @@ async def hold_waiters(
     sse: bool,
     start_deciding: Callable[[], Awaitable[None]],
     sample_rss: Callable[[], float],
-    commits: CommitClock,
+    commits: CommitClock | ReleaseClock,
 ) -> dict[str, Any]:
     """One connection per purchase, each waiting for its decision (long-poll or server-sent
     events); once all are held, `start_deciding()`. Latency: from the decision's commit, as
