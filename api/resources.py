@@ -10,7 +10,7 @@ import asyncpg
 from shared import broker
 from shared.broker_nodes import BrokerLink
 from shared.cluster_config import agree_on_partitions
-from shared.db import create_pool
+from shared.db import CUSTOM_PLANS, create_pool
 from shared.events.cache import EventCache
 from shared.events.service import EventService
 from shared.publisher import PurchasePublisher
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class Resources:
     settings: Settings
     pool: asyncpg.Pool
+    reads: asyncpg.Pool  # the status listener's reads of many purchases at once
     broker: BrokerLink
     publisher: PurchasePublisher
     events: EventService
@@ -39,6 +40,13 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
     if settings.purchase_id_secret == DEV_PURCHASE_ID_SECRET:
         log.warning("PURCHASE_ID_SECRET is the development default; set it in production")
     pool = await create_pool(settings)
+    try:
+        # Planned for each array of ids (shared.db.CUSTOM_PLANS). A status read of one id stays
+        # on `pool`: planning each of those would cost about a fifth of the poll rate.
+        reads = await create_pool(settings, server_settings=CUSTOM_PLANS, size=(1, 2))
+    except BaseException:
+        await pool.close()
+        raise
     try:
         async with pool.acquire() as conn:
             await agree_on_partitions(conn, settings.partitions)
@@ -61,11 +69,13 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
                 yield Resources(
                     settings=settings,
                     pool=pool,
+                    reads=reads,
                     broker=link,
                     publisher=publisher,
                     events=event_service,
                     purchases=PurchaseService(
                         pool=pool,
+                        many_reads=reads,
                         events=cache,
                         publisher=publisher,
                         ids=PurchaseIds(settings.purchase_id_secret),
@@ -80,4 +90,5 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             await publisher.close()
             await link.close()
     finally:
+        await reads.close()
         await pool.close()

@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractConnection
 from shared import broker
 from shared.broker_nodes import connect_any, where
 from shared.cluster_config import agree_on_partitions
-from shared.db import Connection, create_pool
+from shared.db import CUSTOM_PLANS, Connection, create_pool
 from shared.gc_tuning import tune_gc
 from shared.retry import TRANSIENT_DATABASE
 from shared.settings import Settings
@@ -49,11 +49,9 @@ def batch_session(settings: Settings) -> dict[str, str]:
         # the server after a lease's lifetime, releasing the lease row it holds; its commit then
         # fails, as fencing requires.
         "idle_in_transaction_session_timeout": str(max(1000, int(settings.lease_ttl_s * 1000))),
-        # Every statement planned for the arrays it is given. A plan cached while the purchases
-        # table was (nearly) empty, as at a new deployment's first sale, scans the whole table
-        # on every batch until autovacuum next analyzes it: a backlog of 100,000 purchases
-        # drained 3x slower. Planning costs a few statements per batch of up to hundreds.
-        "plan_cache_mode": "force_custom_plan",
+        # A backlog of 100,000 purchases drained 3x slower on the plans it would otherwise
+        # keep; planning costs a few statements per batch of up to hundreds.
+        **CUSTOM_PLANS,
     }
 
 

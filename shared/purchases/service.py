@@ -110,8 +110,11 @@ class PurchaseService:
         ids: PurchaseIds,
         recent: RecentlyAccepted,
         waiters: "StatusWaiters[Purchase] | None" = None,
+        many_reads: asyncpg.Pool | None = None,
     ) -> None:
         self._pool = pool
+        # Where the listener reads every purchase a commit woke: arrays of up to thousands of ids.
+        self._many_reads = many_reads or pool
         self._events = events
         self._publisher = publisher
         self._ids = ids
@@ -303,7 +306,7 @@ class PurchaseService:
 
     async def _read_many(self, purchase_ids: list[UUID]) -> dict[UUID, Purchase]:
         """The recorded purchases among `purchase_ids` (what the listener wakes waiters with)."""
-        async with self._pool.acquire() as conn:
+        async with self._many_reads.acquire() as conn:
             rows = await repository.get_purchases_in_full(conn, purchase_ids)
         purchases = [Purchase.model_validate(dict(row)) for row in rows]
         return {purchase.purchase_id: purchase for purchase in purchases}
