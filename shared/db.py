@@ -15,6 +15,10 @@ from shared.settings import Settings
 # analyze), that plan scans the whole table, testing every row against every id, until
 # autovacuum next analyzes it: measured here, 1.2 s to read 2,000 ids among 100,000 rows.
 CUSTOM_PLANS = {"plan_cache_mode": "force_custom_plan"}
+# Everywhere else (a status read of one id, where planning each read costs a fifth of the poll
+# rate), a prepared statement is dropped and prepared again this often (asyncpg's default: 300),
+# so a plan kept from a small table lasts seconds, not until autovacuum's next visit.
+STATEMENT_LIFETIME_S = 5
 
 
 async def create_pool(
@@ -38,6 +42,7 @@ async def create_pool(
                 # A database that does not answer must fail fast (503), not hang a request.
                 timeout=5,
                 server_settings=server_settings,
+                max_cached_statement_lifetime=STATEMENT_LIFETIME_S,
                 reset=_keep_session,
             )
     return pool

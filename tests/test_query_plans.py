@@ -13,15 +13,21 @@ run in the session's own statistics (pg_stat_xact_user_tables, read before and a
 hold what the session has not reported yet, not only that transaction's).
 """
 
+import asyncio
 from collections.abc import AsyncIterator
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
 import pytest_asyncio
 
 from api.main import create_app
-from shared.purchases.repository import SELECT_FINAL_PURCHASE_IDS, SELECT_PURCHASES_IN_FULL
+from shared.db import STATEMENT_LIFETIME_S
+from shared.purchases.repository import (
+    SELECT_FINAL_PURCHASE_IDS,
+    SELECT_PURCHASE,
+    SELECT_PURCHASES_IN_FULL,
+)
 from shared.settings import Settings
 from worker.supervisor import batch_session
 
@@ -30,6 +36,11 @@ from worker.supervisor import batch_session
 # planner may choose it: it sees the ids.)
 IDS = 20
 GROWN_TO = 50_000
+
+
+def _ids() -> list[UUID]:
+    return [uuid4() for _ in range(IDS)]
+
 
 SCANS = "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 'purchases'"
 
@@ -43,15 +54,25 @@ async def empty_table(db: asyncpg.Pool) -> AsyncIterator[asyncpg.Pool]:
     await db.execute("ALTER TABLE purchases RESET (autovacuum_enabled)")
 
 
+async def _scans(conn: asyncpg.Connection, statement: str, *args: object) -> tuple[int, int]:
+    """(sequential scans, index scans) of purchases by one run of `statement` on `conn`, through
+    asyncpg's statement cache as the services run it."""
+    async with conn.transaction():
+        before = await conn.fetchrow(SCANS)
+        assert await conn.fetch(statement, *args) == []
+        after = await conn.fetchrow(SCANS)
+    assert before is not None
+    assert after is not None
+    return after["seq_scan"] - before["seq_scan"], after["idx_scan"] - before["idx_scan"]
+
+
 async def _scans_once_grown(
-    conn: asyncpg.Connection, db: asyncpg.Pool, statement: str
+    conn: asyncpg.Connection, db: asyncpg.Pool, statement: str, *args: object
 ) -> tuple[int, int]:
-    """(sequential scans, index scans) of purchases by `statement`, prepared and run ten times
-    on `conn` while the table is empty, then run once more after the table grew."""
-    prepared = await conn.prepare(statement)
-    ids = [uuid4() for _ in range(IDS)]
+    """The scans of `statement` run once more after the table grew, having run ten times on
+    `conn` while it was empty."""
     for _ in range(10):
-        assert await prepared.fetch(ids) == []
+        assert await conn.fetch(statement, *args) == []
     await db.execute(
         "INSERT INTO purchases (id, event_id, customer_id, quantity, status, accepted_at,"
         " partition) SELECT gen_random_uuid(), $1, 'c', 1, 'rejected', now(), 0"
@@ -59,13 +80,7 @@ async def _scans_once_grown(
         uuid4(),
         GROWN_TO,
     )
-    async with conn.transaction():
-        before = await conn.fetchrow(SCANS)
-        assert await prepared.fetch(ids) == []
-        after = await conn.fetchrow(SCANS)
-    assert before is not None
-    assert after is not None
-    return after["seq_scan"] - before["seq_scan"], after["idx_scan"] - before["idx_scan"]
+    return await _scans(conn, statement, *args)
 
 
 async def _scans_in_session(
@@ -73,7 +88,7 @@ async def _scans_in_session(
 ) -> tuple[int, int]:
     conn = await asyncpg.connect(settings.database_url, server_settings=session)
     try:
-        return await _scans_once_grown(conn, db, statement)
+        return await _scans_once_grown(conn, db, statement, _ids())
     finally:
         await conn.close()
 
@@ -98,7 +113,7 @@ async def test_the_apis_many_row_reads_plan_for_the_table_as_it_is_now(
         assert resources.purchases._many_reads is resources.reads
         async with resources.reads.acquire() as conn:
             seq_scans, index_scans = await _scans_once_grown(
-                conn, empty_table, SELECT_PURCHASES_IN_FULL
+                conn, empty_table, SELECT_PURCHASES_IN_FULL, _ids()
             )
     assert seq_scans == 0
     assert index_scans >= 1
@@ -111,3 +126,19 @@ async def test_a_default_session_would_keep_scanning_the_whole_table(
     """What the setting prevents, so that the tests above can fail."""
     seq_scans, index_scans = await _scans_in_session(settings, empty_table, {}, statement)
     assert (seq_scans, index_scans) == (1, 0)
+
+
+async def test_the_apis_one_row_reads_are_planned_again_within_seconds(
+    settings: Settings, empty_table: asyncpg.Pool
+) -> None:
+    """A status read of one id keeps its cached plan (planning each read costs a fifth of the
+    poll rate), but the services' pools prepare their statements again every
+    STATEMENT_LIFETIME_S: a plan kept from the small table scans the grown one only that long."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), app.state.resources.pool.acquire() as conn:
+        stale = await _scans_once_grown(conn, empty_table, SELECT_PURCHASE, uuid4())
+        await asyncio.sleep(STATEMENT_LIFETIME_S + 0.5)
+        fresh = await _scans(conn, SELECT_PURCHASE, uuid4())
+    assert stale == (1, 0)  # the plan kept from the empty table, as the default session's
+    assert fresh[0] == 0
+    assert fresh[1] >= 1
