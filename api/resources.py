@@ -90,5 +90,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             await publisher.close()
             await link.close()
     finally:
-        await reads.close()
-        await pool.close()
+        try:
+            await reads.close()
+        finally:
+            await pool.close()

@@ -17,6 +17,7 @@ so many answers on this machine: no server can do better there.
 import asyncio
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import cast
 
 # The bytes the API sends for a decided purchase (api/purchase_contract.status), give or take a
@@ -47,34 +48,57 @@ STREAM_HEAD = (
 STREAM_DECIDED = _chunk(b"id: confirmed\nevent: status\ndata: %s\n\n" % DECIDED) + b"0\r\n\r\n"
 
 
+@dataclass
+class _Server:
+    held: list[tuple[asyncio.Transport, bytes]] = field(default_factory=list)
+    released: bool = False  # a request read after the release is answered at once
+
+
 class _Held(asyncio.Protocol):
-    def __init__(self, held: list[tuple[asyncio.Transport, bytes]]) -> None:
-        self._held = held
+    def __init__(self, server: _Server) -> None:
+        self._server = server
         self._transport: asyncio.Transport | None = None
+        self._received = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        # The client writes each request in one piece: its request line is all this reads.
+        # Each connection sends one request and no body but the release's (empty): its request
+        # line is all this reads.
+        self._received += data
+        if b"\r\n" not in self._received:
+            return
+        method, path = self._received.split(b" ", 2)[:2]
+        self._received = b""
+        self._answer(method, path)
+
+    def _answer(self, method: bytes, path: bytes) -> None:
         assert self._transport is not None
-        method, path = data.split(b" ", 2)[:2]
         if method == b"POST" and path == b"/release":
             self._release()
         elif path == b"/ready":
             self._transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
         elif path.endswith(b"/events"):
             self._transport.write(STREAM_HEAD)
-            self._held.append((self._transport, STREAM_DECIDED))
+            self._hold(STREAM_DECIDED)
         else:
-            self._held.append((self._transport, ANSWER))
+            self._hold(ANSWER)
+
+    def _hold(self, answer: bytes) -> None:
+        assert self._transport is not None
+        if self._server.released:
+            self._transport.write(answer)
+        else:
+            self._server.held.append((self._transport, answer))
 
     def _release(self) -> None:
         assert self._transport is not None
         began = time.time()
-        for transport, answer in self._held:
+        self._server.released = True
+        for transport, answer in self._server.held:
             transport.write(answer)
-        self._held.clear()
+        self._server.held.clear()
         body = repr(began).encode()
         self._transport.write(
             b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
@@ -82,9 +106,9 @@ class _Held(asyncio.Protocol):
 
 
 async def serve(port: int) -> None:
-    held: list[tuple[asyncio.Transport, bytes]] = []
+    state = _Server()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Held(held), "127.0.0.1", port, backlog=4096)
+    server = await loop.create_server(lambda: _Held(state), "127.0.0.1", port, backlog=4096)
     async with server:
         await server.serve_forever()
 

@@ -45,15 +45,14 @@ def report(figures: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> dic
             / figures[f"spread_baseline_{c}"]["confirmed_per_s"]
             for c in SPREAD_CONNECTIONS
         },
-        # A burst of decisions against what the client and the kernel alone take for it.
-        **{
-            f"status_burst_p99_vs_floor_{kind}": _ratio(
-                figures[f"waiters_{kind}"]["decision_to_client_p99_ms"],
-                figures[f"floor_{kind}"]["decision_to_client_p99_ms"],
-            )
-            for kind in ("long_poll", "sse")
-        },
     }
+    # A burst of decisions against what the client and the kernel alone take for it (where both
+    # answered anything).
+    for kind in ("long_poll", "sse"):
+        burst = figures[f"waiters_{kind}"]["decision_to_client_p99_ms"]
+        floor = figures[f"floor_{kind}"]["decision_to_client_p99_ms"]
+        if burst and floor:
+            ratios[f"status_burst_p99_vs_floor_{kind}"] = burst / floor
     if "flash_sale_cluster" in figures:
         ratios["flash_sale_cluster_vs_single_node"] = figures["flash_sale_cluster"][
             "vs_single_node"
@@ -142,11 +141,6 @@ def report(figures: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> dic
 
 def _below(value: float | None, limit: float) -> bool:
     return value is not None and value < limit
-
-
-def _ratio(value: float | None, reference: float | None) -> float:
-    """value / reference; NaN where either is missing (nothing was answered)."""
-    return value / reference if value is not None and reference else float("nan")
 
 
 def peak_of(figures: dict[str, dict[str, Any]], key: str) -> float:

@@ -676,7 +676,7 @@ class Bench:
             wait_http(f"{base}/ready")
             ids = [str(uuid.uuid4()) for _ in range(self.sizes.waiters)]
             clock = ReleaseClock(base, ids)
-            return await hold_waiters(
+            figures = await hold_waiters(
                 base,
                 ids,
                 sse=sse,
@@ -684,6 +684,8 @@ class Bench:
                 sample_rss=lambda: peak_rss_mb(proc),
                 commits=clock,
             )
+            figures["floor_rss_mb_with_waiters"] = figures.pop("api_rss_mb_with_waiters")
+            return figures
         finally:
             self.procs.stop(proc)
 

@@ -26,6 +26,9 @@ import orjson
 from shared.purchases.changes import CHANNEL
 
 PENDING = b'"status":"pending"'
+# How long every held waiter may take to get its answer once deciding starts (a long-poll's own
+# limit is 30 s).
+ANSWERED_WITHIN_S = 120.0
 
 
 class Connection:
@@ -280,7 +283,8 @@ async def hold_waiters(
     rss = sample_rss()
     with _client_heap_frozen():
         await start_deciding()
-        await asyncio.gather(*tasks)
+        # Bounded: a server that holds an answer for ever fails the run instead of hanging it.
+        await asyncio.wait_for(asyncio.gather(*tasks), ANSWERED_WITHIN_S)
     await asyncio.sleep(0.5)  # the commit clock's thread may hear a notification after its client
     heard = []
     for purchase_id, received in received_at.items():
