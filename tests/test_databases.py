@@ -17,22 +17,24 @@ async def pool(services: Services, template_database: str) -> AsyncIterator[Test
     databases.drop_all()
 
 
-async def _exists(services: Services, name: str) -> bool:
-    admin = await asyncpg.connect(with_database(services.database_url, "postgres"))
+async def _fetchval(services: Services, database: str, query: str, *args: object) -> object:
+    """`query`'s first value, on a connection of its own to `database`."""
+    conn = await asyncpg.connect(with_database(services.database_url, database))
     try:
-        return bool(await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+        return await conn.fetchval(query, *args)
     finally:
-        await admin.close()
+        await conn.close()
+
+
+async def _exists(services: Services, name: str) -> bool:
+    query = "SELECT 1 FROM pg_database WHERE datname = $1"
+    return bool(await _fetchval(services, "postgres", query, name))
 
 
 async def _used(services: Services, pool: TestDatabases, tag: str, statement: str) -> str:
     """A database from the pool, given back after `statement` ran in it; its name."""
     name = await pool.acquire(f"ticketing_test_{RUN_ID}_recycle_{tag}")
-    conn = await asyncpg.connect(with_database(services.database_url, name))
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
+    await _fetchval(services, name, statement)
     await pool.release(name)
     return name
 
@@ -52,11 +54,7 @@ async def test_a_database_left_with_rows_only_is_handed_out_again_without_them(
 
     assert again == first
     assert pool.recycled == 1
-    conn = await asyncpg.connect(with_database(services.database_url, again))
-    try:
-        assert await conn.fetchval("SELECT count(*) FROM events") == 0
-    finally:
-        await conn.close()
+    assert await _fetchval(services, again, "SELECT count(*) FROM events") == 0
 
 
 async def test_a_database_whose_schema_changed_is_dropped_not_handed_out(
