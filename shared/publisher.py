@@ -27,7 +27,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -80,9 +80,18 @@ _OUTCOME = {
     outcome: PUBLISHES.labels(outcome)
     for outcome in ("confirmed", "nacked", "timed_out", "unroutable", "failed")
 }
-# A message id per message, unique in this process and across processes: the channel matches a
-# returned (unroutable) message to its publish by it.
-_MESSAGE_IDS = (f"{secrets.token_hex(8)}-{n}" for n in itertools.count())
+
+
+def _message_ids() -> Iterator[str]:
+    """A message id per message, unique in this process and (by a random prefix drawn once, not a
+    system call per message) across processes: the channel matches a returned (unroutable) message
+    to its publish by it. A forked child would repeat its parent's ids, which is harmless: the
+    match is made per channel, and a child never shares its parent's."""
+    prefix = secrets.token_hex(8)
+    return (f"{prefix}-{n}" for n in itertools.count())
+
+
+_MESSAGE_IDS = _message_ids()
 
 
 @dataclass(slots=True)

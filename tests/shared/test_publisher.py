@@ -9,6 +9,7 @@ from uuid import UUID, uuid4
 import pytest
 
 from shared import broker, broker_nodes
+from shared import publisher as publisher_module
 from shared.errors import BrokerUnavailable
 from shared.in_flight import CpuIdle, InFlightWindow
 from shared.messages import AcceptedPurchase, PurchaseMessage
@@ -159,3 +160,15 @@ async def test_a_lone_purchase_is_sent_after_one_turn_not_after_the_linger(
     finally:
         await publisher.close()
         await connection.close()
+
+
+def test_message_ids_are_unique_and_draw_their_randomness_once_per_process() -> None:
+    """A message id is a per-process random prefix and a counter: distinct for every message,
+    distinct between two processes' sequences, and no system call for randomness per message."""
+    ids = publisher_module._message_ids()
+    first, second = next(ids), next(ids)
+    other = next(publisher_module._message_ids())
+
+    assert first != second
+    assert first.rsplit("-", 1)[0] == second.rsplit("-", 1)[0]
+    assert other.rsplit("-", 1)[0] != first.rsplit("-", 1)[0]
