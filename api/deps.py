@@ -15,9 +15,16 @@ from shared.purchases.service import PurchaseService
 from shared.settings import Settings
 
 
-async def get_resources(request: Request) -> Resources:
-    resources: Resources = request.app.state.resources
+def resources_of(app: Starlette) -> Resources:
+    """What the app's lifespan opened (api/main.py)."""
+    resources: Resources | None = getattr(app, "resources", None)
+    if resources is None:
+        raise RuntimeError("the app's resources are opened by its lifespan, which has not run")
     return resources
+
+
+async def get_resources(request: Request) -> Resources:
+    return resources_of(request.app)
 
 
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
@@ -26,15 +33,13 @@ ResourcesDep = Annotated[Resources, Depends(get_resources)]
 # Straight from the request, not through ResourcesDep: one dependency to solve instead of two on
 # the purchase path, where FastAPI's per-dependency work is a visible share of each request.
 async def get_event_service(request: Request) -> EventService:
-    resources: Resources = request.app.state.resources
-    return resources.events
+    return resources_of(request.app).events
 
 
 def purchase_service_of(app: Starlette) -> PurchaseService:
     """The app's purchase service: what the dependency below gives the routes, and what the
     raw-ASGI dispatch uses (it steps aside whenever dependency_overrides are set)."""
-    resources: Resources = app.state.resources
-    return resources.purchases
+    return resources_of(app).purchases
 
 
 async def get_purchase_service(request: Request) -> PurchaseService:
@@ -47,8 +52,7 @@ PurchaseServiceDep = Annotated[PurchaseService, Depends(get_purchase_service)]
 
 def settings_of(app: Starlette) -> Settings:
     """The app's settings, as the dependency below gives them to the routes."""
-    resources: Resources = app.state.resources
-    return resources.settings
+    return resources_of(app).settings
 
 
 async def get_settings_of_app(request: Request) -> Settings:

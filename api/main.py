@@ -14,7 +14,7 @@ from api.fast_paths import FastPaths
 from api.guards import RequestGuard
 from api.metrics import RequestMetrics, counting_status_waiters
 from api.metrics import router as metrics_router
-from api.resources import open_resources
+from api.resources import Resources, open_resources
 from api.routes import demo, events, health, purchases
 from shared.gc_tuning import tune_gc
 from shared.settings import Settings, get_settings
@@ -32,6 +32,13 @@ class TicketingAPI(FastAPI):
     middleware stack and hands the rest to `framework`: the whole app, as FastAPI runs it."""
 
     fast_paths: FastPaths | None = None
+    # What the lifespan opened: an attribute of its own rather than only an entry of app.state,
+    # whose lookups go through a Python-level __getattr__ on every purchase.
+    resources: Resources | None = None
+
+    def serve_with(self, resources: Resources) -> None:
+        self.resources = resources
+        self.state.resources = resources
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fast_paths is not None and scope["type"] == "http":
@@ -63,9 +70,9 @@ def create_app(settings: Settings | None = None) -> TicketingAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async with open_resources(settings) as resources:
-            app.state.resources = resources
+            app.serve_with(resources)  # the app built below
             tune_gc()
             waiters = resources.waiters
             with (
