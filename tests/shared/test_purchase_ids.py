@@ -1,16 +1,18 @@
 """Purchase ids: 90 random bits, a tag that tells issued from never issued, and ids of the first
 layout still recognised across the upgrade."""
 
+import copy
 import hashlib
 import hmac
 import math
+import pickle
 import secrets
 from uuid import UUID, uuid4
 
 import asyncpg
 import httpx
 
-from shared.purchases.ids import RANDOM_BITS, PurchaseIds
+from shared.purchases.ids import RANDOM_BITS, PurchaseIds, uuid_of
 from shared.settings import Settings
 from tests.factories import create_event, purchase
 
@@ -51,6 +53,24 @@ def test_new_ids_are_rfc_9562_version_8_and_issued() -> None:
         assert purchase_id.version == 8
         assert purchase_id.variant == "specified in RFC 4122"
         assert IDS.is_issued(purchase_id)
+
+
+def test_ids_built_without_uuid_init_are_like_any_other_uuid() -> None:
+    for value in (0, 1, (1 << 128) - 1, IDS.new().int, uuid4().int):
+        built, usual = uuid_of(value), UUID(int=value)
+        assert type(built) is UUID
+        assert built == usual
+        assert hash(built) == hash(usual)
+        assert (str(built), repr(built), built.bytes, built.hex) == (
+            str(usual),
+            repr(usual),
+            usual.bytes,
+            usual.hex,
+        )
+        assert built.is_safe == usual.is_safe
+        assert pickle.loads(pickle.dumps(built)) == usual
+        assert copy.deepcopy(built) == usual
+        assert {built: 1}[usual] == 1
 
 
 def test_ids_never_issued_are_told_apart() -> None:
