@@ -24,6 +24,8 @@ def _printable(value: str, *, allow_newlines: bool) -> str:
 
 
 def _single_line(value: str) -> str:
+    if value.isascii() and value.isprintable():  # the usual case, without a second call
+        return value
     return _printable(value, allow_newlines=False)
 
 
