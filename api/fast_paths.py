@@ -206,21 +206,18 @@ class FastPaths:
         return reply(scope, receive, send)
 
     def _plain_json(self, scope: Scope) -> bool:
-        """A body of declared length within the limit, sent as plain `application/json`, with
-        neither header given twice: what the request guard passes as it is (it reads the last
-        of each) and the contract reads as the route would."""
-        seen: dict[bytes, bytes] = {}
-        for name, value in scope["headers"]:
-            if name in (b"content-type", b"content-length"):
-                if name in seen:
-                    return False
-                seen[name] = value
-            elif name == b"transfer-encoding":
-                return False
-        length = seen.get(b"content-length", b"")
+        """A body of declared length within the limit, sent as plain `application/json`, and
+        no header given twice: what the request guard passes as it is and the contract reads as
+        the route would. (A repeated header of any name leaves the request to them: one dict
+        built in C tells that, where a loop over the headers in Python cost more.)"""
+        given: list[tuple[bytes, bytes]] = scope["headers"]
+        headers = dict(given)
+        if len(headers) != len(given) or b"transfer-encoding" in headers:
+            return False
+        length = headers.get(b"content-length", b"")
         if not (length.isascii() and length.isdigit()) or int(length) > self.max_body_bytes:
             return False
-        media_type = seen.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        media_type = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
         return media_type == b"application/json"
 
 
