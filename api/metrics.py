@@ -32,20 +32,20 @@ class RequestStats(Collector):
 
     def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self._bounds = buckets
-        self._answered: dict[tuple[str, str, int], int] = {}  # (method, route, status) -> count
-        # (method, route) -> a count per bucket (the last one past every bound), then the sum
-        self._latency: dict[tuple[str, str], list[float]] = {}
+        # (method, route, status) -> a count per bucket (the last one past every bound), then the
+        # sum: one entry per kind of answer, so recording one is a single lookup; the counter and
+        # the per-route histogram are added up from them when scraped.
+        self._answers: dict[tuple[str, str, int], list[float]] = {}
 
     def record(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count and time one answered request, by route template (never the raw path: ids
         would explode the label set)."""
-        answered = (method, route, status)
-        self._answered[answered] = self._answered.get(answered, 0) + 1
-        latency = self._latency.get((method, route))
-        if latency is None:
-            latency = self._latency[method, route] = [0.0] * (len(self._bounds) + 2)
-        latency[bisect_left(self._bounds, seconds)] += 1
-        latency[-1] += seconds
+        answer = (method, route, status)
+        counts = self._answers.get(answer)
+        if counts is None:
+            counts = self._answers[answer] = [0.0] * (len(self._bounds) + 2)
+        counts[bisect_left(self._bounds, seconds)] += 1
+        counts[-1] += seconds
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -53,15 +53,19 @@ class RequestStats(Collector):
             "HTTP requests answered",
             labels=["method", "route", "status"],
         )
-        for (method, route, status), count in self._answered.items():
-            requests.add_metric([method, route, str(status)], count)
+        by_route: dict[tuple[str, str], list[float]] = {}
+        for (method, route, status), counts in self._answers.items():
+            requests.add_metric([method, route, str(status)], sum(counts[:-1]))
+            merged = by_route.setdefault((method, route), [0.0] * len(counts))
+            for i, value in enumerate(counts):
+                merged[i] += value
         yield requests
         latency = HistogramMetricFamily(
             "ticketing_http_request_duration_seconds",
             "Time to answer an HTTP request",
             labels=["method", "route"],
         )
-        for (method, route), counts in self._latency.items():
+        for (method, route), counts in by_route.items():
             cumulative = 0.0
             buckets: list[tuple[str, float]] = []
             for bound, in_bucket in zip((*self._bounds, float("inf")), counts[:-1], strict=True):

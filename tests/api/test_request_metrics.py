@@ -43,3 +43,22 @@ def test_latency_buckets_are_cumulative_and_a_bound_holds_what_equals_it() -> No
     assert abs(sample(text, f"{name}_sum", method="POST", route="/x") - 3.065) < 1e-9
     assert "# TYPE ticketing_http_request_duration_seconds histogram" in text
     assert "# TYPE ticketing_http_requests_total counter" in text
+
+
+def test_a_routes_latency_adds_up_the_answers_of_every_status() -> None:
+    stats = RequestStats(buckets=(0.01,))
+    stats.record("POST", "/x", 202, 0.005)
+    stats.record("POST", "/x", 409, 0.02)
+    stats.record("POST", "/x", 202, 0.03)
+    stats.record("GET", "/x", 200, 0.001)
+
+    text = _scraped(stats)
+
+    name = "ticketing_http_request_duration_seconds"
+    assert sample(text, f"{name}_bucket", method="POST", route="/x", le="0.01") == 1
+    assert sample(text, f"{name}_count", method="POST", route="/x") == 3
+    assert abs(sample(text, f"{name}_sum", method="POST", route="/x") - 0.055) < 1e-9
+    assert sample(text, f"{name}_count", method="GET", route="/x") == 1
+    requests = "ticketing_http_requests_total"
+    assert sample(text, requests, method="POST", route="/x", status="202") == 2
+    assert sample(text, requests, method="POST", route="/x", status="409") == 1
