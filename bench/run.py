@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import subprocess
 import time
 import uuid
@@ -62,7 +63,10 @@ WAITERS_PER_MESSAGE = 16
 # The answer floor's server (bench/answer_floor.py), beside the API's port.
 ANSWER_FLOOR_PORT = 8804
 # Rounds of the accept measurements; each figure is its median round.
-ACCEPT_ROUNDS = 3
+ACCEPT_ROUNDS = 5
+# Ports of the accept measurements' references, beside the API's.
+RAW_PORT = 8803
+BARE_PORT = 8805
 
 
 class Bench:
@@ -280,40 +284,48 @@ class Bench:
     async def api_accept(self) -> None:
         """The accept path against two references, at each load of ACCEPT_CONNECTIONS: the raw
         ASGI ceiling (no framework: read, parse, 202) and a bare FastAPI endpoint (validate,
-        202). Each app's CPU per answered request comes from /proc. The apps take turns for
-        ACCEPT_ROUNDS rounds, each on an empty queue, and each figure is its app's median
-        round: on two cores what else runs (the broker's housekeeping, the scheduler's
-        placement) moves one ten-second load by several percent."""
+        202). Each app's CPU per answered request comes from /proc.
+
+        The three apps run side by side and take turns, load after load, for ACCEPT_ROUNDS
+        rounds, each round on an empty queue. The API and the raw ceiling go back to back (in
+        alternating order), and each ratio to the ceiling is the median of the rounds' ratios:
+        this machine's speed drifts by half within minutes (its neighbours' load), so only two
+        loads measured seconds apart compare the apps rather than two moments of the machine.
+        Each app's own figures are its median round."""
         rounds: dict[str, list[dict[str, Any]]] = {}
-        peak_rss = 0.0
-        for _ in range(ACCEPT_ROUNDS):
-            await self.reset()
-            (event_id,) = await self.create_events(1, 1_000_000)
-            api = self.procs.api()
-            try:
+        api = self.procs.api()
+        apps = {
+            "api": (api, self.settings.api_port),
+            "raw": (self.procs.uvicorn("bench.raw_app:app", RAW_PORT, ready_path="/"), RAW_PORT),
+            "bare": (self.procs.uvicorn("bench.bare_app:app", BARE_PORT), BARE_PORT),
+        }
+        try:
+            for round_ in range(ACCEPT_ROUNDS):
+                turns = ("api", "raw", "bare") if round_ % 2 == 0 else ("raw", "api", "bare")
                 for connections in ACCEPT_CONNECTIONS:
-                    load = await self._accept_load(api.pid, event_id, connections)
-                    rounds.setdefault(self._accept_key("api", connections), []).append(load)
-                peak_rss = max(peak_rss, peak_rss_mb(api))
-            finally:
-                self.procs.stop(api)
-            for name, app, ready in (
-                ("raw", "bench.raw_app:app", "/"),
-                ("bare", "bench.bare_app:app", "/docs"),
-            ):
-                proc = self.procs.uvicorn(app, 8803, ready_path=ready)
-                try:
-                    for connections in ACCEPT_CONNECTIONS:
-                        load = await self._accept_load(proc.pid, event_id, connections, port=8803)
+                    await self.reset()
+                    (event_id,) = await self.create_events(1, 1_000_000)
+                    for name in turns:
+                        proc, port = apps[name]
+                        load = await self._accept_load(proc.pid, event_id, connections, port=port)
                         rounds.setdefault(self._accept_key(name, connections), []).append(load)
-                finally:
-                    self.procs.stop(proc)
+            peak_rss = peak_rss_mb(api)
+        finally:
+            for proc, _ in apps.values():
+                self.procs.stop(proc)
         for key, measured in rounds.items():
             by_rate = sorted(measured, key=lambda load: load["accepted_per_s"])
             self.figures[key] = {
                 **by_rate[len(by_rate) // 2],
                 "rounds_accepted_per_s": [load["accepted_per_s"] for load in measured],
             }
+        for connections in ACCEPT_CONNECTIONS:
+            self.figures[self._accept_key("api", connections)].update(
+                paired_ratios(
+                    rounds[self._accept_key("api", connections)],
+                    rounds[self._accept_key("raw", connections)],
+                )
+            )
         self.figures["api_accept"]["api_peak_rss_mb"] = peak_rss
         await self.reset()
 
@@ -721,6 +733,21 @@ def purchase_request(event_id: uuid.UUID) -> Callable[[int], tuple[str, str, byt
         return "POST", path, orjson.dumps({"customer_id": f"customer-{i}", "quantity": 1})
 
     return make
+
+
+def paired_ratios(api: list[dict[str, Any]], raw: list[dict[str, Any]]) -> dict[str, Any]:
+    """The API's accept rate and CPU per request over the raw ceiling's, round by round (each
+    pair measured back to back), and their medians."""
+    rates = [a["accepted_per_s"] / r["accepted_per_s"] for a, r in zip(api, raw, strict=True)]
+    cpus = [
+        a["cpu_ms_per_request"] / r["cpu_ms_per_request"] for a, r in zip(api, raw, strict=True)
+    ]
+    return {
+        "vs_raw": statistics.median(rates),
+        "rounds_vs_raw": rates,
+        "cpu_vs_raw": statistics.median(cpus),
+        "rounds_cpu_vs_raw": cpus,
+    }
 
 
 def load_figures(load: LoadResult) -> dict[str, Any]:

@@ -27,7 +27,7 @@ class Sizes:
 
 FULL = Sizes(
     100_000,
-    10.0,
+    6.0,
     50_000,
     20_000,
     256,
@@ -42,7 +42,7 @@ FULL = Sizes(
     15.0,
 )
 QUICK = Sizes(
-    20_000, 3.0, 10_000, 4_000, 256, 10_000, 1_000, 20_000, 5.0, 600, 64, 4_000, 2_000, 8.0
+    20_000, 2.0, 10_000, 4_000, 256, 10_000, 1_000, 20_000, 5.0, 600, 64, 4_000, 2_000, 8.0
 )
 # Buyers following their purchases' status at once, in the status scenario.
 STATUS_BUYERS = 256
