@@ -7,9 +7,9 @@ for). Purchases that arrive while the window is full queue up and go out togethe
 message, so a flood costs one publish and one confirm per many purchases. When a slot is free,
 the sender still lingers, as a Kafka producer does, while purchases keep arriving: it gives the
 loop's other ready work a turn, and sends once a turn brings no new purchase (or after
-`linger_s`). A message costs the process several times the CPU of a whole request (a socket
-write that wakes the broker, a confirm to read), so under a flood fewer, fuller messages leave
-the CPU to requests; a lone purchase waits one turn of the loop.
+`linger_s`). A message costs the process more CPU than a whole request (its frames, a socket
+write that wakes the broker, a confirm read through two of aiormq's tasks), so under a flood
+fewer, fuller messages leave the CPU to requests; a lone purchase waits one turn of the loop.
 
 Each caller returns only once the message holding its purchase is confirmed. Messages of one
 partition go out in order on one channel, and RabbitMQ keeps a channel's order, so the queue
@@ -37,6 +37,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import DeliveryError, PublishError
 from prometheus_client import Counter, Gauge, Histogram
 
+from shared.amqp_publish import ConfirmedPublisher
 from shared.broker import Topology, declare_topology
 from shared.errors import BrokerUnavailable, QueueFull, ServiceUnavailable
 from shared.in_flight import InFlightWindow
@@ -134,6 +135,7 @@ class PurchasePublisher:
         self._connection: AbstractConnection | None = None
         self._renewed_at = float("-inf")  # loop time the channel was last replaced after a nack
         self._retiring: set[asyncio.Task[None]] = set()
+        self._confirmed: ConfirmedPublisher | None = None  # the current channel's
 
     async def start(self, connection: AbstractConnection) -> None:
         """Declare the topology and publish on a new channel of `connection` from now on (again
@@ -167,15 +169,16 @@ class PurchasePublisher:
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
 
-    @staticmethod
-    def _properties() -> aiormq.spec.Basic.Properties:
-        """What amqp_message sets, for a message sent on the channel directly."""
-        return aiormq.spec.Basic.Properties(
-            content_type=CONTENT_TYPE,
-            message_type=MESSAGE_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
-            message_id=next(_MESSAGE_IDS),
-        )
+    def _publisher_on(self, channel: aiormq.Channel) -> ConfirmedPublisher:
+        """What publishes on `channel`: what amqp_message sets, written as frames."""
+        if self._confirmed is None or self._confirmed.channel is not channel:
+            self._confirmed = ConfirmedPublisher(
+                channel,
+                exchange=self._topology.exchange,
+                content_type=CONTENT_TYPE,
+                message_type=MESSAGE_TYPE,
+            )
+        return self._confirmed
 
     def _channel_or_fail(self) -> AbstractChannel:
         if self._channel is None:
@@ -221,18 +224,15 @@ class PurchasePublisher:
             # The deadline covers the whole publish, frames and confirm: the expiry bound
             # relies on it.
             async with asyncio.timeout(self.timeout_s):
-                # Straight on the channel underneath (aio-pika's Message and Exchange wrappers
-                # cost as much again per message), without waiting for the frames to reach the
-                # socket: the confirm is what counts, and a lost connection fails it.
+                # Straight on the channel underneath, frames written by shared/amqp_publish.py
+                # (aio-pika's wrappers and aiormq's basic_publish cost most of a message), without
+                # waiting for them to reach the socket: the confirm is what counts, and a lost
+                # connection fails it.
                 amqp = cast(aiormq.Channel, await self._channel_or_fail().get_underlay_channel())
-                await amqp.basic_publish(
-                    body,
-                    exchange=self._topology.exchange,
-                    routing_key=self._topology.routing_key(partition),
-                    properties=self._properties(),
-                    mandatory=True,
-                    wait=False,
+                confirmation = await self._publisher_on(amqp).publish(
+                    self._topology.routing_key(partition), body, next(_MESSAGE_IDS)
                 )
+                await confirmation
         except PublishError as exc:  # returned: no queue bound for the partition
             _OUTCOME["unroutable"].inc()
             log.error("purchase message unroutable (partition %d): %s", partition, exc)

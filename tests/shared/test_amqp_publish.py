@@ -1,0 +1,147 @@
+"""The hand-written publish frames are pamqp's bytes, and a broker confirms, returns and nacks
+what is published through them as it would through aiormq's basic_publish (the channel's own
+bookkeeping resolves each publish)."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import cast
+
+import aiormq
+import pamqp.frame
+import pytest
+import pytest_asyncio
+from aio_pika.exceptions import DeliveryError, PublishError
+from pamqp import commands
+from pamqp.body import ContentBody
+from pamqp.common import FieldValue
+from pamqp.header import ContentHeader
+
+from shared import broker_nodes
+from shared.amqp_publish import ConfirmedPublisher, MessageFrames
+from shared.settings import Settings
+
+MAX_CONTENT = 100
+
+
+def pamqp_frames(number: int, body: bytes, message_id: str) -> bytes:
+    """What aiormq's basic_publish writes for the same message."""
+    method = commands.Basic.Publish(exchange="ex", routing_key="key.7", mandatory=True)
+    properties = commands.Basic.Properties(
+        content_type="application/json",
+        message_type="purchase.v2",
+        delivery_mode=2,
+        message_id=message_id,
+    )
+    frames = [
+        pamqp.frame.marshal(method, number),
+        pamqp.frame.marshal(ContentHeader(0, len(body), properties), number),
+    ]
+    for start in range(0, len(body), MAX_CONTENT):
+        frames.append(pamqp.frame.marshal(ContentBody(body[start : start + MAX_CONTENT]), number))
+    return b"".join(frames)
+
+
+@pytest.mark.parametrize("size", [1, 57, MAX_CONTENT - 1, MAX_CONTENT, MAX_CONTENT + 1, 1_000])
+def test_the_frames_are_the_bytes_pamqp_writes(size: int) -> None:
+    channel = cast(aiormq.Channel, SimpleNamespace(number=3, max_content_size=MAX_CONTENT))
+    frames = MessageFrames(
+        channel,
+        exchange="ex",
+        routing_key="key.7",
+        content_type="application/json",
+        message_type="purchase.v2",
+    )
+    body = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    assert frames.of(body, "id-é-1") == pamqp_frames(3, body, "id-é-1")
+
+
+@pytest_asyncio.fixture
+async def channel(settings: Settings) -> AsyncIterator[aiormq.Channel]:
+    connection = await broker_nodes.connect(settings)
+    try:
+        opened = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        yield cast(aiormq.Channel, await opened.get_underlay_channel())
+    finally:
+        await connection.close()
+
+
+async def exclusive_queue(
+    channel: aiormq.Channel, name: str, arguments: dict[str, FieldValue] | None = None
+) -> str:
+    declared = await channel.queue_declare(name, exclusive=True, arguments=arguments)
+    assert declared.queue is not None
+    return declared.queue
+
+
+def publisher_on(channel: aiormq.Channel) -> ConfirmedPublisher:
+    """Publishes to queues by name (the default exchange)."""
+    return ConfirmedPublisher(
+        channel, exchange="", content_type="application/json", message_type="purchase.v2"
+    )
+
+
+async def test_published_messages_are_confirmed_and_arrive_whole_and_in_order(
+    settings: Settings, channel: aiormq.Channel
+) -> None:
+    queue = await exclusive_queue(channel, f"{settings.broker_namespace}.frames")
+    publisher = publisher_on(channel)
+    # More at once than the connection's write queue holds: some wait for room, in order.
+    bodies = [f'{{"n": {n}, "pad": "{"x" * 300_000 * (n % 2)}"}}'.encode() for n in range(40)]
+    confirmations = await asyncio.gather(
+        *(publisher.publish(queue, body, f"m-{n}") for n, body in enumerate(bodies))
+    )
+    answers = await asyncio.gather(*confirmations)
+    assert all(isinstance(answer, commands.Basic.Ack) for answer in answers)
+    received = []
+    for _ in bodies:
+        message = await channel.basic_get(queue, no_ack=True)
+        received.append(message)
+    assert [message.body for message in received] == bodies
+    properties = received[0].header.properties
+    assert (properties.content_type, properties.message_type, properties.delivery_mode) == (
+        "application/json",
+        "purchase.v2",
+        2,
+    )
+    assert [message.header.properties.message_id for message in received] == [
+        f"m-{n}" for n in range(40)
+    ]
+    assert not channel.confirmations
+    assert not channel.message_id_delivery_tag
+
+
+async def test_a_message_no_queue_takes_is_returned(
+    settings: Settings, channel: aiormq.Channel
+) -> None:
+    publisher = publisher_on(channel)
+    confirmation = await publisher.publish(f"{settings.broker_namespace}.nowhere", b"{}", "lost")
+    with pytest.raises(PublishError):
+        await confirmation
+    # The channel goes on: the next publish is confirmed.
+    queue = await exclusive_queue(channel, f"{settings.broker_namespace}.after")
+    ack = await (await publisher.publish(queue, b"{}", "next"))
+    assert isinstance(ack, commands.Basic.Ack)
+
+
+async def test_a_message_a_full_queue_refuses_is_nacked(
+    settings: Settings, channel: aiormq.Channel
+) -> None:
+    queue = await exclusive_queue(
+        channel,
+        f"{settings.broker_namespace}.full",
+        {"x-max-length": 1, "x-overflow": "reject-publish"},
+    )
+    publisher = publisher_on(channel)
+    assert isinstance(await (await publisher.publish(queue, b"1", "a")), commands.Basic.Ack)
+    with pytest.raises(DeliveryError):
+        await (await publisher.publish(queue, b"2", "b"))
+
+
+async def test_nothing_is_published_on_a_closed_channel(channel: aiormq.Channel) -> None:
+    publisher = publisher_on(channel)
+    await channel.close()
+    with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
+        await publisher.publish("anywhere", b"", "y")
+    assert channel.delivery_tag == 0
+    assert not channel.confirmations
