@@ -738,10 +738,11 @@ def purchase_request(event_id: uuid.UUID) -> Callable[[int], tuple[str, str, byt
 def paired_ratios(api: list[dict[str, Any]], raw: list[dict[str, Any]]) -> dict[str, Any]:
     """The API's accept rate and CPU per request over the raw ceiling's, round by round (each
     pair measured back to back), and their medians."""
-    rates = [a["accepted_per_s"] / r["accepted_per_s"] for a, r in zip(api, raw, strict=True)]
-    cpus = [
-        a["cpu_ms_per_request"] / r["cpu_ms_per_request"] for a, r in zip(api, raw, strict=True)
-    ]
+
+    def per_round(figure: str) -> list[float]:
+        return [float(a[figure] / r[figure]) for a, r in zip(api, raw, strict=True)]
+
+    rates, cpus = per_round("accepted_per_s"), per_round("cpu_ms_per_request")
     return {
         "vs_raw": statistics.median(rates),
         "rounds_vs_raw": rates,

@@ -70,7 +70,7 @@ class PartitionConsumer:
         self._channel: AbstractChannel | None = None
         self._amqp: aiormq.abc.AbstractChannel | None = None
         self._consumer_tag: str | None = None
-        self._draining = asyncio.Event()  # stop taking; finish what was delivered
+        self._draining = False  # stop taking; finish what was delivered
         self._aborted = False  # stop now; unacked messages go back to the queue
         self._task: asyncio.Task[None] | None = None
         self.applied = 0
@@ -113,6 +113,11 @@ class PartitionConsumer:
         self._inbox.append(message)
         self._wake()
 
+    def _drain(self) -> None:
+        """Take no more: a waiting _get returns what the inbox holds, then nothing."""
+        self._draining = True
+        self._wake()
+
     def _wake(self) -> None:
         """Let a waiting _get look again (a delivery came, or draining began)."""
         arrival = self._arrival
@@ -129,8 +134,7 @@ class PartitionConsumer:
                 log.warning("partition %d: cancel failed: %r", self.partition, exc)
             # Deliveries that raced the cancel reach the inbox on the next loop turns.
             await asyncio.sleep(0.05)
-        self._draining.set()
-        self._wake()
+        self._drain()
         if self._task is not None:
             await asyncio.wait({self._task})
         await self._close_channel()
@@ -139,8 +143,7 @@ class PartitionConsumer:
         """Stop without acking what is in hand (lease lost, connection lost, shutdown during an
         outage): the broker redelivers it to the partition's next owner."""
         self._aborted = True
-        self._draining.set()
-        self._wake()
+        self._drain()
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task})
@@ -159,7 +162,7 @@ class PartitionConsumer:
                 messages = await self._next_batch(self._until_sweep())
                 if messages:
                     await self._handle(messages)
-                elif self._draining.is_set():
+                elif self._draining:
                     return
                 else:  # nothing came before a hold of the partition fell due
                     await self._sweep()
@@ -204,7 +207,7 @@ class PartitionConsumer:
         """The next delivery; None on timeout, or when draining and the inbox is empty."""
         if self._inbox:
             return self._inbox.popleft()
-        if self._draining.is_set() or wait_s == 0:
+        if self._draining or wait_s == 0:
             return None
         loop = asyncio.get_running_loop()
         arrival = self._arrival = loop.create_future()
