@@ -128,14 +128,35 @@ def report(figures: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> dic
         )
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
+        "machine": machine(),
         "mode": "quick" if quick else "full",
         "sizes": asdict(sizes),
         "figures": figures,
         "ratios": ratios,
         "targets_met": targets,
     }
+
+
+def machine() -> str:
+    """Which machine the figures come from: its name, its processor (model, family and model
+    numbers, and whether it is a virtual machine) and its Python. The same kind of machine has
+    measured several times slower on another day, so a figure is only read with this beside it."""
+    cpu: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            cpu.setdefault(name.strip(), value.strip())
+    except OSError:
+        pass
+    processor = cpu.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in cpu and "model" in cpu:
+        processor += f" (family {cpu['cpu family']}, model {cpu['model']})"
+    if "hypervisor" in cpu.get("flags", "").split():
+        processor += " under a hypervisor"
+    return (
+        f"{platform.node()} {platform.machine()}, {processor}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def _below(value: float | None, limit: float) -> bool:
