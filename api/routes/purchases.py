@@ -91,7 +91,8 @@ async def confirm_purchase(
 ) -> Response:
     """Confirm a held purchase with its payment reference. The worker confirms it if this was
     accepted before the hold's end (`hold_expires_at`); after it, the purchase expires. 409 if
-    the purchase is rejected, expired, cancelled, failed, or confirmed with another reference;
+    the purchase is rejected, expired, cancelled, failed, or confirmed with another reference,
+    or if its event holds no tickets (its purchases are confirmed as they are decided);
     confirming again with the same reference changes nothing."""
     body = await request.body()
     answer = await purchase_contract.confirm(purchases, request.scope, purchase_id, body)

@@ -59,6 +59,11 @@ def _older(latest: PurchaseStatus, seen: PurchaseStatus | None) -> bool:
     return seen is not None and _STAGE[latest] < _STAGE[seen]
 
 
+_NOTHING_TO_CONFIRM = (
+    "Purchase {} needs no confirmation: its event holds no tickets, so a purchase is confirmed "
+    "as soon as it is decided (see its status)."
+)
+
 # How often a waiting status request reads its purchase while the listener is reconnecting.
 POLL_S = 1.0
 # How long a confirmation or cancellation waits for a pending purchase accepted by another
@@ -209,6 +214,8 @@ class PurchaseService:
         if found.status == PurchaseStatus.CONFIRMED:
             if found.payment_reference == payment_reference:
                 return  # nothing left to do
+            if found.payment_reference is None:
+                raise NotConfirmable(_NOTHING_TO_CONFIRM.format(purchase_id))
             raise NotConfirmable(
                 f"Purchase {purchase_id} is already confirmed with another payment_reference."
             )
@@ -216,6 +223,11 @@ class PurchaseService:
             raise NotConfirmable(
                 f"Purchase {purchase_id} is {found.status}; it can no longer be confirmed."
             )
+        assert found.event_id is not None
+        if found.status == PurchaseStatus.PENDING and not await self._holds(found.event_id):
+            # The worker will confirm it as it decides it, without a reference, and would drop
+            # this confirmation: refused now rather than answered 202 and never applied.
+            raise NotConfirmable(_NOTHING_TO_CONFIRM.format(purchase_id))
         accepted_at = datetime.now(UTC)
         deadline: float | None = None
         if found.hold_expires_at is not None:
@@ -228,10 +240,15 @@ class PurchaseService:
             # expired already: the caller gets a 503 instead (and a retry finds out).
             margin = found.hold_expires_at + CONFIRM_MARGIN - accepted_at
             deadline = asyncio.get_running_loop().time() + margin.total_seconds()
-        assert found.event_id is not None
         confirm = AcceptedConfirm(purchase_id, found.event_id, payment_reference, accepted_at)
         await self._publisher.publish(confirm, deadline=deadline)
         log.info("purchase confirmation accepted", extra=self._context(confirm))
+
+    async def _holds(self, event_id: UUID) -> bool:
+        """Whether the event holds its purchases' tickets until they are confirmed (as this
+        replica's cache has it; an event it cannot find is left for the worker to judge)."""
+        event = await self._events.get(event_id)
+        return event is None or event.hold_seconds is not None
 
     async def cancel(self, purchase_id: UUID) -> None:
         """Queue the cancellation of a pending, held or confirmed purchase; return once the

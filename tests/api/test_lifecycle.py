@@ -206,6 +206,36 @@ async def test_a_hold_is_confirmed_with_its_reference_and_confirming_again_chang
     await assert_no_oversell(db)
 
 
+async def test_a_purchase_of_an_event_without_holds_needs_no_confirmation(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    amqp: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    start_worker: StartWorker,
+) -> None:
+    """Its purchases are confirmed as they are decided, without a reference: a confirmation
+    would never be applied, so it is refused (409) rather than answered 202, pending or not."""
+    event = await create_event(api)  # no hold_seconds
+    accepted = await purchase(api, event["id"])
+    purchase_id = accepted.json()["purchase_id"]
+    _, queue = partition_queue(settings, event["id"])
+    before = await queue_depth(amqp, queue)
+
+    pending = await confirm(api, purchase_id)
+
+    problem = assert_problem(pending, 409)
+    assert problem["type"] == PROBLEM + "purchase-cannot-be-confirmed"
+    assert "needs no confirmation" in problem["detail"]
+    assert await queue_depth(amqp, queue) == before  # nothing queued
+
+    await start_worker()
+    decided = await wait_status(api, purchase_id, "confirmed")
+    assert decided["payment_reference"] is None
+    confirmed = assert_problem(await confirm(api, purchase_id), 409)
+    assert "needs no confirmation" in confirmed["detail"]
+    assert (await status_of(api, purchase_id))["payment_reference"] is None
+
+
 async def test_cancelling_a_held_or_confirmed_purchase_returns_its_tickets_once(
     api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
 ) -> None:
