@@ -90,7 +90,9 @@ class RecentlyAccepted:
         self._items: OrderedDict[UUID, AcceptedPurchase] = OrderedDict()
 
     def remember(self, purchase: AcceptedPurchase) -> None:
-        self._items[purchase.purchase_id] = purchase
+        # A retry with the same Idempotency-Key keeps the first: its message is ahead in the
+        # partition, so it is the one the worker applies (and its acceptance time is the one).
+        self._items.setdefault(purchase.purchase_id, purchase)
         if len(self._items) > self._max_entries:
             self._items.popitem(last=False)
 

@@ -37,3 +37,17 @@ def test_recently_accepted_is_bounded_and_forgets_the_oldest_first() -> None:
     assert len(recent) == 100
     assert all(recent.get(p.purchase_id) is None for p in purchases[:150])
     assert all(recent.get(p.purchase_id) is not None for p in purchases[150:])
+
+
+def test_a_retry_of_a_pending_purchase_keeps_what_was_accepted_first() -> None:
+    """The first message is ahead in the partition: the worker applies it and skips the retry's,
+    so the pending status shows its quantity and acceptance time, not the retry's."""
+    recent = RecentlyAccepted(max_entries=10)
+    first = accepted(1)
+    retry = first._replace(quantity=first.quantity + 1, accepted_at=datetime.now(UTC))
+
+    recent.remember(first)
+    recent.remember(retry)
+
+    assert recent.get(first.purchase_id) == first
+    assert len(recent) == 1
