@@ -116,7 +116,12 @@ async def apply_batch(
                 row["confirmed_at"],
             )
             for row in rows
-            if row["event_id"] is not None and row["quantity"] is not None
+            # A failed purchase is not a decision: replayed, its purchase is decided afresh (and a
+            # confirmation or cancellation behind it then finds it held), never skipped as a
+            # repeat of the failed row.
+            if row["event_id"] is not None
+            and row["quantity"] is not None
+            and row["status"] != PurchaseStatus.FAILED
         }
 
         # 4. Row locks on the events, in id order. The lease already makes this worker the

@@ -5,7 +5,7 @@ import io
 import subprocess
 import sys
 from datetime import UTC, datetime
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import aio_pika
 import asyncpg
@@ -13,11 +13,15 @@ import httpx
 import pytest
 
 from shared import broker, broker_nodes
-from shared.messages import PurchaseMessage, PurchaseRequested
+from shared.messages import CancelRequested, ConfirmRequested, PurchaseMessage, PurchaseRequested
+from shared.purchases.models import FailReason
+from shared.purchases.repository import record_failed_purchases
 from shared.settings import Settings
 from tests.conftest import StartWorker, settings_env
-from tests.factories import create_event, purchase, wait_until_final
-from worker import admin
+from tests.factories import assert_no_oversell, create_event, purchase, wait_until_final
+from worker import admin, leases
+from worker.leases import Lease
+from worker.processor import apply_batch
 
 
 async def wait_for_owners(db: asyncpg.Pool, partitions: int) -> None:
@@ -142,6 +146,55 @@ async def test_replay_moves_dead_letters_back_and_their_purchases_get_decided(
     assert available == 8
     depth = await broker.queue_depth(amqp, topology.dead_letter_queue)
     assert depth == 1  # the undecodable one stays for inspection
+
+
+@pytest.mark.parametrize("follower", ["confirm", "cancel"])
+async def test_a_replayed_failed_purchase_is_decided_even_with_what_names_it_in_its_batch(
+    api: httpx.AsyncClient, db: asyncpg.Pool, follower: str
+) -> None:
+    """A purchase and its confirmation (or cancellation), both dead-lettered, then replayed
+    into one batch: the purchase is decided and the command behind it applied, rather than the
+    failed row taken for a decision and the purchase skipped as its repeat."""
+    event = await create_event(api, total_tickets=10, hold_seconds=600)
+    event_id = UUID(event["id"])
+    async with db.acquire() as conn:
+        await leases.ensure_partitions(conn, 1)
+        acquired = await leases.acquire(conn, 0, "replayer", 30)
+    assert acquired is not None
+    bought = PurchaseRequested(
+        purchase_id=uuid4(),
+        event_id=event_id,
+        customer_id="replayed",
+        quantity=2,
+        accepted_at=datetime.now(UTC),
+    )
+    async with db.acquire() as conn:
+        await record_failed_purchases(
+            conn, [bought], reason=FailReason.DELIVERY_LIMIT_EXCEEDED, partition=0
+        )
+    behind: ConfirmRequested | CancelRequested = (
+        ConfirmRequested(
+            purchase_id=bought.purchase_id,
+            event_id=event_id,
+            payment_reference="psp-9",
+            accepted_at=datetime.now(UTC),
+        )
+        if follower == "confirm"
+        else CancelRequested(
+            purchase_id=bought.purchase_id, event_id=event_id, accepted_at=datetime.now(UTC)
+        )
+    )
+
+    result = await apply_batch(db, Lease(0, "replayer", acquired.epoch), [bought, behind])
+
+    assert result.duplicates == 0
+    status = await db.fetchval("SELECT status FROM purchases WHERE id = $1", bought.purchase_id)
+    available = await db.fetchval("SELECT available_tickets FROM events WHERE id = $1", event_id)
+    if follower == "confirm":
+        assert (status, available) == ("confirmed", 8)
+    else:
+        assert (status, available) == ("cancelled", 10)
+    await assert_no_oversell(db)
 
 
 @pytest.mark.parametrize("settings", [{"delivery_limit": 1}], indirect=True)
