@@ -41,13 +41,22 @@ def wait_for_service(
     )
 
 
-# Worth retrying the same transaction for: the server went away or the transaction lost a race.
+# Worth retrying the same transaction for: the server went away, the transaction lost a race, or
+# the server says "not now" rather than "not this": a standby refusing writes while a failover
+# promotes another (25006), a full disk or memory (53), a cancelled statement or a lock timeout
+# (57014, 55P03), an I/O error (58). The worker holds its messages while it retries; failing them
+# instead returns them to the queue, where each return counts towards their delivery limit.
 TRANSIENT_DATABASE: tuple[type[BaseException], ...] = (
     *DATABASE_UNAVAILABLE,
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.QueryCanceledError,
+    asyncpg.LockNotAvailableError,
+    asyncpg.PostgresSystemError,
 )
 
 

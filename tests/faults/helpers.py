@@ -105,7 +105,8 @@ async def account(
     db: asyncpg.Pool, event_id: str, accepted: dict[str, UUID], *, timeout_s: float = 90.0
 ) -> dict[str, int]:
     """Wait until every accepted purchase is final (or the deadline), then count.
-    lost = accepted but never final; doubled = tickets taken beyond the confirmed rows."""
+    lost = accepted but never final; confirmed = accepted and confirmed (failed is final, but
+    not what an outage should leave); doubled = tickets taken beyond the confirmed rows."""
     ids = list(set(accepted.values()))
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
@@ -117,6 +118,9 @@ async def account(
         if finished == len(ids) or asyncio.get_running_loop().time() > deadline:
             break
         await asyncio.sleep(0.2)
+    confirmed = await db.fetchval(
+        "SELECT count(*) FROM purchases WHERE id = ANY($1::uuid[]) AND status = 'confirmed'", ids
+    )
     row = await db.fetchrow(
         """
         SELECT e.total_tickets - e.available_tickets AS taken,
@@ -132,6 +136,7 @@ async def account(
         "accepted": len(ids),
         "finished": int(finished),
         "lost": len(ids) - int(finished),
+        "confirmed": int(confirmed),
         "doubled": int(row["taken"]) - int(row["confirmed"]),
         "rows": int(row["rows"]),
     }

@@ -81,6 +81,7 @@ async def test_broker_outage_mid_flood_loses_nothing_and_recovers_by_itself(
     print(f"[broker outage] readyz back {recovered_in:.1f} s after the flood ended")
     assert result.statuses[503] > 0, "the outage was never seen by the flood"
     assert counts["lost"] == 0
+    assert counts["confirmed"] == counts["accepted"]  # plenty of tickets: none failed
     assert counts["doubled"] == 0
     assert counts["rows"] == counts["accepted"]
 
@@ -121,8 +122,53 @@ async def test_database_outage_mid_flood_holds_messages_and_loses_nothing(
     report("database outage", result, counts)
     print(f"[database outage] purchases recorded while the database was cut: {undecided_during}")
     assert counts["lost"] == 0
+    assert counts["confirmed"] == counts["accepted"]  # plenty of tickets: none failed
     assert counts["doubled"] == 0
     assert counts["rows"] == counts["accepted"]
+
+
+@pytest.mark.parametrize("settings", [{"delivery_limit": 2}], indirect=True)
+@pytest.mark.parametrize(
+    ("sqlstate", "message"),
+    [
+        ("25006", "cannot execute UPDATE in a read-only transaction"),  # a failover's standby
+        ("53100", "could not extend file: No space left on device"),
+        ("57014", "canceling statement due to statement timeout"),
+    ],
+)
+async def test_a_database_that_refuses_writes_for_a_while_delays_purchases_never_fails_them(
+    settings: Settings, db: asyncpg.Pool, api: httpx.AsyncClient, sqlstate: str, message: str
+) -> None:
+    """Errors that say "not now" rather than "not this": the worker retries the batch in place,
+    holding its messages, instead of letting each retry return them to the queue, where every
+    return counts towards the delivery limit and the purchases end failed."""
+    async with running_worker(settings):
+        event = await create_event(api, total_tickets=100)
+        await db.execute(
+            f"""
+            CREATE FUNCTION refuse_writes() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION '{message}' USING ERRCODE = '{sqlstate}'; END $$;
+            CREATE TRIGGER refuse_writes BEFORE INSERT OR UPDATE ON purchases
+                FOR EACH ROW EXECUTE FUNCTION refuse_writes();
+            """
+        )
+        try:
+            accepted = {}
+            for i in range(5):
+                response = await api.post(
+                    f"/events/{event['id']}/tickets/purchase",
+                    json={"customer_id": f"refused-{i}", "quantity": 1},
+                )
+                assert response.status_code == 202, response.text
+                accepted[f"refused-{i}"] = UUID(response.json()["purchase_id"])
+            await asyncio.sleep(4.0)  # several lease ticks: the delivery limit would be spent
+        finally:
+            await db.execute(
+                "DROP TRIGGER refuse_writes ON purchases; DROP FUNCTION refuse_writes()"
+            )
+        counts = await account(db, event["id"], accepted)
+    assert counts["lost"] == 0
+    assert counts["confirmed"] == counts["accepted"] == 5
 
 
 async def test_purchases_waiting_behind_a_stalled_broker_are_refused_within_twice_the_timeout(
