@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 # messages returned to the head of the queue, well before the lease could expire.
 DRAIN_SHARE_OF_LEASE = 0.5
 JOIN_WINDOW_S = 1.0
+# A lease this worker has not extended for this share of its lifetime (its database is out of
+# reach, say) is given up here: its consumer stops and its channel closes, so the messages it
+# holds unacked go back to the queue at least a tick before another worker can take the lease
+# over. Otherwise the broker keeps this worker as the queue's single active consumer, the new
+# owner receives nothing, and the queue looks drained to it while this one holds the messages.
+UNPROVEN_SHARE_OF_LEASE = 2 / 3
 
 
 class IdentityLost(RuntimeError):
@@ -69,6 +75,8 @@ class Worker:
         self._node = -1  # index in RABBITMQ_URL of the node connected to (or last lost)
         self._recorder: DeadLetterRecorder | None = None
         self._held: dict[int, int] = {}  # partition -> lease epoch
+        # partition -> when (time.monotonic) the statement that last extended its lease was sent
+        self._extended: dict[int, float] = {}
         self._consumers: dict[int, PartitionConsumer] = {}
         self._draining: dict[int, asyncio.Task[None]] = {}  # partitions being handed over
         self._retired_applied = 0
@@ -170,21 +178,52 @@ class Worker:
         # abruptly; its close callbacks do fire, so they are what tells us it is gone.
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
-        while not self._stopping.is_set() and not lost.is_set():
-            try:
-                await self._tick(connection)
-            except IdentityLost:
-                raise
-            except TRANSIENT_DATABASE as exc:
-                # Consumers keep their batches and retry; leases are re-checked next tick.
-                log.warning("lease tick failed: %r", exc)
-            except Exception:
-                if lost.is_set():
-                    break  # lost mid-tick (opening a channel, say): reconnect
-                log.exception("lease tick failed")
-            await self._sleep(self.tick_s, lost)
+        # Beside the ticks, not in them: a tick may wait on the very database that is gone.
+        watchdog = asyncio.create_task(self._watch_leases(), name="lease-watchdog")
+        try:
+            while not self._stopping.is_set() and not lost.is_set():
+                try:
+                    await self._tick(connection)
+                except IdentityLost:
+                    raise
+                except TRANSIENT_DATABASE as exc:
+                    # Consumers keep their batches and retry; leases are re-checked next tick.
+                    log.warning("lease tick failed: %r", exc)
+                except Exception:
+                    if lost.is_set():
+                        break  # lost mid-tick (opening a channel, say): reconnect
+                    log.exception("lease tick failed")
+                await self._sleep(self.tick_s, lost)
+        finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
         if lost.is_set():
             log.warning("rabbitmq connection lost; reconnecting")
+
+    async def _watch_leases(self) -> None:
+        """Give up, a few times a tick, the leases not extended for too long."""
+        while True:
+            await asyncio.sleep(self.tick_s / 4)
+            try:
+                await self._give_up_unproven()
+            except Exception:
+                log.exception("lease watchdog failed")
+
+    async def _give_up_unproven(self) -> None:
+        limit_s = self.settings.lease_ttl_s * UNPROVEN_SHARE_OF_LEASE
+        now = time.monotonic()
+        for partition in list(self._held):
+            since = self._extended.get(partition, now)
+            if now - since < limit_s or partition in self._draining:
+                continue  # (a hand-over aborts its own drain well within the lease)
+            log.warning(
+                "lease lost: not extended for %.1f s; stopping its consumer before it is taken over",
+                now - since,
+                extra={"partition": partition, "epoch": self._held[partition]},
+            )
+            metrics.LEASES_LOST.inc()
+            await self._drop(partition, graceful=False)
 
     async def _tick(self, connection: AbstractConnection) -> None:
         """One round of keeping the worker's share: stay a member, keep what is held, replace
@@ -200,7 +239,7 @@ class Worker:
             self._hand_over(partition)
         await self._acquire(mine - set(self._held))
         metrics.PARTITIONS_OWNED.set(len(self._held))
-        for partition, epoch in self._held.items():
+        for partition, epoch in list(self._held.items()):
             if partition not in self._consumers and partition not in self._draining:
                 await self._start_consumer(connection, partition, epoch)
 
@@ -216,12 +255,16 @@ class Worker:
         """Extend every lease held; drop those taken over."""
         if not self._held:
             return
+        asked = time.monotonic()
         renewal = await leases.renew(conn, self.worker_id, self._held, self.settings.lease_ttl_s)
+        for partition in renewal.renewed:
+            self._extended[partition] = asked
         if renewal.skipped:
             log.info("leases not renewed this tick (locked): %s", sorted(renewal.skipped))
         for partition in renewal.lost:
             log.warning(
-                "lease taken over", extra={"partition": partition, "epoch": self._held[partition]}
+                "lease taken over",
+                extra={"partition": partition, "epoch": self._held.get(partition)},
             )
             metrics.LEASES_LOST.inc()
             await self._drop(partition, graceful=False)
@@ -256,12 +299,14 @@ class Worker:
             return
         async with self._control_pool().acquire() as conn:
             for partition in sorted(partitions):
+                asked = time.monotonic()
                 acquired = await leases.acquire(
                     conn, partition, self.worker_id, self.settings.lease_ttl_s
                 )
                 if acquired is None:
                     continue
                 self._held[partition] = acquired.epoch
+                self._extended[partition] = asked
                 metrics.LEASES_ACQUIRED.inc()
                 if acquired.previous_owner not in (None, self.worker_id):
                     metrics.LEASE_TAKEOVERS.inc()
@@ -284,7 +329,17 @@ class Worker:
             batch_size=self.settings.batch_size,
             batch_max_wait_s=self.settings.batch_max_wait_ms / 1000,
         )
-        await consumer.start(connection)
+        try:
+            # Bounded: it reads from the commit pool, whose connections may all be stuck behind
+            # locks, and the tick that waits here is the one that renews every lease.
+            async with asyncio.timeout(self.tick_s):
+                await consumer.start(connection)
+        except BaseException:
+            await consumer.abort()  # closes the channel it may have opened
+            raise
+        if self._held.get(partition) != epoch:  # given up while it started
+            await consumer.abort()
+            return
         self._consumers[partition] = consumer
 
     def _hand_over(self, partition: int) -> None:

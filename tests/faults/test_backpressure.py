@@ -30,6 +30,7 @@ async def test_full_queue_answers_503_and_refused_purchases_are_never_applied(
     counts = await account(db, event["id"], result.accepted)
     report("backpressure", result, counts)
     assert counts["lost"] == 0
+    assert counts["confirmed"] == counts["accepted"]  # tickets for all: none failed
     assert counts["doubled"] == 0
 
     # The test knows the secret, so it can name the ids the refused requests would have had.

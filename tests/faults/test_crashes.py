@@ -25,7 +25,7 @@ async def test_a_worker_killed_mid_batch_again_and_again_loses_and_doubles_nothi
 ) -> None:
     """SIGKILL a worker five times while it works through a backlog, each time right after it
     committed a batch: it dies holding delivered, unacked messages, which the next incarnation
-    gets again (redelivered) and applies once, skipping what was already committed."""
+    gets again (redelivered), and every purchase is applied exactly once."""
     # Small batches (and so a small prefetch): a backlog takes many commits, so a kill after
     # the first one finds messages delivered and not yet acked.
     crashing = settings.model_copy(update={"batch_size": 10})
@@ -67,6 +67,7 @@ async def test_a_worker_killed_mid_batch_again_and_again_loses_and_doubles_nothi
     )
     assert redelivered > 0, "no kill left a delivered message unacked: redelivery never ran"
     assert counts["lost"] == 0
+    assert counts["confirmed"] == counts["accepted"]  # enough tickets for all: none failed
     assert counts["doubled"] == 0
     assert counts["rows"] == counts["accepted"]
     sold = await db.fetchval(
@@ -153,6 +154,7 @@ async def test_api_sigterm_mid_flood_answers_in_flight_requests_then_exits(
     # In-flight requests were answered: accepted, or refused in a way a client can retry.
     assert set(result.statuses) <= {202, 503}, result.statuses
     assert counts["lost"] == 0
+    assert counts["confirmed"] == counts["accepted"]  # tickets for all: none failed
     assert counts["doubled"] == 0
     # Every purchase that reached the queue was answered 202: nothing applied unannounced.
     assert counts["rows"] == counts["accepted"]

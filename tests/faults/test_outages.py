@@ -17,10 +17,11 @@ from shared.errors import BrokerUnavailable
 from shared.messages import AcceptedPurchase
 from shared.publisher import PurchasePublisher
 from shared.settings import Settings
-from tests.conftest import api_client
-from tests.factories import create_event
+from tests.conftest import StartWorker, api_client
+from tests.factories import assert_no_oversell, create_event, wait_until_final
 from tests.faults.helpers import account, flood, report, retry_refused
 from tests.faults.proxy import proxy_for, through
+from tests.worker.helpers import wait_balanced, wait_for
 from worker.supervisor import Worker
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -169,6 +170,57 @@ async def test_a_database_that_refuses_writes_for_a_while_delays_purchases_never
         counts = await account(db, event["id"], accepted)
     assert counts["lost"] == 0
     assert counts["confirmed"] == counts["accepted"] == 5
+
+
+async def test_a_worker_cut_off_from_the_database_lets_go_of_its_queues_for_the_next_owner(
+    settings: Settings, db: asyncpg.Pool, api: httpx.AsyncClient, start_worker: StartWorker
+) -> None:
+    """Worker A loses PostgreSQL but not RabbitMQ; B takes its leases over once they expire.
+    A must have closed its channels by then: as the queue's single active consumer it would keep
+    the messages it holds from B, whose queue would look drained, and B would expire a hold
+    whose confirmation (answered 202) sits in A's hands."""
+    async with proxy_for(settings.database_url, 5432) as proxy:
+        await start_worker("cut-off", database_url=through(settings.database_url, proxy.port))
+        await wait_balanced(db, settings.partitions, ["cut-off"], timeout_s=20)
+        event = await create_event(api, total_tickets=5, hold_seconds=30)
+        # Shorter than the API allows, so the hold ends within the test.
+        await db.execute("UPDATE events SET hold_seconds = 8 WHERE id = $1", UUID(event["id"]))
+        accepted = await api.post(
+            f"/events/{event['id']}/tickets/purchase", json={"customer_id": "payer", "quantity": 1}
+        )
+        held_id = UUID(accepted.json()["purchase_id"])
+        assert (await wait_until_final(db, [held_id]))[held_id]["status"] == "held"
+
+        proxy.cut()  # its AMQP connection stays up
+        confirmed = await api.post(
+            f"/purchases/{held_id}/confirm", json={"payment_reference": "psp-1"}
+        )
+        assert confirmed.status_code == 202, confirmed.text
+        later = await api.post(
+            f"/events/{event['id']}/tickets/purchase", json={"customer_id": "later", "quantity": 1}
+        )
+        later_id = UUID(later.json()["purchase_id"])
+        await start_worker("next-owner")
+
+        # Applied by the next owner while the cut-off worker still cannot reach the database.
+        async def both_moved() -> bool:
+            rows = await db.fetch(
+                "SELECT id, status FROM purchases WHERE id = ANY($1::uuid[])", [held_id, later_id]
+            )
+            statuses = {row["id"]: row["status"] for row in rows}
+            return statuses.get(held_id) not in (None, "held") and later_id in statuses
+
+        await wait_for(both_moved, timeout_s=30, what="the confirmation and the later purchase")
+        rows = await db.fetch(
+            "SELECT id, status, payment_reference FROM purchases WHERE id = ANY($1::uuid[])",
+            [held_id, later_id],
+        )
+        proxy.restore()
+    decided = {row["id"]: row for row in rows}
+    assert decided[held_id]["status"] == "confirmed", dict(decided[held_id])
+    assert decided[held_id]["payment_reference"] == "psp-1"
+    assert decided[later_id]["status"] == "held"
+    await assert_no_oversell(db)
 
 
 async def test_purchases_waiting_behind_a_stalled_broker_are_refused_within_twice_the_timeout(

@@ -598,8 +598,9 @@ async def test_a_worker_paused_past_its_lease_cannot_commit_after_another_took_o
     api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings, tmp_path: Path
 ) -> None:
     """The paused worker is frozen holding delivered, undecided purchases (its batches wait 1.5 s
-    to fill); the other worker takes its leases once they expire; resumed, the paused worker's
-    commit fails the fence and its purchases are applied once, by the new owner."""
+    to fill); the other worker takes its leases once they expire; resumed, the paused worker
+    gives them up (not extended for too long) or its commit fails the fence, and its purchases
+    are applied once, by the new owner."""
     names = ["w-paused", "w-other"]
     async with worker_processes(settings, tmp_path) as spawn:
         paused = await spawn("w-paused", BATCH_MAX_WAIT_MS=1500, **QUIET)
