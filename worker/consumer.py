@@ -339,7 +339,12 @@ class PartitionConsumer:
         except Exception as exc:  # channel gone: not known to be drained
             log.debug("partition %d: queue check failed: %r", self.partition, exc)
             return False
-        return declared.message_count == 0 and not self._inbox
+        # A quorum queue that cannot tell (its leader busy past the broker's 250 ms, or being
+        # elected after a node loss) answers "0 messages, 0 consumers" (RabbitMQ 3.10's
+        # rabbit_quorum_queue:stat/2). This consumer is subscribed, so a true reading counts at
+        # least it: one that does not is no proof of anything.
+        counted = declared.consumer_count is not None and declared.consumer_count > 0
+        return counted and declared.message_count == 0 and not self._inbox
 
     def _until_sweep(self) -> float:
         """Seconds until the partition's next hold falls due, or until the idle partition next

@@ -18,7 +18,9 @@ import aio_pika.abc
 import asyncpg
 import httpx
 import pytest
+from aiormq.abc import DeliveredMessage
 
+from shared.broker import Topology
 from shared.settings import Settings
 from tests.api.helpers import wait_for_no_consumers
 from tests.conftest import StartWorker
@@ -35,6 +37,8 @@ from tests.worker.helpers import (
     wait_started,
     worker_processes,
 )
+from worker.consumer import PartitionConsumer
+from worker.leases import Lease
 
 QUIET = {"LOG_LEVEL": "WARNING", "LOG_FORMAT": "text", "WORKER_METRICS_PORT": "0"}
 
@@ -520,3 +524,32 @@ async def test_a_flood_of_buyers_who_pay_abandon_or_cancel_while_a_worker_is_kil
     assert resold > 0, "no ticket freed by an expiry was sold again"
     await assert_applied_once(db, list(buyers.accepted), buyers.accepted)
     await assert_no_oversell(db)
+
+
+async def test_a_queue_reading_that_counts_no_consumer_is_no_proof_that_it_is_drained(
+    settings: Settings, db: asyncpg.Pool, amqp: aio_pika.abc.AbstractChannel
+) -> None:
+    """A hold expires only once its partition's queue is known drained. RabbitMQ 3.10 answers a
+    quorum queue's count it could not get in time (a busy or missing leader) as 0 messages and 0
+    consumers: such a reading must not count. Here the reading is true: nobody is subscribed."""
+    queues = Topology.from_settings(settings)
+    queue = queues.queue(0)
+    consumer = PartitionConsumer(
+        pool=db, topology=queues, lease=Lease(0, "probe", 1), batch_size=1, batch_max_wait_s=0
+    )
+    channel = await amqp.get_underlay_channel()
+    await channel.queue_purge(queue)
+    consumer._amqp = channel  # as if subscribed, and past the take-over grace
+    consumer._delivered = True
+
+    assert not await consumer._drained()  # 0 messages, but 0 consumers too
+
+    async def ignore(message: DeliveredMessage) -> None:
+        pass
+
+    subscribed = await channel.basic_consume(queue, ignore)
+    assert subscribed.consumer_tag is not None
+    try:
+        assert await consumer._drained()  # the same empty queue, counting its consumer
+    finally:
+        await channel.basic_cancel(subscribed.consumer_tag)
