@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from api.answers import Answer
+from api.methods import allowed_methods
 from api.problems import problem, problem_response
 from shared.errors import (
     Conflict,
@@ -110,6 +111,17 @@ def _http_error(path: str, exc: Exception) -> Answer:
     )
 
 
+def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    """A 405 that names every method the path answers, where the router's own names only those
+    of the first route whose path matched."""
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    if allowed := allowed_methods(request.app.router.routes, request.scope):
+        headers["Allow"] = ", ".join(allowed)
+    answered = StarletteHTTPException(405, exc.detail, headers)
+    return _http_error(request.url.path, answered).response()
+
+
 def _database_unavailable(path: str, exc: Exception) -> Answer:
     log.warning("database unavailable on %s: %r", path, exc)
     return problem(
@@ -167,4 +179,6 @@ EXPECTED: dict[type[Exception], ProblemHandler] = {
 def install_error_handlers(app: FastAPI) -> None:
     for kind, handler in EXPECTED.items():
         app.add_exception_handler(kind, handler)
+    # By status, which Starlette looks up before the type: only the router raises a 405.
+    app.add_exception_handler(405, _method_not_allowed)
     app.add_exception_handler(Exception, _unexpected_error)

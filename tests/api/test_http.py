@@ -283,25 +283,32 @@ async def test_unknown_route_is_404_problem(api: httpx.AsyncClient, path: str) -
 
 
 @pytest.mark.parametrize(
-    ("method", "path"),
+    ("method", "path", "allowed"),
     [
-        ("PUT", "/events"),
-        ("DELETE", "/events"),
-        ("PUT", "/events/{event_id}"),
-        ("GET", "/events/{event_id}/tickets/purchase"),
-        ("POST", "/purchases/{event_id}"),
-        ("POST", "/healthz"),
+        ("PUT", "/events", {"GET", "POST"}),
+        ("DELETE", "/events", {"GET", "POST"}),
+        ("PUT", "/events/{event_id}", {"GET", "PATCH", "DELETE"}),
+        ("POST", "/events/{event_id}", {"GET", "PATCH", "DELETE"}),
+        ("GET", "/events/{event_id}/tickets/purchase", {"POST"}),
+        ("POST", "/purchases/{event_id}", {"GET"}),
+        ("POST", "/healthz", {"GET"}),
+        ("POST", "/openapi.json", {"GET", "HEAD"}),
+        ("OPTIONS", "/events", {"GET", "POST"}),  # not a CORS preflight: nothing answers it
     ],
 )
-async def test_wrong_method_is_405_problem_with_allow(
-    api: httpx.AsyncClient, method: str, path: str
+async def test_wrong_method_is_405_problem_allowing_every_method_of_the_path(
+    api: httpx.AsyncClient, method: str, path: str, allowed: set[str]
 ) -> None:
+    """RFC 9110 §15.5.6: the Allow of a 405 lists every method the resource supports, also
+    where its methods are served by several routes (GET and POST /events are two)."""
     event = await create_event(api)
 
     response = await api.request(method, path.format(event_id=event["id"]), json={})
 
     assert_problem(response, 405)
-    assert response.headers.get("allow")
+    listed = [item.strip() for item in response.headers["allow"].split(",")]
+    assert set(listed) == allowed
+    assert len(listed) == len(allowed)
 
 
 # --- OpenAPI --------------------------------------------------------------------------------
