@@ -12,6 +12,7 @@ from api.draining import release_on_stop
 from api.errors import install_error_handlers
 from api.fast_paths import FastPaths
 from api.guards import RequestGuard
+from api.methods import AnswerHeadAsGet
 from api.metrics import RequestMetrics, counting_status_waiters
 from api.metrics import router as metrics_router
 from api.resources import Resources, open_resources
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> TicketingAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(AnswerHeadAsGet)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     # Added last so it is outermost: even a 413 or a 503 carries the CORS headers a browser needs.

@@ -1,18 +1,25 @@
 """HTTP-level behaviour: probes, body guards (size, JSON, media type), CORS, unknown routes and
-methods, and the OpenAPI document."""
+methods, HEAD, and the OpenAPI document."""
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aio_pika.abc
+import asyncpg
 import httpx
 import pytest
 
+from api.main import create_app
 from api.openapi import render
+from shared.purchases.changes import StatusWaiters
+from shared.purchases.ids import PurchaseIds
+from shared.purchases.models import Purchase
 from shared.settings import Settings
-from tests.api.helpers import assert_problem, total_depth
-from tests.factories import create_event, event_body
+from tests.api.helpers import assert_problem, record_purchase, served_api, total_depth
+from tests.factories import create_event, event_body, purchase
+from tests.worker.helpers import wait_for
 
 MAX_BODY = 64 * 1024
 OPENAPI_FILE = Path(__file__).resolve().parents[2] / "openapi.json"
@@ -285,15 +292,15 @@ async def test_unknown_route_is_404_problem(api: httpx.AsyncClient, path: str) -
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
-        ("PUT", "/events", {"GET", "POST"}),
-        ("DELETE", "/events", {"GET", "POST"}),
-        ("PUT", "/events/{event_id}", {"GET", "PATCH", "DELETE"}),
-        ("POST", "/events/{event_id}", {"GET", "PATCH", "DELETE"}),
+        ("PUT", "/events", {"GET", "HEAD", "POST"}),
+        ("DELETE", "/events", {"GET", "HEAD", "POST"}),
+        ("PUT", "/events/{event_id}", {"GET", "HEAD", "PATCH", "DELETE"}),
+        ("POST", "/events/{event_id}", {"GET", "HEAD", "PATCH", "DELETE"}),
         ("GET", "/events/{event_id}/tickets/purchase", {"POST"}),
-        ("POST", "/purchases/{event_id}", {"GET"}),
-        ("POST", "/healthz", {"GET"}),
+        ("POST", "/purchases/{event_id}", {"GET", "HEAD"}),
+        ("POST", "/healthz", {"GET", "HEAD"}),
         ("POST", "/openapi.json", {"GET", "HEAD"}),
-        ("OPTIONS", "/events", {"GET", "POST"}),  # not a CORS preflight: nothing answers it
+        ("OPTIONS", "/events", {"GET", "HEAD", "POST"}),  # not a CORS preflight: none answers it
     ],
 )
 async def test_wrong_method_is_405_problem_allowing_every_method_of_the_path(
@@ -309,6 +316,111 @@ async def test_wrong_method_is_405_problem_allowing_every_method_of_the_path(
     listed = [item.strip() for item in response.headers["allow"].split(",")]
     assert set(listed) == allowed
     assert len(listed) == len(allowed)
+
+
+# --- HEAD -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/events",
+        "/events/{event_id}",
+        "/purchases/{purchase_id}",
+        "/demo",
+        "/openapi.json",
+        "/nowhere",
+    ],
+)
+async def test_head_is_answered_as_get_without_the_body(
+    api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings, path: str
+) -> None:
+    """RFC 9110 §9.1: every GET resource answers HEAD (load balancers probe with it), with the
+    GET's status and headers and no body."""
+    event = await create_event(api)
+    purchase_id = PurchaseIds(settings.purchase_id_secret).new()
+    await record_purchase(db, purchase_id=purchase_id, event_id=event["id"])  # decided: stable
+    target = path.format(event_id=event["id"], purchase_id=purchase_id)
+
+    got = await api.get(target)
+    head = await api.head(target)
+
+    assert head.status_code == got.status_code
+    assert head.content == b""
+    if path == "/metrics":  # counts the GET just made: its length moves
+        assert head.headers.keys() == got.headers.keys()
+        assert head.headers["content-type"] == got.headers["content-type"]
+    else:
+        assert sorted(head.headers.multi_items()) == sorted(got.headers.multi_items())
+
+
+async def test_head_of_a_status_stream_answers_its_headers_and_holds_nothing(
+    api: httpx.AsyncClient,
+) -> None:
+    """The GET of a pending purchase's stream lasts minutes; its HEAD is the stream's head,
+    ended at once (this client runs the app to its end before answering)."""
+    event = await create_event(api)
+    purchase_id = (await purchase(api, event["id"])).json()["purchase_id"]
+
+    async with asyncio.timeout(10):
+        head = await api.head(f"/purchases/{purchase_id}/events")
+
+    assert head.status_code == 200
+    assert head.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert head.headers["cache-control"] == "no-store"
+    assert head.content == b""
+
+
+async def test_head_over_http_ends_at_the_head_and_lets_go_of_the_stream(
+    settings: Settings,
+) -> None:
+    app = create_app(settings)
+    async with served_api(settings, app) as client:
+        waiters = app.state.resources.waiters
+        event = await create_event(client)
+        purchase_id = (await purchase(client, event["id"])).json()["purchase_id"]
+        got = await client.get("/healthz")
+
+        async with asyncio.timeout(10):
+            probe = await client.head("/healthz")
+            stream = await client.head(f"/purchases/{purchase_id}/events")
+            after = await client.get("/healthz")  # the connection is free again
+        await wait_for(_no_waiter(waiters), timeout_s=5, what="the stream let go of its waiter")
+
+    assert (probe.status_code, probe.content) == (200, b"")
+    assert probe.headers["content-length"] == got.headers["content-length"]
+    assert stream.status_code == 200
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert after.status_code == 200
+
+
+async def test_head_where_there_is_no_get_is_405_allowing_what_is_there(
+    api: httpx.AsyncClient,
+) -> None:
+    event = await create_event(api)
+
+    response = await api.head(f"/events/{event['id']}/tickets/purchase")
+
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.content == b""
+
+
+def _no_waiter(waiters: StatusWaiters[Purchase]) -> Callable[[], Awaitable[bool]]:
+    async def none_held() -> bool:
+        return waiters.held == 0
+
+    return none_held
+
+
+def test_head_is_no_operation_of_the_openapi_document() -> None:
+    document = json.loads(render())
+
+    assert not [path for path, operations in document["paths"].items() if "head" in operations]
 
 
 # --- OpenAPI --------------------------------------------------------------------------------
