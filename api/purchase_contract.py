@@ -82,14 +82,29 @@ def parse_body(model: type[Body], body: bytes) -> Body:
 
 
 def idempotency_key(scope: Scope) -> str | None:
-    """The Idempotency-Key header (its first occurrence, as Starlette reads headers)."""
-    value = _header(scope, _IDEMPOTENCY_KEY_HEADER)
+    """The Idempotency-Key header. Given more than once, it must be the same key each time:
+    which of two keys the client meant cannot be told, and a guess could buy twice."""
+    value: bytes | None = None
+    for name, given in scope["headers"]:
+        if name == _IDEMPOTENCY_KEY_HEADER:
+            if value is None:
+                value = given
+            elif given != value:
+                raise InvalidInput([_conflicting_keys()])
     if value is None:
         return None
     try:
-        return _IDEMPOTENCY_KEYS.validate_python(value)
+        return _IDEMPOTENCY_KEYS.validate_python(value.decode("latin-1"))
     except ValidationError as exc:
         raise InvalidInput(_located("header", exc, IDEMPOTENCY_KEY)) from None
+
+
+def _conflicting_keys() -> dict[str, Any]:
+    return {
+        "type": "conflicting_values",
+        "loc": ("header", IDEMPOTENCY_KEY),
+        "msg": "Given more than once with different values; send one key",
+    }
 
 
 async def accept(service: PurchaseService, scope: Scope, event_id: UUID, body: bytes) -> Answer:

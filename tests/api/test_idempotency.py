@@ -174,3 +174,63 @@ async def test_a_key_that_is_too_long_or_empty_is_422_and_publishes_nothing(
     assert "Idempotency-Key" in problem["detail"]
     _, queue = partition_queue(settings, event["id"])
     assert await queue_depth(amqp, queue) == 0
+
+
+def _keyed(*keys: str) -> list[tuple[str, str]]:
+    return [("Content-Type", "application/json"), *(("Idempotency-Key", key) for key in keys)]
+
+
+@pytest.mark.parametrize("keys", [("key-a", "key-b"), ("key-a", "key-a", "key-b")])
+async def test_a_key_repeated_with_another_value_is_422_and_publishes_nothing(
+    api: httpx.AsyncClient,
+    amqp: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    keys: tuple[str, ...],
+) -> None:
+    """Which key the client meant cannot be told: taking the first, as headers are usually
+    read, could make a retry carrying the other one a second purchase."""
+    event = await create_event(api)
+
+    response = await api.post(
+        f"/events/{event['id']}/tickets/purchase",
+        content=b'{"customer_id": "c", "quantity": 1}',
+        headers=_keyed(*keys),
+    )
+
+    problem = assert_problem(response, 422)
+    assert "Idempotency-Key" in problem["detail"]
+    assert [error["loc"] for error in problem["errors"]] == [["header", "Idempotency-Key"]]
+    _, queue = partition_queue(settings, event["id"])
+    assert await queue_depth(amqp, queue) == 0
+
+
+async def test_a_key_repeated_with_the_same_value_is_that_key(api: httpx.AsyncClient) -> None:
+    event = await create_event(api)
+
+    once = await purchase(api, event["id"], customer_id="c", idempotency_key="key-a")
+    twice = await api.post(
+        f"/events/{event['id']}/tickets/purchase",
+        content=b'{"customer_id": "c", "quantity": 1}',
+        headers=_keyed("key-a", "key-a"),
+    )
+
+    assert once.status_code == twice.status_code == 202, twice.text
+    assert twice.json()["purchase_id"] == once.json()["purchase_id"]
+
+
+async def test_conflicting_keys_are_reported_before_the_body_errors(
+    api: httpx.AsyncClient,
+) -> None:
+    event = await create_event(api)
+
+    response = await api.post(
+        f"/events/{event['id']}/tickets/purchase",
+        content=b'{"customer_id": "c", "quantity": 0}',
+        headers=_keyed("key-a", "key-b"),
+    )
+
+    problem = assert_problem(response, 422)
+    assert [error["loc"] for error in problem["errors"]] == [
+        ["header", "Idempotency-Key"],
+        ["body", "quantity"],
+    ]
