@@ -1,4 +1,5 @@
-"""ASGI middleware that refuses what must never reach a route: oversized or non-JSON bodies."""
+"""ASGI middleware that refuses what must never reach a route: oversized bodies, and bodies not
+declared as JSON by one Content-Type."""
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,6 +24,12 @@ def _is_json(content_type: str) -> bool:
     )
 
 
+def _conflicting_content_types(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Content-Type given twice with different values: which one describes the body cannot
+    be told, and the guard (the last one) and the body's parser (the first) would disagree."""
+    return len({value for name, value in headers if name == b"content-type"}) > 1
+
+
 class RequestGuard:
     def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
         self.app = app
@@ -32,13 +39,23 @@ class RequestGuard:
         if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
+        given: list[tuple[bytes, bytes]] = scope["headers"]
+        headers = dict(given)
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             await self._too_large(send)
             return
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         has_body = declared != b"0" and (declared is not None or b"transfer-encoding" in headers)
+        # (Only when some header is repeated, which one dict built in C tells.)
+        if has_body and len(headers) != len(given) and _conflicting_content_types(given):
+            await problem(
+                415,
+                "Unsupported media type",
+                "Content-Type is given more than once, with different values: send it once, "
+                "as application/json.",
+            ).send(send)
+            return
         if has_body and not _is_json(content_type):
             await problem(
                 415,
