@@ -83,6 +83,8 @@ async def update_event(
 @router.delete(
     "/{event_id}",
     status_code=status.HTTP_204_NO_CONTENT,
+    # Not the default JSONResponse, which labels even no content as JSON.
+    response_class=Response,
     responses=problem_responses(404, 409, 412, 422),
 )
 async def delete_event(event_id: UUID, events: EventServiceDep, if_match: IfMatch = None) -> None:

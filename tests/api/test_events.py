@@ -479,6 +479,18 @@ async def test_delete_with_current_if_match_is_204(api: httpx.AsyncClient) -> No
     assert response.status_code == 204
 
 
+async def test_a_delete_answers_204_with_no_content_headers(api: httpx.AsyncClient) -> None:
+    """RFC 9110 §15.3.5 and §8.6: a 204 has no content, so nothing describes one."""
+    created = await create_event(api)
+
+    response = await api.delete(f"/events/{created['id']}")
+
+    assert response.status_code == 204
+    assert response.content == b""
+    assert "content-type" not in response.headers
+    assert "content-length" not in response.headers
+
+
 async def test_delete_malformed_id_is_422(api: httpx.AsyncClient) -> None:
     assert_problem(await api.delete("/events/xyz"), 422)
 
