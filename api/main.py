@@ -87,6 +87,9 @@ def create_app(settings: Settings | None = None) -> TicketingAPI:
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # Each path is an exact contract. Redirecting `/events/` to `/events` would also build
+        # the Location from the request's Host header, an address the client chose.
+        redirect_slashes=False,
     )
     install_error_handlers(app)
     app.add_middleware(AnswerHeadAsGet)

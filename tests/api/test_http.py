@@ -331,6 +331,33 @@ async def test_unknown_route_is_404_problem(api: httpx.AsyncClient, path: str) -
 
 
 @pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/events/"),
+        ("POST", "/events/"),
+        ("GET", "/events/{event_id}/"),
+        ("POST", "/events/{event_id}/tickets/purchase/"),
+        ("GET", "/healthz/"),
+    ],
+)
+async def test_a_trailing_slash_is_404_never_a_redirect_to_the_requests_host(
+    api: httpx.AsyncClient, method: str, path: str
+) -> None:
+    """A redirect would build its Location from the Host header the client sent."""
+    event = await create_event(api)
+
+    response = await api.request(
+        method,
+        path.format(event_id=event["id"]),
+        json={"customer_id": "c", "quantity": 1},
+        headers={"Host": "evil.example"},
+    )
+
+    assert_problem(response, 404)
+    assert "location" not in response.headers
+
+
+@pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
         ("PUT", "/events", {"GET", "HEAD", "POST"}),
