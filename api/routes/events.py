@@ -16,7 +16,8 @@ IfMatch = Annotated[
     str | None,
     Header(
         description='The event\'s version as its ETag (`"3"`): the change applies only if the '
-        "event is still at that version, else 412.",
+        "event is still at that version (or at one of a list of them), else 412. The "
+        'comparison is strong: a weak tag (`W/"3"`) never matches.',
     ),
 ]
 
@@ -25,13 +26,28 @@ def etag(event: Event) -> str:
     return f'"{event.version}"'
 
 
-def parse_if_match(value: str | None) -> int | None:
+def parse_if_match(value: str | None) -> frozenset[int] | None:
+    """The versions If-Match names; None for any (no header, or `*`).
+
+    If-Match is compared strongly (RFC 9110 §13.1.1): a weak tag names a version this request
+    must not change, so it names none here, and a list of only weak tags matches nothing."""
     if value is None or value.strip() == "*":
         return None
-    tag = value.strip().removeprefix("W/").strip('"')
-    if not (tag.isascii() and tag.isdigit()) or len(tag) > 9:
-        raise InvalidRequest('If-Match must be an ETag of this API, such as "3".')
-    return int(tag)
+    tags = [tag.strip() for tag in value.split(",") if tag.strip()]
+    if not tags:
+        raise _not_an_etag()
+    return frozenset(_version(tag) for tag in tags if not tag.startswith("W/"))
+
+
+def _version(tag: str) -> int:
+    digits = tag.removeprefix("W/").strip('"')
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 9:
+        raise _not_an_etag()
+    return int(digits)
+
+
+def _not_an_etag() -> InvalidRequest:
+    return InvalidRequest('If-Match must be an ETag of this API, such as "3", or a list of them.')
 
 
 @router.post(
@@ -75,7 +91,7 @@ async def update_event(
     response: Response,
     if_match: IfMatch = None,
 ) -> Event:
-    event = await events.update(event_id, body, expected_version=parse_if_match(if_match))
+    event = await events.update(event_id, body, expected_versions=parse_if_match(if_match))
     response.headers["ETag"] = etag(event)
     return event
 
@@ -88,4 +104,4 @@ async def update_event(
     responses=problem_responses(404, 409, 412, 422),
 )
 async def delete_event(event_id: UUID, events: EventServiceDep, if_match: IfMatch = None) -> None:
-    await events.delete(event_id, expected_version=parse_if_match(if_match))
+    await events.delete(event_id, expected_versions=parse_if_match(if_match))

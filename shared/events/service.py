@@ -20,6 +20,18 @@ from shared.events.models import Event, EventCreate, EventPage, EventUpdate, che
 from shared.text import within_domain
 
 
+def _stale(event_id: UUID, version: int, expected: frozenset[int]) -> VersionMismatch:
+    if not expected:  # the request named only weak tags, which a change never matches
+        return VersionMismatch(
+            f"Event {event_id} is at version {version}; a weak ETag (W/) never matches the "
+            "precondition of a change: send the strong one."
+        )
+    named = " or ".join(str(v) for v in sorted(expected))
+    return VersionMismatch(
+        f"Event {event_id} is at version {version}, not {named}; read it again and retry."
+    )
+
+
 def encode_cursor(event: Event) -> str:
     raw = orjson.dumps([event.created_at.isoformat(), str(event.id)])
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -95,19 +107,17 @@ class EventService:
         return EventPage(items=items, next_cursor=next_cursor)
 
     async def update(
-        self, event_id: UUID, data: EventUpdate, *, expected_version: int | None
+        self, event_id: UUID, data: EventUpdate, *, expected_versions: frozenset[int] | None
     ) -> Event:
+        """Apply `data`, if the event is at one of `expected_versions` (None: at any)."""
         async with self._pool.acquire() as conn, conn.transaction():
             # The row lock serialises this edit against the worker's ticket commits; the
             # version check then catches a client editing from a stale read (If-Match).
             current = await repository.get_event(conn, event_id, for_update=True)
             if current is None:
                 raise EventNotFound(event_id)
-            if expected_version is not None and expected_version != current["version"]:
-                raise VersionMismatch(
-                    f"Event {event_id} is at version {current['version']}, "
-                    f"not {expected_version}; read it again and retry."
-                )
+            if expected_versions is not None and current["version"] not in expected_versions:
+                raise _stale(event_id, current["version"], expected_versions)
             fields = dict(current) | data.model_dump(exclude_unset=True)
             if fields["name"] is None or fields["starts_at"] is None:
                 raise InvalidRequest("name and starts_at cannot be null.")
@@ -131,15 +141,14 @@ class EventService:
                 raise VersionMismatch(f"Event {event_id} changed concurrently; retry.")
         return Event.model_validate(dict(row))
 
-    async def delete(self, event_id: UUID, *, expected_version: int | None) -> None:
+    async def delete(self, event_id: UUID, *, expected_versions: frozenset[int] | None) -> None:
+        """Delete the event, if it is at one of `expected_versions` (None: at any)."""
         async with self._pool.acquire() as conn, conn.transaction():
             current = await repository.get_event(conn, event_id, for_update=True)
             if current is None:
                 raise EventNotFound(event_id)
-            if expected_version is not None and expected_version != current["version"]:
-                raise VersionMismatch(
-                    f"Event {event_id} is at version {current['version']}, not {expected_version}."
-                )
+            if expected_versions is not None and current["version"] not in expected_versions:
+                raise _stale(event_id, current["version"], expected_versions)
             if await repository.event_has_purchases(conn, event_id):
                 raise EventHasPurchases(
                     f"Event {event_id} has recorded purchases and cannot be deleted."

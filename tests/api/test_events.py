@@ -306,7 +306,7 @@ async def test_patch_can_clear_an_optional_field_with_null(api: httpx.AsyncClien
     assert response.json()["venue"] is None
 
 
-@pytest.mark.parametrize("if_match", ['"1"', 'W/"1"', "*"])
+@pytest.mark.parametrize("if_match", ['"1"', "*", '"7", "1"', 'W/"1", "1"', '"1",,'])
 async def test_patch_with_matching_if_match_applies(api: httpx.AsyncClient, if_match: str) -> None:
     created = await create_event(api)
 
@@ -316,6 +316,22 @@ async def test_patch_with_matching_if_match_applies(api: httpx.AsyncClient, if_m
 
     assert response.status_code == 200, response.text
     assert response.json()["name"] == "Renamed"
+
+
+@pytest.mark.parametrize("if_match", ['W/"1"', 'W/"1", W/"2"', '"2", W/"1"'])
+async def test_patch_with_a_weak_if_match_is_412_and_changes_nothing(
+    api: httpx.AsyncClient, if_match: str
+) -> None:
+    """RFC 9110 §13.1.1: If-Match compares strongly, so a weak tag never matches."""
+    created = await create_event(api, name="Original")
+
+    response = await api.patch(
+        f"/events/{created['id']}", json={"name": "Weakly matched"}, headers={"If-Match": if_match}
+    )
+
+    assert_problem(response, 412)
+    current = (await api.get(f"/events/{created['id']}")).json()
+    assert (current["name"], current["version"]) == ("Original", 1)
 
 
 async def test_patch_with_stale_if_match_is_412_and_changes_nothing(
@@ -334,7 +350,7 @@ async def test_patch_with_stale_if_match_is_412_and_changes_nothing(
     assert current["version"] == 2
 
 
-@pytest.mark.parametrize("if_match", ["abc", '"x"', '"1234567890"', '"-1"', ""])
+@pytest.mark.parametrize("if_match", ["abc", '"x"', '"1234567890"', '"-1"', "", '"1", x', '*, "1"'])
 async def test_patch_with_malformed_if_match_is_422(api: httpx.AsyncClient, if_match: str) -> None:
     created = await create_event(api)
 
@@ -469,6 +485,26 @@ async def test_delete_with_stale_if_match_is_412_and_keeps_it(api: httpx.AsyncCl
 
     assert_problem(response, 412)
     assert (await api.get(f"/events/{created['id']}")).status_code == 200
+
+
+async def test_delete_with_a_weak_if_match_is_412_and_keeps_it(api: httpx.AsyncClient) -> None:
+    created = await create_event(api)
+
+    response = await api.delete(f"/events/{created['id']}", headers={"If-Match": 'W/"1"'})
+
+    assert_problem(response, 412)
+    assert (await api.get(f"/events/{created['id']}")).status_code == 200
+
+
+async def test_delete_with_if_match_naming_the_current_version_in_a_list_is_204(
+    api: httpx.AsyncClient,
+) -> None:
+    created = await create_event(api)
+
+    response = await api.delete(f"/events/{created['id']}", headers={"If-Match": '"3", "1"'})
+
+    assert response.status_code == 204
+    assert_problem(await api.get(f"/events/{created['id']}"), 404)
 
 
 async def test_delete_with_current_if_match_is_204(api: httpx.AsyncClient) -> None:
