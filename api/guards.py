@@ -4,7 +4,7 @@ declared as JSON by one Content-Type."""
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.problems import problem
+from api.problems import instance_of, problem
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -43,7 +43,7 @@ class RequestGuard:
         headers = dict(given)
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await self._too_large(send)
+            await self._too_large(scope, send)
             return
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         has_body = declared != b"0" and (declared is not None or b"transfer-encoding" in headers)
@@ -54,6 +54,7 @@ class RequestGuard:
                 "Unsupported media type",
                 "Content-Type is given more than once, with different values: send it once, "
                 "as application/json.",
+                instance=instance_of(scope),
             ).send(send)
             return
         if has_body and not _is_json(content_type):
@@ -61,6 +62,7 @@ class RequestGuard:
                 415,
                 "Unsupported media type",
                 "Send the request body as JSON with Content-Type: application/json.",
+                instance=instance_of(scope),
             ).send(send)
             return
 
@@ -87,11 +89,12 @@ class RequestGuard:
         except BodyTooLarge:
             if response_started:
                 raise
-            await self._too_large(send)
+            await self._too_large(scope, send)
 
-    async def _too_large(self, send: Send) -> None:
+    async def _too_large(self, scope: Scope, send: Send) -> None:
         await problem(
             413,
             "Content too large",
             f"The request body must be at most {self.max_body_bytes} bytes.",
+            instance=instance_of(scope),
         ).send(send)

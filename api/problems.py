@@ -9,7 +9,9 @@ from typing import Any
 
 import orjson
 from pydantic import BaseModel
+from starlette.datastructures import URL
 from starlette.responses import Response
+from starlette.types import Scope
 
 from api.answers import Answer
 
@@ -22,7 +24,7 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
-    instance: str | None = None
+    instance: str  # the request's path
     errors: list[dict[str, Any]] | None = None
 
 
@@ -36,7 +38,7 @@ def problem(
     title: str,
     detail: str,
     *,
-    instance: str | None = None,
+    instance: str,
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
     type_: str | None = None,
@@ -48,9 +50,8 @@ def problem(
         "title": title,
         "status": status,
         "detail": detail,
+        "instance": instance,
     }
-    if instance is not None:
-        body["instance"] = instance
     if errors is not None:
         body["errors"] = errors
     return Answer(
@@ -63,7 +64,7 @@ def problem_response(
     title: str,
     detail: str,
     *,
-    instance: str | None = None,
+    instance: str,
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
     type_: str | None = None,
@@ -72,6 +73,12 @@ def problem_response(
     return problem(
         status, title, detail, instance=instance, errors=errors, headers=headers, type_=type_
     ).response()
+
+
+def instance_of(scope: Scope) -> str:
+    """A problem's `instance` where only the ASGI scope is at hand (the request guard): the
+    request's path, as the exception handlers name it (Starlette's `request.url.path`)."""
+    return URL(scope=scope).path
 
 
 # For the OpenAPI document: every route may answer with a problem.

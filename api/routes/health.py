@@ -3,7 +3,7 @@
 import asyncio
 import logging
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.deps import ResourcesDep
@@ -22,13 +22,19 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses=problem_responses(503))
-async def readyz(resources: ResourcesDep) -> Response:
+async def readyz(request: Request, resources: ResourcesDep) -> Response:
     """PostgreSQL answers and the broker channel is open; else 503."""
     checks = {"postgresql": await _database_ok(resources), "rabbitmq": _broker_ok(resources)}
     if all(checks.values()):
         return JSONResponse({"status": "ready", "checks": {k: "ok" for k in checks}})
     down = ", ".join(name for name, ok in checks.items() if not ok)
-    return problem_response(503, "Not ready", f"Unavailable: {down}.", headers={"Retry-After": "1"})
+    return problem_response(
+        503,
+        "Not ready",
+        f"Unavailable: {down}.",
+        instance=request.url.path,
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _database_ok(resources: ResourcesDep) -> bool:

@@ -32,7 +32,7 @@ from tests.databases import clone
 from tests.metrics import free_port
 
 PROBLEM_JSON = "application/problem+json"
-PROBLEM_FIELDS = ("type", "title", "status", "detail")
+PROBLEM_FIELDS = ("type", "title", "status", "detail", "instance")
 
 
 def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
@@ -51,6 +51,8 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
     assert body["title"]
     assert isinstance(body["detail"], str)
     assert body["detail"]
+    assert isinstance(body["instance"], str)
+    assert body["instance"].startswith("/")
     assert body["status"] == status
     # The documented model, field for field (nothing else, nothing null).
     assert Problem.model_validate_json(response.content).model_dump(exclude_none=True) == body

@@ -62,6 +62,23 @@ async def test_readyz_is_200_when_postgresql_and_rabbitmq_are_up(api: httpx.Asyn
     }
 
 
+async def test_readyz_is_503_problem_naming_itself_when_the_broker_is_down(
+    settings: Settings,
+) -> None:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            await app.state.resources.publisher.close()  # the broker channel is gone
+
+            response = await client.get("/readyz")
+
+    problem = assert_problem(response, 503)
+    assert problem["instance"] == "/readyz"
+    assert "rabbitmq" in problem["detail"]
+    assert response.headers["retry-after"] == "1"
+
+
 # --- body size ------------------------------------------------------------------------------
 
 
@@ -81,7 +98,7 @@ async def test_body_over_64_kib_with_content_length_is_413(api: httpx.AsyncClien
     )
 
     assert response.request.headers["content-length"] == str(MAX_BODY + 1)
-    assert_problem(response, 413)
+    assert assert_problem(response, 413)["instance"] == "/events"
     assert (await api.get("/events")).json()["items"] == []
 
 
@@ -96,7 +113,7 @@ async def test_streamed_body_over_64_kib_without_content_length_is_413(
 
     assert "content-length" not in response.request.headers
     assert response.request.headers["transfer-encoding"] == "chunked"
-    assert_problem(response, 413)
+    assert assert_problem(response, 413)["instance"] == "/events"
     assert (await api.get("/events")).json()["items"] == []
 
 
@@ -163,7 +180,7 @@ async def test_text_plain_body_is_415(api: httpx.AsyncClient) -> None:
         "/events", content=json.dumps(event_body()), headers={"content-type": "text/plain"}
     )
 
-    assert_problem(response, 415)
+    assert assert_problem(response, 415)["instance"] == "/events"
 
 
 async def test_form_body_is_415(api: httpx.AsyncClient) -> None:
