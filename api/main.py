@@ -5,9 +5,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
+from api.cors import ProblemCORSMiddleware
 from api.draining import release_on_stop
 from api.errors import install_error_handlers
 from api.fast_paths import FastPaths
@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None) -> TicketingAPI:
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     # Added last so it is outermost: even a 413 or a 503 carries the CORS headers a browser needs.
-    app.add_middleware(CORSMiddleware, **cors_options(settings))
+    app.add_middleware(ProblemCORSMiddleware, **cors_options(settings))
     app.fast_paths = FastPaths(
         app, max_body_bytes=settings.max_body_bytes, cors_options=cors_options(settings)
     )

@@ -10,8 +10,10 @@ import aio_pika.abc
 import asyncpg
 import httpx
 import pytest
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 
-from api.main import create_app
+from api.main import cors_options, create_app
 from api.openapi import render
 from shared.purchases.changes import StatusWaiters
 from shared.purchases.ids import PurchaseIds
@@ -331,6 +333,64 @@ async def test_cors_headers_are_on_error_responses_too(api: httpx.AsyncClient) -
     assert_problem(not_found, 404)
     assert too_large.headers["access-control-allow-origin"] in ("*", ORIGIN)
     assert not_found.headers["access-control-allow-origin"] in ("*", ORIGIN)
+
+
+def starlettes_preflight_headers(
+    settings: Settings, request: dict[str, str]
+) -> set[tuple[str, str]]:
+    """The headers Starlette's own CORS logic puts on its answer to this preflight, but for
+    those of its text/plain body."""
+    cors = CORSMiddleware(create_app(settings), **cors_options(settings))
+    answer = cors.preflight_response(request_headers=Headers(headers=request))
+    assert answer.status_code == 400
+    return {item for item in answer.headers.items() if not item[0].startswith("content-")}
+
+
+@pytest.mark.parametrize(
+    ("asked", "named"),
+    [
+        ({"Access-Control-Request-Method": "PUT"}, ["PUT"]),
+        (
+            {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "X-Evil"},
+            ["x-evil"],
+        ),
+        (
+            {"Access-Control-Request-Method": "TRACE", "Access-Control-Request-Headers": "X-A"},
+            ["TRACE", "x-a"],
+        ),
+    ],
+    ids=["method", "header", "both"],
+)
+async def test_a_refused_cors_preflight_is_a_problem_with_starlettes_cors_headers(
+    api: httpx.AsyncClient, settings: Settings, asked: dict[str, str], named: list[str]
+) -> None:
+    request = {"Origin": ORIGIN, **asked}
+
+    response = await api.options("/events", headers=request)
+
+    problem = assert_problem(response, 400)
+    assert problem["instance"] == "/events"
+    assert all(what in problem["detail"] for what in named), problem["detail"]
+    cors_headers = {item for item in response.headers.items() if not item[0].startswith("content-")}
+    assert cors_headers == starlettes_preflight_headers(settings, request)
+
+
+async def test_a_preflight_from_an_origin_not_allowed_is_a_problem_naming_it(
+    settings: Settings,
+) -> None:
+    app = create_app(settings.model_copy(update={"cors_origins": [ORIGIN]}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.options(
+                "/events",
+                headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+            )
+
+    problem = assert_problem(response, 400)
+    assert "https://evil.example" in problem["detail"]
+    assert "access-control-allow-origin" not in response.headers
+    assert "access-control-allow-methods" in response.headers
 
 
 # --- routing --------------------------------------------------------------------------------
