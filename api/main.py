@@ -54,7 +54,7 @@ class TicketingAPI(FastAPI):
 def cors_options(settings: Settings) -> dict[str, Any]:
     return {
         "allow_origins": settings.cors_origins,
-        "allow_methods": ["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+        "allow_methods": ["GET", "HEAD", "POST", "PATCH", "DELETE", "OPTIONS"],
         "allow_headers": [
             "Content-Type",
             "Idempotency-Key",

@@ -285,24 +285,32 @@ async def test_purchase_with_text_plain_is_415_and_publishes_nothing(
 # --- CORS -----------------------------------------------------------------------------------
 
 
-async def test_cors_preflight_for_purchase_is_allowed(api: httpx.AsyncClient) -> None:
+@pytest.mark.parametrize(
+    ("method", "target", "asked"),
+    [
+        ("POST", "/tickets/purchase", "content-type,idempotency-key"),
+        # HEAD is answered wherever GET is: a page may send one with a header needing a preflight.
+        ("HEAD", "", "if-none-match"),
+    ],
+)
+async def test_cors_preflight_is_allowed(
+    api: httpx.AsyncClient, method: str, target: str, asked: str
+) -> None:
     event = await create_event(api)
 
     response = await api.options(
-        f"/events/{event['id']}/tickets/purchase",
+        f"/events/{event['id']}{target}",
         headers={
             "Origin": ORIGIN,
-            "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type,idempotency-key",
+            "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": asked,
         },
     )
 
     assert response.status_code == 200, response.text
     assert response.headers["access-control-allow-origin"] in ("*", ORIGIN)
-    assert "post" in header_list(response, "access-control-allow-methods")
-    assert {"content-type", "idempotency-key"} <= header_list(
-        response, "access-control-allow-headers"
-    )
+    assert method.lower() in header_list(response, "access-control-allow-methods")
+    assert set(asked.split(",")) <= header_list(response, "access-control-allow-headers")
 
 
 async def test_cors_exposes_location_and_retry_after_on_a_purchase(
