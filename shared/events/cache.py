@@ -18,15 +18,31 @@ from shared.events.models import Event
 Loader = Callable[[list[UUID]], Awaitable[dict[UUID, Event]]]
 
 STALE_IF_ERROR_S = 300.0
+# How long a caller waits for a load: a database that stalls (rather than refuses) would
+# otherwise hold every purchase of the event for its statement timeout. With an older entry in
+# hand the caller takes it after STALE_WAIT_S; with none, it fails (503) after LOAD_WAIT_S. The
+# load itself goes on, and refreshes the entry if it ever answers.
+STALE_WAIT_S = 1.0
+LOAD_WAIT_S = 5.0
 # At most this many entries refreshed ahead of their expiry by one load.
 REFRESH_AHEAD_MAX = 1000
 
 
 class EventCache:
-    def __init__(self, load: Loader, *, ttl_s: float, max_entries: int = 100_000) -> None:
+    def __init__(
+        self,
+        load: Loader,
+        *,
+        ttl_s: float,
+        max_entries: int = 100_000,
+        stale_wait_s: float = STALE_WAIT_S,
+        load_wait_s: float = LOAD_WAIT_S,
+    ) -> None:
         self._load = load
         self._ttl_s = ttl_s
         self._max_entries = max_entries
+        self._stale_wait_s = stale_wait_s
+        self._load_wait_s = load_wait_s
         # event id -> (loaded at, event or None when it does not exist)
         self._entries: dict[UUID, tuple[float, Event | None]] = {}
         # One load per event at a time, and one query for every event that needs loading at
@@ -43,10 +59,13 @@ class EventCache:
         task = self._loading.get(event_id)
         if task is None:
             task = self._join_next_load(event_id)
+        usable = entry is not None and time.monotonic() - entry[0] < STALE_IF_ERROR_S
         try:
-            loaded = await asyncio.shield(task)
-        except Exception:
-            if entry is not None and time.monotonic() - entry[0] < STALE_IF_ERROR_S:
+            loaded = await asyncio.wait_for(
+                asyncio.shield(task), self._stale_wait_s if usable else self._load_wait_s
+            )
+        except Exception:  # the load failed, or is taking too long (TimeoutError)
+            if entry is not None and usable:
                 return entry[1]
             raise
         return loaded.get(event_id)

@@ -64,6 +64,10 @@ _NOTHING_TO_CONFIRM = (
     "as soon as it is decided (see its status)."
 )
 
+# How long a retry with an Idempotency-Key waits to learn whether its purchase is already
+# decided; past it, the purchase is published again (the worker applies an id once).
+KEY_LOOKUP_WAIT_S = 1.0
+
 # How often a waiting status request reads its purchase while the listener is reconnecting.
 POLL_S = 1.0
 # How long a confirmation or cancellation waits for a pending purchase accepted by another
@@ -192,10 +196,12 @@ class PurchaseService:
         """The id of a retry's purchase when it is already decided (nothing to publish again);
         refuse a key reused for a different quantity, since the decided purchase would not
         match it."""
+        # The read runs on its own and is waited for only so long: a database that stalls
+        # (rather than refuses) would hold each keyed purchase for its statement timeout.
+        read = asyncio.ensure_future(self._read_purchases(candidates))
         try:
-            async with self._pool.acquire() as conn:
-                rows = await repository.get_purchases(conn, candidates)
-        except DATABASE_UNAVAILABLE:
+            rows = await asyncio.wait_for(asyncio.shield(read), KEY_LOOKUP_WAIT_S)
+        except DATABASE_UNAVAILABLE:  # TimeoutError among them
             # Without the database, publish again: the worker applies an id once, so a retry
             # stays one purchase; only a reused key's quantity goes unchecked.
             return None
@@ -208,6 +214,10 @@ class PurchaseService:
                 f"ticket(s); use a new key for a different purchase."
             )
         return UUID(int=row["purchase_id"].int)  # a plain UUID, not the driver's subclass
+
+    async def _read_purchases(self, purchase_ids: tuple[UUID, ...]) -> list[asyncpg.Record]:
+        async with self._pool.acquire() as conn:
+            return await repository.get_purchases(conn, purchase_ids)
 
     async def confirm(self, purchase_id: UUID, payment_reference: str) -> None:
         """Queue the confirmation of a held (or still pending) purchase; return once the

@@ -223,6 +223,55 @@ async def test_a_worker_cut_off_from_the_database_lets_go_of_its_queues_for_the_
     await assert_no_oversell(db)
 
 
+async def test_purchases_behind_a_stalled_database_are_answered_within_the_publish_bound(
+    settings: Settings, db: asyncpg.Pool
+) -> None:
+    """A database that stalls (answers nothing, refuses nothing) must not hold purchases for its
+    statement timeout: with the event known to the cache, a purchase is queued on the last
+    known entry and a retry's key lookup is given up, both within seconds; every one of them is
+    then decided once, by a worker that reaches the database."""
+    async with proxy_for(settings.database_url, 5432) as proxy:
+        stalled = settings.model_copy(
+            update={
+                "database_url": through(settings.database_url, proxy.port),
+                "event_cache_ttl_s": 0.5,
+            }
+        )
+        async with api_client(stalled) as client:
+            event = await create_event(client, total_tickets=100)
+            warm = await client.post(
+                f"/events/{event['id']}/tickets/purchase",
+                json={"customer_id": "warm", "quantity": 1},
+            )
+            assert warm.status_code == 202
+            await asyncio.sleep(0.6)  # the cached event is past its lifetime
+            proxy.freeze()
+            loop = asyncio.get_running_loop()
+
+            async def timed_purchase(i: int, key: str | None) -> tuple[httpx.Response, float]:
+                started = loop.time()
+                response = await client.post(
+                    f"/events/{event['id']}/tickets/purchase",
+                    json={"customer_id": f"stalled-{i}", "quantity": 1},
+                    headers={"Idempotency-Key": key} if key else {},
+                )
+                return response, loop.time() - started
+
+            try:
+                answers = await asyncio.gather(
+                    *(timed_purchase(i, f"key-{i}" if i % 2 else None) for i in range(12))
+                )
+            finally:
+                proxy.thaw()
+        bound_s = 2 * settings.publish_timeout_s
+        assert all(r.status_code == 202 for r, _ in answers), [r.text for r, _ in answers]
+        assert max(waited for _, waited in answers) < bound_s, [w for _, w in answers]
+        accepted = {f"{i}": UUID(r.json()["purchase_id"]) for i, (r, _) in enumerate(answers)}
+        async with running_worker(settings):
+            counts = await account(db, event["id"], accepted)
+    assert counts["confirmed"] == counts["accepted"] == 12
+
+
 async def test_purchases_waiting_behind_a_stalled_broker_are_refused_within_twice_the_timeout(
     settings: Settings,
 ) -> None:

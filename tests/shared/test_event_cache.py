@@ -110,3 +110,43 @@ async def test_a_load_takes_along_the_entries_past_half_their_lifetime() -> None
     await cache.get(late)
 
     assert loader.calls == [[early], [early, late]]
+
+
+class StalledLoader(Loader):
+    """A database that answers nothing, refuses nothing: each load waits until released."""
+
+    def __init__(self, known: dict[UUID, Event]) -> None:
+        super().__init__(known)
+        self.stalled = False
+        self.released = asyncio.Event()
+
+    async def __call__(self, ids: list[UUID]) -> dict[UUID, Event]:
+        if self.stalled:
+            await self.released.wait()
+        return await super().__call__(ids)
+
+
+async def test_a_stalled_load_is_waited_for_briefly_then_the_last_known_event_is_served() -> None:
+    known = uuid4()
+    loader = StalledLoader({known: event(known)})
+    cache = EventCache(loader, ttl_s=0, stale_wait_s=0.05, load_wait_s=0.5)
+    assert await cache.get(known) is not None
+    loader.stalled = True
+
+    started = asyncio.get_running_loop().time()
+    served = await cache.get(known)
+
+    assert served is not None
+    assert served.id == known
+    assert asyncio.get_running_loop().time() - started < 0.4  # not the whole load's wait
+    loader.released.set()
+
+
+async def test_a_stalled_load_of_an_event_never_seen_fails_after_the_load_wait() -> None:
+    loader = StalledLoader({})
+    loader.stalled = True
+    cache = EventCache(loader, ttl_s=60, stale_wait_s=0.05, load_wait_s=0.2)
+
+    with pytest.raises(TimeoutError):
+        await cache.get(uuid4())
+    loader.released.set()
