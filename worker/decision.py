@@ -3,8 +3,9 @@ events' tickets. Pure: no I/O, the clock comes in as `now`.
 
 Commands apply in queue order, which is the order the API accepted them in:
 
-- a purchase is rejected when its event is unknown (`event_not_found`), when the API accepted it
-  before the sales window opened or after it closed (`sales_not_open`, `sales_closed`), when it
+- a purchase is rejected when its event is unknown (`event_not_found`), when it asks for more
+  than the event's `max_tickets_per_purchase` allows now (`purchase_limit`), when the API accepted
+  it before the sales window opened or after it closed (`sales_not_open`, `sales_closed`), when it
   would take its customer past the event's per-customer limit (`customer_limit`), or when the
   tickets are not there (`sold_out`, `insufficient_tickets`); otherwise it takes its tickets, and
   is held until `now + hold_seconds` if the event holds tickets, confirmed at once if not;
@@ -56,6 +57,7 @@ class EventRules:
     sales_end_at: datetime | None = None
     max_tickets_per_customer: int | None = None
     hold_seconds: int | None = None
+    max_tickets_per_purchase: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +182,11 @@ def _purchase(
 
     if rules is None:
         return rejected(RejectReason.EVENT_NOT_FOUND)
+    # Checked again here, as the sales window is: the API's cache may not yet know a lower limit.
+    if rules.max_tickets_per_purchase is not None and (
+        command.quantity > rules.max_tickets_per_purchase
+    ):
+        return rejected(RejectReason.PURCHASE_LIMIT)
     accepted = command.accepted_at
     if rules.sales_start_at is not None and accepted < rules.sales_start_at:
         return rejected(RejectReason.SALES_NOT_OPEN)

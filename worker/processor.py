@@ -200,6 +200,7 @@ def _rules(row: asyncpg.Record) -> EventRules:
     return EventRules(
         available=row["available_tickets"],
         starts_at=row["starts_at"],
+        max_tickets_per_purchase=row["max_tickets_per_purchase"],
         sales_start_at=row["sales_start_at"],
         sales_end_at=row["sales_end_at"],
         max_tickets_per_customer=row["max_tickets_per_customer"],

@@ -2,9 +2,10 @@
 
 A flash sale sends thousands of requests a second for one event; reading its row for each would put
 the flood back on PostgreSQL, which the queue exists to avoid. A stale entry is harmless: the
-worker decides with the locked row, the cache only serves fast rejects (unknown event, sold out,
-quantity over the event's limit). For the same reason, while the database cannot be read, the
-last known entry is served (for up to STALE_IF_ERROR_S), so purchases keep being queued.
+worker decides with the locked row (tickets, sales window, per-purchase and per-customer limits,
+holds), the cache only serves fast rejects (unknown event, sold out, quantity over the event's
+limit, outside the window). For the same reason, while the database cannot be read, the last
+known entry is served (for up to STALE_IF_ERROR_S), so purchases keep being queued.
 """
 
 import asyncio

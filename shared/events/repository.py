@@ -139,8 +139,8 @@ async def event_has_purchases(conn: Connection, event_id: UUID) -> bool:
 # The worker's side. Rows are locked in id order so that two transactions touching the same
 # events always queue up in the same order and can never deadlock.
 LOCK_EVENTS_FOR_SALE = """
-    SELECT id, available_tickets, version, starts_at, sales_start_at, sales_end_at,
-           max_tickets_per_customer, hold_seconds
+    SELECT id, available_tickets, version, starts_at, max_tickets_per_purchase, sales_start_at,
+           sales_end_at, max_tickets_per_customer, hold_seconds
     FROM events
     WHERE id = ANY($1::uuid[])
     ORDER BY id

@@ -31,6 +31,9 @@ class RejectReason(StrEnum):
     INSUFFICIENT_TICKETS = "insufficient_tickets"
     EVENT_NOT_FOUND = "event_not_found"
     CUSTOMER_LIMIT = "customer_limit"
+    # More tickets than the event's max_tickets_per_purchase allowed when decided: lowered after
+    # the API checked it (its event cache may be a moment stale).
+    PURCHASE_LIMIT = "purchase_limit"
     SALES_NOT_OPEN = "sales_not_open"
     SALES_CLOSED = "sales_closed"
 

@@ -427,6 +427,28 @@ async def test_the_worker_rechecks_the_window_of_an_event_patched_while_purchase
     await assert_no_oversell(db)
 
 
+async def test_the_worker_rechecks_the_per_purchase_limit_of_an_event_patched_meanwhile(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    """Purchases the API accepted under the old limit, still queued when it was lowered: those
+    above the new one are rejected (`purchase_limit`), as a stale cache could accept them."""
+    event = await create_event(api, total_tickets=50, max_tickets_per_purchase=5)
+    small = await purchase(api, event["id"], customer_id="small", quantity=2)
+    large = await purchase(api, event["id"], customer_id="large", quantity=5)
+    assert small.status_code == large.status_code == 202
+    lowered = await api.patch(f"/events/{event['id']}", json={"max_tickets_per_purchase": 2})
+    assert lowered.status_code == 200, lowered.text
+    await start_worker()
+
+    rows = await wait_until_final(db, [small.json()["purchase_id"], large.json()["purchase_id"]])
+
+    outcome = {str(k): (v["status"], v["reason"]) for k, v in rows.items()}
+    assert outcome[small.json()["purchase_id"]] == ("confirmed", None)
+    assert outcome[large.json()["purchase_id"]] == ("rejected", "purchase_limit")
+    assert await available(db, event["id"]) == 48
+    await assert_no_oversell(db)
+
+
 async def test_a_patched_window_applies_at_the_api_at_once(api: httpx.AsyncClient) -> None:
     event = await create_event(api)
     assert (await purchase(api, event["id"])).status_code == 202

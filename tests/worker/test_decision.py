@@ -598,3 +598,19 @@ def test_an_expiry_is_recorded_with_its_reason() -> None:
         (PurchaseStatus.EXPIRED, ExpireReason.HOLD_EXPIRED)
     ]
     assert outcome.available == {event: 1}
+
+
+def test_a_purchase_above_the_events_per_purchase_limit_when_decided_is_rejected() -> None:
+    """The API checks the limit against its event cache, which may not yet know a lower one
+    (a PATCH a moment before): the worker checks it again with the locked row."""
+    event = EVENTS[0]
+    rules = EventRules(available=10, starts_at=FAR, max_tickets_per_purchase=2)
+    within, above = requested(event, 2, at=T0), requested(event, 3, at=T0)
+
+    outcome = decide({event: rules}, {}, {}, [within, above], now=T0)
+
+    assert [(d.status, d.reason) for d in outcome.decisions] == [
+        (PurchaseStatus.CONFIRMED, None),
+        (PurchaseStatus.REJECTED, RejectReason.PURCHASE_LIMIT),
+    ]
+    assert outcome.available == {event: 8}
