@@ -11,6 +11,8 @@ from starlette.applications import Starlette
 
 from api.resources import Resources
 from shared.events.service import EventService
+from shared.purchases.changes import StatusWaiters
+from shared.purchases.models import Purchase
 from shared.purchases.service import PurchaseService
 from shared.settings import Settings
 
@@ -46,8 +48,18 @@ async def get_purchase_service(request: Request) -> PurchaseService:
     return purchase_service_of(request.app)
 
 
+def status_waiters_of(app: Starlette) -> StatusWaiters[Purchase]:
+    """The app's held status requests (what an event stream pauses on between two reads)."""
+    return resources_of(app).waiters
+
+
+async def get_status_waiters(request: Request) -> StatusWaiters[Purchase]:
+    return status_waiters_of(request.app)
+
+
 EventServiceDep = Annotated[EventService, Depends(get_event_service)]
 PurchaseServiceDep = Annotated[PurchaseService, Depends(get_purchase_service)]
+StatusWaitersDep = Annotated[StatusWaiters[Purchase], Depends(get_status_waiters)]
 
 
 def settings_of(app: Starlette) -> Settings:

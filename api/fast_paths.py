@@ -40,7 +40,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api import metrics, purchase_contract
 from api.answers import Answer
-from api.deps import purchase_service_of, settings_of
+from api.deps import purchase_service_of, settings_of, status_waiters_of
 from api.errors import ProblemHandler
 from api.routes import purchases
 from api.status_stream import EventStream
@@ -132,6 +132,7 @@ class FastPaths:
                 settings = settings_of(app)
                 stream = purchase_contract.status_events(
                     purchase_service_of(app),
+                    status_waiters_of(app),
                     scope,
                     UUID(match[1]),
                     heartbeat_s=settings.status_heartbeat_s,

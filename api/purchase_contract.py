@@ -20,6 +20,7 @@ from starlette.types import Scope
 from api import status_stream
 from api.answers import Answer
 from api.errors import InvalidInput
+from shared.purchases.changes import StatusWaiters
 from shared.purchases.models import ConfirmRequest, Purchase, PurchaseCreate, PurchaseStatus
 from shared.purchases.service import PurchaseService
 from shared.text import IdempotencyKey
@@ -179,13 +180,20 @@ async def status(service: PurchaseService, scope: Scope, purchase_id: UUID) -> A
 
 
 async def status_events(
-    service: PurchaseService, scope: Scope, purchase_id: UUID, *, heartbeat_s: float, max_s: float
+    service: PurchaseService,
+    waiters: StatusWaiters[Purchase],
+    scope: Scope,
+    purchase_id: UUID,
+    *,
+    heartbeat_s: float,
+    max_s: float,
 ) -> "Answer | status_stream.EventStream":
     """The purchase's status as server-sent events, from what the client has (`Last-Event-ID`)
     on; 204 when it already has a status that cannot change (EventSource then stops
     reconnecting). A refusal (404, 503) is raised before the stream starts."""
     stream = await status_stream.open_stream(
         service,
+        waiters,
         purchase_id,
         last_event_id=_header(scope, b"last-event-id"),
         heartbeat_s=heartbeat_s,

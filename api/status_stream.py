@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from shared.errors import ServiceUnavailable
+from shared.purchases.changes import StatusWaiters
 from shared.purchases.models import Purchase, PurchaseStatus
 from shared.purchases.service import PurchaseService
 from shared.retry import DATABASE_UNAVAILABLE
@@ -53,6 +54,7 @@ def status_event(purchase: Purchase) -> bytes:
 
 async def open_stream(
     service: PurchaseService,
+    waiters: StatusWaiters[Purchase],
     purchase_id: UUID,
     *,
     last_event_id: str | None,
@@ -64,7 +66,7 @@ async def open_stream(
     first = await service.status(purchase_id)
     if first.status in SETTLED and first.status.value == last_event_id:
         return None  # nothing will follow what the client has: 204 tells EventSource to stop
-    return EventStream(service, first, last_event_id, heartbeat_s=heartbeat_s, max_s=max_s)
+    return EventStream(service, waiters, first, last_event_id, heartbeat_s=heartbeat_s, max_s=max_s)
 
 
 class EventStream:
@@ -83,12 +85,14 @@ class EventStream:
         "_service",
         "_status",
         "_task",
+        "_waiters",
         "started",
     )
 
     def __init__(
         self,
         service: PurchaseService,
+        waiters: StatusWaiters[Purchase],
         first: Purchase,
         last_event_id: str | None,
         *,
@@ -96,6 +100,7 @@ class EventStream:
         max_s: float,
     ) -> None:
         self._service = service
+        self._waiters = waiters  # what ends the pause between two reads once stopping
         self._purchase_id, self._status = first.purchase_id, first.status
         self._first = status_event(first) if first.status.value != last_event_id else None
         self._heartbeat_s, self._max_s = heartbeat_s, max_s
@@ -149,9 +154,10 @@ class EventStream:
                         changed = None
                     elif not service.draining:
                         # Nothing changed. A wait that ended early (the database down, too many
-                        # waiters) sleeps the rest, so that heartbeats keep their pace.
+                        # waiters) pauses for the rest, so that heartbeats keep their pace; the
+                        # pause ends once the process is stopping, and so does the stream.
                         changed = None
-                        await asyncio.sleep(max(0.0, until - loop.time()))
+                        await self._waiters.pause(max(0.0, until - loop.time()))
                         if not service.draining:
                             event = HEARTBEAT
         except asyncio.CancelledError:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from api import purchase_contract
-from api.deps import PurchaseServiceDep, SettingsDep
+from api.deps import PurchaseServiceDep, SettingsDep, StatusWaitersDep
 from api.problems import problem_responses
 from shared.purchases.models import LifecycleAccepted, Purchase, PurchaseAccepted
 
@@ -65,12 +65,17 @@ async def get_purchase(
     },
 )
 async def purchase_events(
-    purchase_id: UUID, request: Request, purchases: PurchaseServiceDep, settings: SettingsDep
+    purchase_id: UUID,
+    request: Request,
+    purchases: PurchaseServiceDep,
+    waiters: StatusWaitersDep,
+    settings: SettingsDep,
 ) -> Response:
     """Follow the purchase's status as server-sent events (204 when the client already has its
     final status: EventSource then stops reconnecting)."""
     answer = await purchase_contract.status_events(
         purchases,
+        waiters,
         request.scope,
         purchase_id,
         heartbeat_s=settings.status_heartbeat_s,

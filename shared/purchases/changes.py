@@ -210,6 +210,7 @@ class StatusWaiters(Generic[T]):
         self._fetching: asyncio.Task[None] | None = None
         # Set once the process is stopping: nobody is held any longer (see release).
         self.released = False
+        self._pauses: set[Waiter[T]] = set()  # see pause
 
     def fetch_with(self, fetch: Fetch[T]) -> None:
         self._fetch = fetch
@@ -238,6 +239,7 @@ class StatusWaiters(Generic[T]):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._wake_all()
+        self._end_pauses()  # their timer is stopped below: nothing else would end them
         self._timeouts.close()
 
     def release(self) -> None:
@@ -245,6 +247,21 @@ class StatusWaiters(Generic[T]):
         held requests answer now rather than be cut at the server's graceful timeout."""
         self.released = True
         self._wake_all()
+        self._end_pauses()
+
+    def pause(self, seconds: float) -> "asyncio.Future[None]":
+        """Done after `seconds`, or as soon as the process is stopping (at once if it is): how a
+        request that holds no waiter (past the bound, or the database away) waits between two
+        reads without being cut at the server's graceful timeout. A future on the timer the
+        waiters share, as `Waiter.wait` is, rather than a coroutine and a timer of its own."""
+        waiter: Waiter[T] = Waiter(self._timeouts)
+        if self.released:
+            waiter.wake()
+        else:
+            self._pauses.add(waiter)
+        paused = waiter.wait(seconds)
+        paused.add_done_callback(lambda _: self._pauses.discard(waiter))
+        return paused
 
     def add(self, purchase_id: UUID) -> Waiter[T] | None:
         """A waiter woken whenever `purchase_id` may have changed, until `remove`d (None: too
@@ -302,6 +319,12 @@ class StatusWaiters(Generic[T]):
         for waiters in self._waiting.values():
             for waiter in waiters:
                 waiter.wake()
+
+    def _end_pauses(self) -> None:
+        # A pause ends only once stopping: a listener's reconnect (which wakes the waiters) has
+        # nothing to tell a request that reads for itself.
+        for waiter in list(self._pauses):
+            waiter.wake()
 
     def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         self.changed(parse(str(payload)))

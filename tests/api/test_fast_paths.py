@@ -345,7 +345,7 @@ def test_the_purchase_routes_take_only_what_the_dispatch_passes_on() -> None:
     expected = {
         PURCHASE_ROUTE.path: ({"event_id"}, {"request", "purchases"}),
         STATUS_ROUTE.path: ({"purchase_id"}, {"request", "purchases"}),
-        EVENTS_ROUTE.path: ({"purchase_id"}, {"request", "purchases", "settings"}),
+        EVENTS_ROUTE.path: ({"purchase_id"}, {"request", "purchases", "waiters", "settings"}),
     }
     for route in (PURCHASE_ROUTE, STATUS_ROUTE, EVENTS_ROUTE):
         dependant = route.dependant

@@ -381,6 +381,31 @@ async def test_a_stream_whose_client_leaves_lets_go_of_its_waiter_at_once(
     assert left_s < 2, f"the waiter stayed {left_s:.1f} s after its client left"
 
 
+@pytest.mark.parametrize("query", ["", "?via=route"], ids=["dispatched", "routed"])
+async def test_a_stream_past_the_bound_of_waiters_ends_at_once_when_the_process_stops(
+    settings: Settings, query: str
+) -> None:
+    """Past its bound of waiters a stream holds no waiter: it reads its purchase, then pauses
+    until the next heartbeat (15 s). The release a stop signal runs ends that pause too, so the
+    stream ends then rather than at the server's graceful timeout (10 s)."""
+    app = create_app(settings.model_copy(update={"status_max_waiters": 0}))
+    async with served_api(settings, app) as api:
+        purchase_id = await queued_purchase(api)
+        async with api.stream("GET", f"/purchases/{purchase_id}/events{query}") as stream:
+            chunks = stream.aiter_text()
+            first = await anext(chunks)
+            assert [e["id"] for e in sse_events(first)] == ["pending"]
+            await asyncio.sleep(0.5)  # the stream pauses, with no waiter to wake it
+            assert app.state.resources.waiters.held == 0
+
+            app.state.resources.purchases.release_waiters()
+            started = time.monotonic()
+            rest = [chunk async for chunk in chunks]
+            ended_s = time.monotonic() - started
+    assert ended_s < 2, f"the stream ended {ended_s:.1f} s after the release"
+    assert ": heartbeat" not in "".join(rest), "a stopping process sent a heartbeat"
+
+
 async def held_as_scraped(api: httpx.AsyncClient) -> float:
     """What operators see: the held status requests gauge."""
     return sample((await api.get("/metrics")).text, "ticketing_status_waiters")

@@ -207,3 +207,47 @@ async def test_api_sigterm_answers_held_long_polls_and_ends_event_streams_at_onc
     assert exit_code in (0, -signal.SIGTERM)
     assert "Exception in ASGI application" not in log
     assert "timeout graceful shutdown exceeded" not in log
+
+
+@pytest.mark.parametrize("settings", [{"status_max_waiters": 0}], indirect=True)
+async def test_api_sigterm_ends_event_streams_past_the_bound_of_waiters_at_once(
+    settings: Settings,
+) -> None:
+    """Past its bound of waiters the process holds no status request: a long-poll is answered
+    at once, and a stream reads its purchase once per heartbeat (15 s) with no waiter to wake
+    it. On SIGTERM that stream still ends at once, rather than being cut at the graceful
+    timeout (10 s) with an error."""
+    proc, base = await api_process(settings, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            await until_ready(client)
+            event = await create_event(client)
+            purchase_id = (await purchase(client, event["id"])).json()["purchase_id"]
+
+            async def stream() -> list[str]:
+                async with client.stream("GET", f"/purchases/{purchase_id}/events") as response:
+                    return [line async for line in response.aiter_lines() if line]
+
+            streaming = asyncio.create_task(stream())
+            async with asyncio.timeout(2):  # not held: the process has no waiter to give it
+                polled = await client.get(f"/purchases/{purchase_id}?wait=30")
+            await asyncio.sleep(1.0)  # the stream pauses until its next heartbeat
+            assert not streaming.done()
+
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(5):  # far below the 10 s graceful timeout
+                events = await streaming
+                exit_code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.stderr is not None
+    log = (await proc.stderr.read()).decode()
+
+    assert polled.json()["status"] == "pending"
+    assert events[:2] == ["id: pending", "event: status"], events
+    assert ": heartbeat" not in events
+    assert exit_code in (0, -signal.SIGTERM)
+    assert "Exception in ASGI application" not in log
+    assert "timeout graceful shutdown exceeded" not in log

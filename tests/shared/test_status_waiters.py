@@ -107,6 +107,26 @@ async def test_a_removed_waiter_ends_its_wait_and_frees_its_place() -> None:
     assert waiters.add(purchase_id) is not None
 
 
+async def test_a_pause_ends_at_its_time_or_as_soon_as_the_process_stops() -> None:
+    """A request past the bound of waiters pauses between two reads: never past a stop."""
+    waiters: StatusWaiters[str] = StatusWaiters("postgresql://unused", max_waiters=0)
+    started = time.monotonic()
+    await waiters.pause(0.1)
+    assert 0.09 <= time.monotonic() - started < 2
+
+    pausing = waiters.pause(30)
+    asyncio.get_running_loop().call_later(0.1, waiters.release)
+    started = time.monotonic()
+    await pausing
+    assert time.monotonic() - started < 2, "paused on after the process began to stop"
+    await asyncio.sleep(0)  # its done callback
+    assert not waiters._pauses, "an ended pause is not kept"
+
+    started = time.monotonic()
+    await waiters.pause(30)
+    assert time.monotonic() - started < 0.5, "once stopping, a pause ends at once"
+
+
 class ScriptedReads:
     """The service's reads of one purchase, as scripted: a status, or an outage."""
 
