@@ -74,7 +74,8 @@ MESSAGE_PURCHASES = Histogram(
 )
 
 
-# A publishing channel is replaced after a nack at most this often (see _renew_channel).
+# A publishing channel is replaced at most this often, after a nack or once the broker closed
+# it (see _renew_channel).
 RENEW_CHANNEL_S = 1.0
 
 _OUTCOME = {
@@ -133,7 +134,8 @@ class PurchasePublisher:
         self._senders: dict[int, _PartitionSender] = {}
         self._channel: AbstractChannel | None = None
         self._connection: AbstractConnection | None = None
-        self._renewed_at = float("-inf")  # loop time the channel was last replaced after a nack
+        self._renewed_at = float("-inf")  # loop time a new channel was last asked for
+        self._renewing: asyncio.Task[None] | None = None  # a new channel opened in the background
         self._retiring: set[asyncio.Task[None]] = set()
         self._confirmed: ConfirmedPublisher | None = None  # the current channel's
 
@@ -148,26 +150,56 @@ class PurchasePublisher:
     async def _open_channel(connection: AbstractConnection) -> AbstractChannel:
         return await connection.channel(publisher_confirms=True, on_return_raises=True)
 
-    async def _renew_channel(self) -> None:
-        """Publish on a new channel from now on (at most once a second). RabbitMQ 3.10 nacks,
-        for good, a channel whose first publish to a quorum queue came while that queue was
-        electing a new leader (a broker node lost); a new channel gets through. The old one is
-        closed once the messages in flight on it had their whole timeout to be confirmed."""
+    def _renewal_due(self) -> AbstractConnection | None:
+        """The connection to open a new channel on, if one may be opened now: at most once a
+        second, and never on a connection that is closed (its replacement opens a channel of
+        its own: see start)."""
         loop = asyncio.get_running_loop()
-        if self._connection is None or loop.time() - self._renewed_at < RENEW_CHANNEL_S:
-            return
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            return None
+        if loop.time() - self._renewed_at < RENEW_CHANNEL_S:
+            return None
         self._renewed_at = loop.time()
-        old = self._channel
+        return connection
+
+    def _renew_closed_channel(self) -> None:
+        """The broker closed the channel while the connection stays up (a publish to an exchange
+        that was deleted is closed with 404): nothing else opens another, so open one in the
+        background, at most once a second. Meanwhile publishes are refused at once."""
+        if self._renewing is not None or (connection := self._renewal_due()) is None:
+            return
+        self._renewing = asyncio.get_running_loop().create_task(
+            self._renew_channel(connection), name="publish-channel"
+        )
+        self._renewing.add_done_callback(self._renewed)
+
+    def _renewed(self, renewing: "asyncio.Task[None]") -> None:
+        if self._renewing is renewing:
+            self._renewing = None
+
+    async def _renew_channel(self, connection: AbstractConnection) -> None:
+        """Publish on a new channel of `connection` from now on. RabbitMQ 3.10 nacks, for good,
+        a channel whose first publish to a quorum queue came while that queue was electing a
+        new leader (a broker node lost); a new channel gets through. The old one is closed once
+        the messages in flight on it had their whole timeout to be confirmed."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                self._channel = await self._open_channel(self._connection)
+                channel = await self._open_channel(connection)
         except Exception as exc:  # the connection is going: its reconnect opens a channel
             log.warning("could not open a new publishing channel: %r", exc)
             return
+        if connection is not self._connection:  # replaced meanwhile, with a channel of its own
+            self._retire(channel, after_s=0.0)
+            return
+        old, self._channel = self._channel, channel
         if old is not None:
-            retiring = loop.create_task(_close_quietly(old, after_s=self.timeout_s))
-            self._retiring.add(retiring)
-            retiring.add_done_callback(self._retiring.discard)
+            self._retire(old, after_s=self.timeout_s)
+
+    def _retire(self, channel: AbstractChannel, *, after_s: float) -> None:
+        retiring = asyncio.get_running_loop().create_task(_close_quietly(channel, after_s=after_s))
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
 
     def _publisher_on(self, channel: aiormq.Channel) -> ConfirmedPublisher:
         """What publishes on `channel`: what amqp_message sets, written as frames."""
@@ -186,6 +218,9 @@ class PurchasePublisher:
         return self._channel
 
     async def close(self) -> None:
+        if self._renewing is not None:  # no channel may be opened once closed
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)
         for retiring in self._retiring:
             retiring.cancel()
         for sender in self._senders.values():
@@ -197,6 +232,15 @@ class PurchasePublisher:
     @property
     def is_ready(self) -> bool:
         return self._channel is not None and not self._channel.is_closed
+
+    def check_ready(self) -> bool:
+        """Whether purchases can be published now; if not because the broker closed the
+        channel, a new one is opened meanwhile. A readiness probe calls this: a replica that is
+        not ready is sent no purchase, so no publish would ever open it."""
+        if self.is_ready:
+            return True
+        self._renew_closed_channel()
+        return False
 
     def partition_of(self, command: Accepted) -> int:
         return self._topology.partition_of(command.event_id)
@@ -217,6 +261,7 @@ class PurchasePublisher:
     async def send(self, partition: int, commands: list[Accepted]) -> None:
         """Publish one message of `commands` and wait for its confirm."""
         if not self.is_ready:
+            self._renew_closed_channel()
             raise BrokerUnavailable("The message broker connection is down; retry shortly.")
         body = encode_message(partition, commands)
         started = time.perf_counter()
@@ -241,7 +286,8 @@ class PurchasePublisher:
             # Nacked: the partition queue is full (reject-publish), or, on a cluster, it is
             # electing a new leader (a channel's first publish to it meanwhile is nacked).
             _OUTCOME["nacked"].inc()
-            await self._renew_channel()
+            if (connection := self._renewal_due()) is not None:
+                await self._renew_channel(connection)
             raise QueueFull(
                 "Too many purchases are waiting for this event, or its queue is moving to "
                 "another broker node; retry shortly.",

@@ -49,4 +49,4 @@ async def _database_ok(resources: ResourcesDep) -> bool:
 
 
 def _broker_ok(resources: ResourcesDep) -> bool:
-    return resources.broker.connected and resources.publisher.is_ready
+    return resources.broker.connected and resources.publisher.check_ready()

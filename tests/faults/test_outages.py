@@ -18,7 +18,7 @@ from shared.messages import AcceptedPurchase
 from shared.publisher import PurchasePublisher
 from shared.settings import Settings
 from tests.conftest import StartWorker, api_client
-from tests.factories import assert_no_oversell, create_event, wait_until_final
+from tests.factories import assert_no_oversell, create_event, purchase, wait_until_final
 from tests.faults.helpers import account, flood, report, retry_refused
 from tests.faults.proxy import proxy_for, through
 from tests.worker.helpers import wait_balanced, wait_for
@@ -85,6 +85,35 @@ async def test_broker_outage_mid_flood_loses_nothing_and_recovers_by_itself(
     assert counts["confirmed"] == counts["accepted"]  # plenty of tickets: none failed
     assert counts["doubled"] == 0
     assert counts["rows"] == counts["accepted"]
+
+
+async def test_a_publishing_channel_closed_by_the_broker_is_reopened_and_readiness_recovers(
+    settings: Settings, api: httpx.AsyncClient
+) -> None:
+    """A publish to an exchange that was deleted makes the broker close the channel (404) and
+    keep the connection. Once the exchange is back (any worker's start declares it), readiness
+    recovers with no purchase sent (an unready replica is sent none), and so do purchases."""
+    event = await create_event(api)
+    assert (await purchase(api, event["id"])).status_code == 202
+    topology = broker.Topology.from_settings(settings)
+    connection = await broker_nodes.connect(settings)
+    try:
+        channel = await connection.channel()
+        await channel.exchange_delete(topology.exchange)  # an operator's mistake
+        refused = await purchase(api, event["id"], customer_id="to-no-exchange")
+        assert refused.status_code == 503, refused.text
+        assert (await api.get("/readyz")).status_code == 503
+        await broker.declare_topology(connection, topology)
+    finally:
+        await connection.close()
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while (await api.get("/readyz")).status_code != 200:
+        assert loop.time() - started < 5, "readiness never recovered"
+        await asyncio.sleep(0.2)
+    later = [await purchase(api, event["id"], customer_id=f"later-{i}") for i in range(3)]
+    assert [answer.status_code for answer in later] == [202] * 3, later[0].text
 
 
 async def test_database_outage_mid_flood_holds_messages_and_loses_nothing(

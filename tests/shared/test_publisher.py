@@ -2,11 +2,13 @@
 and keeps a partition's order with several messages in flight."""
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
 import pytest
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from shared import broker, broker_nodes
 from shared import publisher as publisher_module
@@ -98,6 +100,54 @@ async def test_with_slow_confirms_a_wider_window_keeps_every_purchase_and_the_qu
     bodies = await read_back(settings, broker.Topology.from_settings(settings).queue(partition))
     queued = [p.purchase_id for body in bodies for p in PurchaseMessage.from_body(body).purchases]
     assert queued == [p.purchase_id for p in purchases]
+
+
+async def test_a_channel_the_broker_closed_is_reopened_at_most_once_a_second_never_waited_for(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the exchange gone, each channel the broker closes (404) is replaced on a later
+    publish, at most once a second, while every publish is refused at once; once the exchange
+    is back, publishes go through again on the last channel opened."""
+    connection = await broker_nodes.connect(settings)
+    topology = broker.Topology.from_settings(settings)
+    publisher = PurchasePublisher(topology, timeout_s=5)
+    opened = 0
+    open_channel = publisher._open_channel
+
+    async def counted(connection: AbstractConnection) -> AbstractChannel:
+        nonlocal opened
+        opened += 1
+        return await open_channel(connection)
+
+    monkeypatch.setattr(publisher, "_open_channel", counted)
+    event_id = uuid4()
+    loop = asyncio.get_running_loop()
+    try:
+        await publisher.start(connection)
+        admin = await connection.channel()
+        await admin.exchange_delete(topology.exchange)
+        slowest = 0.0
+        started = loop.time()
+        while loop.time() - started < 2.5:
+            publishing = loop.time()
+            with pytest.raises(BrokerUnavailable):
+                await publisher.publish(requested(event_id, 0))
+            slowest = max(slowest, loop.time() - publishing)
+            await asyncio.sleep(0.05)
+        renewed = opened - 1  # the first by start
+        await broker.declare_topology(connection, topology)
+        await asyncio.sleep(publisher_module.RENEW_CHANNEL_S)
+        async with asyncio.timeout(5):
+            while True:
+                with contextlib.suppress(BrokerUnavailable):
+                    await publisher.publish(requested(event_id, 1))
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await publisher.close()
+        await connection.close()
+    assert slowest < 1, f"a publish waited {slowest:.2f} s while the channel was closed"
+    assert 2 <= renewed <= 3, f"{renewed} channels opened in 2.5 s"
 
 
 def requested(event_id: UUID, i: int) -> AcceptedPurchase:
