@@ -75,7 +75,7 @@ MESSAGE_PURCHASES = Histogram(
 
 
 # A publishing channel is replaced at most this often, after a nack or once the broker closed
-# it (see _renew_channel).
+# it (see _renew_soon).
 RENEW_CHANNEL_S = 1.0
 
 _OUTCOME = {
@@ -163,10 +163,12 @@ class PurchasePublisher:
         self._renewed_at = loop.time()
         return connection
 
-    def _renew_closed_channel(self) -> None:
-        """The broker closed the channel while the connection stays up (a publish to an exchange
-        that was deleted is closed with 404): nothing else opens another, so open one in the
-        background, at most once a second. Meanwhile publishes are refused at once."""
+    def _renew_soon(self) -> None:
+        """Open a new channel in the background, at most once a second, and publish on it once
+        it is open; nobody waits for it. Called after a nack, and when the broker closed the
+        channel while the connection stays up (a publish to an exchange that was deleted is
+        closed with 404): nothing else would open another. Meanwhile publishes go on: to the
+        channel as it is, or refused at once if it is closed."""
         if self._renewing is not None or (connection := self._renewal_due()) is None:
             return
         self._renewing = asyncio.get_running_loop().create_task(
@@ -179,10 +181,8 @@ class PurchasePublisher:
             self._renewing = None
 
     async def _renew_channel(self, connection: AbstractConnection) -> None:
-        """Publish on a new channel of `connection` from now on. RabbitMQ 3.10 nacks, for good,
-        a channel whose first publish to a quorum queue came while that queue was electing a
-        new leader (a broker node lost); a new channel gets through. The old one is closed once
-        the messages in flight on it had their whole timeout to be confirmed."""
+        """Publish on a new channel of `connection` from now on. The old one is closed once the
+        messages in flight on it had their whole timeout to be confirmed."""
         try:
             async with asyncio.timeout(self.timeout_s):
                 channel = await self._open_channel(connection)
@@ -239,7 +239,7 @@ class PurchasePublisher:
         not ready is sent no purchase, so no publish would ever open it."""
         if self.is_ready:
             return True
-        self._renew_closed_channel()
+        self._renew_soon()
         return False
 
     def partition_of(self, command: Accepted) -> int:
@@ -261,7 +261,7 @@ class PurchasePublisher:
     async def send(self, partition: int, commands: list[Accepted]) -> None:
         """Publish one message of `commands` and wait for its confirm."""
         if not self.is_ready:
-            self._renew_closed_channel()
+            self._renew_soon()
             raise BrokerUnavailable("The message broker connection is down; retry shortly.")
         body = encode_message(partition, commands)
         started = time.perf_counter()
@@ -284,10 +284,12 @@ class PurchasePublisher:
             raise BrokerUnavailable("The purchase could not be queued; retry shortly.") from exc
         except DeliveryError as exc:
             # Nacked: the partition queue is full (reject-publish), or, on a cluster, it is
-            # electing a new leader (a channel's first publish to it meanwhile is nacked).
+            # electing a new leader. RabbitMQ 3.10 nacks, for good, a channel whose first
+            # publish to a quorum queue came during the election; a new channel gets through.
+            # Its callers are answered now, not after the new channel opens: the bound on a
+            # caller's wait (about twice the timeout) leaves no room for that.
             _OUTCOME["nacked"].inc()
-            if (connection := self._renewal_due()) is not None:
-                await self._renew_channel(connection)
+            self._renew_soon()
             raise QueueFull(
                 "Too many purchases are waiting for this event, or its queue is moving to "
                 "another broker node; retry shortly.",

@@ -1,12 +1,19 @@
 """A full partition queue refuses publishes: the API answers 503, and what it refused is never
 applied, while everything it accepted is."""
 
-from uuid import UUID
+import asyncio
+from datetime import UTC, datetime
+from uuid import UUID, uuid4
 
 import asyncpg
 import httpx
 import pytest
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from shared import broker, broker_nodes
+from shared.errors import QueueFull
+from shared.messages import AcceptedPurchase
+from shared.publisher import RENEW_CHANNEL_S, PurchasePublisher
 from shared.purchases.ids import PurchaseIds
 from shared.settings import Settings
 from tests.conftest import StartWorker
@@ -45,3 +52,67 @@ async def test_full_queue_answers_503_and_refused_purchases_are_never_applied(
     print(f"[backpressure] refused={len(refused)} applied_of_refused={applied_refused}")
     assert applied_refused == 0
     assert counts["rows"] == counts["accepted"]
+
+
+@pytest.mark.parametrize("settings", [{"queue_max_length": 2}], indirect=True)
+async def test_a_nacked_purchase_is_refused_at_once_not_after_a_new_channel_opens(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a nack the publisher moves to a new channel, and opening one may take a while (a
+    broker under load). The nacked message's callers are answered first and its slot of the
+    window is freed at once; the channel opens meanwhile, and is given up if the publisher
+    closes first."""
+    connection = await broker_nodes.connect(settings)
+    publisher = PurchasePublisher(
+        broker.Topology.from_settings(settings), timeout_s=5, max_batch=1, max_in_flight=1
+    )
+    open_channel = publisher._open_channel
+    opening = asyncio.Event()
+
+    async def slow_open(connection: AbstractConnection) -> AbstractChannel:
+        opening.set()
+        await asyncio.sleep(3)
+        return await open_channel(connection)
+
+    event_id = uuid4()
+    loop = asyncio.get_running_loop()
+    try:
+        await publisher.start(connection)
+        await fill(publisher, event_id)
+        await asyncio.sleep(RENEW_CHANNEL_S)  # the next nack may ask for a new channel again
+        monkeypatch.setattr(publisher, "_open_channel", slow_open)
+        started = loop.time()
+        # One message at a time: the second waits for the first's slot of the window.
+        refused = await asyncio.gather(
+            *(publisher.publish(accepted(event_id, i)) for i in (10, 11)), return_exceptions=True
+        )
+        answered_s = loop.time() - started
+        assert opening.is_set(), "no new channel was asked for after the nack"
+    finally:
+        started = loop.time()
+        await publisher.close()
+        closed_s = loop.time() - started
+        await connection.close()
+    assert [type(error) for error in refused] == [QueueFull, QueueFull], refused
+    assert answered_s < 1, f"the nacked purchases were answered after {answered_s:.1f} s"
+    assert closed_s < 1, "closing waited for the new channel"
+
+
+async def fill(publisher: PurchasePublisher, event_id: UUID) -> None:
+    """Publish until the event's queue is full (a quorum queue may take one past its limit)."""
+    for i in range(10):
+        try:
+            await publisher.publish(accepted(event_id, i))
+        except QueueFull:
+            return
+    raise AssertionError("the queue never filled up")
+
+
+def accepted(event_id: UUID, i: int) -> AcceptedPurchase:
+    return AcceptedPurchase(
+        purchase_id=uuid4(),
+        event_id=event_id,
+        customer_id=f"customer-{i}",
+        quantity=1,
+        accepted_at=datetime.now(UTC),
+    )
