@@ -1,13 +1,17 @@
-"""Helpers that build test data through the public API and check invariants in SQL."""
+"""Helpers that build test data (through the public API where there is one) and check invariants
+in SQL."""
 
 import asyncio
 import time
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import asyncpg
 import httpx
+
+from shared.messages import AcceptedPurchase
 
 # Decided: no longer pending (a held purchase is decided, if not for good).
 FINAL = ("held", "confirmed", "rejected", "expired", "cancelled", "failed")
@@ -22,6 +26,17 @@ def event_body(**overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
+
+
+def accepted_purchase(event_id: UUID, i: int) -> AcceptedPurchase:
+    """A purchase as the API hands it to the publisher: one ticket for customer `i`, now."""
+    return AcceptedPurchase(
+        purchase_id=uuid4(),
+        event_id=event_id,
+        customer_id=f"customer-{i}",
+        quantity=1,
+        accepted_at=datetime.now(UTC),
+    )
 
 
 async def create_event(client: httpx.AsyncClient, **overrides: Any) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 applied, while everything it accepted is."""
 
 import asyncio
-from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -12,12 +11,11 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from shared import broker, broker_nodes
 from shared.errors import QueueFull
-from shared.messages import AcceptedPurchase
 from shared.publisher import RENEW_CHANNEL_S, PurchasePublisher
 from shared.purchases.ids import PurchaseIds
 from shared.settings import Settings
 from tests.conftest import StartWorker
-from tests.factories import create_event
+from tests.factories import accepted_purchase, create_event
 from tests.faults.helpers import account, flood, report
 
 pytestmark = pytest.mark.faults
@@ -84,7 +82,8 @@ async def test_a_nacked_purchase_is_refused_at_once_not_after_a_new_channel_open
         started = loop.time()
         # One message at a time: the second waits for the first's slot of the window.
         refused = await asyncio.gather(
-            *(publisher.publish(accepted(event_id, i)) for i in (10, 11)), return_exceptions=True
+            *(publisher.publish(accepted_purchase(event_id, i)) for i in (10, 11)),
+            return_exceptions=True,
         )
         answered_s = loop.time() - started
         assert opening.is_set(), "no new channel was asked for after the nack"
@@ -102,17 +101,7 @@ async def fill(publisher: PurchasePublisher, event_id: UUID) -> None:
     """Publish until the event's queue is full (a quorum queue may take one past its limit)."""
     for i in range(10):
         try:
-            await publisher.publish(accepted(event_id, i))
+            await publisher.publish(accepted_purchase(event_id, i))
         except QueueFull:
             return
     raise AssertionError("the queue never filled up")
-
-
-def accepted(event_id: UUID, i: int) -> AcceptedPurchase:
-    return AcceptedPurchase(
-        purchase_id=uuid4(),
-        event_id=event_id,
-        customer_id=f"customer-{i}",
-        quantity=1,
-        accepted_at=datetime.now(UTC),
-    )

@@ -4,7 +4,6 @@ accepted purchase decided exactly once."""
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -14,11 +13,16 @@ from prometheus_client import REGISTRY
 
 from shared import broker, broker_nodes
 from shared.errors import BrokerUnavailable
-from shared.messages import AcceptedPurchase
 from shared.publisher import PurchasePublisher
 from shared.settings import Settings
 from tests.conftest import StartWorker, api_client
-from tests.factories import assert_no_oversell, create_event, purchase, wait_until_final
+from tests.factories import (
+    accepted_purchase,
+    assert_no_oversell,
+    create_event,
+    purchase,
+    wait_until_final,
+)
 from tests.faults.helpers import account, flood, report, retry_refused
 from tests.faults.proxy import proxy_for, through
 from tests.worker.helpers import wait_balanced, wait_for
@@ -333,7 +337,7 @@ async def test_purchases_waiting_behind_a_stalled_broker_are_refused_within_twic
             await asyncio.sleep(delay_s)
             started = loop.time()
             try:
-                await publisher.publish(requested(event_id, i))
+                await publisher.publish(accepted_purchase(event_id, i))
             except BrokerUnavailable as exc:
                 return exc, loop.time() - started
             return None, loop.time() - started
@@ -364,13 +368,3 @@ async def test_purchases_waiting_behind_a_stalled_broker_are_refused_within_twic
 
 def _count(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-def requested(event_id: UUID, i: int) -> AcceptedPurchase:
-    return AcceptedPurchase(
-        purchase_id=uuid4(),
-        event_id=event_id,
-        customer_id=f"customer-{i}",
-        quantity=1,
-        accepted_at=datetime.now(UTC),
-    )

@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import UTC, datetime
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -17,6 +17,7 @@ from shared.in_flight import CpuIdle, InFlightWindow
 from shared.messages import AcceptedPurchase, PurchaseMessage
 from shared.publisher import PurchasePublisher
 from shared.settings import Settings
+from tests.factories import accepted_purchase
 from tests.faults.proxy import proxy_for, through
 from tests.worker.helpers import read_back
 
@@ -83,7 +84,7 @@ async def test_with_slow_confirms_a_wider_window_keeps_every_purchase_and_the_qu
         try:
             await publisher.start(connection)
             event_id = uuid4()
-            purchases = [requested(event_id, i) for i in range(40)]
+            purchases = [accepted_purchase(event_id, i) for i in range(40)]
             widest = 0
 
             async def one(purchase: AcceptedPurchase) -> None:
@@ -131,7 +132,7 @@ async def test_a_channel_the_broker_closed_is_reopened_at_most_once_a_second_nev
         while loop.time() - started < 2.5:
             publishing = loop.time()
             with pytest.raises(BrokerUnavailable):
-                await publisher.publish(requested(event_id, 0))
+                await publisher.publish(accepted_purchase(event_id, 0))
             slowest = max(slowest, loop.time() - publishing)
             await asyncio.sleep(0.05)
         renewed = opened - 1  # the first by start
@@ -140,7 +141,7 @@ async def test_a_channel_the_broker_closed_is_reopened_at_most_once_a_second_nev
         async with asyncio.timeout(5):
             while True:
                 with contextlib.suppress(BrokerUnavailable):
-                    await publisher.publish(requested(event_id, 1))
+                    await publisher.publish(accepted_purchase(event_id, 1))
                     break
                 await asyncio.sleep(0.05)
     finally:
@@ -148,16 +149,6 @@ async def test_a_channel_the_broker_closed_is_reopened_at_most_once_a_second_nev
         await connection.close()
     assert slowest < 1, f"a publish waited {slowest:.2f} s while the channel was closed"
     assert 2 <= renewed <= 3, f"{renewed} channels opened in 2.5 s"
-
-
-def requested(event_id: UUID, i: int) -> AcceptedPurchase:
-    return AcceptedPurchase(
-        purchase_id=uuid4(),
-        event_id=event_id,
-        customer_id=f"customer-{i}",
-        quantity=1,
-        accepted_at=datetime.now(UTC),
-    )
 
 
 async def _publish_one_per_turn(
@@ -183,7 +174,7 @@ async def test_purchases_arriving_turn_after_turn_are_held_into_one_message_whil
     topology = broker.Topology.from_settings(settings)
     publisher = PurchasePublisher(topology, timeout_s=5, max_in_flight=1, linger_s=linger_s)
     event_id = uuid4()
-    purchases = [requested(event_id, i) for i in range(12)]
+    purchases = [accepted_purchase(event_id, i) for i in range(12)]
     try:
         await publisher.start(connection)
         async with asyncio.timeout(2):  # a lone turn ends the linger, not its 5 s
@@ -206,7 +197,7 @@ async def test_a_lone_purchase_is_sent_after_one_turn_not_after_the_linger(
     try:
         await publisher.start(connection)
         async with asyncio.timeout(2):
-            await publisher.publish(requested(uuid4(), 0))
+            await publisher.publish(accepted_purchase(uuid4(), 0))
     finally:
         await publisher.close()
         await connection.close()
