@@ -27,12 +27,13 @@ install-load: $(LOAD_INSTALLED)
 migrate: install
 	$(PY) -m shared.migrate
 
-# API + one worker in the foreground; Ctrl-C (or either one exiting) stops both.
+# API + one worker in the foreground; Ctrl-C (or either one exiting) stops both. A stop asked
+# for exits 0; either one failing exits with its status.
 run: export LOG_FORMAT ?= text
 run: migrate
 	@$(PY) -m worker & worker=$$!; \
 	$(PY) -m api & api=$$!; \
-	trap 'kill -TERM $$worker $$api 2>/dev/null; wait' INT TERM; \
+	trap 'kill -TERM $$worker $$api 2>/dev/null; wait; exit 0' INT TERM; \
 	wait -n; status=$$?; kill -TERM $$worker $$api 2>/dev/null; wait; exit $$status
 
 api: migrate
@@ -72,8 +73,9 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Written aside and moved into place: a failure leaves the checked-in document as it was.
 openapi: install
-	$(PY) -m api.openapi > openapi.json
+	$(PY) -m api.openapi > openapi.json.tmp && mv openapi.json.tmp openapi.json || { rm -f openapi.json.tmp; exit 1; }
 
 # A flash sale against the synchronous design; figures to bench/results/ (see README).
 bench: install-load

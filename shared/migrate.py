@@ -5,12 +5,14 @@ applied and takes a lock, so two processes migrating at once apply each migratio
 """
 
 import logging
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors, sql
 from yoyo import get_backend, read_migrations
 
+from shared.errors import StartupError
 from shared.logs import configure_logging
 from shared.schema import MIGRATIONS_DIR, database_name
 from shared.settings import Settings, get_settings
@@ -58,6 +60,31 @@ def apply_migrations(url: str) -> int:
     return len(pending)
 
 
+def wait_for_server(url: str, *, wait_s: float) -> None:
+    """Return once PostgreSQL accepts a connection (to its maintenance database: this one may
+    not exist yet), retrying for up to `wait_s`; then raise StartupError with one line. A
+    server that is still starting (a container's first boot) is waited for, not failed on."""
+    deadline = time.monotonic() + wait_s
+    warned = False
+    while True:
+        try:
+            psycopg.connect(_with_database(url, "postgres"), connect_timeout=5).close()
+            return
+        except psycopg.OperationalError as exc:
+            if time.monotonic() >= deadline:
+                parts = urlsplit(url)
+                where = f"{parts.hostname or '127.0.0.1'}:{parts.port or 5432}"
+                reason = (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
+                raise StartupError(
+                    f"PostgreSQL is not reachable at {where} ({reason}): start it, or set "
+                    "DATABASE_URL to where it runs."
+                ) from None
+            if not warned:
+                log.warning("waiting up to %.0f s for PostgreSQL", wait_s)
+                warned = True
+            time.sleep(0.5)
+
+
 def migrate(settings: Settings) -> None:
     if create_database_if_missing(settings.database_url):
         log.info("created database %s", database_name(settings.database_url))
@@ -68,6 +95,10 @@ def migrate(settings: Settings) -> None:
 def main() -> None:
     settings = get_settings()
     configure_logging(settings, service="migrate")
+    try:
+        wait_for_server(settings.database_url, wait_s=settings.startup_timeout_s)
+    except StartupError as exc:
+        raise SystemExit(f"python -m shared.migrate: {exc}") from None
     migrate(settings)
 
 

@@ -60,6 +60,29 @@ def test_postgresql_unreachable(entry: str, env: dict[str, str], settings: Setti
     assert "DATABASE_URL" in line
 
 
+def test_migrate_with_postgresql_unreachable(env: dict[str, str]) -> None:
+    """`make run` migrates first: with PostgreSQL down, that is a newcomer's first message."""
+    port = free_port()
+    env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{port}/ticketing"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.migrate"],
+        cwd=ROOT,
+        env={**env, "STARTUP_TIMEOUT_S": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("python -m shared.migrate: PostgreSQL is not reachable at "), line
+    assert f"127.0.0.1:{port}" in line
+    assert "DATABASE_URL" in line
+
+
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_database_missing(entry: str, env: dict[str, str], settings: Settings) -> None:
     env["DATABASE_URL"] = with_database(settings.database_url, "ticketing_never_created")
