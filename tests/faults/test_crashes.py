@@ -6,6 +6,8 @@ import contextlib
 import os
 import signal
 import sys
+from asyncio.subprocess import PIPE
+from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
@@ -95,15 +97,38 @@ async def wait_committing(proc: asyncio.subprocess.Process, port: int) -> None:
     raise AssertionError("the worker committed nothing within 30 s")
 
 
+@contextlib.asynccontextmanager
 async def api_process(
-    settings: Settings, *, stderr: int | None = None
-) -> tuple[asyncio.subprocess.Process, str]:
-    """`python -m api` on a free port, and its base URL."""
+    settings: Settings, *, timeout_s: float, stderr: int | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, httpx.AsyncClient]]:
+    """`python -m api` on a free port, once ready, and a client of it; the process is killed on
+    the way out if it is still up."""
     port = free_port()
     env = settings_env(settings)
     env.update({"API_PORT": str(port), "LOG_FORMAT": "text"})
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "api", env=env, stderr=stderr)
-    return proc, f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=timeout_s
+        ) as client:
+            await until_ready(client)
+            yield proc, client
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def log_of(proc: asyncio.subprocess.Process) -> str:
+    """What an exited process wrote to its piped stderr."""
+    assert proc.stderr is not None
+    return (await proc.stderr.read()).decode()
+
+
+async def stream_lines(client: httpx.AsyncClient, purchase_id: str) -> list[str]:
+    """The non-empty lines of a purchase's status event stream, until it ends."""
+    async with client.stream("GET", f"/purchases/{purchase_id}/events") as response:
+        return [line async for line in response.aiter_lines() if line]
 
 
 async def until_ready(client: httpx.AsyncClient) -> None:
@@ -117,33 +142,26 @@ async def until_ready(client: httpx.AsyncClient) -> None:
 async def test_api_sigterm_mid_flood_answers_in_flight_requests_then_exits(
     settings: Settings, db: asyncpg.Pool, start_worker: StartWorker
 ) -> None:
-    proc, base = await api_process(settings)
-    try:
-        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-            await until_ready(client)
-            event = await create_event(client, total_tickets=100_000)
-            progress = Flood()
-            # Far more than can be sent before the signal: the flood ends when the API does.
-            flooding = asyncio.create_task(
-                flood(
-                    client,
-                    event["id"],
-                    count=100_000,
-                    concurrency=16,
-                    into=progress,
-                    stop_on_error=True,
-                )
+    async with api_process(settings, timeout_s=10) as (proc, client):
+        event = await create_event(client, total_tickets=100_000)
+        progress = Flood()
+        # Far more than can be sent before the signal: the flood ends when the API does.
+        flooding = asyncio.create_task(
+            flood(
+                client,
+                event["id"],
+                count=100_000,
+                concurrency=16,
+                into=progress,
+                stop_on_error=True,
             )
-            # Signal once the flood is under way, however slow the machine is today.
-            while len(progress.accepted) < 200 and not flooding.done():  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-            proc.send_signal(signal.SIGTERM)
-            exit_code = await asyncio.wait_for(proc.wait(), 20)
-            result = await flooding
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        )
+        # Signal once the flood is under way, however slow the machine is today.
+        while len(progress.accepted) < 200 and not flooding.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.wait_for(proc.wait(), 20)
+        result = await flooding
     await start_worker()
     counts = await account(db, event["id"], result.accepted)
     report("API SIGTERM", result, counts)
@@ -166,39 +184,27 @@ async def test_api_sigterm_answers_held_long_polls_and_ends_event_streams_at_onc
     """A stop must not wait out the graceful timeout (10 s) on requests held for up to 30 s,
     then cut them: on SIGTERM each held long-poll answers with the status as it stands, each
     event stream ends, and the process exits, with no error logged for any of them."""
-    proc, base = await api_process(settings, stderr=asyncio.subprocess.PIPE)
-    try:
-        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-            await until_ready(client)
-            event = await create_event(client)
-            ids = [
-                (await purchase(client, event["id"], customer_id=f"c-{i}")).json()["purchase_id"]
-                for i in range(21)
-            ]  # no worker: every one stays pending
+    async with api_process(settings, stderr=PIPE, timeout_s=30) as (proc, client):
+        event = await create_event(client)
+        ids = [
+            (await purchase(client, event["id"], customer_id=f"c-{i}")).json()["purchase_id"]
+            for i in range(21)
+        ]  # no worker: every one stays pending
 
-            async def long_poll(purchase_id: str) -> httpx.Response:
-                return await client.get(f"/purchases/{purchase_id}?wait=30")
+        async def long_poll(purchase_id: str) -> httpx.Response:
+            return await client.get(f"/purchases/{purchase_id}?wait=30")
 
-            async def stream(purchase_id: str) -> list[str]:
-                async with client.stream("GET", f"/purchases/{purchase_id}/events") as response:
-                    return [line async for line in response.aiter_lines() if line]
+        polls = [asyncio.create_task(long_poll(p)) for p in ids[:20]]
+        streaming = asyncio.create_task(stream_lines(client, ids[20]))
+        await asyncio.sleep(1.0)  # every request is held
+        assert not any(task.done() for task in (*polls, streaming))
 
-            polls = [asyncio.create_task(long_poll(p)) for p in ids[:20]]
-            streaming = asyncio.create_task(stream(ids[20]))
-            await asyncio.sleep(1.0)  # every request is held
-            assert not any(task.done() for task in (*polls, streaming))
-
-            proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(5):  # far below the 10 s graceful timeout
-                answers = await asyncio.gather(*polls)
-                events = await streaming
-                exit_code = await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.stderr is not None
-    log = (await proc.stderr.read()).decode()
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(5):  # far below the 10 s graceful timeout
+            answers = await asyncio.gather(*polls)
+            events = await streaming
+            exit_code = await proc.wait()
+    log = await log_of(proc)
 
     assert [answer.status_code for answer in answers] == [200] * 20
     assert {answer.headers["etag"] for answer in answers} == {'"pending"'}
@@ -217,33 +223,21 @@ async def test_api_sigterm_ends_event_streams_past_the_bound_of_waiters_at_once(
     at once, and a stream reads its purchase once per heartbeat (15 s) with no waiter to wake
     it. On SIGTERM that stream still ends at once, rather than being cut at the graceful
     timeout (10 s) with an error."""
-    proc, base = await api_process(settings, stderr=asyncio.subprocess.PIPE)
-    try:
-        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-            await until_ready(client)
-            event = await create_event(client)
-            purchase_id = (await purchase(client, event["id"])).json()["purchase_id"]
+    async with api_process(settings, stderr=PIPE, timeout_s=30) as (proc, client):
+        event = await create_event(client)
+        purchase_id = (await purchase(client, event["id"])).json()["purchase_id"]
 
-            async def stream() -> list[str]:
-                async with client.stream("GET", f"/purchases/{purchase_id}/events") as response:
-                    return [line async for line in response.aiter_lines() if line]
+        streaming = asyncio.create_task(stream_lines(client, purchase_id))
+        async with asyncio.timeout(2):  # not held: the process has no waiter to give it
+            polled = await client.get(f"/purchases/{purchase_id}?wait=30")
+        await asyncio.sleep(1.0)  # the stream pauses until its next heartbeat
+        assert not streaming.done()
 
-            streaming = asyncio.create_task(stream())
-            async with asyncio.timeout(2):  # not held: the process has no waiter to give it
-                polled = await client.get(f"/purchases/{purchase_id}?wait=30")
-            await asyncio.sleep(1.0)  # the stream pauses until its next heartbeat
-            assert not streaming.done()
-
-            proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(5):  # far below the 10 s graceful timeout
-                events = await streaming
-                exit_code = await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.stderr is not None
-    log = (await proc.stderr.read()).decode()
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(5):  # far below the 10 s graceful timeout
+            events = await streaming
+            exit_code = await proc.wait()
+    log = await log_of(proc)
 
     assert polled.json()["status"] == "pending"
     assert events[:2] == ["id: pending", "event: status"], events
