@@ -299,6 +299,20 @@ CONFIRM_OPENAPI: dict[str, Any] = {
     },
 }
 
+STATUS_EVENTS_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "Last-Event-ID",
+            "in": "header",
+            "required": False,
+            "description": "The `id` of the last event the client has (EventSource sends it when "
+            "it reconnects): that status is not sent again, and if it can no longer change the "
+            "answer is 204.",
+            "schema": {"type": "string"},
+        }
+    ],
+}
+
 STATUS_OPENAPI: dict[str, Any] = {
     "parameters": [
         {

@@ -61,8 +61,13 @@ async def get_purchase(
             "`Last-Event-ID`).",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
+        204: {
+            "description": "No stream: the status named by `Last-Event-ID` can no longer "
+            "change, so no event will follow (EventSource stops reconnecting)."
+        },
         **problem_responses(404, 422, 503),
     },
+    openapi_extra=purchase_contract.STATUS_EVENTS_OPENAPI,
 )
 async def purchase_events(
     purchase_id: UUID,

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from api.main import create_app
+from api.openapi import render
 from shared import broker_nodes
 from shared.purchases import repository
 from shared.purchases.service import PurchaseService
@@ -645,6 +646,15 @@ async def test_a_reconnect_that_has_the_final_status_is_told_204_to_stop(
     )
     assert again.status_code == 204
     assert again.content == b""
+
+
+def test_the_openapi_document_declares_the_streams_204_and_its_last_event_id() -> None:
+    """A client built from the document must know the header that makes the 204 and the 204
+    itself, or it takes the answer that stops EventSource for an undeclared one."""
+    stream = json.loads(render())["paths"]["/purchases/{purchase_id}/events"]["get"]
+
+    assert "204" in stream["responses"]
+    assert "Last-Event-ID" in [p["name"] for p in stream["parameters"] if p["in"] == "header"]
 
 
 def test_a_purchase_read_for_many_waiters_never_moves_one_of_them_backwards() -> None:
