@@ -36,11 +36,16 @@ def parse_if_match(value: str | None) -> frozenset[int] | None:
     tags = [tag.strip() for tag in value.split(",") if tag.strip()]
     if not tags:
         raise _not_an_etag()
-    return frozenset(_version(tag) for tag in tags if not tag.startswith("W/"))
+    versions = [(_version(tag), tag.startswith("W/")) for tag in tags]
+    return frozenset(version for version, weak in versions if not weak)
 
 
 def _version(tag: str) -> int:
-    digits = tag.removeprefix("W/").strip('"')
+    """The version an entity-tag (`"3"`, `W/"3"`) names. The quotes are part of the tag: `3`
+    or `"3` is no tag, and is refused like any other, never read as version 3."""
+    opaque = tag.removeprefix("W/")
+    quoted = len(opaque) >= 2 and opaque[0] == opaque[-1] == '"'
+    digits = opaque[1:-1] if quoted else ""
     if not (digits.isascii() and digits.isdigit()) or len(digits) > 9:
         raise _not_an_etag()
     return int(digits)

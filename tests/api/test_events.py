@@ -350,15 +350,34 @@ async def test_patch_with_stale_if_match_is_412_and_changes_nothing(
     assert current["version"] == 2
 
 
-@pytest.mark.parametrize("if_match", ["abc", '"x"', '"1234567890"', '"-1"', "", '"1", x', '*, "1"'])
+@pytest.mark.parametrize(
+    "if_match",
+    [
+        "abc",
+        '"x"',
+        '"1234567890"',
+        '"-1"',
+        "",
+        '"1", x',
+        '*, "1"',
+        # Not entity-tags, though they name the event's version: the quotes are the tag's.
+        "1",
+        '"1',
+        '1"',
+        '"',
+        "W/1",
+        'W/"x", "1"',
+    ],
+)
 async def test_patch_with_malformed_if_match_is_422(api: httpx.AsyncClient, if_match: str) -> None:
-    created = await create_event(api)
+    created = await create_event(api, name="Original")
 
     response = await api.patch(
         f"/events/{created['id']}", json={"name": "x"}, headers={"If-Match": if_match}
     )
 
     assert_problem(response, 422)
+    assert (await api.get(f"/events/{created['id']}")).json()["name"] == "Original"
 
 
 async def test_patch_total_tickets_below_tickets_sold_is_409(
