@@ -113,7 +113,8 @@ async def confirm_purchase(
     purchase_contract.CANCEL_PATH,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=LifecycleAccepted,
-    responses=problem_responses(404, 409, 422, 503),
+    # It reads no body, but the request guard judges any sent, as on every POST.
+    responses=problem_responses(404, 409, 413, 415, 422, 503),
 )
 async def cancel_purchase(
     purchase_id: UUID, request: Request, purchases: PurchaseServiceDep

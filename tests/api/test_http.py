@@ -217,6 +217,31 @@ async def test_json_suffix_media_type_is_accepted(api: httpx.AsyncClient) -> Non
     assert response.status_code == 201, response.text
 
 
+async def test_a_body_sent_to_cancel_is_judged_like_any_other_and_the_document_says_so(
+    api: httpx.AsyncClient,
+) -> None:
+    """The request guard judges the body of every POST and PATCH before routing, so even cancel,
+    which reads none, answers 413 and 415: its operation must declare them as the others do."""
+    event = await create_event(api)
+    accepted = await purchase(api, event["id"])
+    cancel = f"/purchases/{accepted.json()['purchase_id']}/cancel"
+
+    as_text = await api.post(cancel, content=b"please", headers={"content-type": "text/plain"})
+    too_large = await api.post(
+        cancel, content=b" " * (MAX_BODY + 1), headers={"content-type": "application/json"}
+    )
+
+    assert_problem(as_text, 415)
+    assert_problem(too_large, 413)
+    undeclared = [
+        f"{method.upper()} {path}: {sorted({'413', '415'} - set(operation['responses']))}"
+        for path, operations in json.loads(render())["paths"].items()
+        for method, operation in operations.items()
+        if method in ("post", "put", "patch") and not {"413", "415"} <= set(operation["responses"])
+    ]
+    assert undeclared == []
+
+
 @pytest.mark.parametrize("path", ["/events", "/events/{event_id}/tickets/purchase"])
 async def test_missing_body_is_422_not_500(api: httpx.AsyncClient, path: str) -> None:
     event = await create_event(api)
