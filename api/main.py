@@ -15,6 +15,7 @@ from api.guards import RequestGuard
 from api.methods import AnswerHeadAsGet
 from api.metrics import RequestMetrics, counting_status_waiters
 from api.metrics import router as metrics_router
+from api.problems import problems_as_sent
 from api.resources import Resources, open_resources
 from api.routes import demo, events, health, purchases
 from shared.gc_tuning import tune_gc
@@ -49,6 +50,12 @@ class TicketingAPI(FastAPI):
 
     async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
         await super().__call__(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            # FastAPI builds the document once and keeps it: adjusted once, in place.
+            problems_as_sent(super().openapi())
+        return super().openapi()
 
 
 def cors_options(settings: Settings) -> dict[str, Any]:

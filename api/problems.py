@@ -87,3 +87,15 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         status: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": "Problem details"}
         for status in statuses
     }
+
+
+def problems_as_sent(document: dict[str, Any]) -> None:
+    """Document each problem under the one media type it is sent as. FastAPI puts a response's
+    model under the route's own media type (application/json), which no problem is sent as,
+    and leaves application/problem+json without a schema; the schema moves over, in place."""
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            for response in operation.get("responses", {}).values():
+                content = response.get("content", {})
+                if PROBLEM_JSON in content and "application/json" in content:
+                    content[PROBLEM_JSON] = content.pop("application/json")

@@ -616,6 +616,22 @@ async def test_openapi_json_and_docs_are_served(api: httpx.AsyncClient) -> None:
     assert "text/html" in docs.headers["content-type"]
 
 
+def test_every_problem_is_documented_as_problem_json_with_its_schema_and_only_so() -> None:
+    """A problem is only ever sent as application/problem+json: a client built from the
+    document must find the Problem schema there, and no application/json it will never get."""
+    misdocumented = [
+        f"{method.upper()} {path} {status}: {sorted(response.get('content', {}))}"
+        for path, operations in json.loads(render())["paths"].items()
+        for method, operation in operations.items()
+        for status, response in operation["responses"].items()
+        if int(status) >= 400
+        and response.get("content")
+        != {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    ]
+
+    assert misdocumented == []
+
+
 async def test_served_openapi_matches_the_rendered_document(api: httpx.AsyncClient) -> None:
     response = await api.get("/openapi.json")
 
