@@ -59,7 +59,7 @@ def _not_an_etag() -> InvalidRequest:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=Event,
-    responses=problem_responses(400, 413, 415, 422),
+    responses=problem_responses(400, 413, 415, 422, 503),
 )
 async def create_event(body: EventCreate, events: EventServiceDep, response: Response) -> Event:
     event = await events.create(body)
@@ -68,7 +68,7 @@ async def create_event(body: EventCreate, events: EventServiceDep, response: Res
     return event
 
 
-@router.get("", response_model=EventPage, responses=problem_responses(422))
+@router.get("", response_model=EventPage, responses=problem_responses(422, 503))
 async def list_events(
     events: EventServiceDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -77,7 +77,7 @@ async def list_events(
     return await events.list(limit=limit, cursor=cursor)
 
 
-@router.get("/{event_id}", response_model=Event, responses=problem_responses(404, 422))
+@router.get("/{event_id}", response_model=Event, responses=problem_responses(404, 422, 503))
 async def get_event(event_id: UUID, events: EventServiceDep, response: Response) -> Event:
     event = await events.get(event_id)
     response.headers["ETag"] = etag(event)
@@ -87,7 +87,7 @@ async def get_event(event_id: UUID, events: EventServiceDep, response: Response)
 @router.patch(
     "/{event_id}",
     response_model=Event,
-    responses=problem_responses(400, 404, 409, 412, 413, 415, 422),
+    responses=problem_responses(400, 404, 409, 412, 413, 415, 422, 503),
 )
 async def update_event(
     event_id: UUID,
@@ -106,7 +106,7 @@ async def update_event(
     status_code=status.HTTP_204_NO_CONTENT,
     # Not the default JSONResponse, which labels even no content as JSON.
     response_class=Response,
-    responses=problem_responses(404, 409, 412, 422),
+    responses=problem_responses(404, 409, 412, 422, 503),
 )
 async def delete_event(event_id: UUID, events: EventServiceDep, if_match: IfMatch = None) -> None:
     await events.delete(event_id, expected_versions=parse_if_match(if_match))

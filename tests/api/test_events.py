@@ -10,8 +10,12 @@ import asyncpg
 import httpx
 import pytest
 
+from api.openapi import render
+from shared.settings import Settings
 from tests.api.helpers import assert_problem, record_purchase
+from tests.conftest import api_client
 from tests.factories import create_event, event_body
+from tests.faults.proxy import proxy_for, through
 
 EVENT_FIELDS = {
     "id",
@@ -555,3 +559,31 @@ async def test_event_timestamps_are_aware(api: httpx.AsyncClient) -> None:
 
     assert parse_time(created["starts_at"]) == datetime(2030, 1, 1, 5, tzinfo=UTC)
     assert parse_time(created["created_at"]).tzinfo is not None
+
+
+async def test_every_event_route_answers_503_while_postgresql_is_away_as_documented(
+    settings: Settings,
+) -> None:
+    """Every event route reads or writes PostgreSQL, so while it is away each answers 503 with
+    Retry-After (never a 500), and each operation of the document must say so."""
+    async with proxy_for(settings.database_url, 5432) as proxy:
+        cut_off = settings.model_copy(
+            update={"database_url": through(settings.database_url, proxy.port)}
+        )
+        async with api_client(cut_off) as api:
+            event = await create_event(api)
+            proxy.cut()
+            one = f"/events/{event['id']}"
+            answers = {
+                ("get", "/events"): await api.get("/events"),
+                ("post", "/events"): await api.post("/events", json=event_body()),
+                ("get", "/events/{event_id}"): await api.get(one),
+                ("patch", "/events/{event_id}"): await api.patch(one, json={"name": "x"}),
+                ("delete", "/events/{event_id}"): await api.delete(one),
+            }
+
+    paths = json.loads(render())["paths"]
+    for (method, path), response in answers.items():
+        assert_problem(response, 503)
+        assert response.headers["retry-after"] == "1"
+        assert "503" in paths[path][method]["responses"], f"{method.upper()} {path}"
