@@ -61,6 +61,11 @@ class InvalidInput(Exception):
         return self._errors
 
 
+def malformed_json() -> InvalidInput:
+    """A body that is not JSON as Python's json module reads it: answered 400 Malformed JSON."""
+    return InvalidInput([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}])
+
+
 def _domain_error(path: str, exc: Exception) -> Answer:
     assert isinstance(exc, DomainError)
     status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 400)
@@ -100,6 +105,11 @@ def _validation_error(path: str, exc: Exception) -> Answer:
 
 def _http_error(path: str, exc: Exception) -> Answer:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError | RecursionError):
+        # FastAPI's own 400 for a body its json.loads could not read, but not as a syntax error
+        # (not UTF-8, an integer of more digits than Python converts, nested too deep): the
+        # same body is malformed JSON to the routes that read theirs themselves.
+        return _validation_error(path, malformed_json())
     title = HTTP_TITLES.get(exc.status_code, "Request failed")
     detail = exc.detail if isinstance(exc.detail, str) else title
     return problem(

@@ -19,7 +19,7 @@ from starlette.types import Scope
 
 from api import status_stream
 from api.answers import Answer
-from api.errors import InvalidInput
+from api.errors import InvalidInput, malformed_json
 from shared.purchases.changes import StatusWaiters
 from shared.purchases.models import ConfirmRequest, Purchase, PurchaseCreate, PurchaseStatus
 from shared.purchases.service import PurchaseService
@@ -73,9 +73,7 @@ def parse_body(model: type[Body], body: bytes) -> Body:
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, too deep
-        raise InvalidInput(
-            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]
-        ) from None
+        raise malformed_json() from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:

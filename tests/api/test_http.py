@@ -177,6 +177,46 @@ async def test_malformed_json_is_400(api: httpx.AsyncClient, payload: bytes) -> 
     assert_problem(response, 400)
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"name": "caf\xe9"}',
+        b'{"total_tickets": ' + b"9" * 5000 + b"}",
+        b"[" * 20_000 + b"]" * 20_000,
+    ],
+    ids=["latin-1-not-utf-8", "5000-digit-integer", "nested-too-deep"],
+)
+async def test_a_body_json_cannot_read_is_the_same_malformed_json_on_every_route(
+    api: httpx.AsyncClient, payload: bytes
+) -> None:
+    """The event routes (FastAPI reads their bodies) and the purchase routes (the contract
+    reads them) call a body malformed JSON alike, whatever made json.loads give up."""
+    event = await create_event(api)
+    as_json = {"content-type": "application/json"}
+
+    answers = {
+        "POST /events": await api.post("/events", content=payload, headers=as_json),
+        "PATCH /events/{id}": await api.patch(
+            f"/events/{event['id']}", content=payload, headers=as_json
+        ),
+        "POST purchase": await api.post(
+            f"/events/{event['id']}/tickets/purchase", content=payload, headers=as_json
+        ),
+    }
+
+    malformed = {
+        "type": "urn:ticketing:problem:malformed-json",
+        "title": "Malformed JSON",
+        "detail": "The request body is not valid JSON.",
+        "errors": [{"loc": ["body"], "msg": "JSON decode error", "type": "json_invalid"}],
+    }
+    problems = {route: assert_problem(answer, 400) for route, answer in answers.items()}
+    assert {
+        route: {name: problem.get(name) for name in malformed}
+        for route, problem in problems.items()
+    } == dict.fromkeys(answers, malformed)
+
+
 async def test_text_plain_body_is_415(api: httpx.AsyncClient) -> None:
     response = await api.post(
         "/events", content=json.dumps(event_body()), headers={"content-type": "text/plain"}
