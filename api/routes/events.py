@@ -3,7 +3,7 @@
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
 from api.deps import EventServiceDep
 from api.problems import problem_responses
@@ -20,6 +20,17 @@ IfMatch = Annotated[
         'comparison is strong: a weak tag (`W/"3"`) never matches.',
     ),
 ]
+
+
+def expected_versions(request: Request, if_match: IfMatch = None) -> frozenset[int] | None:
+    """The versions If-Match names, from every line of it: a header given twice is one list
+    (RFC 9110 §5.3), not its first line (the declared parameter documents it, and reads one)."""
+    if if_match is None:
+        return None
+    return parse_if_match(", ".join(request.headers.getlist("if-match")))
+
+
+ExpectedVersions = Annotated[frozenset[int] | None, Depends(expected_versions)]
 
 
 def etag(event: Event) -> str:
@@ -94,9 +105,9 @@ async def update_event(
     body: EventUpdate,
     events: EventServiceDep,
     response: Response,
-    if_match: IfMatch = None,
+    expected: ExpectedVersions,
 ) -> Event:
-    event = await events.update(event_id, body, expected_versions=parse_if_match(if_match))
+    event = await events.update(event_id, body, expected_versions=expected)
     response.headers["ETag"] = etag(event)
     return event
 
@@ -108,5 +119,5 @@ async def update_event(
     response_class=Response,
     responses=problem_responses(404, 409, 412, 422, 503),
 )
-async def delete_event(event_id: UUID, events: EventServiceDep, if_match: IfMatch = None) -> None:
-    await events.delete(event_id, expected_versions=parse_if_match(if_match))
+async def delete_event(event_id: UUID, events: EventServiceDep, expected: ExpectedVersions) -> None:
+    await events.delete(event_id, expected_versions=expected)

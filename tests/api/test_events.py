@@ -384,6 +384,33 @@ async def test_patch_with_malformed_if_match_is_422(api: httpx.AsyncClient, if_m
     assert (await api.get(f"/events/{created['id']}")).json()["name"] == "Original"
 
 
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [(['"1"', '"2"'], 200), (['"2"', '"1"'], 200), (['"1"', '"3"'], 412), (['"2"', "x"], 422)],
+)
+async def test_if_match_given_on_several_lines_is_one_list(
+    api: httpx.AsyncClient, lines: list[str], expected: int
+) -> None:
+    """RFC 9110 §5.3: a header repeated is the list of its lines, so every line counts, not
+    only the first (which refused a change the client's list allowed)."""
+    created = await create_event(api, name="Original")
+    await api.patch(f"/events/{created['id']}", json={"venue": "v2"})  # now at version 2
+
+    response = await api.patch(
+        f"/events/{created['id']}",
+        json={"name": "Renamed"},
+        headers=[("If-Match", line) for line in lines],
+    )
+
+    current = (await api.get(f"/events/{created['id']}")).json()
+    if expected == 200:
+        assert response.status_code == 200, response.text
+        assert (current["name"], current["version"]) == ("Renamed", 3)
+    else:
+        assert_problem(response, expected)
+        assert (current["name"], current["version"]) == ("Original", 2)
+
+
 async def test_patch_total_tickets_below_tickets_sold_is_409(
     api: httpx.AsyncClient, db: asyncpg.Pool
 ) -> None:
@@ -528,6 +555,19 @@ async def test_delete_with_if_match_naming_the_current_version_in_a_list_is_204(
 
     assert response.status_code == 204
     assert_problem(await api.get(f"/events/{created['id']}"), 404)
+
+
+async def test_delete_with_if_match_naming_the_current_version_on_a_later_line_is_204(
+    api: httpx.AsyncClient,
+) -> None:
+    created = await create_event(api)
+
+    response = await api.delete(
+        f"/events/{created['id']}", headers=[("If-Match", '"3"'), ("If-Match", '"1"')]
+    )
+
+    assert response.status_code == 204, response.text
+    assert (await api.get(f"/events/{created['id']}")).status_code == 404
 
 
 async def test_delete_with_current_if_match_is_204(api: httpx.AsyncClient) -> None:
