@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import uuid
@@ -54,6 +55,19 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     EARLY_START.abandon()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run stopped by SIGTERM (a CI job's timeout, `timeout`, a supervisor) cleans up as one
+    stopped by Ctrl-C: Python's default for SIGTERM ends the process at once, leaving this run's
+    databases, queues and exchanges behind on the shared servers."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # As a SIGINT, so that a test running on the event loop is cancelled as by Ctrl-C (asyncio's
+    # runner takes SIGINT over) and every fixture's teardown still runs.
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 @dataclass(frozen=True)
