@@ -435,12 +435,14 @@ async def test_a_flood_of_buyers_who_pay_abandon_or_cancel_while_a_worker_is_kil
     ]
     for event in events:
         await set_hold_seconds(db, event["id"], 3)
-    rnd = random.Random(12)
     buyers = Buyers()
     watcher = Watcher(db)
     watching = asyncio.create_task(watcher.run())
 
     async def buyer(index: int) -> None:
+        # Each buyer's own generator: 400 buyers drawing from one would take its numbers in an
+        # order the timing of the run decides, and no two runs would play the same buyers.
+        rnd = random.Random(12_000 + index)
         await asyncio.sleep(index * 0.03)  # arrivals spread over about 12 s
         event = rnd.choice(events)
         quantity = rnd.randint(1, 3)
