@@ -40,10 +40,16 @@ async def test_full_queue_answers_503_and_refused_purchases_are_never_applied(
 
     # The test knows the secret, so it can name the ids the refused requests would have had.
     ids = PurchaseIds(settings.purchase_id_secret)
-    refused = [
-        ids.for_idempotency_key(event_id=UUID(event["id"]), customer_id=f"customer-{key}", key=key)
-        for key in result.refused_keys
-    ]
+
+    def id_of(key: str) -> UUID:
+        return ids.for_idempotency_key(
+            event_id=UUID(event["id"]), customer_id=f"customer-{key}", key=key
+        )
+
+    # Named as the API names them, or the check below would look for ids no purchase can have
+    # and could never fail.
+    assert {key: id_of(key) for key in result.accepted} == result.accepted
+    refused = [id_of(key) for key in result.refused_keys]
     applied_refused = await db.fetchval(
         "SELECT count(*) FROM purchases WHERE id = ANY($1::uuid[])", refused
     )
