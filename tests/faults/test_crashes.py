@@ -137,6 +137,7 @@ async def until_ready(client: httpx.AsyncClient) -> None:
             if (await client.get("/readyz")).status_code == 200:
                 return
         await asyncio.sleep(0.1)
+    raise AssertionError("the API process was not ready within 10 s")
 
 
 async def test_api_sigterm_mid_flood_answers_in_flight_requests_then_exits(
