@@ -221,8 +221,10 @@ async def settle(db: asyncpg.Pool, events: list[str], result: Flood) -> dict[str
     row = await db.fetchrow(
         """
         SELECT count(*) FILTER (WHERE e.available_tickets < 0) AS oversold,
-               coalesce(sum(e.total_tickets - e.available_tickets - coalesce(c.confirmed, 0)), 0)
-                   AS doubled,
+               -- Per event, not summed: one event's surplus must not hide another's shortfall.
+               count(*) FILTER (
+                   WHERE e.total_tickets - e.available_tickets <> coalesce(c.confirmed, 0)
+               ) AS doubled,
                max(c.confirmed) FILTER (WHERE e.id = $2) AS hot_confirmed
         FROM events e
         LEFT JOIN (SELECT event_id, sum(quantity) AS confirmed FROM purchases
