@@ -12,7 +12,10 @@ from shared.settings import get_settings
 
 
 def main() -> None:
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except StartupError as exc:
+        raise SystemExit(f"python -m api: {exc}") from None
     log_config = logging_config(settings, service="api")
     logging.config.dictConfig(log_config)
     # Checked here, once, before uvicorn starts its processes: a missing service, database or

@@ -93,9 +93,9 @@ def migrate(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = get_settings()
-    configure_logging(settings, service="migrate")
     try:
+        settings = get_settings()
+        configure_logging(settings, service="migrate")
         wait_for_server(settings.database_url, wait_s=settings.startup_timeout_s)
     except StartupError as exc:
         raise SystemExit(f"python -m shared.migrate: {exc}") from None

@@ -10,8 +10,10 @@ from functools import lru_cache
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.errors import StartupError
 
 DEV_PURCHASE_ID_SECRET = "dev-only-purchase-id-secret-change-me"
 
@@ -94,8 +96,12 @@ class Settings(BaseSettings):
         if not urls:
             raise ValueError("needs at least one amqp:// or amqps:// URL")
         for url in urls:
-            if urlsplit(url).scheme not in ("amqp", "amqps"):
-                raise ValueError(f"{url!r} is not an amqp:// or amqps:// URL")
+            parts = urlsplit(url)
+            if parts.scheme not in ("amqp", "amqps"):
+                # Not the URL itself: it may hold a password.
+                raise ValueError(
+                    f"holds a {parts.scheme or 'schemeless'} URL, not amqp:// or amqps://"
+                )
         return value
 
     @property
@@ -116,6 +122,30 @@ class Settings(BaseSettings):
         return _split(value) if isinstance(value, str) else value
 
 
+# Their values are not repeated in an error: they hold passwords and keys.
+_UNSHOWN = frozenset(
+    {"database_url", "rabbitmq_url", "rabbitmq_management_url", "purchase_id_secret"}
+)
+
+
+def explain(error: ValidationError) -> str:
+    """One line naming each environment variable whose value the settings refuse, and why."""
+    problems = []
+    for item in error.errors():
+        reason = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:  # a rule across fields: its message names them
+            problems.append(reason)
+            continue
+        field = str(item["loc"][0])
+        shown = (
+            ""
+            if field in _UNSHOWN or not isinstance(item["input"], str | int | float)
+            else f"={item['input']}"
+        )
+        problems.append(f"{field.upper()}{shown}: {reason[:1].lower()}{reason[1:]}")
+    return f"invalid configuration: {'; '.join(problems)}."
+
+
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
@@ -129,4 +159,8 @@ def _management_url_of(amqp_url: str) -> str:
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    """The settings, once; a bad value raises StartupError naming its variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise StartupError(explain(exc)) from None

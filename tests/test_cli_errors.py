@@ -1,6 +1,8 @@
-"""Every command-line entry answers a missing service, database or schema, or a PARTITIONS that
-disagrees with the deployment's, with one line saying what to do, and a non-zero exit."""
+"""Every command-line entry answers a missing service, database or schema, a PARTITIONS that
+disagrees with the deployment's, or a setting it cannot use, with one line saying what to do,
+and a non-zero exit."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +24,23 @@ ENTRIES = {
 }
 
 
-def run(entry: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run the entry without waiting for services (STARTUP_TIMEOUT_S=0)."""
+# Every entry that reads the settings: the services, the admin commands and the migration.
+CONFIGURED = {**ENTRIES, "migrate": ["shared.migrate"]}
+
+
+def run(entry: str, env: dict[str, str], **settings: str) -> subprocess.CompletedProcess[str]:
+    """Run the entry without waiting for services (STARTUP_TIMEOUT_S=0), with `settings` (an
+    environment variable each) over those."""
     return subprocess.run(
-        [sys.executable, "-m", *ENTRIES[entry]],
+        [sys.executable, "-m", *CONFIGURED[entry]],
         cwd=ROOT,
-        env={**env, "STARTUP_TIMEOUT_S": "0", "WORKER_METRICS_PORT": "0", "API_PORT": "0"},
+        env={
+            **env,
+            "STARTUP_TIMEOUT_S": "0",
+            "WORKER_METRICS_PORT": "0",
+            "API_PORT": "0",
+            **settings,
+        },
         capture_output=True,
         text=True,
         timeout=60,
@@ -40,7 +53,7 @@ def the_one_line(result: subprocess.CompletedProcess[str], entry: str) -> str:
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"python -m {ENTRIES[entry][0]}"), lines[0]
+    assert lines[0].startswith(f"python -m {CONFIGURED[entry][0]}"), lines[0]
     return lines[0]
 
 
@@ -138,3 +151,40 @@ def test_replay_before_anything_declared_the_queues(env: dict[str, str]) -> None
     line = the_one_line(run("replay", env), "replay")
 
     assert "queues are not declared on this broker" in line
+
+
+def no_services() -> dict[str, str]:
+    """An environment whose services are nowhere: an entry that read its settings wrong and went
+    on could reach nothing, and would say so instead of naming the bad setting."""
+    return {
+        **os.environ,
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/ticketing",
+        "RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+    }
+
+
+@pytest.mark.parametrize("entry", CONFIGURED)
+def test_a_bad_setting_is_one_line_naming_the_variable_from_every_entry(entry: str) -> None:
+    line = the_one_line(run(entry, no_services(), PARTITIONS="0"), entry)
+
+    assert "invalid configuration: PARTITIONS=0: input should be greater than or equal to 1" in line
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("API_PORT", "abc", "API_PORT=abc: input should be a valid integer"),
+        ("LOG_LEVEL", "verbose", "LOG_LEVEL=VERBOSE: input should be 'DEBUG', 'INFO'"),
+        ("LOG_FORMAT", "xml", "LOG_FORMAT=xml: input should be 'json' or 'text'"),
+        ("LEASE_TTL_S", "soon", "LEASE_TTL_S=soon: input should be a valid number"),
+        ("PURCHASE_ID_SECRET", "hunter2-short", "PURCHASE_ID_SECRET: string should have at least"),
+        ("RABBITMQ_URL", "http://guest:hunter2@rmq:5672/", "RABBITMQ_URL: holds a http URL"),
+    ],
+)
+def test_a_bad_setting_names_the_variable_and_never_echoes_a_secret(
+    variable: str, value: str, says: str
+) -> None:
+    line = the_one_line(run("api", no_services(), **{variable: value}), "api")
+
+    assert says in line
+    assert "hunter2" not in line

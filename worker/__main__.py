@@ -48,9 +48,9 @@ def main() -> None:
         "command", nargs="?", default="run", choices=["run", "status", "replay-dead-letters"]
     )
     command = parser.parse_args().command
-    settings = get_settings()
-    configure_logging(settings, service="worker")
     try:
+        settings = get_settings()
+        configure_logging(settings, service="worker")
         if command == "status":
             admin.run_status(settings)
         elif command == "replay-dead-letters":
