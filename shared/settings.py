@@ -84,6 +84,17 @@ class Settings(BaseSettings):
     # 0 turns the worker's /metrics endpoint off.
     worker_metrics_port: int = Field(default=9100, ge=0, le=65535)
 
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("is not a postgresql:// URL (postgresql://user@host:port/database)")
+        _ = parts.port  # a port that is not a number raises here, not in the driver
+        if not parts.path.lstrip("/"):
+            raise ValueError("names no database (postgresql://user@host:port/<database>)")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
@@ -102,6 +113,7 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"holds a {parts.scheme or 'schemeless'} URL, not amqp:// or amqps://"
                 )
+            _ = parts.port  # a port that is not a number raises here, not in the client
         return value
 
     @property

@@ -188,3 +188,22 @@ def test_a_bad_setting_names_the_variable_and_never_echoes_a_secret(
 
     assert says in line
     assert "hunter2" not in line
+
+
+@pytest.mark.parametrize("entry", ["api", "migrate"])
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("DATABASE_URL", "ticketing", "DATABASE_URL: is not a postgresql:// URL"),
+        ("DATABASE_URL", "postgresql://u:hunter2@db:5432", "DATABASE_URL: names no database"),
+        ("DATABASE_URL", "postgresql://u:hunter2@db:54e2/x", "DATABASE_URL: port could not be"),
+        ("RABBITMQ_URL", "amqp://u:hunter2@rmq:56720x/", "RABBITMQ_URL: port could not be"),
+    ],
+)
+def test_a_malformed_service_url_is_one_line_naming_the_variable(
+    entry: str, variable: str, value: str, says: str
+) -> None:
+    line = the_one_line(run(entry, no_services(), **{variable: value}), entry)
+
+    assert says in line
+    assert "hunter2" not in line
