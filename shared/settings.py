@@ -133,6 +133,22 @@ class Settings(BaseSettings):
         # Accept a comma-separated list, the form people type in a shell or a compose file.
         return _split(value) if isinstance(value, str) else value
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        # A browser's Origin is scheme://host[:port] and is compared as it is: an entry with a
+        # path, a trailing slash or JSON brackets would never match, and CORS would fail silently.
+        for origin in value:
+            parts = urlsplit(origin)
+            if origin != "*" and not (
+                parts.scheme and parts.netloc and origin == f"{parts.scheme}://{parts.netloc}"
+            ):
+                raise ValueError(
+                    f"{origin!r} is not an origin: give * or scheme://host[:port] (no path, no "
+                    "trailing slash), comma-separated"
+                )
+        return value
+
 
 # Their values are not repeated in an error: they hold passwords and keys.
 _UNSHOWN = frozenset(

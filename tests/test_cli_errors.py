@@ -207,3 +207,21 @@ def test_a_malformed_service_url_is_one_line_naming_the_variable(
 
     assert says in line
     assert "hunter2" not in line
+
+
+@pytest.mark.parametrize(
+    "origins", ["https://shop.example.com/", '["https://shop.example.com"]', "shop.example.com"]
+)
+def test_a_cors_origin_a_browser_could_never_send_is_one_line(origins: str) -> None:
+    # Compared as it is with the browser's Origin (scheme://host[:port]), such an entry would
+    # never match: every cross-origin call refused, and nothing said why.
+    line = the_one_line(run("api", no_services(), CORS_ORIGINS=origins), "api")
+
+    assert "CORS_ORIGINS" in line
+    assert "is not an origin: give * or scheme://host[:port]" in line
+
+
+def test_cors_origins_take_a_comma_separated_list_of_origins() -> None:
+    settings = Settings(cors_origins="https://shop.example.com, http://localhost:3000")
+    assert settings.cors_origins == ["https://shop.example.com", "http://localhost:3000"]
+    assert Settings(cors_origins="*").cors_origins == ["*"]
