@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.errors import StartupError
@@ -148,6 +148,14 @@ class Settings(BaseSettings):
                     "trailing slash), comma-separated"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "Settings":
+        if self.db_pool_min > self.db_pool_max:
+            raise ValueError(
+                f"DB_POOL_MIN ({self.db_pool_min}) is above DB_POOL_MAX ({self.db_pool_max})"
+            )
+        return self
 
 
 # Their values are not repeated in an error: they hold passwords and keys.

@@ -225,3 +225,10 @@ def test_cors_origins_take_a_comma_separated_list_of_origins() -> None:
     settings = Settings(cors_origins="https://shop.example.com, http://localhost:3000")
     assert settings.cors_origins == ["https://shop.example.com", "http://localhost:3000"]
     assert Settings(cors_origins="*").cors_origins == ["*"]
+
+
+@pytest.mark.parametrize("entry", ["api", "worker"])
+def test_a_pool_whose_minimum_is_above_its_maximum_is_one_line(entry: str) -> None:
+    line = the_one_line(run(entry, no_services(), DB_POOL_MIN="20", DB_POOL_MAX="5"), entry)
+
+    assert "invalid configuration: DB_POOL_MIN (20) is above DB_POOL_MAX (5)" in line
