@@ -1,5 +1,11 @@
-"""`python -m api`: serve the API with uvicorn on API_HOST:API_PORT."""
+"""`python -m api`: serve the API with uvicorn on API_HOST:API_PORT.
 
+It takes no arguments: everything is set by environment variables (or a .env file), listed in
+README.md, "Configuration". It checks PostgreSQL, the schema and RabbitMQ first, and exits with
+one line saying what is missing.
+"""
+
+import argparse
 import asyncio
 import logging.config
 
@@ -12,6 +18,13 @@ from shared.settings import get_settings
 
 
 def main() -> None:
+    # No options, but `--help` answers and a stray argument is a usage error rather than
+    # silently starting a server.
+    argparse.ArgumentParser(
+        prog="python -m api",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).parse_args()
     try:
         settings = get_settings()
     except StartupError as exc:

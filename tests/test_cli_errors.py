@@ -232,3 +232,33 @@ def test_a_pool_whose_minimum_is_above_its_maximum_is_one_line(entry: str) -> No
     line = the_one_line(run(entry, no_services(), DB_POOL_MIN="20", DB_POOL_MAX="5"), entry)
 
     assert "invalid configuration: DB_POOL_MIN (20) is above DB_POOL_MAX (5)" in line
+
+
+def run_api(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "api", *argv],
+        cwd=ROOT,
+        env={**no_services(), "STARTUP_TIMEOUT_S": "0", "API_PORT": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_api_help_says_it_is_configured_by_the_environment_and_starts_nothing() -> None:
+    result = run_api("--help")
+
+    assert result.returncode == 0, result
+    assert result.stdout.startswith("usage: python -m api"), result.stdout
+    assert "environment variables" in result.stdout
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("argv", [["--port", "9000"], ["worker"]])
+def test_api_refuses_arguments_it_does_not_take(argv: list[str]) -> None:
+    result = run_api(*argv)
+
+    assert result.returncode == 2, result
+    assert "usage: python -m api" in result.stderr
+    assert "unrecognized arguments" in result.stderr
