@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -47,6 +47,12 @@ def _host_port(url: str) -> tuple[str, int]:
 def _where(url: str) -> str:
     host, port = _host_port(url)
     return f"{host}:{port}"
+
+
+def _vhost(amqp_url: str) -> str:
+    """The virtual host an AMQP URL names, as the client reads it ("/" when none)."""
+    path = urlsplit(amqp_url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def _reason(exc: BaseException) -> str:
@@ -141,6 +147,15 @@ async def check_broker(settings: Settings, *, wait_s: float) -> None:
         except aiormq.exceptions.ProbableAuthenticationError:
             raise StartupError(
                 f"RabbitMQ at {_where(url)} refused the user or password in RABBITMQ_URL."
+            ) from None
+        except aiormq.exceptions.AMQPConnectionError:
+            raise  # not there (yet): waited for, then said so
+        except aiormq.exceptions.AMQPError:
+            # Logged in, then answered Connection.Open with a Connection.Close: the virtual
+            # host is missing, or the user may not use it.
+            raise StartupError(
+                f"RabbitMQ at {_where(url)} refused to open virtual host {_vhost(url)!r}: it "
+                "does not exist, or the user in RABBITMQ_URL may not use it; fix RABBITMQ_URL."
             ) from None
 
     async def connect() -> AbstractConnection:

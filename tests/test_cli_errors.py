@@ -134,6 +134,16 @@ def test_rabbitmq_unreachable(entry: str, env: dict[str, str]) -> None:
     assert "RABBITMQ_URL" in line
 
 
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_rabbitmq_virtual_host_missing(entry: str, env: dict[str, str]) -> None:
+    env["RABBITMQ_URL"] = env["RABBITMQ_URL"].rstrip("/") + "/ticketing-no-such-vhost"
+
+    line = the_one_line(run(entry, env), entry)
+
+    assert "refused to open virtual host 'ticketing-no-such-vhost'" in line
+    assert "RABBITMQ_URL" in line
+
+
 @pytest.mark.parametrize("entry", ["api", "worker", "replay"])
 async def test_partitions_other_than_the_deployments(
     entry: str, env: dict[str, str], db: asyncpg.Pool, settings: Settings
