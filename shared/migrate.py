@@ -49,7 +49,8 @@ def drop_database(url: str) -> None:
 
 def apply_migrations(url: str) -> int:
     """Apply pending migrations; return how many were applied."""
-    backend = get_backend(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    # yoyo picks its driver by the scheme; postgres:// (as libpq and asyncpg take it) too.
+    backend = get_backend(urlunsplit(urlsplit(url)._replace(scheme="postgresql+psycopg")))
     migrations = read_migrations(str(MIGRATIONS_DIR))
     try:
         with backend.lock():

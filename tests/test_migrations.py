@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from shared.migrate import drop_database
-from shared.schema import MIGRATIONS_DIR
+from shared.schema import MIGRATIONS_DIR, expected_migrations
 from tests.conftest import Services, make_settings, settings_env, with_database
 
 
@@ -56,6 +56,30 @@ def test_migrate_creates_the_database_and_applies_every_migration_in_order(
             for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
         }
     assert {"events", "purchases", "workers", "partition_leases"} <= tables
+
+
+def test_migrate_takes_a_postgres_scheme_url_as_the_services_do(
+    fresh_database_url: str, services: Services
+) -> None:
+    # postgres:// is what many hosted databases hand out; libpq and asyncpg read it as
+    # postgresql://, so the services run with it and the migration must too.
+    settings = make_settings(services, fresh_database_url.rsplit("/", 1)[1], "unused")
+    env = settings_env(settings)
+    env["DATABASE_URL"] = fresh_database_url.replace("postgresql://", "postgres://", 1)
+    assert env["DATABASE_URL"].startswith("postgres://")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert set(applied(fresh_database_url)) == expected_migrations()
 
 
 def test_migrate_again_is_a_no_op(fresh_database_url: str, services: Services) -> None:
