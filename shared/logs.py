@@ -34,6 +34,9 @@ def logging_config(settings: Settings, *, service: str) -> dict[str, Any]:
             "datefmt": "%Y-%m-%dT%H:%M:%S%z",
             "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
             "static_fields": {"service": service},
+            # Only the context is added to the line, as in text: not uvicorn's copy of its
+            # message with terminal colour codes.
+            "reserved_attrs": sorted(_STANDARD),
         }
     else:
         formatter = {

@@ -102,6 +102,26 @@ async def test_json_log_lines_carry_the_purchase_context(settings: Settings) -> 
     assert "time" in line
 
 
+@pytest.mark.parametrize("settings", [{"log_format": "json"}], indirect=True)
+async def test_json_log_lines_of_uvicorn_carry_no_terminal_colour_codes(settings: Settings) -> None:
+    # uvicorn adds a copy of its message with ANSI colours as `color_message`.
+    record = logging.makeLogRecord(
+        {
+            "name": "uvicorn.error",
+            "levelname": "INFO",
+            "msg": "Started server process [%d]",
+            "args": (42,),
+            "color_message": "Started server process [\x1b[36m%d\x1b[0m]",
+        }
+    )
+    text = _formatter(settings).format(record)
+    line = json.loads(text)
+    assert line["message"] == "Started server process [42]"
+    assert "color_message" not in line
+    assert "\\u001b" not in text
+    assert set(line) == {"time", "level", "logger", "message", "service"}
+
+
 @pytest.mark.parametrize("settings", [{"log_format": "text"}], indirect=True)
 async def test_text_log_lines_are_readable_and_keep_the_context(settings: Settings) -> None:
     record = logging.makeLogRecord(
