@@ -7,17 +7,23 @@ import importlib
 import json
 import logging
 import sys
+from datetime import UTC, datetime, timedelta
 from urllib.request import urlopen
+from uuid import UUID, uuid4
 
+import aio_pika
 import asyncpg
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from shared.logs import logging_config
+from shared.messages import PurchaseMessage, PurchaseRequested
 from shared.settings import Settings
-from tests.conftest import settings_env
+from tests.conftest import StartWorker, settings_env
 from tests.factories import create_event, purchase, wait_until_final
 from tests.metrics import free_port, sample
+from tests.worker.helpers import partition_of, publish_raw
 
 
 async def test_api_metrics_count_requests_and_confirmed_publishes(api: httpx.AsyncClient) -> None:
@@ -72,6 +78,48 @@ async def test_worker_metrics_endpoint_shows_partitions_and_decided_purchases(
     assert sample(text, "ticketing_worker_commit_seconds_count") >= 1
     assert sample(text, "ticketing_worker_leases_acquired_total") == settings.partitions
     assert 'ticketing_worker_lag_seconds{partition="' in text
+
+
+def _lag(partition: int) -> float | None:
+    return REGISTRY.get_sample_value("ticketing_worker_lag_seconds", {"partition": str(partition)})
+
+
+async def test_worker_lag_is_zero_once_its_partition_is_idle_and_leaves_with_the_partition(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    amqp: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    start_worker: StartWorker,
+) -> None:
+    """A backlog's age must not stay on the gauge once it is drained (README's alert, lag > 30 s
+    for 2 min, would fire while nothing waits), nor on a worker that let the partition go."""
+    event = await create_event(api)
+    partition = partition_of(settings, event["id"])
+    late = PurchaseRequested(
+        purchase_id=uuid4(),
+        event_id=UUID(event["id"]),
+        customer_id="customer-late",
+        quantity=1,
+        accepted_at=datetime.now(UTC) - timedelta(minutes=2),  # queued while no worker ran
+    )
+    await publish_raw(
+        amqp, settings, partition, PurchaseMessage(partition=partition, commands=[late]).to_body()
+    )
+    worker = await start_worker()
+    await wait_until_final(db, [late.purchase_id])
+
+    for _ in range(100):  # an idle partition is seen within a second or so
+        if _lag(partition) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert _lag(partition) == 0
+
+    worker.stop()
+    for _ in range(100):
+        if _lag(partition) is None:
+            break
+        await asyncio.sleep(0.1)
+    assert _lag(partition) is None
 
 
 def _formatter(settings: Settings) -> logging.Formatter:

@@ -138,6 +138,7 @@ class PartitionConsumer:
         if self._task is not None:
             await asyncio.wait({self._task})
         await self._close_channel()
+        metrics.forget_partition(self.partition)
 
     async def abort(self) -> None:
         """Stop without acking what is in hand (lease lost, connection lost, shutdown during an
@@ -148,6 +149,7 @@ class PartitionConsumer:
             self._task.cancel()
             await asyncio.wait({self._task})
         await self._close_channel()
+        metrics.forget_partition(self.partition)
 
     async def _close_channel(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
@@ -165,6 +167,7 @@ class PartitionConsumer:
                 elif self._draining:
                     return
                 else:  # nothing came before a hold of the partition fell due
+                    self._idle()
                     await self._sweep()
         except LeaseLost:
             self.lost_lease = True
@@ -345,6 +348,14 @@ class PartitionConsumer:
         # least it: one that does not is no proof of anything.
         counted = declared.consumer_count is not None and declared.consumer_count > 0
         return counted and declared.message_count == 0 and not self._inbox
+
+    def _idle(self) -> None:
+        """Nothing was delivered for a while: nothing of the partition waits, however old the
+        last batch was, so its lag is 0 (else it would show a drained backlog's age until the
+        next purchase). Not while a new consumer may still be the broker's standby behind a
+        dead predecessor, whose messages do wait."""
+        if self._delivered or time.monotonic() >= self._started + TAKEOVER_GRACE_S:
+            metrics.LAG_SECONDS.labels(str(self.partition)).set(0)
 
     def _until_sweep(self) -> float:
         """Seconds until the partition's next hold falls due, or until the idle partition next

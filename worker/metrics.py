@@ -1,5 +1,6 @@
 """Prometheus metrics of the worker, served on WORKER_METRICS_PORT."""
 
+import contextlib
 import logging
 from functools import cache
 
@@ -29,7 +30,8 @@ COMMIT_SECONDS = Histogram(
 )
 LAG_SECONDS = Gauge(
     "ticketing_worker_lag_seconds",
-    "Age of the oldest purchase in the batch last applied, per partition",
+    "Age of the oldest purchase in the batch last applied, per partition held; 0 once the "
+    "partition is idle",
     ["partition"],
 )
 PARTITIONS_OWNED = Gauge("ticketing_worker_partitions_owned", "Partition leases held")
@@ -55,6 +57,13 @@ DEAD_LETTERS = Counter(
 def decided(status: str, reason: str) -> CounterChild:
     """PURCHASES for one (status, reason): looked up once, counted often."""
     return PURCHASES.labels(status, reason)
+
+
+def forget_partition(partition: int) -> None:
+    """A partition this worker no longer consumes: its lag is for its next owner to report,
+    and a value left here would stay as it was for as long as this worker runs."""
+    with contextlib.suppress(KeyError):
+        LAG_SECONDS.remove(str(partition))
 
 
 def serve_metrics(port: int) -> None:
