@@ -4,14 +4,16 @@
 applied and takes a lock, so two processes migrating at once apply each migration once.
 """
 
+import asyncio
 import logging
-import time
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import psycopg
 from psycopg import errors, sql
 from yoyo import get_backend, read_migrations
 
+from shared import preflight
 from shared.errors import StartupError
 from shared.logs import configure_logging
 from shared.schema import MIGRATIONS_DIR, database_name
@@ -64,26 +66,27 @@ def apply_migrations(url: str) -> int:
 def wait_for_server(url: str, *, wait_s: float) -> None:
     """Return once PostgreSQL accepts a connection (to its maintenance database: this one may
     not exist yet), retrying for up to `wait_s`; then raise StartupError with one line. A
-    server that is still starting (a container's first boot) is waited for, not failed on."""
-    deadline = time.monotonic() + wait_s
-    warned = False
-    while True:
+    server that is still starting (a container's first boot) is waited for, not failed on; one
+    that refuses the user or password is said so at once, as the services say it."""
+    parts = urlsplit(url)
+    where = f"{parts.hostname or '127.0.0.1'}:{parts.port or 5432}"
+
+    async def connect() -> None:
+        # asyncpg, as the services' checks: its errors tell a refused login from a server that
+        # is not there (yet), where psycopg raises one OperationalError for both.
         try:
-            psycopg.connect(_with_database(url, "postgres"), connect_timeout=5).close()
-            return
-        except psycopg.OperationalError as exc:
-            if time.monotonic() >= deadline:
-                parts = urlsplit(url)
-                where = f"{parts.hostname or '127.0.0.1'}:{parts.port or 5432}"
-                reason = (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
-                raise StartupError(
-                    f"PostgreSQL is not reachable at {where} ({reason}): start it, or set "
-                    "DATABASE_URL to where it runs."
-                ) from None
-            if not warned:
-                log.warning("waiting up to %.0f s for PostgreSQL", wait_s)
-                warned = True
-            time.sleep(0.5)
+            connection = await asyncpg.connect(_with_database(url, "postgres"), timeout=5)
+        except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
+            raise StartupError(
+                f"PostgreSQL at {where} refused the user or password in DATABASE_URL."
+            ) from None
+        await connection.close()
+
+    asyncio.run(
+        preflight.until_reachable(
+            connect, service="PostgreSQL", where=where, setting="DATABASE_URL", wait_s=wait_s
+        )
+    )
 
 
 def migrate(settings: Settings) -> None:

@@ -60,7 +60,7 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-async def _until_reachable(
+async def until_reachable(
     connect: Callable[[], Awaitable[T]], *, service: str, where: str, setting: str, wait_s: float
 ) -> T:
     """`connect()`, retried for up to `wait_s` while the server is not there (yet)."""
@@ -100,7 +100,7 @@ async def connect_database(settings: Settings, *, wait_s: float) -> asyncpg.Conn
             ) from None
         return connection
 
-    return await _until_reachable(
+    return await until_reachable(
         connect, service="PostgreSQL", where=where, setting="DATABASE_URL", wait_s=wait_s
     )
 
@@ -166,7 +166,7 @@ async def check_broker(settings: Settings, *, wait_s: float) -> None:
                 continue  # another node may answer
         return await connect_one(urls[-1])
 
-    connection = await _until_reachable(
+    connection = await until_reachable(
         connect, service="RabbitMQ", where=where, setting="RABBITMQ_URL", wait_s=wait_s
     )
     await connection.close()

@@ -5,7 +5,9 @@ and a non-zero exit."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -94,6 +96,20 @@ def test_migrate_with_postgresql_unreachable(env: dict[str, str]) -> None:
     assert line.startswith("python -m shared.migrate: PostgreSQL is not reachable at "), line
     assert f"127.0.0.1:{port}" in line
     assert "DATABASE_URL" in line
+
+
+@pytest.mark.parametrize("entry", CONFIGURED)
+def test_postgresql_refuses_the_user(entry: str, env: dict[str, str]) -> None:
+    parts = urlsplit(env["DATABASE_URL"])
+    host = parts.netloc.rpartition("@")[2]
+    env["DATABASE_URL"] = urlunsplit(parts._replace(netloc=f"ticketing_no_such_role@{host}"))
+    started = time.monotonic()
+
+    # A refused login is not a server still starting: said at once, not after the wait.
+    line = the_one_line(run(entry, env, STARTUP_TIMEOUT_S="20"), entry)
+
+    assert "refused the user or password in DATABASE_URL" in line
+    assert time.monotonic() - started < 15
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
