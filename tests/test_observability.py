@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from urllib.request import urlopen
 from uuid import UUID, uuid4
 
@@ -24,6 +25,8 @@ from tests.conftest import StartWorker, settings_env
 from tests.factories import create_event, purchase, wait_until_final
 from tests.metrics import free_port, sample
 from tests.worker.helpers import partition_of, publish_raw
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 async def test_api_metrics_count_requests_and_confirmed_publishes(api: httpx.AsyncClient) -> None:
@@ -78,6 +81,22 @@ async def test_worker_metrics_endpoint_shows_partitions_and_decided_purchases(
     assert sample(text, "ticketing_worker_commit_seconds_count") >= 1
     assert sample(text, "ticketing_worker_leases_acquired_total") == settings.partitions
     assert 'ticketing_worker_lag_seconds{partition="' in text
+
+
+def test_every_metric_the_services_export_is_in_the_readme() -> None:
+    for module in ("api.metrics", "shared.publisher", "worker.metrics"):
+        importlib.import_module(module)  # each registers its metrics on import
+
+    section = README.read_text().split("**Metrics** (Prometheus)")[1].split("**Alerts")[0]
+    names = {family.name for family in REGISTRY.collect() if family.name.startswith("ticketing_")}
+    assert len(names) > 15
+    # The table shortens a run of worker counters as `…_lease_takeovers_total`.
+    missing = {
+        name
+        for name in names
+        if f"`{name}" not in section and f"`…{name.removeprefix('ticketing_worker')}" not in section
+    }
+    assert not missing, f"metrics missing from README's table: {sorted(missing)}"
 
 
 def _lag(partition: int) -> float | None:
