@@ -24,7 +24,7 @@ from shared.settings import Settings
 from tests.conftest import StartWorker, settings_env
 from tests.factories import create_event, purchase, wait_until_final
 from tests.metrics import free_port, sample
-from tests.worker.helpers import partition_of, publish_raw
+from tests.worker.helpers import partition_of, publish_raw, purchase_message
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -139,6 +139,36 @@ async def test_worker_lag_is_zero_once_its_partition_is_idle_and_leaves_with_the
             break
         await asyncio.sleep(0.1)
     assert _lag(partition) is None
+
+
+async def test_a_dead_letter_set_aside_by_a_worker_is_not_logged_as_undecodable(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    amqp: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    start_worker: StartWorker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A readable message in the wrong partition's queue is recorded wrong_partition and
+    rejected; the dead-letter recorder must not then tell ops it was undecodable."""
+    caplog.set_level(logging.INFO, logger="worker")
+    event = await create_event(api)
+    other = (partition_of(settings, event["id"]) + 1) % settings.partitions
+    message = purchase_message(other, event["id"])
+    await publish_raw(amqp, settings, other, message.to_body())
+    await start_worker()
+
+    [row] = (await wait_until_final(db, [message.purchases[0].purchase_id])).values()
+    assert (row["status"], row["reason"]) == ("failed", "wrong_partition")
+    for _ in range(100):  # the recorder reads the dead letter in its own time
+        recorded = [r for r in caplog.records if r.name == "worker.dead_letters"]
+        if recorded:
+            break
+        await asyncio.sleep(0.1)
+    assert recorded
+    said = " ".join(r.getMessage() for r in caplog.records if r.name.startswith("worker."))
+    assert "undecodable" not in said, said
+    assert "set aside by a worker" in said
 
 
 def _formatter(settings: Settings) -> logging.Formatter:

@@ -21,7 +21,9 @@ from worker import metrics
 log = logging.getLogger(__name__)
 
 REASONS = {
-    "rejected": FailReason.UNDECODABLE_MESSAGE,  # workers reject only what they cannot read
+    # Workers reject what they cannot read, and, once they recorded its purchases failed with
+    # the reason, a message of another partition or one whose records keep conflicting.
+    "rejected": FailReason.UNDECODABLE_MESSAGE,
     "delivery_limit": FailReason.DELIVERY_LIMIT_EXCEEDED,
 }
 
@@ -88,6 +90,21 @@ class DeadLetterRecorder:
                     "dead letter (%s) undecodable: %d id(s) readable", reason.value, len(ids)
                 )
                 return len(ids)
+            if reason == FailReason.UNDECODABLE_MESSAGE:
+                # Readable, so set aside on purpose by a worker, which logged why and recorded
+                # its purchases failed with that reason (wrong_partition, record_conflict)
+                # before rejecting it: this never overwrites a status, so it changes nothing.
+                await purchases.record_failed_purchases(
+                    conn,
+                    decoded.purchases,
+                    reason=FailReason.DEAD_LETTERED,
+                    partition=decoded.partition,
+                )
+                log.info(
+                    "dead letter set aside by a worker: %d purchase(s), recorded failed by it",
+                    len(decoded.purchases),
+                )
+                return len(decoded.purchases)
             await purchases.record_failed_purchases(
                 conn, decoded.purchases, reason=reason, partition=decoded.partition
             )
