@@ -288,3 +288,23 @@ def test_api_refuses_arguments_it_does_not_take(argv: list[str]) -> None:
     assert result.returncode == 2, result
     assert "usage: python -m api" in result.stderr
     assert "unrecognized arguments" in result.stderr
+
+
+def test_status_piped_into_a_reader_that_stops_early_ends_without_a_traceback(
+    env: dict[str, str],
+) -> None:
+    """`python -m worker status | head -3`: the reader closing the pipe is not an error."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "status"],
+        cwd=ROOT,
+        env={**env, "STARTUP_TIMEOUT_S": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # gone before the first line, as `head` may be
+    _, stderr = proc.communicate(timeout=60)
+
+    assert "Traceback" not in stderr, stderr
+    assert "BrokenPipeError" not in stderr, stderr

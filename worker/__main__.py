@@ -7,7 +7,9 @@ replay-dead-letters  move dead letters back to their partitions after a fix
 
 import argparse
 import asyncio
+import os
 import signal
+import sys
 
 from shared import preflight
 from shared.errors import StartupError
@@ -53,13 +55,19 @@ def main() -> None:
         configure_logging(settings, service="worker")
         if command == "status":
             admin.run_status(settings)
+            sys.stdout.flush()  # here, where a closed pipe can be caught
         elif command == "replay-dead-letters":
             admin.run_replay(settings)
+            sys.stdout.flush()
         else:
             _install_fast_loop()
             asyncio.run(run(settings))
     except (StartupError, IdentityLost) as exc:
         raise SystemExit(f"python -m worker {command}: {exc}") from None
+    except BrokenPipeError:
+        # `python -m worker status | head`: the reader stopped reading, which is no error of
+        # ours to report. What is left unwritten goes nowhere rather than failing at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":
