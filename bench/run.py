@@ -51,7 +51,6 @@ from shared import broker, broker_nodes
 from shared.messages import AcceptedPurchase, encode_message
 from shared.migrate import create_database_if_missing, drop_database
 from shared.migrate import migrate as apply_schema
-from shared.publisher import amqp_message
 from shared.purchases.ids import PurchaseIds
 from tests.broker_cluster import BrokerCluster
 
@@ -161,7 +160,7 @@ class Bench:
             ]
             issued.extend(p.purchase_id for p in purchases)
             await exchange.publish(
-                amqp_message(encode_message(partition, purchases)),
+                broker.amqp_message(encode_message(partition, purchases)),
                 routing_key=self.topology.routing_key(partition),
             )
 

@@ -23,6 +23,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from aio_pika.exceptions import ChannelPreconditionFailed
 
 from shared.errors import StartupError
+from shared.messages import CONTENT_TYPE, MESSAGE_TYPE
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -207,3 +208,15 @@ async def delete_topology(channel: AbstractChannel, topology: Topology) -> None:
     await channel.queue_delete(topology.dead_letter_record_queue)
     await channel.exchange_delete(topology.exchange)
     await channel.exchange_delete(topology.dead_letter_exchange)
+
+
+def amqp_message(body: bytes) -> aio_pika.Message:
+    """The AMQP form of a purchase message's body: persistent, typed, JSON (for publishers that go
+    through aio-pika: the replay of dead letters, the benchmark; the API's publisher writes the
+    same properties as frames, in shared/amqp_publish.py)."""
+    return aio_pika.Message(
+        body,
+        content_type=CONTENT_TYPE,
+        type=MESSAGE_TYPE,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )

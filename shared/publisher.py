@@ -31,7 +31,6 @@ from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import DeliveryError, PublishError
@@ -102,17 +101,6 @@ class _Waiting:
     confirmed: asyncio.Future[None]
     since: float  # loop time it started waiting
     deadline: float | None = None  # loop time its confirm must be back by, if sooner
-
-
-def amqp_message(body: bytes) -> aio_pika.Message:
-    """The AMQP form of a purchase message's body: persistent, typed, JSON (for publishers that
-    go through aio-pika: the replay of dead letters, the benchmark)."""
-    return aio_pika.Message(
-        body,
-        content_type=CONTENT_TYPE,
-        type=MESSAGE_TYPE,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
 
 
 class PurchasePublisher:
@@ -202,7 +190,7 @@ class PurchasePublisher:
         retiring.add_done_callback(self._retiring.discard)
 
     def _publisher_on(self, channel: aiormq.Channel) -> ConfirmedPublisher:
-        """What publishes on `channel`: what amqp_message sets, written as frames."""
+        """What publishes on `channel`: what broker.amqp_message sets, written as frames."""
         if self._confirmed is None or self._confirmed.channel is not channel:
             self._confirmed = ConfirmedPublisher(
                 channel,

@@ -81,6 +81,8 @@ async def test_worker_metrics_endpoint_shows_partitions_and_decided_purchases(
     assert sample(text, "ticketing_worker_commit_seconds_count") >= 1
     assert sample(text, "ticketing_worker_leases_acquired_total") == settings.partitions
     assert 'ticketing_worker_lag_seconds{partition="' in text
+    # Only its own: the API's publisher series, always 0 here, would mislead a dashboard.
+    assert "ticketing_publish" not in text, "the worker exports the API's publisher metrics"
 
 
 def test_every_metric_the_services_export_is_in_the_readme() -> None:

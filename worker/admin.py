@@ -13,7 +13,6 @@ from shared import broker, broker_nodes, preflight
 from shared.db import create_pool
 from shared.errors import StartupError
 from shared.messages import Command, PurchaseMessage, PurchaseRequested, encode_message
-from shared.publisher import amqp_message
 from shared.settings import Settings
 from worker import leases, membership
 from worker.queue_leaders import public_address, queue_leaders
@@ -123,7 +122,7 @@ async def replay_dead_letters(settings: Settings, out: TextIO = sys.stdout) -> t
                 by_partition[topology.partition_of(command.event_id)].append(command)
             for partition, commands in by_partition.items():
                 await exchange.publish(
-                    amqp_message(encode_message(partition, commands)),
+                    broker.amqp_message(encode_message(partition, commands)),
                     routing_key=topology.routing_key(partition),
                     mandatory=True,
                 )
