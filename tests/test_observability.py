@@ -171,6 +171,11 @@ async def test_a_dead_letter_set_aside_by_a_worker_is_not_logged_as_undecodable(
     said = " ".join(r.getMessage() for r in caplog.records if r.name.startswith("worker."))
     assert "undecodable" not in said, said
     assert "set aside by a worker" in said
+    # What ops need to find the publisher at fault: the event, and where it routes here.
+    [set_aside] = [r for r in caplog.records if "another partition" in r.getMessage()]
+    assert set_aside.__dict__["event_ids"] == [event["id"]]
+    assert set_aside.__dict__["routes_to"] == [partition_of(settings, event["id"])]
+    assert set_aside.__dict__["message_partition"] == other
 
 
 def _formatter(settings: Settings) -> logging.Formatter:

@@ -285,9 +285,19 @@ class PartitionConsumer:
             if not self._belongs_here(decoded):
                 # Sent by a publisher that routes with another PARTITIONS: applying it here would
                 # give its event a second writer. Replaying it later routes it right.
+                events = sorted({str(command.event_id) for command in decoded.commands})
                 log.error(
-                    "message of another partition dead-lettered",
-                    extra={"partition": self.partition, "message_partition": decoded.partition},
+                    "message of another partition dead-lettered (does its publisher run with "
+                    "another PARTITIONS?)",
+                    extra={
+                        "partition": self.partition,
+                        "message_partition": decoded.partition,
+                        "event_ids": events,
+                        "routes_to": sorted(
+                            {self._topology.partition_of(c.event_id) for c in decoded.commands}
+                        ),
+                        "purchases": len(decoded.commands),
+                    },
                 )
                 await self._dead_letter([(message, decoded)], FailReason.WRONG_PARTITION)
                 continue
