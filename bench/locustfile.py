@@ -81,6 +81,8 @@ class Attempt:
     quantity: int
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
     purchase_id: str | None = None
+    # When to first ask about it: the Retry-After of the last 202 (the API's pace, not ours).
+    first_poll_s: float = 1.0
 
     def body(self) -> dict[str, Any]:
         return {"customer_id": self.customer_id, "quantity": self.quantity}
@@ -185,6 +187,8 @@ class Customer(FastHttpUser):
             ) as response:
                 ledger.counts[f"{action} {response.status_code}"] += 1
                 if response.status_code in (202, 409):
+                    if response.status_code == 202:
+                        attempt.first_poll_s = retry_after_s(response.headers)
                     response.success()
                     return True
                 if response.status_code != 503:
@@ -209,6 +213,7 @@ class Customer(FastHttpUser):
                 if response.status_code == 202:
                     ledger.counts["202 accepted"] += 1
                     attempt.purchase_id = response.json()["purchase_id"]
+                    attempt.first_poll_s = retry_after_s(response.headers)
                     response.success()
                     return True
                 if response.status_code == 409:
@@ -234,7 +239,7 @@ class Customer(FastHttpUser):
     def wait_until(self, attempt: Attempt, statuses: set[str]) -> dict[str, Any] | None:
         """Poll the status URL until the purchase is in one of `statuses` (None: timed out)."""
         deadline = time.monotonic() + LOAD_POLL_TIMEOUT_S
-        pause = 1.0
+        pause = attempt.first_poll_s
         while time.monotonic() < deadline:
             time.sleep(pause)
             with self.client.get(
