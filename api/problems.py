@@ -4,8 +4,10 @@ The exception handlers, the request guard (413/415 before routing) and the raw-A
 answer with `problem(...)`, so a problem reads the same whichever layer refused the request.
 """
 
+import re
 from functools import cache
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from pydantic import BaseModel
@@ -17,6 +19,9 @@ from api.answers import Answer
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_TYPE_BASE = "urn:ticketing:problem:"
+# A path that is already a URI reference to this server: a slash, then no second one, and
+# only characters a path may hold as they are (RFC 3986 pchar).
+_PLAIN_PATH = re.compile(r"/(?!/)[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
 
 
 class Problem(BaseModel):
@@ -50,13 +55,23 @@ def problem(
         "title": title,
         "status": status,
         "detail": detail,
-        "instance": instance,
+        "instance": as_reference(instance),
     }
     if errors is not None:
         body["errors"] = errors
     return Answer(
         status, orjson.dumps(body), media_type=PROBLEM_JSON, headers=tuple((headers or {}).items())
     )
+
+
+def as_reference(path: str) -> str:
+    """A request's path (as ASGI gives it, decoded) as the URI reference `instance` must be:
+    percent-encoded where it holds what a path may not, and never starting with `//`, which a
+    client resolves as another host (`//evil.example/x`)."""
+    if _PLAIN_PATH.fullmatch(path):
+        return path
+    encoded = quote(path, safe="/!$&'()*+,;=:@-._~")
+    return "/%2F" + encoded[2:] if encoded.startswith("//") else encoded
 
 
 def problem_response(

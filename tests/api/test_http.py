@@ -481,6 +481,24 @@ async def test_unknown_route_is_404_problem(api: httpx.AsyncClient, path: str) -
 
 
 @pytest.mark.parametrize(
+    ("path", "status", "instance"),
+    [
+        ("//evil.example/events", 404, "/%2Fevil.example/events"),
+        ("/no where", 404, "/no%20where"),
+        ("/events/caf\u00e9", 422, "/events/caf%C3%A9"),
+    ],
+)
+async def test_a_problems_instance_is_a_reference_to_this_server_whatever_the_path(
+    api: httpx.AsyncClient, path: str, status: int, instance: str
+) -> None:
+    """RFC 9457's `instance` is a URI reference: a path starting `//` would name another host
+    (a client resolves `//evil.example/events` there), and a space or an é is no URI."""
+    response = await api.get(httpx.URL(f"http://t{path}"))
+
+    assert assert_problem(response, status)["instance"] == instance
+
+
+@pytest.mark.parametrize(
     ("method", "path"),
     [
         ("GET", "/events/"),
