@@ -158,6 +158,62 @@ async def test_cancels_racing_expiry_and_confirms_give_every_ticket_back_exactly
     await assert_no_oversell(db)
 
 
+async def test_one_idempotency_key_sent_over_and_over_while_its_purchase_is_held_and_cancelled(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    """Retries of one purchase with one Idempotency-Key, every 30 ms, from before the worker
+    records it until well after its buyer cancelled it, some with another quantity: those
+    queued while it was pending are skipped as decided, later ones answer the same id (or 422
+    for another quantity). One row, held once and cancelled once, the tickets back."""
+    await record_history(db)
+    event = await create_event(api, total_tickets=10, hold_seconds=600)
+    await start_worker("w-1")
+    rnd = random.Random(8)
+    answers: list[httpx.Response] = []
+    after_cancel = 0  # retries answered once the cancel was
+    cancelling: asyncio.Task[None] | None = None
+
+    async def drop(purchase_id: UUID) -> None:
+        await wait_until_final(db, [purchase_id])
+        assert await cancel(api, purchase_id) == 202
+
+    async def retry() -> None:
+        nonlocal cancelling, after_cancel
+        quantity = 2 if rnd.random() < 0.8 else 3
+        response = await purchase(
+            api, event["id"], quantity=quantity, customer_id="alice", idempotency_key="k-race"
+        )
+        answers.append(response)
+        if cancelling is None and response.status_code == 202:
+            cancelling = asyncio.create_task(drop(UUID(response.json()["purchase_id"])))
+        elif cancelling is not None and cancelling.done():
+            after_cancel += 1
+
+    retries: list[asyncio.Task[None]] = []
+    while cancelling is None or not cancelling.done() or after_cancel < 10:
+        retries.append(asyncio.create_task(retry()))
+        await asyncio.sleep(0.03)
+    await asyncio.gather(*retries, cancelling)
+    ids = {r.json()["purchase_id"] for r in answers if r.status_code == 202}
+    assert len(ids) == 1, ids
+    assert {r.status_code for r in answers} <= {202, 422}, [r.text for r in answers]
+    purchase_id = UUID(ids.pop())
+    marker = await purchase(api, event["id"], customer_id="bob")
+    await wait_until_final(db, [marker.json()["purchase_id"]])
+
+    rows = await db.fetch("SELECT * FROM purchases WHERE customer_id = 'alice'")
+    assert [(r["id"], r["status"]) for r in rows] == [(purchase_id, "cancelled")]
+    history = await db.fetch(
+        "SELECT status FROM purchase_history WHERE id = $1 ORDER BY seq", purchase_id
+    )
+    assert [r["status"] for r in history] == ["held", "cancelled"]
+    sold, _ = await sold_and_confirmed(db)
+    assert sold == 1  # bob's hold only
+    codes = Counter(r.status_code for r in answers)
+    print(f"retry answers {dict(codes)}, {after_cancel} after the cancel")
+    await assert_no_oversell(db)
+
+
 # --- partitions handed over while holds fall due -------------------------------------------------
 
 
