@@ -11,6 +11,7 @@ import logging.config
 
 import uvicorn
 
+from api.http_server import BoundedHeadProtocol
 from shared import preflight
 from shared.errors import StartupError
 from shared.logs import logging_config
@@ -43,6 +44,7 @@ def main() -> None:
         host=settings.api_host,
         port=settings.api_port,
         workers=settings.api_workers,
+        http=BoundedHeadProtocol,
         proxy_headers=True,
         server_header=False,
         timeout_graceful_shutdown=10,

@@ -2,7 +2,9 @@
 methods, HEAD, and the OpenAPI document."""
 
 import asyncio
+import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -20,7 +22,9 @@ from shared.purchases.ids import PurchaseIds
 from shared.purchases.models import Purchase
 from shared.settings import Settings
 from tests.api.helpers import assert_problem, record_purchase, served_api, total_depth
+from tests.conftest import settings_env
 from tests.factories import create_event, event_body, purchase
+from tests.metrics import free_port
 from tests.worker.helpers import wait_for
 
 MAX_BODY = 64 * 1024
@@ -159,6 +163,87 @@ async def test_bogus_content_length_is_refused_not_500(
 
     assert response.status_code in (400, 413), response.text
     assert_problem(response, response.status_code)
+
+
+# --- request head size (the server python -m api runs) --------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def api_process(settings: Settings) -> AsyncIterator[int]:
+    """`python -m api`, as deployed (its own uvicorn settings), on a free port once ready."""
+    port = free_port()
+    env = settings_env(settings) | {"API_PORT": str(port), "LOG_FORMAT": "text"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api", env=env, stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await wait_for(lambda: _ready(client), timeout_s=30, what="python -m api ready")
+        yield port
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def _ready(client: httpx.AsyncClient) -> bool:
+    try:
+        return (await client.get("/readyz")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def send_raw(port: int, head: bytes, *, pieces: int = 1) -> bytes:
+    """Send `head` in `pieces` writes, until the server answers; what it answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = asyncio.ensure_future(reader.read())  # until the server closes
+    try:
+        step = -(-len(head) // pieces)
+        for start in range(0, len(head), step):
+            if answer.done():
+                break  # answered before all of it was sent
+            with contextlib.suppress(ConnectionError):
+                writer.write(head[start : start + step])
+                await writer.drain()
+            await asyncio.sleep(0.01)
+        return await asyncio.wait_for(answer, 10)
+    finally:
+        answer.cancel()
+        writer.close()
+
+
+async def test_a_request_head_without_end_is_431_and_its_connection_closed(
+    settings: Settings,
+) -> None:
+    """httptools keeps every header until the head ends: without a bound, one client sending
+    headers without end takes the process's memory."""
+    async with api_process(settings) as port:
+        endless = b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + b"x-pad: %s\r\n" % (b"a" * 1000) * 400
+        answer = await send_raw(port, endless, pieces=100)
+        huge_line = b"GET /healthz?" + b"a" * 300_000 + b" HTTP/1.1\r\nhost: x\r\n\r\n"
+        answer_to_line = await send_raw(port, huge_line)
+        # A head within the bound is served, and so is one followed by a body in the same read.
+        within = await send_raw(
+            port, b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: %s\r\n\r\n" % (b"a" * 60_000)
+        )
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            body = await client.post(
+                "/events",
+                content=padded_event_json(MAX_BODY),
+                headers={"content-type": "application/json", "x-pad": "a" * 30_000},
+            )
+
+    for refused in (answer, answer_to_line):
+        status_line, _, rest = refused.partition(b"\r\n")
+        assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large", refused[:300]
+        head, _, content = rest.partition(b"\r\n\r\n")
+        assert b"connection: close" in head.lower()
+        assert b"content-type: application/problem+json" in head.lower()
+        problem = json.loads(content)
+        assert problem["status"] == 431
+        assert problem["instance"].startswith("/")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["instance"] == "/healthz"
+    assert within.startswith(b"HTTP/1.1 200 "), within[:300]
+    assert body.status_code == 201, body.text
 
 
 # --- body syntax and media type -------------------------------------------------------------
