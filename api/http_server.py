@@ -1,10 +1,18 @@
 """The HTTP/1.1 protocol `python -m api` serves with: uvicorn's httptools protocol, with the
-request head (request line and headers) bounded.
+request head (request line and headers) bounded, and the time a request takes to arrive.
 
 httptools sets no bound of its own on a request head, and uvicorn's httptools protocol none
 either (its `h11_max_incomplete_event_size` is h11's alone): a client that sends headers
 without end has them all kept, concatenated piece by piece, until the process runs out of
 memory. Past MAX_HEAD_BYTES the request is answered `431` and its connection closed.
+
+Nor does uvicorn time a request's arrival: its keep-alive timeout only runs between two
+requests, so a connection that sends nothing, half a head or a body a byte at a time is held
+for good, and a client holding enough of them takes every file descriptor the process has.
+A request must arrive whole within REQUEST_READ_TIMEOUT_S of its first byte (the first one,
+of the connection's opening): an unfinished head is answered `408`, an unfinished body ends
+its connection (the app sees its client leave), and a connection that never sent a byte is
+closed.
 """
 
 import asyncio
@@ -22,6 +30,8 @@ log = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 * 1024
 # How long a refused request's connection is kept open after the answer, its input dropped.
 LINGER_S = 1.0
+# Far longer than any client takes to send a head and a body of MAX_BODY_BYTES.
+REQUEST_READ_TIMEOUT_S = 30.0
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
@@ -35,6 +45,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     # long); None while no head is being read (before the first request, during a body).
     _head_bytes: int | None = None
     _refused = False
+    # Running from a request's first byte (the connection's opening, for the first) until the
+    # request has arrived whole.
+    _read_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._read_timer = self.loop.call_later(REQUEST_READ_TIMEOUT_S, self._read_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_read_timer()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -49,21 +70,53 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
+        if self._read_timer is None:
+            self._read_timer = self.loop.call_later(REQUEST_READ_TIMEOUT_S, self._read_timed_out)
 
     def on_headers_complete(self) -> None:
         self._head_bytes = None
         super().on_headers_complete()
 
+    def on_message_complete(self) -> None:
+        self._stop_read_timer()
+        super().on_message_complete()
+
+    def _stop_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_bytes is None:
+            # Nothing sent yet, or a body too slow: the app, if it has the request, sees its
+            # client leave, as for any client that goes away mid-body.
+            self.transport.close()
+            return
+        log.warning("request not received within %.0f s; refused", REQUEST_READ_TIMEOUT_S)
+        self._answer_and_close(
+            b"408 Request Timeout",
+            "Request timeout",
+            f"The request must arrive within {REQUEST_READ_TIMEOUT_S:.0f} s of its first byte.",
+        )
+
     def _refuse(self) -> None:
         log.warning("request head over %d bytes refused", MAX_HEAD_BYTES)
-        answer = problem(
-            431,
+        self._answer_and_close(
+            b"431 Request Header Fields Too Large",
             "Request header fields too large",
             f"The request line and headers must be at most {MAX_HEAD_BYTES} bytes in all.",
-            instance=self._path(),
         )
+
+    def _answer_and_close(self, status_line: bytes, title: str, detail: str) -> None:
+        """Answer a request the app never got with a problem, and close its connection."""
+        answer = problem(int(status_line[:3]), title, detail, instance=self._path())
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"HTTP/1.1 "
+            + status_line
+            + b"\r\n"
             + b"content-type: application/problem+json\r\n"
             + b"content-length: %d\r\n" % len(answer.body)
             + b"connection: close\r\n\r\n"
@@ -74,6 +127,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # send, what the client still sends is read and dropped, and the connection closed a
         # moment later.
         self._refused = True
+        self._stop_read_timer()
         if self.transport.can_write_eof():
             self.transport.write_eof()
         asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)

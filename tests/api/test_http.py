@@ -12,9 +12,11 @@ import aio_pika.abc
 import asyncpg
 import httpx
 import pytest
+import uvicorn
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 
+from api import http_server
 from api.main import cors_options, create_app
 from api.openapi import render
 from shared.purchases.changes import StatusWaiters
@@ -244,6 +246,62 @@ async def test_a_request_head_without_end_is_431_and_its_connection_closed(
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["instance"] == "/healthz"
     assert within.startswith(b"HTTP/1.1 200 "), within[:300]
     assert body.status_code == 201, body.text
+
+
+async def test_a_request_that_does_not_arrive_in_time_is_408_or_closed(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn times only the wait between two requests: without a bound, a connection that
+    sends nothing, half a head or a body a byte at a time is held for good, and enough of them
+    take every file descriptor the process has."""
+    monkeypatch.setattr(http_server, "REQUEST_READ_TIMEOUT_S", 1.0)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            http=http_server.BoundedHeadProtocol,
+        )
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        await wait_for(lambda: _started(server), timeout_s=30, what="uvicorn started")
+
+        async def held(sent: bytes) -> bytes:
+            """What the server answers to `sent` before it closes the connection."""
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(sent)
+            try:
+                return await asyncio.wait_for(reader.read(), 10)
+            finally:
+                writer.close()
+
+        silent, half_head, half_body = await asyncio.gather(
+            held(b""),
+            held(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: "),
+            held(
+                b"POST /events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"content-length: 1000\r\n\r\n{"
+            ),
+        )
+        served = await held(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 30)
+
+    assert silent == b""
+    status_line, _, rest = half_head.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 408 Request Timeout", half_head[:300]
+    problem = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert (problem["status"], problem["instance"]) == (408, "/healthz")
+    assert not half_body.startswith(b"HTTP/1.1 5"), half_body[:300]
+    assert served.startswith(b"HTTP/1.1 200 "), served[:300]
+
+
+async def _started(server: uvicorn.Server) -> bool:
+    return server.started
 
 
 # --- body syntax and media type -------------------------------------------------------------
