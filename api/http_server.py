@@ -12,15 +12,19 @@ for good, and a client holding enough of them takes every file descriptor the pr
 A request must arrive whole within REQUEST_READ_TIMEOUT_S of its first byte (the first one,
 of the connection's opening): an unfinished head is answered `408`, an unfinished body ends
 its connection (the app sees its client leave), and a connection that never sent a byte is
-closed.
+closed. A request only notes when it began and when it has arrived; one sweep per server, every
+tenth of the timeout, finds those that took too long (a timer per request would cost each
+purchase of a flash sale more than the rest of this module does).
 """
 
 import asyncio
 import logging
+import weakref
 from urllib.parse import unquote
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from api.problems import problem
 
@@ -45,17 +49,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     # long); None while no head is being read (before the first request, during a body).
     _head_bytes: int | None = None
     _refused = False
-    # Running from a request's first byte (the connection's opening, for the first) until the
-    # request has arrived whole.
-    _read_timer: asyncio.TimerHandle | None = None
+    # Loop time the request now arriving began (the connection's opening, for the first); None
+    # once it has arrived whole.
+    _arriving_since: float | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._read_timer = self.loop.call_later(REQUEST_READ_TIMEOUT_S, self._read_timed_out)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_read_timer()
-        super().connection_lost(exc)
+        self._arriving_since = self.loop.time()
+        _watch(self.loop, self.server_state)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -70,24 +71,22 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
-        if self._read_timer is None:
-            self._read_timer = self.loop.call_later(REQUEST_READ_TIMEOUT_S, self._read_timed_out)
+        if self._arriving_since is None:
+            self._arriving_since = self.loop.time()
 
     def on_headers_complete(self) -> None:
         self._head_bytes = None
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._stop_read_timer()
+        self._arriving_since = None
         super().on_message_complete()
 
-    def _stop_read_timer(self) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
-
-    def _read_timed_out(self) -> None:
-        self._read_timer = None
+    def check_arrival(self, began_by: float) -> None:
+        """Refuse the request now arriving if it began before `began_by` (a loop time)."""
+        if self._arriving_since is None or self._arriving_since >= began_by:
+            return
+        self._arriving_since = None
         if self.transport.is_closing():
             return
         if self._head_bytes is None:
@@ -127,7 +126,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # send, what the client still sends is read and dropped, and the connection closed a
         # moment later.
         self._refused = True
-        self._stop_read_timer()
+        self._arriving_since = None
         if self.transport.can_write_eof():
             self.transport.write_eof()
         asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
@@ -142,3 +141,29 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         except httptools.HttpParserInvalidURLError:
             return "/"
         return unquote(path) if "%" in path else path
+
+
+# The servers whose connections a sweep is due for (one per server: a process may run several).
+_WATCHED: "weakref.WeakSet[ServerState]" = weakref.WeakSet()
+
+
+def _watch(loop: asyncio.AbstractEventLoop, state: ServerState) -> None:
+    """Sweep `state`'s connections from now on, for as long as it has any."""
+    if state not in _WATCHED:
+        _WATCHED.add(state)
+        loop.call_later(REQUEST_READ_TIMEOUT_S / 10, _sweep, loop, state)
+
+
+def _sweep(loop: asyncio.AbstractEventLoop, state: ServerState) -> None:
+    """Refuse every request that began arriving more than REQUEST_READ_TIMEOUT_S ago (so within
+    a tenth of the timeout after it); again a tenth of the timeout later while connections are
+    open, else once the next one opens. (A chain of timers, not a task: nothing to cancel when
+    the server stops.)"""
+    began_by = loop.time() - REQUEST_READ_TIMEOUT_S
+    for connection in list(state.connections):
+        if isinstance(connection, BoundedHeadProtocol):
+            connection.check_arrival(began_by)
+    if state.connections:
+        loop.call_later(REQUEST_READ_TIMEOUT_S / 10, _sweep, loop, state)
+    else:
+        _WATCHED.discard(state)
