@@ -4,7 +4,7 @@ methods, HEAD, and the OpenAPI document."""
 import asyncio
 import contextlib
 import json
-import sys
+from asyncio.subprocess import DEVNULL
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -24,8 +24,8 @@ from shared.purchases.ids import PurchaseIds
 from shared.purchases.models import Purchase
 from shared.settings import Settings
 from tests.api.helpers import assert_problem, record_purchase, served_api, total_depth
-from tests.conftest import settings_env
 from tests.factories import create_event, event_body, purchase
+from tests.faults.helpers import api_process
 from tests.metrics import free_port
 from tests.worker.helpers import wait_for
 
@@ -170,30 +170,6 @@ async def test_bogus_content_length_is_refused_not_500(
 # --- request head size (the server python -m api runs) --------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def api_process(settings: Settings) -> AsyncIterator[int]:
-    """`python -m api`, as deployed (its own uvicorn settings), on a free port once ready."""
-    port = free_port()
-    env = settings_env(settings) | {"API_PORT": str(port), "LOG_FORMAT": "text"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api", env=env, stderr=asyncio.subprocess.DEVNULL
-    )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            await wait_for(lambda: _ready(client), timeout_s=30, what="python -m api ready")
-        yield port
-    finally:
-        proc.kill()
-        await proc.wait()
-
-
-async def _ready(client: httpx.AsyncClient) -> bool:
-    try:
-        return (await client.get("/readyz")).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 async def send_raw(port: int, head: bytes, *, pieces: int = 1) -> bytes:
     """Send `head` in `pieces` writes, until the server answers; what it answers."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -218,7 +194,9 @@ async def test_a_request_head_without_end_is_431_and_its_connection_closed(
 ) -> None:
     """httptools keeps every header until the head ends: without a bound, one client sending
     headers without end takes the process's memory."""
-    async with api_process(settings) as port:
+    async with api_process(settings, timeout_s=30, stderr=DEVNULL) as (_, client):
+        port = client.base_url.port
+        assert port is not None
         endless = b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + b"x-pad: %s\r\n" % (b"a" * 1000) * 400
         answer = await send_raw(port, endless, pieces=100)
         huge_line = b"GET /healthz?" + b"a" * 300_000 + b" HTTP/1.1\r\nhost: x\r\n\r\n"
@@ -227,12 +205,11 @@ async def test_a_request_head_without_end_is_431_and_its_connection_closed(
         within = await send_raw(
             port, b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: %s\r\n\r\n" % (b"a" * 60_000)
         )
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            body = await client.post(
-                "/events",
-                content=padded_event_json(MAX_BODY),
-                headers={"content-type": "application/json", "x-pad": "a" * 30_000},
-            )
+        body = await client.post(
+            "/events",
+            content=padded_event_json(MAX_BODY),
+            headers={"content-type": "application/json", "x-pad": "a" * 30_000},
+        )
 
     for refused in (answer, answer_to_line):
         status_line, _, rest = refused.partition(b"\r\n")

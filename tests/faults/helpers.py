@@ -17,6 +17,7 @@ import httpx
 from shared.settings import Settings
 from tests.conftest import settings_env
 from tests.factories import FINAL
+from tests.metrics import free_port, sample, scrape
 
 
 @dataclass
@@ -167,3 +168,58 @@ async def worker_process(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
             await proc.wait()
+
+
+async def wait_committing(proc: asyncio.subprocess.Process, port: int) -> None:
+    """Until the worker process has committed a batch (fails if it exits). The batch may hold
+    only redelivered purchases, all skipped: that is a commit too."""
+    for _ in range(1500):
+        assert proc.returncode is None, f"the worker exited with {proc.returncode}"
+        with contextlib.suppress(OSError):
+            if sample(scrape(port), "ticketing_worker_commit_seconds_count") >= 1:
+                return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the worker committed nothing within 30 s")
+
+
+async def killed_after_a_commit(settings: Settings, worker_id: str) -> str:
+    """Run a worker process until it has committed a batch, then SIGKILL it (what it holds
+    unacked goes back to the queue); its metrics as scraped just before the kill."""
+    port = free_port()
+    async with worker_process(settings, worker_id, port) as proc:
+        await wait_committing(proc, port)
+        text = scrape(port)
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    return text
+
+
+@contextlib.asynccontextmanager
+async def api_process(
+    settings: Settings, *, timeout_s: float, stderr: int | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, httpx.AsyncClient]]:
+    """`python -m api`, as deployed (its own uvicorn settings), on a free port, once ready, and
+    a client of it; the process is killed on the way out if it is still up."""
+    port = free_port()
+    env = settings_env(settings)
+    env.update({"API_PORT": str(port), "LOG_FORMAT": "text"})
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "api", env=env, stderr=stderr)
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=timeout_s
+        ) as client:
+            await until_ready(client)
+            yield proc, client
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def until_ready(client: httpx.AsyncClient) -> None:
+    for _ in range(100):
+        with contextlib.suppress(httpx.HTTPError):
+            if (await client.get("/readyz")).status_code == 200:
+                return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the API process was not ready within 10 s")

@@ -2,21 +2,25 @@
 middle of a flood."""
 
 import asyncio
-import contextlib
-import os
 import signal
-import sys
 from asyncio.subprocess import PIPE
-from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
 import pytest
 
 from shared.settings import Settings
-from tests.conftest import StartWorker, api_client, settings_env
+from tests.conftest import StartWorker, api_client
 from tests.factories import create_event, purchase
-from tests.faults.helpers import Flood, account, flood, report, worker_process
+from tests.faults.helpers import (
+    Flood,
+    account,
+    api_process,
+    flood,
+    killed_after_a_commit,
+    report,
+    worker_process,
+)
 from tests.metrics import free_port, sample, scrape
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -44,14 +48,9 @@ async def test_a_worker_killed_mid_batch_again_and_again_loses_and_doubles_nothi
             topped = await flood(client, event["id"], count=100, concurrency=8, prefix=f"k{kill}")
             assert len(topped.accepted) == 100
             backlog.accepted.update(topped.accepted)
-            port = free_port()
             # The same WORKER_ID each time: a restart after a crash waits out its dead
             # incarnation's heartbeat, then takes its own leases back (a new epoch).
-            async with worker_process(crashing, "crashing-worker", port) as proc:
-                await wait_committing(proc, port)
-                text = scrape(port)
-                os.kill(proc.pid, signal.SIGKILL)
-                await proc.wait()
+            text = await killed_after_a_commit(crashing, "crashing-worker")
             redelivered += int(sample(text, "ticketing_worker_redeliveries_total"))
             duplicates += int(sample(text, "ticketing_worker_duplicate_purchases_total"))
             print(f"kill {kill + 1}: {await decided(db, event['id'])} purchases decided so far")
@@ -85,40 +84,6 @@ async def decided(db: asyncpg.Pool, event_id: str) -> int:
     return count
 
 
-async def wait_committing(proc: asyncio.subprocess.Process, port: int) -> None:
-    """Until the worker process has committed a batch (fails if it exits). The batch may hold
-    only redelivered purchases, all skipped: that is a commit too."""
-    for _ in range(1500):
-        assert proc.returncode is None, f"the worker exited with {proc.returncode}"
-        with contextlib.suppress(OSError):
-            if sample(scrape(port), "ticketing_worker_commit_seconds_count") >= 1:
-                return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the worker committed nothing within 30 s")
-
-
-@contextlib.asynccontextmanager
-async def api_process(
-    settings: Settings, *, timeout_s: float, stderr: int | None = None
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, httpx.AsyncClient]]:
-    """`python -m api` on a free port, once ready, and a client of it; the process is killed on
-    the way out if it is still up."""
-    port = free_port()
-    env = settings_env(settings)
-    env.update({"API_PORT": str(port), "LOG_FORMAT": "text"})
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "api", env=env, stderr=stderr)
-    try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", timeout=timeout_s
-        ) as client:
-            await until_ready(client)
-            yield proc, client
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
 async def log_of(proc: asyncio.subprocess.Process) -> str:
     """What an exited process wrote to its piped stderr."""
     assert proc.stderr is not None
@@ -129,15 +94,6 @@ async def stream_lines(client: httpx.AsyncClient, purchase_id: str) -> list[str]
     """The non-empty lines of a purchase's status event stream, until it ends."""
     async with client.stream("GET", f"/purchases/{purchase_id}/events") as response:
         return [line async for line in response.aiter_lines() if line]
-
-
-async def until_ready(client: httpx.AsyncClient) -> None:
-    for _ in range(100):
-        with contextlib.suppress(httpx.HTTPError):
-            if (await client.get("/readyz")).status_code == 200:
-                return
-        await asyncio.sleep(0.1)
-    raise AssertionError("the API process was not ready within 10 s")
 
 
 async def test_api_sigterm_mid_flood_answers_in_flight_requests_then_exits(

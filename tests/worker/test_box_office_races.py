@@ -7,7 +7,6 @@ and every purchase's history checked against the state machine."""
 
 import asyncio
 import contextlib
-import os
 import random
 import signal
 from collections import Counter
@@ -31,8 +30,7 @@ from shared.messages import (
 from shared.settings import Settings
 from tests.conftest import StartWorker
 from tests.factories import assert_no_oversell, create_event, purchase, wait_until_final
-from tests.faults.helpers import worker_process
-from tests.faults.test_crashes import wait_committing
+from tests.faults.helpers import killed_after_a_commit, worker_process
 from tests.metrics import free_port, sample, scrape
 from tests.worker.helpers import (
     assert_applied_once,
@@ -516,12 +514,7 @@ async def test_batches_mixing_purchases_confirms_and_cancels_redelivered_after_k
     crashing = quiet.model_copy(update={"batch_size": 4})
     redelivered = 0
     for _ in range(4):
-        port = free_port()
-        async with worker_process(crashing, "crashing-worker", port) as proc:
-            await wait_committing(proc, port)
-            text = scrape(port)
-            os.kill(proc.pid, signal.SIGKILL)
-            await proc.wait()
+        text = await killed_after_a_commit(crashing, "crashing-worker")
         redelivered += int(sample(text, "ticketing_worker_redeliveries_total"))
     port = free_port()
     async with worker_process(quiet, "crashing-worker", port):
