@@ -35,10 +35,18 @@ class Resources:
     waiters: StatusWaiters[Purchase]
 
 
+def _placeholder(secret: str) -> bool:
+    """The development default, or a value the examples ship (compose's, the k8s example's)."""
+    return secret == DEV_PURCHASE_ID_SECRET or "change-me" in secret.lower()
+
+
 @asynccontextmanager
 async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
-    if settings.purchase_id_secret == DEV_PURCHASE_ID_SECRET:
-        log.warning("PURCHASE_ID_SECRET is the development default; set it in production")
+    if _placeholder(settings.purchase_id_secret):
+        log.warning(
+            "PURCHASE_ID_SECRET is a placeholder (the development default, or a change-me of an "
+            "example): anyone can forge purchase ids; set a long random secret in production"
+        )
     pool = await create_pool(settings)
     try:
         # Planned for each array of ids (shared.db.CUSTOM_PLANS). A status read of one id stays

@@ -20,8 +20,8 @@ from prometheus_client import REGISTRY
 
 from shared.logs import logging_config
 from shared.messages import PurchaseMessage, PurchaseRequested
-from shared.settings import Settings
-from tests.conftest import StartWorker, settings_env
+from shared.settings import DEV_PURCHASE_ID_SECRET, Settings
+from tests.conftest import StartWorker, api_client, settings_env
 from tests.factories import create_event, purchase, wait_until_final
 from tests.metrics import free_port, sample
 from tests.worker.helpers import partition_of, publish_raw, purchase_message
@@ -236,3 +236,23 @@ async def test_text_log_lines_are_readable_and_keep_the_context(settings: Settin
     assert line.endswith("partition=2")
     with pytest.raises(json.JSONDecodeError):
         json.loads(line)
+
+
+@pytest.mark.parametrize(
+    ("secret", "warned"),
+    [
+        (DEV_PURCHASE_ID_SECRET, True),
+        ("compose-dev-secret-change-me", True),  # docker-compose.yml's default
+        ("CHANGE-ME-to-a-long-random-string", True),  # deploy/k8s/secret.example.yaml's
+        ("a5f0c3e1-real-secret-9b7d2e6f4a1c", False),
+    ],
+)
+async def test_a_placeholder_purchase_id_secret_is_warned_about_at_start(
+    settings: Settings, caplog: pytest.LogCaptureFixture, secret: str, warned: bool
+) -> None:
+    """With a secret anybody can read, anybody can forge purchase ids: ops must hear of it."""
+    caplog.set_level(logging.WARNING, logger="api.resources")
+    async with api_client(settings.model_copy(update={"purchase_id_secret": secret})) as api:
+        assert (await api.get("/healthz")).status_code == 200
+    said = [r.getMessage() for r in caplog.records if r.name == "api.resources"]
+    assert any("PURCHASE_ID_SECRET is a placeholder" in m for m in said) == warned, said
