@@ -206,7 +206,10 @@ class PurchasePublisher:
         return self._channel
 
     async def close(self) -> None:
-        if self._renewing is not None:  # no channel may be opened once closed
+        # No channel may be opened once closed: forgetting the connection also keeps a publish
+        # that comes later (a request during shutdown) from asking for a new one.
+        self._connection = None
+        if self._renewing is not None:
             self._renewing.cancel()
             await asyncio.gather(self._renewing, return_exceptions=True)
         for retiring in self._retiring:

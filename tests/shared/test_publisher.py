@@ -213,3 +213,25 @@ def test_message_ids_are_unique_and_draw_their_randomness_once_per_process() -> 
     assert first != second
     assert first.rsplit("-", 1)[0] == second.rsplit("-", 1)[0]
     assert other.rsplit("-", 1)[0] != first.rsplit("-", 1)[0]
+
+
+async def test_a_closed_publisher_refuses_every_publish_and_opens_no_channel_again(
+    settings: Settings,
+) -> None:
+    """A publish that finds the channel closed asks for a new one in the background; once the
+    publisher itself is closed (the API stopping) nothing may reopen it, however long after."""
+    connection = await broker_nodes.connect(settings)
+    publisher = PurchasePublisher(broker.Topology.from_settings(settings), timeout_s=5)
+    try:
+        await publisher.start(connection)
+        await publisher.close()
+        for _ in range(3):
+            with pytest.raises(BrokerUnavailable):
+                await publisher.publish(accepted_purchase(uuid4(), 1))
+            # Past the renewal's pace: a channel asked for would be open by now.
+            await asyncio.sleep(publisher_module.RENEW_CHANNEL_S + 0.2)
+            assert not publisher.is_ready
+            assert not publisher.check_ready()
+    finally:
+        await publisher.close()
+        await connection.close()
