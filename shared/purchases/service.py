@@ -73,6 +73,9 @@ POLL_S = 1.0
 # How long a confirmation or cancellation waits for a pending purchase accepted by another
 # replica to be recorded (it must know the purchase's event), before a 503 asks to retry.
 LOCATE_WAIT_S = 2.0
+# Its reads: the first again after this, each next one twice as long after, up to the max.
+LOCATE_FIRST_PAUSE_S = 0.05
+LOCATE_MAX_PAUSE_S = 0.4
 
 
 class _Found(NamedTuple):
@@ -291,6 +294,7 @@ class PurchaseService:
             raise PurchaseNotFound(purchase_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOCATE_WAIT_S
+        pause = LOCATE_FIRST_PAUSE_S
         while True:
             async with self._pool.acquire() as conn:
                 row = await repository.get_purchase(conn, purchase_id)
@@ -308,7 +312,10 @@ class PurchaseService:
                 raise ServiceUnavailable(
                     f"Purchase {purchase_id} is still being decided; retry shortly."
                 )
-            await asyncio.sleep(0.05)
+            # Read less and less often: an id this replica never saw costs the pool a few
+            # reads, not one every 50 ms (a client repeating such requests would take it).
+            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+            pause = min(2 * pause, LOCATE_MAX_PAUSE_S)
 
     def _context(self, command: Accepted) -> dict[str, object]:
         return {

@@ -1,6 +1,7 @@
 """The box office over HTTP: holds, confirmation, cancellation, per-customer limits and sales
 windows, through the API and a real worker on PostgreSQL and RabbitMQ."""
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -11,7 +12,10 @@ import httpx
 import pytest
 
 from shared.messages import ConfirmRequested, PurchaseMessage
+from shared.purchases import repository
+from shared.purchases.ids import PurchaseIds
 from shared.purchases.models import LifecycleAccepted
+from shared.purchases.service import LOCATE_WAIT_S
 from shared.settings import Settings
 from tests.api.helpers import (
     assert_problem,
@@ -120,6 +124,35 @@ async def test_a_purchase_id_never_issued_is_404(api: httpx.AsyncClient, action:
     response = await api.post(f"/purchases/{uuid4()}/{action}", json={"payment_reference": "psp-1"})
     body = assert_problem(response, 404)
     assert body["type"] == PROBLEM + "purchase-not-found"
+
+
+@pytest.mark.parametrize("action", ["confirm", "cancel"])
+async def test_an_issued_id_nobody_recorded_is_503_after_a_few_reads_of_the_database(
+    api: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch, action: str
+) -> None:
+    """An id that passes the check, but that no worker recorded and this replica did not
+    accept (another replica's purchase still queued, or a guess under a leaked secret), is
+    waited for, then answered 503: after a few reads, not one every 50 ms (a client repeating
+    such requests would take the pool)."""
+    reads = 0
+    read = repository.get_purchase
+
+    async def counted(conn: asyncpg.Connection, purchase_id: UUID) -> Any:
+        nonlocal reads
+        reads += 1
+        return await read(conn, purchase_id)
+
+    monkeypatch.setattr(repository, "get_purchase", counted)
+    purchase_id = PurchaseIds(settings.purchase_id_secret).new()
+
+    started = time.monotonic()
+    response = await api.post(
+        f"/purchases/{purchase_id}/{action}", json={"payment_reference": "psp-1"}
+    )
+
+    assert_problem(response, 503)
+    assert time.monotonic() - started >= LOCATE_WAIT_S - 0.05
+    assert 2 <= reads <= 10, reads
 
 
 @pytest.mark.parametrize("action", ["confirm", "cancel"])
