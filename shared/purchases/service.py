@@ -167,12 +167,20 @@ class PurchaseService:
         # The worker checks the window again against this same instant (this cache may be a
         # little stale); a purchase outside it is refused here, and nothing is published.
         accepted_at = datetime.now(UTC)
+        refusal: SalesNotOpen | SalesClosed | SoldOut | None = None
         if event.sales_start_at is not None and accepted_at < event.sales_start_at:
-            raise SalesNotOpen(event_id, event.sales_start_at.isoformat())
-        if event.sales_end_at is not None and accepted_at >= event.sales_end_at:
-            raise SalesClosed(event_id, event.sales_end_at.isoformat())
-        if event.available_tickets == 0:
-            raise SoldOut(event_id)
+            refusal = SalesNotOpen(event_id, event.sales_start_at.isoformat())
+        elif event.sales_end_at is not None and accepted_at >= event.sales_end_at:
+            refusal = SalesClosed(event_id, event.sales_end_at.isoformat())
+        elif event.available_tickets == 0:
+            refusal = SoldOut(event_id)
+        if refusal is not None:
+            # A retry of a purchase this replica queued (its 202 lost) is that purchase, still
+            # queued and decided as of its own acceptance: "refused, nothing queued" would be
+            # false. Its message is confirmed already, so nothing is published again.
+            if purchase_id is not None and self._recent.get(purchase_id) is not None:
+                return purchase_id
+            raise refusal
 
         purchase_id = purchase_id or self._ids.new()
         purchase = AcceptedPurchase(

@@ -495,6 +495,34 @@ async def test_a_patched_window_applies_at_the_api_at_once(api: httpx.AsyncClien
     assert (await purchase(api, event["id"])).status_code == 202
 
 
+async def test_a_retry_of_a_purchase_queued_before_the_sales_closed_is_its_purchase_not_a_409(
+    api: httpx.AsyncClient,
+    amqp: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    db: asyncpg.Pool,
+    start_worker: StartWorker,
+) -> None:
+    """The 202 was lost, the sale closed, the client retries with its key: the purchase is queued
+    (accepted inside the window, so the worker confirms it). A 409 `sales-closed` would tell the
+    buyer "nothing queued, do not retry" about tickets they then get."""
+    event = await create_event(api)
+    first = await purchase(api, event["id"], idempotency_key="lost-202")
+    assert first.status_code == 202
+    cut = datetime.now(UTC).isoformat()
+    patched = await api.patch(f"/events/{event['id']}", json={"sales_end_at": cut})
+    assert patched.status_code == 200, patched.text
+
+    retry = await purchase(api, event["id"], idempotency_key="lost-202")
+
+    assert retry.status_code == 202, retry.text
+    assert retry.json()["purchase_id"] == first.json()["purchase_id"]
+    # Nothing new is published: the first message, already confirmed by the broker, is it.
+    _, queue = partition_queue(settings, event["id"])
+    assert await queue_depth(amqp, queue) == 1
+    await start_worker()
+    await wait_status(api, first.json()["purchase_id"], "confirmed")
+
+
 # --- hostile confirmations ---------------------------------------------------------------------
 
 
