@@ -33,6 +33,9 @@ STATUS_EVENTS_PATH = "/purchases/{purchase_id}/events"
 IDEMPOTENCY_KEY = "Idempotency-Key"
 # How soon a client should ask again about a pending purchase.
 RETRY_AFTER_PENDING_S = "1"
+# A status answer is never stored: a browser that kept one would revalidate the next identical
+# request with its ETag in If-None-Match, which a long-poll reads as "wait until it changes".
+_NOT_STORED = ("cache-control", "no-store")
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -173,7 +176,11 @@ async def status(service: PurchaseService, scope: Scope, purchase_id: UUID) -> A
     return Answer(
         200,
         purchase.model_dump_json().encode(),
-        headers=(tag, ("retry-after", RETRY_AFTER_PENDING_S)) if pending else (tag,),
+        headers=(
+            (tag, _NOT_STORED, ("retry-after", RETRY_AFTER_PENDING_S))
+            if pending
+            else (tag, _NOT_STORED)
+        ),
     )
 
 

@@ -96,6 +96,24 @@ async def test_every_status_answer_carries_its_status_as_etag(
         assert "retry-after" not in decided.headers
 
 
+async def test_no_status_answer_may_be_stored_by_a_browser(
+    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    """A browser that stored a status answer revalidates the next identical request with its
+    ETag as If-None-Match, which a long-poll reads as "hold until the status changes": a page
+    asking again for a held purchase would wait out its whole `wait`."""
+    purchase_id = await queued_purchase(api)
+    for params in ({}, {"wait": 0}, {"wait": 0, "unused": 1}):  # fast path, long-poll, route
+        pending = await api.get(f"/purchases/{purchase_id}", params=params)
+        assert pending.headers["cache-control"] == "no-store"
+    await start_worker()
+    await wait_until_final(db, [purchase_id])
+    for params in ({}, {"wait": 0}, {"wait": 0, "unused": 1}):
+        decided = await api.get(f"/purchases/{purchase_id}", params=params)
+        assert decided.status_code == 200
+        assert decided.headers["cache-control"] == "no-store"
+
+
 @pytest.mark.parametrize("wait", ["-1", "30.001", "31", "abc", "nan", "inf", ""])
 async def test_a_wait_outside_0_to_30_seconds_is_422(api: httpx.AsyncClient, wait: str) -> None:
     purchase_id = await queued_purchase(api)
