@@ -182,7 +182,11 @@ class FastPaths:
             await self._sending(scope, receive, send, reply)
         except Exception as exc:
             if not (isinstance(reply, EventStream) and reply.started):
-                await _answer_bug(scope, receive, send, exc)
+                # With CORS headers, as any answer: without them a page sees no 500, only
+                # a failed fetch.
+                bug = await _bug_response(scope, receive, exc)
+                if bug is not None:
+                    await self._sending(scope, receive, send, bug)
             raise  # (a stream already under way is cut short: its 200 is sent)
         finally:
             metrics.record(scope["method"], route.path, status, time.perf_counter() - started)
@@ -289,15 +293,16 @@ async def _error_response(scope: Scope, receive: Receive, exc: Exception) -> Ans
     return response
 
 
-async def _answer_bug(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
-    """What the server error middleware does for a route: the catch-all handler answers 500."""
+async def _bug_response(scope: Scope, receive: Receive, exc: Exception) -> Response | None:
+    """What the server error middleware answers for a route: the catch-all handler's 500."""
     handler = scope["app"].exception_handlers.get(Exception)
     if handler is None:
-        return
+        return None
     response = handler(Request(scope, receive), exc)
     if inspect.isawaitable(response):
         response = await response
-    await response(scope, receive, send)
+    assert isinstance(response, Response)
+    return response
 
 
 async def _read_body(receive: Receive) -> tuple[bytes | None, list[Message]]:

@@ -5,7 +5,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.cors import ProblemCORSMiddleware
 from api.draining import release_on_stop
@@ -34,6 +34,8 @@ class TicketingAPI(FastAPI):
     middleware stack and hands the rest to `framework`: the whole app, as FastAPI runs it."""
 
     fast_paths: FastPaths | None = None
+    # Starlette's CORS options; applied outside the whole stack (see build_middleware_stack).
+    cors: dict[str, Any] | None = None
     # What the lifespan opened: an attribute of its own rather than only an entry of app.state,
     # whose lookups go through a Python-level __getattr__ on every purchase.
     resources: Resources | None = None
@@ -50,6 +52,12 @@ class TicketingAPI(FastAPI):
 
     async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
         await super().__call__(scope, receive, send)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        # Outside even the server error middleware, which Starlette puts outside every
+        # middleware added: its 500 carries the CORS headers too, or a page sees no answer.
+        stack = super().build_middleware_stack()
+        return stack if self.cors is None else ProblemCORSMiddleware(stack, **self.cors)
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
@@ -102,11 +110,9 @@ def create_app(settings: Settings | None = None) -> TicketingAPI:
     app.add_middleware(AnswerHeadAsGet)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
-    # Added last so it is outermost: even a 413 or a 503 carries the CORS headers a browser needs.
-    app.add_middleware(ProblemCORSMiddleware, **cors_options(settings))
-    app.fast_paths = FastPaths(
-        app, max_body_bytes=settings.max_body_bytes, cors_options=cors_options(settings)
-    )
+    # Outermost: every answer, a 413, a 503 or a 500, carries the CORS headers a browser needs.
+    app.cors = cors_options(settings)
+    app.fast_paths = FastPaths(app, max_body_bytes=settings.max_body_bytes, cors_options=app.cors)
     app.include_router(events.router)
     app.include_router(purchases.router)
     app.include_router(health.router)

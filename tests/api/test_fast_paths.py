@@ -27,8 +27,9 @@ from api.deps import get_purchase_service
 from api.fast_paths import EVENTS_ROUTE, PURCHASE_ROUTE, STATUS_ROUTE, FastPaths
 from api.main import create_app
 from api.purchase_contract import PURCHASE_PATH
+from shared.events.service import EventService
 from shared.purchases.ids import PurchaseIds
-from shared.purchases.service import StatusFollower
+from shared.purchases.service import PurchaseService, StatusFollower
 from shared.settings import Settings
 from tests.api.helpers import record_purchase
 from tests.factories import create_event, purchase
@@ -573,3 +574,36 @@ async def test_a_stream_failing_once_under_way_is_cut_short_with_its_own_error(
     monkeypatch.setattr(StatusFollower, "change", broken)
     with pytest.raises(RuntimeError, match="a bug while the stream waits"):
         await api.get(f"/purchases/{purchase_id}/events{query}")
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/purchases/{purchase_id}", "/purchases/{purchase_id}?via=route", "/events/{event_id}"],
+    ids=["dispatched", "routed", "event-route"],
+)
+async def test_a_bug_is_a_500_problem_a_page_on_another_origin_can_read(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Without CORS headers a browser hides the answer from the page, which sees only a failed
+    fetch: it cannot tell a server error from a network one, nor show the problem."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            event = await create_event(client)
+            purchase_id = (await purchase(client, event["id"])).json()["purchase_id"]
+
+            async def broken(*_: Any, **__: Any) -> None:
+                raise RuntimeError("a bug")
+
+            monkeypatch.setattr(PurchaseService, "status", broken)
+            monkeypatch.setattr(EventService, "get", broken)
+            response = await client.get(
+                path.format(purchase_id=purchase_id, event_id=event["id"]),
+                headers={"Origin": "https://shop.example"},
+            )
+
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "a bug" not in response.text  # never the exception itself
+    assert response.headers["access-control-allow-origin"] in ("*", "https://shop.example")
