@@ -24,6 +24,9 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # 55000 at connect: the database is not accepting connections (ALTER DATABASE ...
+    # ALLOW_CONNECTIONS false while it is maintained, or being dropped or copied).
+    asyncpg.ObjectNotInPrerequisiteStateError,
 )
 BROKER_UNAVAILABLE: tuple[type[BaseException], ...] = (OSError, AMQPConnectionError)
 

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
+from api.main import create_app
 from shared import broker, broker_nodes
 from shared.errors import BrokerUnavailable
 from shared.publisher import PurchasePublisher
@@ -368,3 +369,36 @@ async def test_purchases_waiting_behind_a_stalled_broker_are_refused_within_twic
 
 def _count(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_database_refusing_new_connections_is_a_503_a_page_can_read(
+    settings: Settings,
+) -> None:
+    """A database taken out of service for maintenance (ALTER DATABASE ... ALLOW_CONNECTIONS
+    false) answers each new connection 55000: an outage, as one that does not answer at all,
+    never a 500."""
+    name = settings.database_url.rsplit("/", 1)[1]
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            event = await create_event(client)
+            purchase_id = (await purchase(client, event["id"])).json()["purchase_id"]
+            admin = await asyncpg.connect(settings.database_url.rsplit("/", 1)[0] + "/postgres")
+            try:
+                await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+                assert app.resources is not None
+                await app.resources.pool.expire_connections()  # each read needs a new one
+                answers = [
+                    await client.get(path, headers={"Origin": "https://shop.example"})
+                    for path in (f"/purchases/{purchase_id}", f"/events/{event['id']}")
+                ]
+            finally:
+                await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+                await admin.close()
+
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert "retry-after" in answer.headers
+        assert answer.headers["access-control-allow-origin"] in ("*", "https://shop.example")
