@@ -110,6 +110,28 @@ class RecentlyAccepted:
         return len(self._items)
 
 
+class QueuedConfirmations:
+    """The payment reference of each confirmation this replica queued lately, until the worker
+    records it: a second confirmation with another reference would be answered 202 and then
+    dropped by the worker (a purchase is confirmed once), the buyer's second payment with it.
+    Bounded as RecentlyAccepted."""
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self._max_entries = max_entries
+        self._items: OrderedDict[UUID, str] = OrderedDict()
+
+    def get(self, purchase_id: UUID) -> str | None:
+        return self._items.get(purchase_id)
+
+    def remember(self, purchase_id: UUID, payment_reference: str) -> None:
+        self._items[purchase_id] = payment_reference
+        if len(self._items) > self._max_entries:
+            self._items.popitem(last=False)
+
+    def forget(self, purchase_id: UUID) -> None:
+        self._items.pop(purchase_id, None)
+
+
 # A partition's worker records its progress at every commit and once a second while idle.
 STALE_PROGRESS_S = 5.0
 
@@ -133,6 +155,7 @@ class PurchaseService:
         self._publisher = publisher
         self._ids = ids
         self._recent = recent
+        self._confirmations = QueuedConfirmations()
         self._waiters = waiters
         if waiters is not None:
             waiters.fetch_with(self._read_many)
@@ -263,8 +286,22 @@ class PurchaseService:
             # expired already: the caller gets a 503 instead (and a retry finds out).
             margin = found.hold_expires_at + CONFIRM_MARGIN - accepted_at
             deadline = asyncio.get_running_loop().time() + margin.total_seconds()
+        queued = self._confirmations.get(purchase_id)
+        if queued is not None and queued != payment_reference:
+            raise NotConfirmable(
+                f"Purchase {purchase_id} has a confirmation with another payment_reference on "
+                "its way; its status shows the reference it is confirmed with."
+            )
         confirm = AcceptedConfirm(purchase_id, found.event_id, payment_reference, accepted_at)
-        await self._publisher.publish(confirm, deadline=deadline)
+        # Taken before the publish, so that a concurrent confirmation with another reference
+        # finds it; given back if the publish fails and nothing was queued with it before.
+        self._confirmations.remember(purchase_id, payment_reference)
+        try:
+            await self._publisher.publish(confirm, deadline=deadline)
+        except BaseException:
+            if queued is None:
+                self._confirmations.forget(purchase_id)
+            raise
         log.info("purchase confirmation accepted", extra=self._context(confirm))
 
     async def _holds(self, event_id: UUID) -> bool:

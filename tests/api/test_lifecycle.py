@@ -1,6 +1,7 @@
 """The box office over HTTP: holds, confirmation, cancellation, per-customer limits and sales
 windows, through the API and a real worker on PostgreSQL and RabbitMQ."""
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -237,6 +238,44 @@ async def test_a_hold_is_confirmed_with_its_reference_and_confirming_again_chang
     assert (await status_of(api, held["purchase_id"]))["payment_reference"] == "psp-7"
     assert await available(db, event["id"]) == 7
     await assert_no_oversell(db)
+
+
+async def test_a_confirmation_with_another_reference_than_one_on_its_way_is_409(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    amqp: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    start_worker: StartWorker,
+) -> None:
+    """The worker confirms a purchase once, with the first reference it reads: a second
+    reference answered 202 would be dropped, and the buyer's second payment with it."""
+    event = await create_event(api, total_tickets=10, hold_seconds=600)
+    worker = await start_worker()
+    held = await held_purchase(api, db, event)
+    raced = await held_purchase(api, db, event)
+    worker.stop()  # the confirmations stay queued: none is recorded yet
+    await wait_for_no_consumers(amqp, settings)
+
+    first = await confirm(api, held["purchase_id"], "psp-a")
+    other = await confirm(api, held["purchase_id"], "psp-b")
+    again = await confirm(api, held["purchase_id"], "psp-a")
+    racing = await asyncio.gather(
+        *(confirm(api, raced["purchase_id"], f"psp-{n}") for n in range(8))
+    )
+
+    assert first.status_code == 202, first.text
+    problem = assert_problem(other, 409)
+    assert problem["type"] == PROBLEM + "purchase-cannot-be-confirmed"
+    assert "another payment_reference" in problem["detail"]
+    assert again.status_code == 202, again.text
+    assert sorted(answer.status_code for answer in racing) == [202] + [409] * 7
+    (winner,) = (f"psp-{n}" for n, answer in enumerate(racing) if answer.status_code == 202)
+    await start_worker()
+    confirmed = await wait_status(api, held["purchase_id"], "confirmed")
+    assert confirmed["payment_reference"] == "psp-a"
+    assert (await wait_status(api, raced["purchase_id"], "confirmed"))["payment_reference"] == (
+        winner
+    )
 
 
 async def test_a_purchase_of_an_event_without_holds_needs_no_confirmation(
