@@ -2,8 +2,9 @@
 
 The first event is the purchase as it is, then one on every change; each event's `id` is its
 status, so a client that reconnects with `Last-Event-ID` is not sent again what it has (a
-purchase never returns to a status it left). A comment every `heartbeat_s` keeps proxies from
-closing an idle stream. The stream ends after a status that can no longer change, or after
+purchase never returns to a status it left). Every `heartbeat_s` without a change, something
+keeps proxies from closing the idle stream: for a pending purchase this replica accepted, the
+purchase again with the wait ahead of it now (`queue`); a comment otherwise. The stream ends after a status that can no longer change, or after
 `max_s`, or when the process is stopping; the client then reconnects (the browser's
 EventSource does so by itself).
 
@@ -159,7 +160,7 @@ class EventStream:
                         changed = None
                         await self._waiters.pause(max(0.0, until - loop.time()))
                         if not service.draining:
-                            event = HEARTBEAT
+                            event = await self._beat(status)
         except asyncio.CancelledError:
             if not self._left or task.uncancel() > 0:
                 raise  # not (only) the client leaving: the server is cancelling the request
@@ -168,6 +169,17 @@ class EventStream:
             self._task = None
             gone.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _beat(self, status: PurchaseStatus) -> bytes:
+        """What keeps an idle stream open: for a pending purchase this replica accepted, the
+        purchase again with the wait ahead of it now (it shrinks as the worker advances); a
+        comment otherwise."""
+        if status != PurchaseStatus.PENDING:
+            return HEARTBEAT
+        pending = None
+        with contextlib.suppress(*DATABASE_UNAVAILABLE):
+            pending = await self._service.still_pending(self._purchase_id)
+        return HEARTBEAT if pending is None else status_event(pending)
 
     def _client_gone(self, gone: "asyncio.Future[None]") -> None:
         if gone.cancelled():

@@ -34,6 +34,7 @@ from shared.purchases import repository
 from shared.purchases.changes import StatusWaiters, Waiter
 from shared.purchases.ids import PurchaseIds
 from shared.purchases.models import Purchase, PurchaseCreate, PurchaseStatus, QueuePosition
+from shared.purchases.progress import PartitionProgress
 from shared.retry import DATABASE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,7 @@ class PurchaseService:
         self._ids = ids
         self._recent = recent
         self._confirmations = QueuedConfirmations()
+        self._progress = PartitionProgress(pool)
         self._waiters = waiters
         if waiters is not None:
             waiters.fetch_with(self._read_many)
@@ -409,8 +411,18 @@ class PurchaseService:
                 status=PurchaseStatus.PENDING,
                 accepted_at=None,
             )
+        return await self._pending(known)
+
+    async def still_pending(self, purchase_id: UUID) -> Purchase | None:
+        """A purchase this replica accepted and nobody has recorded yet, with the wait ahead of
+        it now, read without its row: a follower is woken when the row appears. None if this
+        replica has not seen it (only its row could tell more)."""
+        known = self._recent.get(purchase_id)
+        return None if known is None else await self._pending(known)
+
+    async def _pending(self, known: AcceptedPurchase) -> Purchase:
         return Purchase(
-            purchase_id=purchase_id,
+            purchase_id=known.purchase_id,
             event_id=known.event_id,
             customer_id=known.customer_id,
             quantity=known.quantity,
@@ -422,8 +434,7 @@ class PurchaseService:
     async def _queue_position(self, known: AcceptedPurchase) -> QueuePosition | None:
         """How much of its partition's accepted time is undecided ahead of the purchase, and how
         long that should take at the pace the partition's horizon has been advancing."""
-        async with self._pool.acquire() as conn:
-            row = await repository.progress(conn, self._publisher.partition_of(known))
+        row = await self._progress.of(self._publisher.partition_of(known))
         if row is None:
             return None
         ahead_s = max(0.0, (known.accepted_at - row["horizon"]).total_seconds())

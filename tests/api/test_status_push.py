@@ -351,9 +351,41 @@ async def test_a_stream_ends_after_its_lifetime_with_heartbeats_meanwhile(
         response = await api.get(f"/purchases/{purchase_id}/events", timeout=30)
         seconds = time.monotonic() - started
     events = sse_events(response.text)
-    assert [e["id"] for e in events] == ["pending"]
-    assert response.text.count(": heartbeat") >= 2
+    # A purchase this replica accepted: each heartbeat is the purchase again, with the wait
+    # ahead of it now (another replica's stream sends comments: see the reconnect test).
+    assert [e["id"] for e in events][:3] == ["pending"] * 3
+    assert {e["id"] for e in events} == {"pending"}
     assert 1.0 <= seconds < 10
+
+
+async def test_a_pending_purchases_stream_shows_the_wait_ahead_shrink_as_the_worker_advances(
+    api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings, start_worker: StartWorker
+) -> None:
+    """Events are sent on a change of status, and a pending purchase's wait ahead changes while
+    its status does not: each heartbeat brings the wait ahead now, or a page would show the
+    first estimate until the purchase is decided."""
+    event = await event_with_a_stopped_worker(api, db, settings, start_worker)
+    await asyncio.sleep(1.0)  # a second of accepted time undecided ahead of what comes next
+    short = settings.model_copy(update={"status_stream_max_s": 2.5, "status_heartbeat_s": 0.3})
+    async with served_api(short) as replica:
+        purchase_id = (await purchase(replica, event["id"])).json()["purchase_id"]
+        accepted_at = (await replica.get(f"/purchases/{purchase_id}")).json()["accepted_at"]
+        received = ""
+        async with replica.stream("GET", f"/purchases/{purchase_id}/events", timeout=30) as stream:
+            async for chunk in stream.aiter_text():
+                first = not received
+                received += chunk
+                if first:  # the worker decides all that was ahead of it
+                    await db.execute(
+                        "UPDATE partition_progress SET horizon = $2, recorded_at = now() "
+                        "WHERE partition = $1",
+                        partition_of(settings, event["id"]),
+                        datetime.fromisoformat(accepted_at),
+                    )
+    events = [json.loads(e["data"]) for e in sse_events(received)]
+    assert {e["status"] for e in events} == {"pending"}
+    assert events[0]["queue"]["ahead_s"] >= 1.0
+    assert events[-1]["queue"]["ahead_s"] == pytest.approx(0.0, abs=0.01)
 
 
 async def test_a_stream_reads_its_purchase_twice_however_many_changes_it_follows(
