@@ -1,5 +1,7 @@
 """The PostgreSQL connection pool."""
 
+import asyncio
+import logging
 from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
@@ -7,6 +9,8 @@ from asyncpg.pool import PoolConnectionProxy
 
 from shared.retry import DATABASE_UNAVAILABLE, wait_for_service
 from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # The session settings of connections whose statements take arrays of ids (a worker's batch, the
 # status listener's read of every waiter a commit woke): every statement planned for the array
@@ -46,6 +50,19 @@ async def create_pool(
                 reset=_keep_session,
             )
     return pool
+
+
+async def database_answers(pool: asyncpg.Pool, *, timeout_s: float) -> bool:
+    """Whether the pool gives a connection that answers a query within `timeout_s`; a failure is
+    logged, not raised (a readiness probe asks this)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+    except Exception as exc:
+        log.warning("readiness: postgresql unavailable: %r", exc)
+        return False
+    return True
 
 
 # What repositories take: a plain connection or one borrowed from the pool.
