@@ -137,11 +137,13 @@ class _Encodable(Protocol):
     def kind(self) -> str: ...
 
 
-# What each kind of command carries, besides its kind.
-_FIELDS = {
-    "purchase": ("purchase_id", "event_id", "customer_id", "quantity", "accepted_at"),
-    "confirm": ("purchase_id", "event_id", "payment_reference", "accepted_at"),
-    "cancel": ("purchase_id", "event_id", "accepted_at"),
+_RECORDS: tuple[type[Accepted], ...] = (AcceptedPurchase, AcceptedConfirm, AcceptedCancel)
+
+# What each kind of command carries, besides its kind, in the order it is written: the fields of
+# the API's record of that kind, so the records are the one definition of the message's layout.
+_FIELDS: dict[str, tuple[str, ...]] = {
+    record._field_defaults["kind"]: tuple(name for name in record._fields if name != "kind")
+    for record in _RECORDS
 }
 
 
@@ -158,9 +160,7 @@ def encode_message(partition: int, commands: Sequence[_Encodable]) -> bytes:
 
 # The API's records, whose fields are the message's: found by their exact type, a dict lookup
 # per command where an isinstance() check against the union cost more than the dict itself.
-_RECORD_FIELDS: dict[type, tuple[str, ...]] = {
-    record: record._fields for record in (AcceptedPurchase, AcceptedConfirm, AcceptedCancel)
-}
+_RECORD_FIELDS: dict[type, tuple[str, ...]] = {record: record._fields for record in _RECORDS}
 
 
 def _command(command: _Encodable) -> dict[str, object]:
