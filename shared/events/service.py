@@ -8,6 +8,7 @@ from uuid import UUID, uuid4
 import asyncpg
 import orjson
 
+from shared.db import Connection
 from shared.errors import (
     Conflict,
     EventHasPurchases,
@@ -30,6 +31,21 @@ def _stale(event_id: UUID, version: int, expected: frozenset[int]) -> VersionMis
     return VersionMismatch(
         f"Event {event_id} is at version {version}, not {named}; read it again and retry."
     )
+
+
+async def _lock_at_version(
+    conn: Connection, event_id: UUID, expected_versions: frozenset[int] | None
+) -> asyncpg.Record:
+    """The event's row, locked until the transaction ends, if it is at one of
+    `expected_versions` (None: at any); EventNotFound, then VersionMismatch, if not."""
+    # The row lock serialises this change against the worker's ticket commits; the version
+    # check then catches a client changing the event from a stale read (If-Match).
+    current = await repository.get_event(conn, event_id, for_update=True)
+    if current is None:
+        raise EventNotFound(event_id)
+    if expected_versions is not None and current["version"] not in expected_versions:
+        raise _stale(event_id, current["version"], expected_versions)
+    return current
 
 
 def encode_cursor(event: Event) -> str:
@@ -111,13 +127,7 @@ class EventService:
     ) -> Event:
         """Apply `data`, if the event is at one of `expected_versions` (None: at any)."""
         async with self._pool.acquire() as conn, conn.transaction():
-            # The row lock serialises this edit against the worker's ticket commits; the
-            # version check then catches a client editing from a stale read (If-Match).
-            current = await repository.get_event(conn, event_id, for_update=True)
-            if current is None:
-                raise EventNotFound(event_id)
-            if expected_versions is not None and current["version"] not in expected_versions:
-                raise _stale(event_id, current["version"], expected_versions)
+            current = await _lock_at_version(conn, event_id, expected_versions)
             fields = dict(current) | data.model_dump(exclude_unset=True)
             if fields["name"] is None or fields["starts_at"] is None:
                 raise InvalidRequest("name and starts_at cannot be null.")
@@ -144,11 +154,7 @@ class EventService:
     async def delete(self, event_id: UUID, *, expected_versions: frozenset[int] | None) -> None:
         """Delete the event, if it is at one of `expected_versions` (None: at any)."""
         async with self._pool.acquire() as conn, conn.transaction():
-            current = await repository.get_event(conn, event_id, for_update=True)
-            if current is None:
-                raise EventNotFound(event_id)
-            if expected_versions is not None and current["version"] not in expected_versions:
-                raise _stale(event_id, current["version"], expected_versions)
+            current = await _lock_at_version(conn, event_id, expected_versions)
             if await repository.event_has_purchases(conn, event_id):
                 raise EventHasPurchases(
                     f"Event {event_id} has recorded purchases and cannot be deleted."
