@@ -11,13 +11,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
-from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
 import asyncpg
 from aio_pika.abc import AbstractConnection
 
+from shared.broker_nodes import host_port, vhost, where
 from shared.cluster_config import agree_on_partitions
 from shared.errors import StartupError
 from shared.schema import database_name, expected_migrations
@@ -36,23 +36,6 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 )
 
 T = TypeVar("T")
-
-
-def _host_port(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    default_port = {"postgresql": 5432, "postgres": 5432, "amqps": 5671}.get(parts.scheme, 5672)
-    return parts.hostname or "127.0.0.1", parts.port or default_port
-
-
-def _where(url: str) -> str:
-    host, port = _host_port(url)
-    return f"{host}:{port}"
-
-
-def _vhost(amqp_url: str) -> str:
-    """The virtual host an AMQP URL names, as the client reads it ("/" when none)."""
-    path = urlsplit(amqp_url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def _reason(exc: BaseException) -> str:
@@ -83,7 +66,7 @@ async def until_reachable(
 
 async def connect_database(settings: Settings, *, wait_s: float) -> asyncpg.Connection:
     """A connection to DATABASE_URL, waiting up to `wait_s` for a server that is not up yet."""
-    where = _where(settings.database_url)
+    address = where(settings.database_url)
 
     async def connect() -> asyncpg.Connection:
         try:
@@ -91,17 +74,17 @@ async def connect_database(settings: Settings, *, wait_s: float) -> asyncpg.Conn
         except asyncpg.InvalidCatalogNameError:
             name = database_name(settings.database_url)
             raise StartupError(
-                f"database {name!r} does not exist on PostgreSQL at {where}: run `make migrate` "
+                f"database {name!r} does not exist on PostgreSQL at {address}: run `make migrate` "
                 "(python -m shared.migrate), which creates it."
             ) from None
         except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
             raise StartupError(
-                f"PostgreSQL at {where} refused the user or password in DATABASE_URL."
+                f"PostgreSQL at {address} refused the user or password in DATABASE_URL."
             ) from None
         return connection
 
     return await until_reachable(
-        connect, service="PostgreSQL", where=where, setting="DATABASE_URL", wait_s=wait_s
+        connect, service="PostgreSQL", where=address, setting="DATABASE_URL", wait_s=wait_s
     )
 
 
@@ -135,18 +118,18 @@ async def check_broker(settings: Settings, *, wait_s: float) -> None:
     """RabbitMQ (one node of RABBITMQ_URL at least) accepts a connection with its
     credentials."""
     urls = settings.rabbitmq_urls
-    where = ", ".join(_where(url) for url in urls)
+    addresses = ", ".join(where(url) for url in urls)
 
     async def connect_one(url: str) -> AbstractConnection:
         # A plain TCP probe first: the AMQP client logs an error of its own for every refused
         # connection, on top of the one line this check is about.
-        _, writer = await asyncio.wait_for(asyncio.open_connection(*_host_port(url)), 5)
+        _, writer = await asyncio.wait_for(asyncio.open_connection(*host_port(url)), 5)
         writer.close()
         try:
             return await aio_pika.connect(url, timeout=5)
         except aiormq.exceptions.ProbableAuthenticationError:
             raise StartupError(
-                f"RabbitMQ at {_where(url)} refused the user or password in RABBITMQ_URL."
+                f"RabbitMQ at {where(url)} refused the user or password in RABBITMQ_URL."
             ) from None
         except aiormq.exceptions.AMQPConnectionError:
             raise  # not there (yet): waited for, then said so
@@ -154,7 +137,7 @@ async def check_broker(settings: Settings, *, wait_s: float) -> None:
             # Logged in, then answered Connection.Open with a Connection.Close: the virtual
             # host is missing, or the user may not use it.
             raise StartupError(
-                f"RabbitMQ at {_where(url)} refused to open virtual host {_vhost(url)!r}: it "
+                f"RabbitMQ at {where(url)} refused to open virtual host {vhost(url)!r}: it "
                 "does not exist, or the user in RABBITMQ_URL may not use it; fix RABBITMQ_URL."
             ) from None
 
@@ -167,7 +150,7 @@ async def check_broker(settings: Settings, *, wait_s: float) -> None:
         return await connect_one(urls[-1])
 
     connection = await until_reachable(
-        connect, service="RabbitMQ", where=where, setting="RABBITMQ_URL", wait_s=wait_s
+        connect, service="RabbitMQ", where=addresses, setting="RABBITMQ_URL", wait_s=wait_s
     )
     await connection.close()
 

@@ -9,6 +9,7 @@ from urllib.error import URLError
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from urllib.request import Request, urlopen
 
+from shared.broker_nodes import vhost
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -19,10 +20,10 @@ TIMEOUT_S = 3.0
 async def queue_leaders(settings: Settings) -> dict[str, str] | None:
     """Queue name -> leader node for every queue of RABBITMQ_URL's virtual host, from the first
     management API that answers; None when none does (plugin off, port closed)."""
-    vhost = unquote(urlsplit(settings.rabbitmq_urls[0]).path[1:]) or "/"
+    virtual_host = vhost(settings.rabbitmq_urls[0])
     for url in settings.rabbitmq_management_urls:
         try:
-            return await asyncio.to_thread(_fetch, url, vhost)
+            return await asyncio.to_thread(_fetch, url, virtual_host)
         except (OSError, URLError, ValueError) as exc:
             log.debug("management API at %s: %r", public_address(url), exc)
     return None
