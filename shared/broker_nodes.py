@@ -127,7 +127,7 @@ class BrokerLink:
         self._index = 0
         self._reconnecting: asyncio.Task[None] | None = None
         self._closing = False
-        self.connects = 0  # connections made, the first included (tests, metrics)
+        self.connects = 0  # connections made, the first included (a reconnect is logged; tests)
 
     @property
     def connected(self) -> bool:

@@ -74,9 +74,6 @@ class PurchaseMessage(BaseModel):
     def purchases(self) -> list[PurchaseRequested]:
         return [c for c in self.commands if isinstance(c, PurchaseRequested)]
 
-    def to_body(self) -> bytes:
-        return encode_message(self.partition, self.commands)
-
     @classmethod
     def from_body(cls, body: bytes) -> "PurchaseMessage":
         """Read a body of either version (ValidationError if it is neither). Validated straight

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from shared.logs import logging_config
-from shared.messages import PurchaseMessage, PurchaseRequested
+from shared.messages import PurchaseRequested, encode_message
 from shared.settings import DEV_PURCHASE_ID_SECRET, Settings
 from tests.conftest import StartWorker, api_client, settings_env
 from tests.factories import create_event, purchase, wait_until_final
@@ -123,9 +123,7 @@ async def test_worker_lag_is_zero_once_its_partition_is_idle_and_leaves_with_the
         quantity=1,
         accepted_at=datetime.now(UTC) - timedelta(minutes=2),  # queued while no worker ran
     )
-    await publish_raw(
-        amqp, settings, partition, PurchaseMessage(partition=partition, commands=[late]).to_body()
-    )
+    await publish_raw(amqp, settings, partition, encode_message(partition, [late]))
     worker = await start_worker()
     await wait_until_final(db, [late.purchase_id])
 
@@ -157,7 +155,7 @@ async def test_a_dead_letter_set_aside_by_a_worker_is_not_logged_as_undecodable(
     event = await create_event(api)
     other = (partition_of(settings, event["id"]) + 1) % settings.partitions
     message = purchase_message(other, event["id"])
-    await publish_raw(amqp, settings, other, message.to_body())
+    await publish_raw(amqp, settings, other, encode_message(message.partition, message.commands))
     await start_worker()
 
     [row] = (await wait_until_final(db, [message.purchases[0].purchase_id])).values()

@@ -126,9 +126,8 @@ async def update_event(
     return row
 
 
-async def delete_event(conn: Connection, *, event_id: UUID, expected_version: int) -> bool:
-    status: str = await conn.execute(DELETE_EVENT, event_id, expected_version)
-    return status == "DELETE 1"
+async def delete_event(conn: Connection, *, event_id: UUID, expected_version: int) -> None:
+    await conn.execute(DELETE_EVENT, event_id, expected_version)
 
 
 async def event_has_purchases(conn: Connection, event_id: UUID) -> bool:

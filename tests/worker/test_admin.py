@@ -13,7 +13,13 @@ import httpx
 import pytest
 
 from shared import broker, broker_nodes
-from shared.messages import CancelRequested, ConfirmRequested, PurchaseMessage, PurchaseRequested
+from shared.messages import (
+    CancelRequested,
+    ConfirmRequested,
+    PurchaseMessage,
+    PurchaseRequested,
+    encode_message,
+)
 from shared.purchases.models import FailReason
 from shared.purchases.repository import record_failed_purchases
 from shared.settings import Settings
@@ -121,7 +127,7 @@ async def test_replay_moves_dead_letters_back_and_their_purchases_get_decided(
         ],
     )
     dlx = await amqp.get_exchange(topology.dead_letter_exchange)
-    for body in (dead.to_body(), b"\x00 not a purchase message"):
+    for body in (encode_message(dead.partition, dead.commands), b"\x00 not a purchase message"):
         await dlx.publish(aio_pika.Message(body, delivery_mode=2), routing_key="")
 
     await start_worker()

@@ -21,6 +21,7 @@ import pytest
 from aiormq.abc import DeliveredMessage
 
 from shared.broker import Topology
+from shared.messages import encode_message
 from shared.settings import Settings
 from tests.api.helpers import wait_for_no_consumers
 from tests.conftest import StartWorker
@@ -197,7 +198,7 @@ async def test_a_hold_still_expires_after_a_batch_of_nothing_but_redelivered_pur
     assert (await wait_until_final(db, [purchase_id]))[purchase_id]["status"] == "held"
     partition = partition_of(settings, event["id"])
     again = purchase_message(partition, event["id"], purchase_id=purchase_id)
-    await publish_raw(amqp, settings, partition, again.to_body())
+    await publish_raw(amqp, settings, partition, encode_message(again.partition, again.commands))
 
     async def expired() -> bool:
         row = (await statuses(db, [purchase_id]))[purchase_id]

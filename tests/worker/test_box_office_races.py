@@ -26,6 +26,7 @@ from shared.messages import (
     ConfirmRequested,
     PurchaseMessage,
     PurchaseRequested,
+    encode_message,
 )
 from shared.settings import Settings
 from tests.conftest import StartWorker
@@ -508,7 +509,9 @@ async def test_batches_mixing_purchases_confirms_and_cancels_redelivered_after_k
     bought.append(marker)
     for offset in range(0, len(commands), 3):
         message = PurchaseMessage(partition=partition, commands=commands[offset : offset + 3])
-        await publish_raw(amqp, settings, partition, message.to_body())
+        await publish_raw(
+            amqp, settings, partition, encode_message(message.partition, message.commands)
+        )
 
     quiet = settings.model_copy(update={"log_level": "WARNING"})
     crashing = quiet.model_copy(update={"batch_size": 4})

@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
-from shared.messages import PurchaseMessage
+from shared.messages import PurchaseMessage, encode_message
 from shared.settings import Settings
 from tests.conftest import StartWorker
 from tests.factories import assert_no_oversell, create_event, purchase, wait_until_final
@@ -252,7 +252,7 @@ async def test_a_message_delivered_twice_is_applied_once(
     partition = partition_of(settings, event["id"])
     message = purchase_message(partition, event["id"], quantity=3)
     purchase_id = message.purchases[0].purchase_id
-    body = message.to_body()
+    body = encode_message(message.partition, message.commands)
 
     if timing == "queued together":
         await publish_raw(amqp, settings, partition, body)
@@ -266,7 +266,7 @@ async def test_a_message_delivered_twice_is_applied_once(
         await publish_raw(amqp, settings, partition, body)
     # A marker behind the duplicate: once it is decided, so is everything before it.
     marker = purchase_message(partition, event["id"], quantity=1)
-    await publish_raw(amqp, settings, partition, marker.to_body())
+    await publish_raw(amqp, settings, partition, encode_message(marker.partition, marker.commands))
     await wait_until_final(db, [marker.purchases[0].purchase_id], timeout_s=FINAL_WITHIN_S)
 
     rows = await db.fetch("SELECT id, status FROM purchases WHERE event_id = $1", UUID(event["id"]))
@@ -329,6 +329,7 @@ async def test_a_poison_message_is_dead_lettered_and_the_purchases_behind_it_sti
     before = await purchase(api, event["id"], customer_id="before")
     unknown_version = uuid4()
     wrong_field = uuid4()
+    wrong = purchase_message(partition, event["id"], purchase_id=wrong_field)
     poison = [
         b"\xff\xfe not json at all \x00",
         json.dumps(
@@ -339,9 +340,7 @@ async def test_a_poison_message_is_dead_lettered_and_the_purchases_behind_it_sti
             }
         ).encode(),
         # Version 1, but a quantity the API could never have sent.
-        purchase_message(partition, event["id"], purchase_id=wrong_field)
-        .to_body()
-        .replace(b'"quantity":1', b'"quantity":0'),
+        encode_message(partition, wrong.commands).replace(b'"quantity":1', b'"quantity":0'),
     ]
     for body in poison:
         await publish_raw(amqp, settings, partition, body)
@@ -386,7 +385,7 @@ async def test_a_message_of_another_partition_is_dead_lettered_never_applied(
     says_other = purchase_message(1, here["id"])
     routes_other = purchase_message(0, elsewhere["id"])
     for message in (says_other, routes_other):
-        await publish_raw(amqp, settings, 0, message.to_body())
+        await publish_raw(amqp, settings, 0, encode_message(message.partition, message.commands))
     behind = await purchase(api, here["id"], customer_id="behind")
 
     decided = await wait_until_final(db, [behind.json()["purchase_id"]], timeout_s=FINAL_WITHIN_S)
@@ -476,8 +475,10 @@ async def test_a_batch_that_keeps_conflicting_is_dead_lettered_and_its_partition
     )
     neighbour = purchase_message(0, event["id"], quantity=2)
     # Queued before any worker runs, so the first batch holds both messages.
-    await publish_raw(amqp, settings, 0, conflicting.to_body())
-    await publish_raw(amqp, settings, 0, neighbour.to_body())
+    await publish_raw(
+        amqp, settings, 0, encode_message(conflicting.partition, conflicting.commands)
+    )
+    await publish_raw(amqp, settings, 0, encode_message(neighbour.partition, neighbour.commands))
     await start_worker()
     behind = await purchase(api, event["id"], customer_id="behind")
 
