@@ -178,7 +178,7 @@ def _purchase(
     now: datetime,
 ) -> _State:
     def rejected(reason: RejectReason) -> _State:
-        return _state(command, PurchaseStatus.REJECTED, reason=reason)
+        return _new_state(command, PurchaseStatus.REJECTED, reason=reason)
 
     if rules is None:
         return rejected(RejectReason.EVENT_NOT_FOUND)
@@ -204,12 +204,12 @@ def _purchase(
     left[command.event_id] = tickets - command.quantity
     held[key] = held.get(key, 0) + command.quantity
     if rules.hold_seconds is None:
-        return _state(command, PurchaseStatus.CONFIRMED, confirmed_at=now)
+        return _new_state(command, PurchaseStatus.CONFIRMED, confirmed_at=now)
     until = now + timedelta(seconds=rules.hold_seconds)
-    return _state(command, PurchaseStatus.HELD, hold_expires_at=until)
+    return _new_state(command, PurchaseStatus.HELD, hold_expires_at=until)
 
 
-def _state(
+def _new_state(
     command: PurchaseRequested,
     status: PurchaseStatus,
     *,

@@ -1,4 +1,6 @@
-"""Event use cases: each opens one transaction and speaks in DTOs and domain errors."""
+"""Event use cases, in DTOs and domain errors. Update and delete read the row before they write
+it, so each runs in one transaction; create and the reads are one statement each, which needs
+none."""
 
 import base64
 import binascii
