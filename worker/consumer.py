@@ -25,9 +25,8 @@ from pydantic import ValidationError
 from shared.broker import Topology
 from shared.broker_nodes import HEARTBEAT_S
 from shared.messages import CONFIRM_MARGIN, PurchaseMessage
-from shared.purchases import repository as purchase_rows
+from shared.purchases import repository as purchases
 from shared.purchases.models import FailReason
-from shared.purchases.repository import record_failed_purchases
 from shared.retry import TRANSIENT_DATABASE, until_stopped
 from worker import metrics
 from worker.decision import DELIVERY_MARGIN, Command
@@ -97,7 +96,7 @@ class PartitionConsumer:
 
     async def start(self, connection: AbstractConnection) -> None:
         async with self._pool.acquire() as conn:
-            self._next_hold_end = await purchase_rows.earliest_hold_end(conn, self.partition)
+            self._next_hold_end = await purchases.earliest_hold_end(conn, self.partition)
         self._channel = await connection.channel()
         # Enough for the next batch to be on its way while this one commits.
         await self._channel.set_qos(prefetch_count=self._batch_size * 2)
@@ -434,12 +433,12 @@ class PartitionConsumer:
         """Record the messages' purchases failed with `reason` (never over a decision), then
         reject the messages to the dead-letter exchange, where they are kept for replay."""
         metrics.DEAD_LETTERS.labels(reason.value).inc(len(messages))
-        purchases = [purchase for _, decoded in messages for purchase in decoded.purchases]
+        failed = [purchase for _, decoded in messages for purchase in decoded.purchases]
         async for retry in until_stopped(TRANSIENT_DATABASE, lambda: self._aborted):
             with retry:
                 async with self._pool.acquire() as conn, conn.transaction():
-                    await record_failed_purchases(
-                        conn, purchases, reason=reason, partition=self.partition
+                    await purchases.record_failed_purchases(
+                        conn, failed, reason=reason, partition=self.partition
                     )
         for message, _ in messages:
             await self._settle(message, ack=False)
