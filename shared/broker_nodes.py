@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from urllib.parse import unquote, urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
 from shared.retry import BROKER_UNAVAILABLE, wait_for_service
 from shared.settings import Settings
+from shared.urls import where
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +44,6 @@ class _Connection(aio_pika.Connection):
         except BaseException:
             await self.close()
             raise
-
-
-# The port a URL that names none means, by scheme (5672 for any other). PostgreSQL's is here too:
-# the start-up checks describe DATABASE_URL with the same `where`.
-_DEFAULT_PORTS = {"amqps": 5671, "postgresql": 5432, "postgres": 5432}
-
-
-def host_port(url: str) -> tuple[str, int]:
-    """The host and port a URL connects to, its scheme's default port when it names none."""
-    parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or _DEFAULT_PORTS.get(parts.scheme, 5672)
-
-
-def where(url: str) -> str:
-    """host:port of a URL (never its password), for logs and messages."""
-    host, port = host_port(url)
-    return f"{host}:{port}"
-
-
-def vhost(amqp_url: str) -> str:
-    """The virtual host an AMQP URL names, as the client reads it ("/" when none)."""
-    path = urlsplit(amqp_url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 async def connect_any(

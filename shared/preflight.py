@@ -17,11 +17,11 @@ import aiormq
 import asyncpg
 from aio_pika.abc import AbstractConnection
 
-from shared.broker_nodes import host_port, vhost, where
 from shared.cluster_config import agree_on_partitions
 from shared.errors import StartupError
 from shared.schema import database_name, expected_migrations
 from shared.settings import Settings
+from shared.urls import host_port, vhost, where
 
 log = logging.getLogger(__name__)
 

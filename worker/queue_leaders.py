@@ -9,8 +9,8 @@ from urllib.error import URLError
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from urllib.request import Request, urlopen
 
-from shared.broker_nodes import vhost
 from shared.settings import Settings
+from shared.urls import vhost
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,13 @@ import asyncpg
 from aio_pika.abc import AbstractConnection
 
 from shared import broker
-from shared.broker_nodes import connect_any, where
+from shared.broker_nodes import connect_any
 from shared.cluster_config import agree_on_partitions
 from shared.db import CUSTOM_PLANS, Connection, create_pool
 from shared.gc_tuning import tune_gc
 from shared.retry import TRANSIENT_DATABASE
 from shared.settings import Settings
+from shared.urls import where
 from worker import leases, membership, metrics
 from worker.consumer import PartitionConsumer
 from worker.dead_letters import DeadLetterRecorder

@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from shared import broker
-from shared.broker_nodes import BrokerLink, connect_any, host_port, vhost, where
+from shared.broker_nodes import BrokerLink, connect_any
 from shared.errors import BrokerUnavailable
 from shared.messages import AcceptedPurchase
 from shared.publisher import PurchasePublisher
@@ -40,38 +40,6 @@ def test_rabbitmq_url_takes_one_url_or_a_comma_separated_list() -> None:
 def test_rabbitmq_url_refuses_anything_but_amqp_urls(value: str) -> None:
     with pytest.raises(ValidationError, match="rabbitmq_url"):
         Settings(rabbitmq_url=value)
-
-
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("amqps://u:secret@rabbit/shop", "rabbit:5671"),  # TLS without a port: AMQPS's own
-        ("amqp://u:secret@rabbit/shop", "rabbit:5672"),
-        ("amqps://u:secret@rabbit:5700/", "rabbit:5700"),
-        ("postgresql://u:secret@db/ticketing", "db:5432"),
-        ("amqp:///", "127.0.0.1:5672"),
-    ],
-)
-def test_where_names_host_and_port_with_the_schemes_default_and_never_the_password(
-    url: str, expected: str
-) -> None:
-    assert where(url) == expected
-    assert where(url) == "{}:{}".format(*host_port(url))
-
-
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("amqp://rabbit", "/"),
-        ("amqp://rabbit/", "/"),
-        ("amqp://rabbit/%2F", "/"),
-        ("amqp://r/a%20b", "a b"),
-    ],
-)
-def test_vhost_is_the_virtual_host_the_url_names_and_slash_when_none(
-    url: str, expected: str
-) -> None:
-    assert vhost(url) == expected
 
 
 def test_quorum_replicas_defaults_to_three_and_must_be_positive() -> None:
