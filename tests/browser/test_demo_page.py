@@ -3,13 +3,14 @@ status over server-sent events and reaches `confirmed`, answering a hold when th
 
 Chromium is Debian's (`.ci/run` installs it); playwright drives it, with no browser download."""
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, async_playwright
+from playwright.async_api import Browser, Request, async_playwright
 
 from shared.settings import Settings
 from tests.api.helpers import served_api
@@ -80,3 +81,39 @@ async def test_the_demo_page_shows_a_refusal_as_the_problem_says(
 
         await page.wait_for_selector('#status[data-status="refused"]', timeout=30_000)
         assert "Sales not open" in await page.inner_text("#problem")
+
+
+@pytest.mark.parametrize("settings", [{"status_stream_max_s": 1.0}], indirect=True)
+async def test_the_demo_page_stays_on_server_sent_events_when_each_stream_ends(
+    settings: Settings, start_worker: StartWorker, browser: Browser
+) -> None:
+    """The server ends every stream after STATUS_STREAM_MAX_S and EventSource reopens it with
+    `Last-Event-ID`, which sends no event while nothing changed: a stream that opened is not a
+    failure, so the page neither falls back to long-polling nor misses the outcome."""
+    async with served_api(settings) as api:
+        created = await create_event(api, total_tickets=10)
+        page = await browser.new_page()
+        streams: list[str] = []
+        polls: list[str] = []
+        enough = asyncio.Event()  # four streams opened, or the page long-polls
+
+        def seen(request: Request) -> None:
+            if request.url.endswith("/events"):
+                streams.append(request.url)
+            elif "wait=" in request.url:
+                polls.append(request.url)
+            if len(streams) >= 4 or polls:
+                enough.set()
+
+        page.on("request", seen)
+        await page.goto(f"{api.base_url}/demo?{urlencode({'event': created['id'], 'buy': '1'})}")
+        await page.wait_for_selector('#status[data-status="pending"]', timeout=30_000)
+
+        # No worker yet: the purchase stays pending while streams end and reopen, event-less.
+        await asyncio.wait_for(enough.wait(), 30)
+        assert polls == [], f"long-polling after {len(streams)} streams that all opened"
+        await start_worker()
+        await page.wait_for_selector('#status[data-status="confirmed"]', timeout=30_000)
+
+        assert "long-polling" not in await page.inner_text("#log")
+        assert polls == []
