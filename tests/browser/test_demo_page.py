@@ -6,12 +6,18 @@ Chromium is Debian's (`.ci/run` installs it); playwright drives it, with no brow
 import asyncio
 import shutil
 from collections.abc import AsyncIterator
+from datetime import datetime
 from urllib.parse import urlencode
+from uuid import UUID
 
+import asyncpg
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, Request, async_playwright
+from playwright.async_api import Browser, Page, Request, async_playwright
 
+from shared.messages import PurchaseRequested
+from shared.purchases.models import FailReason
+from shared.purchases.repository import record_failed_purchases
 from shared.settings import Settings
 from tests.api.helpers import served_api
 from tests.conftest import StartWorker
@@ -117,3 +123,80 @@ async def test_the_demo_page_stays_on_server_sent_events_when_each_stream_ends(
 
         assert "long-polling" not in await page.inner_text("#log")
         assert polls == []
+
+
+async def record_failed(db: asyncpg.Pool, page: Page, event_id: str) -> None:
+    """Record the page's purchase `failed`, as the dead-letter recorder does when its message is
+    dead-lettered. The message itself stays queued here, so a worker started later decides the
+    purchase, as it would once an operator replays the message."""
+    body = await page.evaluate("purchase")
+    requested = PurchaseRequested(
+        purchase_id=UUID(body["purchase_id"]),
+        event_id=UUID(event_id),
+        customer_id=body["customer_id"],
+        quantity=body["quantity"],
+        accepted_at=datetime.fromisoformat(body["accepted_at"]),
+    )
+    async with db.acquire() as conn:
+        await record_failed_purchases(conn, [requested], reason=FailReason.DELIVERY_LIMIT_EXCEEDED)
+
+
+async def test_the_demo_page_shows_a_failed_purchase_as_not_processed_yet_and_follows_it_on(
+    settings: Settings, db: asyncpg.Pool, start_worker: StartWorker, browser: Browser
+) -> None:
+    """`failed` is not final (a replay of its message decides the purchase): the page tells the
+    buyer it could not be processed yet, keeps its stream, and shows the decision when it
+    comes."""
+    async with served_api(settings) as api:
+        created = await create_event(api, total_tickets=10)
+        page = await browser.new_page()
+        await page.goto(f"{api.base_url}/demo?{urlencode({'event': created['id'], 'buy': '1'})}")
+        await page.wait_for_selector('#status[data-status="pending"]', timeout=30_000)
+
+        await record_failed(db, page, created["id"])
+        await page.wait_for_selector('#status[data-status="failed"]', timeout=30_000)
+        assert await page.inner_text("#status") == (
+            "could not be processed yet (delivery_limit_exceeded)"
+        )
+
+        await start_worker()
+        await page.wait_for_selector('#status[data-status="confirmed"]', timeout=30_000)
+        assert "long-polling" not in await page.inner_text("#log")
+
+
+@pytest.mark.parametrize("settings", [{"status_max_waiters": 0}], indirect=True)
+async def test_the_demo_page_long_polls_a_server_that_answers_at_once_without_a_loop(
+    settings: Settings, db: asyncpg.Pool, start_worker: StartWorker, browser: Browser
+) -> None:
+    """Past its bound of held requests (0 here) a server answers every long-poll at once: the
+    page then asks again after `Retry-After` while the purchase is pending, and only every
+    FAILED_PAUSE_S (10 s) once it failed, and still sees the purchase decided after that."""
+    async with served_api(settings) as api:
+        created = await create_event(api, total_tickets=10)
+        page = await browser.new_page()
+        polls: list[str] = []
+
+        def seen(request: Request) -> None:
+            if "wait=" in request.url:
+                polls.append(request.url)
+
+        page.on("request", seen)
+        # No event stream gets through: the page long-polls.
+        await page.route("**/events", lambda route: route.abort())
+        await page.goto(f"{api.base_url}/demo?{urlencode({'event': created['id'], 'buy': '1'})}")
+        await page.wait_for_function(
+            "document.getElementById('log').textContent.includes('long-polling')", timeout=30_000
+        )
+
+        await asyncio.sleep(3)
+        pending_polls = len(polls)
+        assert 1 <= pending_polls <= 5, f"{pending_polls} long-polls in about 3 s while pending"
+
+        await record_failed(db, page, created["id"])
+        await page.wait_for_selector('#status[data-status="failed"]', timeout=30_000)
+        failed_at = len(polls)
+        await asyncio.sleep(5)
+        assert len(polls) - failed_at <= 1, "a failed purchase was asked about again at once"
+
+        await start_worker()
+        await page.wait_for_selector('#status[data-status="confirmed"]', timeout=30_000)
