@@ -6,14 +6,14 @@ Chromium is Debian's (`.ci/run` installs it); playwright drives it, with no brow
 import asyncio
 import shutil
 from collections.abc import AsyncIterator
-from datetime import datetime
-from urllib.parse import urlencode
+from datetime import UTC, datetime
+from urllib.parse import urlencode, urlsplit
 from uuid import UUID
 
 import asyncpg
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, Page, Request, async_playwright
+from playwright.async_api import Browser, Page, Request, Route, async_playwright
 
 from shared.messages import PurchaseRequested
 from shared.purchases.models import FailReason
@@ -200,3 +200,51 @@ async def test_the_demo_page_long_polls_a_server_that_answers_at_once_without_a_
 
         await start_worker()
         await page.wait_for_selector('#status[data-status="confirmed"]', timeout=30_000)
+
+
+async def test_the_demo_page_keeps_asking_when_a_retry_is_refused_after_its_first_try_was_queued(
+    settings: Settings, start_worker: StartWorker, browser: Browser
+) -> None:
+    """The first try is queued by one replica and its answer lost; the retry (same key) reaches
+    another replica after the sales closed, which refuses it (409). That does not prove the first
+    try was not queued: the page says the outcome is not known yet and asks again with the same
+    key, which gets the purchase once a worker has recorded it, bought once."""
+    async with served_api(settings) as first, served_api(settings) as second:
+        created = await create_event(first, total_tickets=10)
+        event_id = created["id"]
+        keys: list[str] = []
+
+        async def lose_the_answer_then_ask_the_other_replica(route: Route) -> None:
+            keys.append(route.request.headers["idempotency-key"])
+            if len(keys) == 1:
+                queued = await route.fetch()
+                assert queued.status == 202, await queued.text()
+                closed = await first.patch(
+                    f"/events/{event_id}", json={"sales_end_at": datetime.now(UTC).isoformat()}
+                )
+                assert closed.status_code == 200, closed.text
+                await route.abort("connectionreset")
+            else:
+                path = urlsplit(route.request.url).path
+                await route.fulfill(response=await route.fetch(url=f"{second.base_url}{path}"))
+
+        page = await browser.new_page()
+        await page.route("**/tickets/purchase", lose_the_answer_then_ask_the_other_replica)
+        await page.goto(f"{first.base_url}/demo?{urlencode({'event': event_id, 'buy': '1'})}")
+
+        status = await page.wait_for_selector(
+            '#status[data-status="unknown"], #status[data-status="refused"]', timeout=30_000
+        )
+        assert status is not None
+        assert await status.get_attribute("data-status") == "unknown", await page.inner_text("#log")
+        problem = await page.inner_text("#problem")
+        assert "Sales closed" in problem
+        assert "may still be queued" in problem
+        await start_worker()
+        await page.wait_for_selector('#status[data-status="confirmed"]', timeout=60_000)
+
+        assert len(keys) >= 3
+        assert set(keys) == {keys[0]}, "every ask must carry the first try's Idempotency-Key"
+        assert await page.inner_text("#problem") == ""
+        available = (await first.get(f"/events/{event_id}")).json()["available_tickets"]
+        assert available == 9
