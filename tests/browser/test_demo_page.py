@@ -1,5 +1,8 @@
 """The demo page (`/demo`) in real headless Chromium against the live stack: it buys, follows the
-status over server-sent events and reaches `confirmed`, answering a hold when the event holds.
+status over server-sent events and reaches `confirmed`, answering a hold when the event holds; it
+stays on server-sent events as streams end and reopen, follows a `failed` purchase on until it is
+decided, does not loop on long-polls answered at once, and keeps asking (same key) when a retry
+is refused while its first try may still be queued.
 
 Chromium is Debian's (`.ci/run` installs it); playwright drives it, with no browser download."""
 
