@@ -111,26 +111,30 @@ class RecentlyAccepted:
         return len(self._items)
 
 
+class QueuedConfirmation(NamedTuple):
+    payment_reference: str
+    accepted_at: datetime  # of the latest confirmation with this reference
+
+
 class QueuedConfirmations:
-    """The payment reference of each confirmation this replica queued lately, until the worker
-    records it: a second confirmation with another reference would be answered 202 and then
-    dropped by the worker (a purchase is confirmed once), the buyer's second payment with it.
-    Bounded as RecentlyAccepted."""
+    """The last confirmation of each purchase this replica tried to queue lately: a second
+    confirmation with another reference would be answered 202 and then dropped by the worker (a
+    purchase is confirmed once), the buyer's second payment with it. Kept whatever the publish
+    answered (a timed-out or late-confirmed message may be queued all the same); it stops
+    counting once its partition's worker has decided past it. Bounded as RecentlyAccepted."""
 
     def __init__(self, max_entries: int = 50_000) -> None:
         self._max_entries = max_entries
-        self._items: OrderedDict[UUID, str] = OrderedDict()
+        self._items: OrderedDict[UUID, QueuedConfirmation] = OrderedDict()
 
-    def get(self, purchase_id: UUID) -> str | None:
+    def get(self, purchase_id: UUID) -> QueuedConfirmation | None:
         return self._items.get(purchase_id)
 
-    def remember(self, purchase_id: UUID, payment_reference: str) -> None:
-        self._items[purchase_id] = payment_reference
+    def remember(self, purchase_id: UUID, payment_reference: str, accepted_at: datetime) -> None:
+        self._items[purchase_id] = QueuedConfirmation(payment_reference, accepted_at)
+        self._items.move_to_end(purchase_id)
         if len(self._items) > self._max_entries:
             self._items.popitem(last=False)
-
-    def forget(self, purchase_id: UUID) -> None:
-        self._items.pop(purchase_id, None)
 
 
 # A partition's worker records its progress at every commit and once a second while idle.
@@ -288,23 +292,29 @@ class PurchaseService:
             # expired already: the caller gets a 503 instead (and a retry finds out).
             margin = found.hold_expires_at + CONFIRM_MARGIN - accepted_at
             deadline = asyncio.get_running_loop().time() + margin.total_seconds()
+        confirm = AcceptedConfirm(purchase_id, found.event_id, payment_reference, accepted_at)
         queued = self._confirmations.get(purchase_id)
-        if queued is not None and queued != payment_reference:
+        if (
+            queued is not None
+            and queued.payment_reference != payment_reference
+            and not await self._decided_past(confirm, queued.accepted_at)
+        ):
             raise NotConfirmable(
                 f"Purchase {purchase_id} has a confirmation with another payment_reference on "
                 "its way; its status shows the reference it is confirmed with."
             )
-        confirm = AcceptedConfirm(purchase_id, found.event_id, payment_reference, accepted_at)
-        # Taken before the publish, so that a concurrent confirmation with another reference
-        # finds it; given back if the publish fails and nothing was queued with it before.
-        self._confirmations.remember(purchase_id, payment_reference)
-        try:
-            await self._publisher.publish(confirm, deadline=deadline)
-        except BaseException:
-            if queued is None:
-                self._confirmations.forget(purchase_id)
-            raise
+        # Noted before the publish, so that a concurrent confirmation with another reference
+        # finds it.
+        self._confirmations.remember(purchase_id, payment_reference, accepted_at)
+        await self._publisher.publish(confirm, deadline=deadline)
         log.info("purchase confirmation accepted", extra=self._context(confirm))
+
+    async def _decided_past(self, command: Accepted, accepted_at: datetime) -> bool:
+        """Whether the command's partition has decided everything accepted up to `accepted_at`:
+        a confirmation accepted then that left the purchase unconfirmed was dropped, or never
+        queued, and is not on its way any more."""
+        row = await self._progress.of(self._publisher.partition_of(command))
+        return row is not None and row["horizon"] > accepted_at
 
     async def _holds(self, event_id: UUID) -> bool:
         """Whether the event holds its purchases' tickets until they are confirmed (as this

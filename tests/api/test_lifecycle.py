@@ -12,7 +12,9 @@ import asyncpg
 import httpx
 import pytest
 
+from shared.errors import BrokerUnavailable
 from shared.messages import ConfirmRequested, PurchaseMessage
+from shared.publisher import PurchasePublisher
 from shared.purchases import repository
 from shared.purchases.ids import PurchaseIds
 from shared.purchases.models import LifecycleAccepted
@@ -276,6 +278,38 @@ async def test_a_confirmation_with_another_reference_than_one_on_its_way_is_409(
     assert (await wait_status(api, raced["purchase_id"], "confirmed"))["payment_reference"] == (
         winner
     )
+
+
+async def test_a_confirmation_that_never_reached_the_queue_blocks_another_reference_no_longer(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A confirmation answered 503 may have been queued all the same (its confirm came late,
+    or not at all), so another reference is refused while it could be on its way; once the
+    worker has decided everything accepted until then, it is not, and the buyer can pay again."""
+    event = await create_event(api, total_tickets=10, hold_seconds=600)
+    await start_worker()
+    held = await held_purchase(api, db, event)
+    publish = PurchasePublisher.publish
+
+    def broker_down(self: PurchasePublisher, *_: Any, **__: Any) -> Any:
+        raise BrokerUnavailable("The message broker connection is down; retry shortly.")
+
+    monkeypatch.setattr(PurchasePublisher, "publish", broker_down)
+    assert_problem(await confirm(api, held["purchase_id"], "psp-a"), 503)
+    monkeypatch.setattr(PurchasePublisher, "publish", publish)
+    at_once = await confirm(api, held["purchase_id"], "psp-b")
+
+    async def accepted() -> bool:
+        return (await confirm(api, held["purchase_id"], "psp-b")).status_code == 202
+
+    assert_problem(at_once, 409)
+    # The idle worker records its partition's horizon once a second.
+    await wait_for(accepted, timeout_s=15, what="the other reference to be accepted")
+    confirmed = await wait_status(api, held["purchase_id"], "confirmed")
+    assert confirmed["payment_reference"] == "psp-b"
 
 
 async def test_a_purchase_of_an_event_without_holds_needs_no_confirmation(
