@@ -2,7 +2,7 @@
 
 The first event is the purchase as it is, then one on every change; each event's `id` is its
 status, so a client that reconnects with `Last-Event-ID` is not sent again what it has (a
-purchase never returns to a status it left). Every `heartbeat_s` without a change, something
+purchase never returns to a status it left; a pending one's heartbeats, below, repeat it). Every `heartbeat_s` without a change, something
 keeps proxies from closing the idle stream: for a pending purchase this replica accepted, the
 purchase again with the wait ahead of it now (`queue`); a comment otherwise. The stream ends after a status that can no longer change, or after
 `max_s`, or when the process is stopping; the client then reconnects (the browser's
@@ -27,7 +27,7 @@ from shared.errors import ServiceUnavailable
 from shared.purchases.changes import StatusWaiters
 from shared.purchases.models import Purchase, PurchaseStatus
 from shared.purchases.service import PurchaseService
-from shared.retry import DATABASE_UNAVAILABLE
+from shared.retry import DATABASE_UNAVAILABLE, TRANSIENT_DATABASE
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ _START_HEADERS = [
 # decided when its message is replayed).
 SETTLED = frozenset({PurchaseStatus.REJECTED, PurchaseStatus.EXPIRED, PurchaseStatus.CANCELLED})
 HEARTBEAT = b": heartbeat\n\n"
+# How long a heartbeat may wait for a pending purchase's wait ahead before it is a comment.
+BEAT_READ_S = 1.0
 # What a stream waits for a purchase to no longer be, built once rather than on every wait.
 _OTHER_THAN = {status: frozenset({status.value}) for status in PurchaseStatus}
 
@@ -177,8 +179,11 @@ class EventStream:
         if status != PurchaseStatus.PENDING:
             return HEARTBEAT
         pending = None
-        with contextlib.suppress(*DATABASE_UNAVAILABLE):
-            pending = await self._service.still_pending(self._purchase_id)
+        # Bounded: a database that stalls must not hold the heartbeat (a proxy would close the
+        # idle stream) nor the stream's end once the process is stopping.
+        with contextlib.suppress(*TRANSIENT_DATABASE):
+            async with asyncio.timeout(BEAT_READ_S):
+                pending = await self._service.still_pending(self._purchase_id)
         return HEARTBEAT if pending is None else status_event(pending)
 
     def _client_gone(self, gone: "asyncio.Future[None]") -> None:

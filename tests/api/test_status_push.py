@@ -358,6 +358,35 @@ async def test_a_stream_ends_after_its_lifetime_with_heartbeats_meanwhile(
     assert 1.0 <= seconds < 10
 
 
+@pytest.mark.parametrize("database", ["stalls", "cancels"])
+async def test_a_pending_streams_heartbeat_keeps_its_pace_whatever_the_database_does(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, database: str
+) -> None:
+    """The wait ahead a heartbeat sends needs a read: a database that stalls or cancels it
+    leaves the heartbeat a comment, never a stream without a byte for the read's whole timeout,
+    nor one cut short."""
+
+    async def stalls(*_: Any) -> None:
+        await asyncio.sleep(3600)
+
+    async def cancels(*_: Any) -> None:
+        raise asyncpg.QueryCanceledError("canceling statement due to statement timeout")
+
+    short = settings.model_copy(update={"status_stream_max_s": 2.5, "status_heartbeat_s": 0.3})
+    async with served_api(short) as api:
+        purchase_id = await queued_purchase(api)
+        monkeypatch.setattr(
+            PurchaseService, "still_pending", stalls if database == "stalls" else cancels
+        )
+        started = time.monotonic()
+        response = await api.get(f"/purchases/{purchase_id}/events", timeout=30)
+        seconds = time.monotonic() - started
+    assert response.status_code == 200
+    assert [e["id"] for e in sse_events(response.text)] == ["pending"]
+    assert response.text.count(": heartbeat") >= 2
+    assert seconds < 6
+
+
 async def test_a_pending_purchases_stream_shows_the_wait_ahead_shrink_as_the_worker_advances(
     api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings, start_worker: StartWorker
 ) -> None:
