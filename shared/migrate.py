@@ -18,6 +18,7 @@ from shared.errors import StartupError
 from shared.logs import configure_logging
 from shared.schema import MIGRATIONS_DIR, database_name
 from shared.settings import Settings, get_settings
+from shared.urls import where
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,7 @@ def wait_for_server(url: str, *, wait_s: float) -> None:
     not exist yet), retrying for up to `wait_s`; then raise StartupError with one line. A
     server that is still starting (a container's first boot) is waited for, not failed on; one
     that refuses the user or password is said so at once, as the services say it."""
-    parts = urlsplit(url)
-    where = f"{parts.hostname or '127.0.0.1'}:{parts.port or 5432}"
+    address = where(url)
 
     async def connect() -> None:
         # asyncpg, as the services' checks: its errors tell a refused login from a server that
@@ -78,13 +78,13 @@ def wait_for_server(url: str, *, wait_s: float) -> None:
             connection = await asyncpg.connect(_with_database(url, "postgres"), timeout=5)
         except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
             raise StartupError(
-                f"PostgreSQL at {where} refused the user or password in DATABASE_URL."
+                f"PostgreSQL at {address} refused the user or password in DATABASE_URL."
             ) from None
         await connection.close()
 
     asyncio.run(
         preflight.until_reachable(
-            connect, service="PostgreSQL", where=where, setting="DATABASE_URL", wait_s=wait_s
+            connect, service="PostgreSQL", where=address, setting="DATABASE_URL", wait_s=wait_s
         )
     )
 

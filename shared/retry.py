@@ -25,7 +25,8 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     # 55000 at connect: the database is not accepting connections (ALTER DATABASE ...
-    # ALLOW_CONNECTIONS false while it is maintained, or being dropped or copied).
+    # ALLOW_CONNECTIONS false while it is maintained, or being dropped or copied). Its
+    # subclasses come along (55P02/3/4, 55006): none is raised by a statement of ours.
     asyncpg.ObjectNotInPrerequisiteStateError,
 )
 BROKER_UNAVAILABLE: tuple[type[BaseException], ...] = (OSError, AMQPConnectionError)
