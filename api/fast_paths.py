@@ -186,6 +186,7 @@ class FastPaths:
                 # a failed fetch.
                 bug = await _bug_response(scope, receive, exc)
                 if bug is not None:
+                    status = bug.status_code  # counted as answered, not as the reply that failed
                     await self._sending(scope, receive, send, bug)
             raise  # (a stream already under way is cut short: its 200 is sent)
         finally:

@@ -23,6 +23,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import REGISTRY
 from starlette.types import Message, Receive, Scope, Send
 
+from api import answers
 from api.deps import get_purchase_service
 from api.fast_paths import EVENTS_ROUTE, PURCHASE_ROUTE, STATUS_ROUTE, FastPaths
 from api.main import create_app
@@ -607,3 +608,28 @@ async def test_a_bug_is_a_500_problem_a_page_on_another_origin_can_read(
     assert response.headers["content-type"] == "application/problem+json"
     assert "a bug" not in response.text  # never the exception itself
     assert response.headers["access-control-allow-origin"] in ("*", "https://shop.example")
+
+
+async def test_a_reply_that_fails_as_it_is_sent_is_counted_as_the_500_sent_instead(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def counted(status: str) -> float:
+        labels = {"method": "POST", "route": PURCHASE_PATH, "status": status}
+        return REGISTRY.get_sample_value("ticketing_http_requests_total", labels) or 0.0
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            event = await create_event(client)
+            before = {status: counted(status) for status in ("202", "500")}
+
+            def broken(*_: Any, **__: Any) -> Any:
+                raise RuntimeError("a bug while answering")
+
+            monkeypatch.setattr(answers.Answer, "send", broken)
+            response = await client.post(f"/events/{event['id']}/tickets/purchase", json=GOOD)
+
+    assert response.status_code == 500
+    assert counted("500") == before["500"] + 1
+    assert counted("202") == before["202"]
