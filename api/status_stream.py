@@ -17,6 +17,7 @@ and stops the stream then rather than at its next heartbeat.
 import asyncio
 import contextlib
 import logging
+import random
 from typing import Any
 from uuid import UUID
 
@@ -41,6 +42,9 @@ _START_HEADERS = [
 # decided when its message is replayed).
 SETTLED = frozenset({PurchaseStatus.REJECTED, PurchaseStatus.EXPIRED, PurchaseStatus.CANCELLED})
 HEARTBEAT = b": heartbeat\n\n"
+# The reconnection delays streams ask of the browser, in milliseconds (EventSource's own is
+# about 3 s).
+RECONNECT_MS = (1_000, 5_000)
 # How long a heartbeat may wait for a pending purchase's wait ahead before it is a comment.
 BEAT_READ_S = 1.0
 # What a stream waits for a purchase to no longer be, built once rather than on every wait.
@@ -48,10 +52,13 @@ _OTHER_THAN = {status: frozenset({status.value}) for status in PurchaseStatus}
 
 
 def status_event(purchase: Purchase) -> bytes:
+    """The purchase as an event, with the delay after which the browser reconnects once the
+    stream ends: drawn at random, so that the thousands of streams a stopping replica ends at
+    once do not come back at once."""
     return (
         f"id: {purchase.status.value}\nevent: status\ndata: ".encode()
         + purchase.model_dump_json().encode()
-        + b"\n\n"
+        + f"\nretry: {random.randint(*RECONNECT_MS)}\n\n".encode()
     )
 
 

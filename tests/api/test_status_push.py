@@ -341,6 +341,27 @@ async def test_a_reconnect_with_last_event_id_is_not_sent_what_it_has(
     assert ": heartbeat" in response.text
 
 
+async def test_streams_ended_together_are_asked_to_reconnect_at_spread_out_times(
+    settings: Settings,
+) -> None:
+    """A stopping replica ends every stream it holds at once; with EventSource's own delay
+    (about 3 s) all of them would reconnect, to the replicas left, within the same moment."""
+    short = settings.model_copy(update={"status_stream_max_s": 0.5, "status_heartbeat_s": 0.2})
+    async with served_api(short) as api:
+        purchase_ids = [await queued_purchase(api) for _ in range(3)]
+        streams = await asyncio.gather(
+            *(
+                api.get(f"/purchases/{purchase_id}/events", timeout=30)
+                for purchase_id in purchase_ids
+                for _ in range(10)
+            )
+        )
+    delays = [int(e["retry"]) for stream in streams for e in sse_events(stream.text)]
+    assert len(delays) >= 30, "every status event names its reconnection delay"
+    assert all(1_000 <= delay <= 5_000 for delay in delays)
+    assert len(set(delays)) >= 20, "the delays are spread, not one for all"
+
+
 async def test_a_stream_ends_after_its_lifetime_with_heartbeats_meanwhile(
     settings: Settings,
 ) -> None:
