@@ -21,12 +21,14 @@ class PartitionsMismatch(StartupError):
     """This process's PARTITIONS differs from the one the deployment was started with."""
 
 
-async def agree_on_partitions(conn: Connection, partitions: int) -> None:
-    """Record `partitions` if nothing is recorded yet; raise PartitionsMismatch if another
-    value is."""
-    await conn.execute(RECORD_PARTITIONS, partitions)
+async def agree_on_partitions(conn: Connection, partitions: int, *, record: bool = True) -> None:
+    """Record `partitions` if nothing is recorded yet (unless not to `record`: a read-only
+    command); raise PartitionsMismatch if another value is."""
+    if record:
+        await conn.execute(RECORD_PARTITIONS, partitions)
     row = await conn.fetchrow(RECORDED_PARTITIONS)
-    assert row is not None  # inserted just above, or already there
+    if row is None:  # nothing recorded, and not asked to
+        return
     if row["partitions"] != partitions:
         raise PartitionsMismatch(
             f"PARTITIONS is {partitions} here, but this deployment runs with PARTITIONS="

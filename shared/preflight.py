@@ -102,14 +102,16 @@ async def check_schema(connection: asyncpg.Connection) -> None:
         )
 
 
-async def check_database(settings: Settings, *, wait_s: float, partitions: bool) -> None:
-    """PostgreSQL answers, the database exists and is migrated, and (for the services) this
-    process's PARTITIONS is the one the deployment was started with."""
+async def check_database(
+    settings: Settings, *, wait_s: float, record_partitions: bool = True
+) -> None:
+    """PostgreSQL answers, the database exists and is migrated, and this process's PARTITIONS
+    is the one the deployment was started with (recorded now if it is the first: unless not to
+    `record_partitions`, for a command that only reads)."""
     connection = await connect_database(settings, wait_s=wait_s)
     try:
         await check_schema(connection)
-        if partitions:
-            await agree_on_partitions(connection, settings.partitions)
+        await agree_on_partitions(connection, settings.partitions, record=record_partitions)
     finally:
         await connection.close()
 
@@ -157,5 +159,5 @@ async def check_broker(settings: Settings, *, wait_s: float) -> None:
 
 async def check_services(settings: Settings) -> None:
     """Everything `python -m api` and `python -m worker` need before they start."""
-    await check_database(settings, wait_s=settings.startup_timeout_s, partitions=True)
+    await check_database(settings, wait_s=settings.startup_timeout_s)
     await check_broker(settings, wait_s=settings.startup_timeout_s)

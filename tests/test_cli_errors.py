@@ -160,7 +160,7 @@ def test_rabbitmq_virtual_host_missing(entry: str, env: dict[str, str]) -> None:
     assert "RABBITMQ_URL" in line
 
 
-@pytest.mark.parametrize("entry", ["api", "worker", "replay"])
+@pytest.mark.parametrize("entry", ["api", "worker", "replay", "status"])
 async def test_partitions_other_than_the_deployments(
     entry: str, env: dict[str, str], db: asyncpg.Pool, settings: Settings
 ) -> None:
@@ -171,6 +171,17 @@ async def test_partitions_other_than_the_deployments(
 
     assert f"PARTITIONS is {settings.partitions * 2} here" in line
     assert f"runs with PARTITIONS={settings.partitions}" in line
+
+
+async def test_a_status_before_anything_ran_records_no_partitions(
+    env: dict[str, str], db: asyncpg.Pool
+) -> None:
+    """A status only reads: the first service to start records the deployment's PARTITIONS."""
+    env["PARTITIONS"] = "7"
+
+    run("status", env)
+
+    assert await db.fetchval("SELECT count(*) FROM cluster_config") == 0
 
 
 def test_replay_before_anything_declared_the_queues(env: dict[str, str]) -> None:

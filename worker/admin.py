@@ -20,7 +20,9 @@ from worker.queue_leaders import public_address, queue_leaders
 
 async def status(settings: Settings, out: TextIO = sys.stdout) -> None:
     """Print each partition's owner, epoch, lease state and queue depth, and the dead letters."""
-    await preflight.check_database(settings, wait_s=0, partitions=False)
+    # A PARTITIONS other than the deployment's would show partitions that do not exist, or hide
+    # some (and their queued purchases); a status only reads, so it records none.
+    await preflight.check_database(settings, wait_s=0, record_partitions=False)
     await preflight.check_broker(settings, wait_s=0)
     topology = broker.Topology.from_settings(settings)
     pool = await create_pool(settings, wait_s=0)
