@@ -52,6 +52,9 @@ async def status(settings: Settings, out: TextIO = sys.stdout) -> None:
         leader = (leaders or {}).get(topology.queue(partition), "-")
         out.write(f"{partition:>9}  {owner:<30} {epoch:>6}  {state:<7} {queued:>8}  {leader}\n")
     out.write(f"queued in all partitions: {sum(d or 0 for d in depths)}\n")
+    out.write(
+        "(messages ready to deliver: one a worker holds unacknowledged shows once it stops)\n"
+    )
     out.write(_leader_spread(settings, topology, leaders))
     out.write(f"dead letters ({topology.dead_letter_queue}): {'-' if dead is None else dead}\n")
     if None in depths or dead is None:
@@ -96,7 +99,7 @@ async def replay_dead_letters(settings: Settings, out: TextIO = sys.stdout) -> t
     Returns (purchases replayed, messages left in the dead-letter queue).
     """
     # Replay routes purchases to partitions: it must count them as the deployment does.
-    await preflight.check_database(settings, wait_s=0, partitions=True)
+    await preflight.check_database(settings, wait_s=0)
     await preflight.check_broker(settings, wait_s=0)
     topology = broker.Topology.from_settings(settings)
     connection = await broker_nodes.connect(settings, "admin")
