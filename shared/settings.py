@@ -116,6 +116,20 @@ class Settings(BaseSettings):
             _ = parts.port  # a port that is not a number raises here, not in the client
         return value
 
+    @field_validator("rabbitmq_management_url")
+    @classmethod
+    def _http_urls(cls, value: str) -> str:
+        for url in _split(value):  # empty: derived from RABBITMQ_URL
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                # Not the URL itself: it may hold a password.
+                raise ValueError(
+                    "holds a value that is not an http:// or https:// URL with a host "
+                    "(http://user:password@host:15672/)"
+                )
+            _ = parts.port  # a port that is not a number raises here, not in the client
+        return value
+
     @property
     def rabbitmq_urls(self) -> list[str]:
         """RABBITMQ_URL's nodes, in the order they are tried."""

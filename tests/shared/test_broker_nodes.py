@@ -42,6 +42,16 @@ def test_rabbitmq_url_refuses_anything_but_amqp_urls(value: str) -> None:
         Settings(rabbitmq_url=value)
 
 
+@pytest.mark.parametrize(
+    "value", ["not a url", "amqp://a:5672/", "http://", "http://a:b:c/", "http://m:1/,rmq-2"]
+)
+def test_rabbitmq_management_url_refuses_anything_but_http_urls_with_a_host(value: str) -> None:
+    """Refused at start with one line naming it, rather than a status reading "no management
+    API answered at :" (an empty address) with everything else right."""
+    with pytest.raises(ValidationError, match="rabbitmq_management_url"):
+        Settings(rabbitmq_management_url=value)
+
+
 def test_quorum_replicas_defaults_to_three_and_must_be_positive() -> None:
     assert Settings().quorum_replicas == 3
     with pytest.raises(ValidationError, match="quorum_replicas"):
