@@ -97,6 +97,7 @@ class Worker:
 
     async def run(self) -> None:
         started = time.monotonic()
+        joined = False  # a process refused its WORKER_ID never ran: it says so, not "stopped"
         self._pool = await create_pool(self.settings, server_settings=batch_session(self.settings))
         try:
             # Two: the tick, and a hand-over releasing its lease beside it. A statement that
@@ -105,6 +106,7 @@ class Worker:
                 self.settings, size=(1, 2), command_timeout_s=self.tick_s
             )
             await self._join()
+            joined = True
             log.info("worker %s started", self.worker_id)
             tune_gc()
             # Workers started together (a deploy, --scale) see each other before anyone takes a
@@ -123,12 +125,13 @@ class Worker:
             if self._control is not None:
                 await self._control.close()
             await self._pool.close()
-            log.info(
-                "worker %s stopped after %.1f s: %d purchases decided",
-                self.worker_id,
-                time.monotonic() - started,
-                self.applied,
-            )
+            if joined:
+                log.info(
+                    "worker %s stopped after %.1f s: %d purchases decided",
+                    self.worker_id,
+                    time.monotonic() - started,
+                    self.applied,
+                )
 
     async def _join(self) -> None:
         """Check PARTITIONS, make sure every lease row exists, and become the live holder of

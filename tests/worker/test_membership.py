@@ -87,6 +87,9 @@ async def test_a_worker_process_started_with_a_live_worker_id_exits_with_one_cle
     assert lines, second.log()
     assert "'same-id' is already used by a live worker" in lines[-1]
     assert "Traceback" not in second.log()
+    # The line a worker that ran logs when it stops: an operator reading both logs would take
+    # the refused process for the live one going away.
+    assert "stopped after" not in second.log()
 
 
 @pytest.mark.slow
