@@ -2,11 +2,12 @@
 
 The first event is the purchase as it is, then one on every change; each event's `id` is its
 status, so a client that reconnects with `Last-Event-ID` is not sent again what it has (a
-purchase never returns to a status it left; a pending one's heartbeats, below, repeat it). Every `heartbeat_s` without a change, something
-keeps proxies from closing the idle stream: for a pending purchase this replica accepted, the
-purchase again with the wait ahead of it now (`queue`); a comment otherwise. The stream ends after a status that can no longer change, or after
-`max_s`, or when the process is stopping; the client then reconnects (the browser's
-EventSource does so by itself).
+purchase never returns to a status it left; a pending one's heartbeats, below, repeat it).
+Every `heartbeat_s` without a change, something keeps proxies from closing the idle stream: for
+a pending purchase this replica accepted, the purchase again with the wait ahead of it now
+(`queue`); a comment otherwise. The stream ends after a status that can no longer change, or
+after `max_s`, or when the process is stopping; the client then reconnects (the browser's
+EventSource does so by itself, after the `retry` each event names).
 
 An open stream (`EventStream`) sends itself: the route hands it to Starlette as a response, the
 raw-ASGI dispatch (api/fast_paths.py) sends it as it is, through the same code. Thousands are held
