@@ -24,7 +24,7 @@ from shared.settings import DEV_PURCHASE_ID_SECRET, Settings
 from tests.conftest import StartWorker, api_client, settings_env
 from tests.factories import create_event, purchase, wait_until_final
 from tests.metrics import free_port, sample
-from tests.worker.helpers import partition_of, publish_raw, purchase_message
+from tests.worker.helpers import partition_of, publish_raw, purchase_message, wait_for
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -46,6 +46,31 @@ async def test_api_metrics_count_requests_and_confirmed_publishes(api: httpx.Asy
     assert moved("ticketing_published_purchases_total") == 3
 
 
+async def test_the_partitions_owned_gauge_follows_the_leases_not_the_next_tick(
+    settings: Settings, start_worker: StartWorker
+) -> None:
+    """Operators alert on sum(partitions owned) < PARTITIONS: a lease handed over between two
+    ticks must not go on counting for the worker that gave it up."""
+
+    def owned() -> float | None:
+        return REGISTRY.get_sample_value("ticketing_worker_partitions_owned")
+
+    worker = await start_worker()
+
+    async def holds_all() -> bool:
+        return len(worker.partitions) == settings.partitions
+
+    await wait_for(holds_all, timeout_s=15, what="the worker to take every partition")
+    assert owned() == settings.partitions
+    worker.stop()
+
+    async def released() -> bool:
+        return not worker.partitions
+
+    await wait_for(released, timeout_s=15, what="the worker to hand its partitions back")
+    assert owned() == 0
+
+
 async def test_worker_metrics_endpoint_shows_partitions_and_decided_purchases(
     api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings
 ) -> None:
@@ -63,7 +88,7 @@ async def test_worker_metrics_endpoint_shows_partitions_and_decided_purchases(
                 return str(response.read().decode())
 
         text = ""
-        for _ in range(50):  # the gauge is set at the end of a lease tick
+        for _ in range(50):  # until the worker has taken its leases
             with contextlib.suppress(OSError):
                 text = await asyncio.to_thread(scrape)
                 if sample(text, "ticketing_worker_partitions_owned") == settings.partitions:

@@ -76,6 +76,9 @@ class Worker:
         self._node = -1  # index in RABBITMQ_URL of the node connected to (or last lost)
         self._recorder: DeadLetterRecorder | None = None
         self._held: dict[int, int] = {}  # partition -> lease epoch
+        # Read when scraped, not set at a tick: a lease handed over or lost between two ticks
+        # would otherwise still count for up to one (one worker per process).
+        metrics.PARTITIONS_OWNED.set_function(lambda: len(self._held))
         # partition -> when (time.monotonic) the statement that last extended its lease was sent
         self._extended: dict[int, float] = {}
         self._consumers: dict[int, PartitionConsumer] = {}
@@ -242,7 +245,6 @@ class Worker:
         for partition in set(self._held) - mine - set(self._draining):
             self._hand_over(partition)
         await self._acquire(mine - set(self._held))
-        metrics.PARTITIONS_OWNED.set(len(self._held))
         for partition, epoch in list(self._held.items()):
             if partition not in self._consumers and partition not in self._draining:
                 await self._start_consumer(connection, partition, epoch)
