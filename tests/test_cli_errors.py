@@ -26,8 +26,13 @@ ENTRIES = {
 }
 
 
+# Entries that need RabbitMQ and not PostgreSQL.
+BROKER_ONLY = {"dead-letters": ["worker", "dead-letters"]}
 # Every entry that reads the settings: the services, the admin commands and the migration.
-CONFIGURED = {**ENTRIES, "migrate": ["shared.migrate"]}
+CONFIGURED = {**ENTRIES, **BROKER_ONLY, "migrate": ["shared.migrate"]}
+# Every entry that reads the database, and every one that talks to RabbitMQ.
+USES_POSTGRESQL = [*ENTRIES, "migrate"]
+USES_RABBITMQ = [*ENTRIES, *BROKER_ONLY]
 
 
 def run(entry: str, env: dict[str, str], **settings: str) -> subprocess.CompletedProcess[str]:
@@ -98,7 +103,7 @@ def test_migrate_with_postgresql_unreachable(env: dict[str, str]) -> None:
     assert "DATABASE_URL" in line
 
 
-@pytest.mark.parametrize("entry", CONFIGURED)
+@pytest.mark.parametrize("entry", USES_POSTGRESQL)
 def test_postgresql_refuses_the_user(entry: str, env: dict[str, str]) -> None:
     parts = urlsplit(env["DATABASE_URL"])
     host = parts.netloc.rpartition("@")[2]
@@ -139,7 +144,7 @@ async def test_schema_not_migrated(entry: str, env: dict[str, str], settings: Se
     assert "make migrate" in line
 
 
-@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("entry", USES_RABBITMQ)
 def test_rabbitmq_unreachable(entry: str, env: dict[str, str]) -> None:
     port = free_port()
     env["RABBITMQ_URL"] = f"amqp://guest:guest@127.0.0.1:{port}/"
@@ -150,7 +155,7 @@ def test_rabbitmq_unreachable(entry: str, env: dict[str, str]) -> None:
     assert "RABBITMQ_URL" in line
 
 
-@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("entry", USES_RABBITMQ)
 def test_rabbitmq_virtual_host_missing(entry: str, env: dict[str, str]) -> None:
     env["RABBITMQ_URL"] = env["RABBITMQ_URL"].rstrip("/") + "/ticketing-no-such-vhost"
 

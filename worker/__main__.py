@@ -1,7 +1,9 @@
-"""`python -m worker [run | status | replay-dead-letters]`.
+"""`python -m worker [run | status | dead-letters [--drop-undecodable] | replay-dead-letters]`.
 
 run                  (default) consume partitions until SIGTERM/SIGINT, then drain and exit 0
 status               each partition's owner, epoch, lease state and queue depth; dead letters
+dead-letters         each dead letter: why it died, its purchases (or its bytes); all are kept,
+                     but --drop-undecodable removes those nothing can replay, printed whole first
 replay-dead-letters  move dead letters back to their partitions after a fix
 """
 
@@ -47,9 +49,20 @@ def main() -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "command", nargs="?", default="run", choices=["run", "status", "replay-dead-letters"]
+        "command",
+        nargs="?",
+        default="run",
+        choices=["run", "status", "dead-letters", "replay-dead-letters"],
     )
-    command = parser.parse_args().command
+    parser.add_argument(
+        "--drop-undecodable",
+        action="store_true",
+        help="with dead-letters: remove the dead letters that cannot be decoded (printed first)",
+    )
+    args = parser.parse_args()
+    command = args.command
+    if args.drop_undecodable and command != "dead-letters":
+        parser.error("--drop-undecodable goes with dead-letters only")
     try:
         settings = get_settings()
         configure_logging(settings, service="worker")
@@ -58,6 +71,9 @@ def main() -> None:
             sys.stdout.flush()  # here, where a closed pipe can be caught
         elif command == "replay-dead-letters":
             admin.run_replay(settings)
+            sys.stdout.flush()
+        elif command == "dead-letters":
+            admin.run_dead_letters(settings, drop_undecodable=args.drop_undecodable)
             sys.stdout.flush()
         else:
             _install_fast_loop()

@@ -1,6 +1,7 @@
-"""Operator commands: `python -m worker status` and `python -m worker replay-dead-letters`."""
+"""Operator commands: `python -m worker status`, `dead-letters` and `replay-dead-letters`."""
 
 import asyncio
+import base64
 import sys
 from collections import Counter, defaultdict
 from typing import TextIO
@@ -106,14 +107,7 @@ async def replay_dead_letters(settings: Settings, out: TextIO = sys.stdout) -> t
     replayed = kept = 0
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        try:  # passive: never (re)declares
-            exchange = await channel.get_exchange(topology.exchange)
-            queue = await channel.get_queue(topology.dead_letter_queue)
-        except ChannelNotFoundEntity:
-            raise StartupError(
-                f"the {topology.namespace}.purchases queues are not declared on this broker: "
-                "start the API or a worker once (they declare them), or check BROKER_NAMESPACE."
-            ) from None
+        exchange, queue = await _declared(channel, topology)
         unreadable: list[aio_pika.abc.AbstractIncomingMessage] = []
         while (message := await queue.get(no_ack=False, fail=False)) is not None:
             try:
@@ -142,9 +136,93 @@ async def replay_dead_letters(settings: Settings, out: TextIO = sys.stdout) -> t
     return replayed, kept
 
 
+async def dead_letters(
+    settings: Settings, out: TextIO = sys.stdout, *, drop_undecodable: bool = False
+) -> tuple[int, int]:
+    """Print each dead letter: why it died, and its purchases, or its bytes if it cannot be
+    decoded. Every one is put back, but with `drop_undecodable` those that cannot be decoded
+    (nothing can replay them; their purchases, where an id could be read, are recorded failed)
+    are removed, each printed whole first (base64) so that nothing goes unrecorded.
+    Returns (dead letters listed, undecodable ones dropped)."""
+    await preflight.check_broker(settings, wait_s=0)
+    topology = broker.Topology.from_settings(settings)
+    connection = await broker_nodes.connect(settings, "admin")
+    listed = dropped = 0
+    try:
+        channel = await connection.channel()
+        _, queue = await _declared(channel, topology)
+        held: list[aio_pika.abc.AbstractIncomingMessage] = []  # unacked: not got again
+        while (message := await queue.get(no_ack=False, fail=False)) is not None:
+            listed += 1
+            why = _death_of(message)
+            try:
+                decoded = PurchaseMessage.from_body(message.body)
+            except ValidationError:
+                if drop_undecodable:
+                    raw = base64.b64encode(message.body).decode()
+                    out.write(f"{listed}: undecodable, {why}: dropped; base64: {raw}\n")
+                    await message.ack()
+                    dropped += 1
+                    continue
+                out.write(
+                    f"{listed}: undecodable, {why}: {len(message.body)} bytes {message.body[:60]!r}\n"
+                )
+            else:
+                kinds = Counter(type(command).__name__ for command in decoded.commands)
+                ids = ", ".join(str(command.purchase_id) for command in decoded.commands)
+                out.write(
+                    f"{listed}: partition {decoded.partition}, {why}: "
+                    f"{', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))}: {ids}\n"
+                )
+            held.append(message)
+        for message in held:
+            await message.nack(requeue=True)
+    finally:
+        await connection.close()
+    out.write(
+        f"{listed} dead letter(s) in {topology.dead_letter_queue}"
+        + (f"; {dropped} undecodable one(s) dropped\n" if drop_undecodable else "\n")
+    )
+    return listed, dropped
+
+
+async def _declared(
+    channel: aio_pika.abc.AbstractChannel, topology: broker.Topology
+) -> tuple[aio_pika.abc.AbstractExchange, aio_pika.abc.AbstractQueue]:
+    """The purchases exchange and the dead-letter queue, as declared (passive: never
+    (re)declares them)."""
+    try:
+        exchange = await channel.get_exchange(topology.exchange)
+        queue = await channel.get_queue(topology.dead_letter_queue)
+    except ChannelNotFoundEntity:
+        raise StartupError(
+            f"the {topology.namespace}.purchases queues are not declared on this broker: "
+            "start the API or a worker once (they declare them), or check BROKER_NAMESPACE."
+        ) from None
+    return exchange, queue
+
+
+def _death_of(message: aio_pika.abc.AbstractIncomingMessage) -> str:
+    """Why and from where RabbitMQ dead-lettered it (its first death)."""
+    headers = message.headers or {}
+    reason = _text(headers.get("x-first-death-reason")) or "unknown reason"
+    queue = _text(headers.get("x-first-death-queue"))
+    return f"{reason} from {queue}" if queue else reason
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return "" if value is None else str(value)
+
+
 def run_status(settings: Settings) -> None:
     asyncio.run(status(settings))
 
 
 def run_replay(settings: Settings) -> None:
     asyncio.run(replay_dead_letters(settings))
+
+
+def run_dead_letters(settings: Settings, *, drop_undecodable: bool) -> None:
+    asyncio.run(dead_letters(settings, drop_undecodable=drop_undecodable))

@@ -1,6 +1,7 @@
 """Operator commands: `python -m worker status` and `python -m worker replay-dead-letters`."""
 
 import asyncio
+import base64
 import io
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from shared.purchases.repository import record_failed_purchases
 from shared.settings import Settings
 from tests.conftest import StartWorker, settings_env
 from tests.factories import assert_no_oversell, create_event, purchase, wait_until_final
+from tests.worker.helpers import publish_raw
 from worker import admin, leases
 from worker.leases import Lease
 from worker.processor import apply_batch
@@ -254,3 +256,87 @@ async def take_and_die(settings: Settings, queue_name: str) -> bool:
         return True
     finally:
         await connection.close()  # died holding it: returned, delivery count + 1
+
+
+async def dead_letter_depth_reaches(
+    amqp: aio_pika.abc.AbstractChannel, topology: broker.Topology, depth: int
+) -> None:
+    """A quorum queue counts messages put back (nacked) a moment after: read until it does."""
+    seen = -1
+    for _ in range(50):
+        seen = await broker.queue_depth(amqp, topology.dead_letter_queue)
+        if seen == depth:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{seen} dead letters, not {depth}")
+
+
+async def test_dead_letters_are_listed_with_why_and_what_and_all_kept(
+    settings: Settings, amqp: aio_pika.abc.AbstractChannel, start_worker: StartWorker
+) -> None:
+    topology = broker.Topology.from_settings(settings)
+    purchase_id = uuid4()
+    readable = PurchaseMessage(
+        partition=0,
+        commands=[
+            PurchaseRequested(
+                purchase_id=purchase_id,
+                event_id=uuid4(),
+                customer_id="dead-lettered",
+                quantity=1,
+                accepted_at=datetime.now(UTC),
+            )
+        ],
+    )
+    dlx = await amqp.get_exchange(topology.dead_letter_exchange)
+    await dlx.publish(
+        aio_pika.Message(encode_message(0, readable.commands), delivery_mode=2), routing_key=""
+    )
+    # A message the worker cannot decode: RabbitMQ dead-letters it, saying why and from where.
+    await publish_raw(amqp, settings, 1, b"\x00 not a purchase message")
+    await start_worker()
+    await dead_letter_depth_reaches(amqp, topology, 2)
+
+    out = io.StringIO()
+    listed = await admin.dead_letters(settings, out)
+
+    assert listed == (2, 0)
+    lines = out.getvalue().splitlines()
+    assert any(str(purchase_id) in line and "1 PurchaseRequested" in line for line in lines)
+    assert any(
+        "undecodable, rejected from " + topology.queue(1) in line and "not a purchase" in line
+        for line in lines
+    ), lines
+    assert lines[-1] == f"2 dead letter(s) in {topology.dead_letter_queue}"
+    await dead_letter_depth_reaches(amqp, topology, 2)  # all kept
+
+
+async def test_undecodable_dead_letters_are_dropped_printed_whole_and_only_they(
+    settings: Settings, amqp: aio_pika.abc.AbstractChannel
+) -> None:
+    topology = broker.Topology.from_settings(settings)
+    readable = encode_message(
+        0,
+        [
+            PurchaseRequested(
+                purchase_id=uuid4(),
+                event_id=uuid4(),
+                customer_id="kept",
+                quantity=1,
+                accepted_at=datetime.now(UTC),
+            )
+        ],
+    )
+    garbage = b"\xff\xfe garbage that no worker can replay"
+    dlx = await amqp.get_exchange(topology.dead_letter_exchange)
+    for body in (garbage, readable):
+        await dlx.publish(aio_pika.Message(body, delivery_mode=2), routing_key="")
+
+    out = io.StringIO()
+    assert await admin.dead_letters(settings, out, drop_undecodable=True) == (2, 1)
+
+    assert base64.b64encode(garbage).decode() in out.getvalue()
+    assert out.getvalue().splitlines()[-1].endswith("1 undecodable one(s) dropped")
+    await dead_letter_depth_reaches(amqp, topology, 1)
+    replayed, kept = await admin.replay_dead_letters(settings, io.StringIO())
+    assert (replayed, kept) == (1, 0)  # the one left is the readable one
