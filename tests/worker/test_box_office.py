@@ -54,6 +54,20 @@ ALLOWED_MOVES = {
 EXPIRY_SLACK_S = 5.0
 
 
+def assert_paid_iff_accepted(final: asyncpg.Record, code: int) -> None:
+    """How a hold ended, given the answer to its confirmation (reference `psp-<id>`): confirmed
+    with that reference if it was accepted (202), expired if refused past the hold's end (409),
+    either after a 503 (the broker may have had it)."""
+    status = final["status"]
+    if code == 202:
+        assert status == "confirmed", (final["id"], status)
+        assert final["payment_reference"] == f"psp-{final['id']}"
+    elif code == 409:
+        assert status == "expired", (final["id"], status)
+    else:
+        assert status in ("confirmed", "expired"), (final["id"], status)
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 
@@ -274,14 +288,7 @@ async def test_confirmations_racing_the_end_of_their_holds_confirm_iff_accepted_
 
     final = await statuses(db, [row["id"] for row in held])
     for purchase_id, code in answers.items():
-        status = final[purchase_id]["status"]
-        if code == 202:
-            assert status == "confirmed", (purchase_id, status)
-            assert final[purchase_id]["payment_reference"] == f"psp-{purchase_id}"
-        elif code == 409:
-            assert status == "expired", (purchase_id, status)
-        else:
-            assert status in ("confirmed", "expired"), (purchase_id, status)
+        assert_paid_iff_accepted(final[purchase_id], code)
     codes = Counter(answers.values())
     print(f"confirmation answers around the hold's end: {dict(codes)}")
     assert codes[202] > 0, "no confirmation made it in time: the race was not run"
