@@ -5,6 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; 0 runs the tests in pytest's own process). Most of a test's time
+# is spent waiting on services and subprocesses, so three share two cores well.
+TEST_PROCESSES ?= 3
+# Each test file runs whole in one process, its tests in order (tests/conftest.py puts the
+# broker-cluster file and the slow ones first, so that the longest go out first).
+PYTEST := $(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder
 
 .PHONY: install install-load migrate run api worker test test-fast test-faults fuzz lint format openapi bench bench-quick cluster-up cluster-down clean
 
@@ -44,15 +50,15 @@ worker: migrate
 
 # Everything: unit, API, races and fault injection (what CI runs).
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # Without the slow races and the fault injection: a quick loop while coding.
 test-fast: install
-	$(PY) -m pytest -m "not slow and not faults" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow and not faults" $(PYTEST_ARGS)
 
 # Only the fault injection: full queues, outages, crash loops, SIGTERM, fuzzing.
 test-faults: install
-	$(PY) -m pytest -m faults $(PYTEST_ARGS)
+	$(PYTEST) -m faults $(PYTEST_ARGS)
 
 # The randomised tests (hypothesis properties, seeded mutations, schemathesis) with fresh randomness
 # and ten times the examples. make test replays fixed examples; this explores. The seed is printed

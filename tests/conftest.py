@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -44,10 +45,34 @@ DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
 CLUSTER_TESTS = "tests/faults/test_broker_cluster.py"
 
 
+def _in_xdist_worker() -> bool:
+    return "PYTEST_XDIST_WORKER" in os.environ
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test must have an id of its own: pytest-xdist hands tests out by id, and runs a
+    test sharing one only once, silently. Under pytest-xdist (`make test`), the cluster tests'
+    file goes first, then the files holding slow tests, each file's tests in their order: the
+    process the cluster tests go to boots the cluster while the others run the rest, and the
+    longest files are not left for the end. (Every process orders alike, as xdist requires.)"""
+    shared = [nodeid for nodeid, n in Counter(item.nodeid for item in items).items() if n > 1]
+    if shared:
+        raise pytest.UsageError(f"tests sharing an id (pytest-xdist would run each once): {shared}")
+    if _in_xdist_worker():
+        slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+        items.sort(
+            key=lambda item: (
+                not item.nodeid.startswith(CLUSTER_TESTS),
+                item.path not in slow_files,
+            )
+        )
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """When the run holds the cluster tests, start their cluster now, while the tests before
-    them run, rather than when they come."""
-    if session.config.option.collectonly:
+    """In a run of one process, when the run holds the cluster tests, start their cluster now,
+    while the tests before them run, rather than when they come. (Under pytest-xdist every
+    process collects every test, but only one runs the cluster tests: it starts the cluster.)"""
+    if session.config.option.collectonly or _in_xdist_worker():
         return
     if any(item.nodeid.startswith(CLUSTER_TESTS) for item in session.items):
         EARLY_START.begin()
