@@ -2,7 +2,8 @@
 status over server-sent events and reaches `confirmed`, answering a hold when the event holds; it
 stays on server-sent events as streams end and reopen, follows a `failed` purchase on until it is
 decided, does not loop on long-polls answered at once, and keeps asking (same key) when a retry
-is refused while its first try may still be queued.
+is refused while its first try may still be queued, and stops asking about a purchase the API
+answers 404 for.
 
 Chromium is Debian's (`.ci/run` installs it); playwright drives it, with no browser download."""
 
@@ -251,3 +252,39 @@ async def test_the_demo_page_keeps_asking_when_a_retry_is_refused_after_its_firs
         assert await page.inner_text("#problem") == ""
         available = (await first.get(f"/events/{event_id}")).json()["available_tickets"]
         assert available == 9
+
+
+async def test_the_demo_page_stops_asking_about_a_purchase_the_api_never_issued(
+    settings: Settings, browser: Browser
+) -> None:
+    """A 404 to a status request will not change by asking again. Here the status requests reach
+    a replica given another PURCHASE_ID_SECRET than the one that queued the purchase (a
+    misconfigured deployment): the page shows the problem and stops asking, rather than asking
+    once a second for as long as it is open."""
+    misconfigured = settings.model_copy(update={"purchase_id_secret": "another-secret"})
+    async with served_api(settings) as first, served_api(misconfigured) as second:
+        created = await create_event(first, total_tickets=10)
+        asked: list[str] = []
+
+        async def ask_the_misconfigured_replica(route: Route) -> None:
+            asked.append(route.request.url)
+            parts = urlsplit(route.request.url)
+            elsewhere = f"{second.base_url}{parts.path}" + (
+                f"?{parts.query}" if parts.query else ""
+            )
+            await route.fulfill(response=await route.fetch(url=elsewhere))
+
+        page = await browser.new_page()
+        await page.route("**/purchases/**", ask_the_misconfigured_replica)
+        await page.goto(f"{first.base_url}/demo?{urlencode({'event': created['id'], 'buy': '1'})}")
+
+        await page.wait_for_function(
+            "document.getElementById('log').textContent.includes('stopped asking')",
+            timeout=30_000,
+        )
+        assert "not found" in (await page.inner_text("#problem")).lower()
+        assert any("wait=" in url for url in asked), "the page should have long-polled"
+        asked_before = len(asked)
+        await asyncio.sleep(3)
+        assert len(asked) == asked_before, f"asked again: {asked[asked_before:]}"
+        assert await page.get_attribute("#status", "data-status") == "pending"
