@@ -17,6 +17,7 @@ import aiormq
 import asyncpg
 from aio_pika.abc import AbstractConnection
 
+from shared import broker
 from shared.cluster_config import agree_on_partitions
 from shared.errors import StartupError
 from shared.schema import database_name, expected_migrations
@@ -116,9 +117,10 @@ async def check_database(
         await connection.close()
 
 
-async def check_broker(settings: Settings, *, wait_s: float) -> None:
+async def check_broker(settings: Settings, *, wait_s: float, declare: bool = False) -> None:
     """RabbitMQ (one node of RABBITMQ_URL at least) accepts a connection with its
-    credentials."""
+    credentials; and, if asked to `declare`, takes the queues and exchanges as these settings
+    declare them (TopologyMismatch if one exists with other arguments)."""
     urls = settings.rabbitmq_urls
     addresses = ", ".join(where(url) for url in urls)
 
@@ -154,10 +156,16 @@ async def check_broker(settings: Settings, *, wait_s: float) -> None:
     connection = await until_reachable(
         connect, service="RabbitMQ", where=addresses, setting="RABBITMQ_URL", wait_s=wait_s
     )
-    await connection.close()
+    try:
+        if declare:
+            await broker.declare_topology(connection, broker.Topology.from_settings(settings))
+    finally:
+        await connection.close()
 
 
 async def check_services(settings: Settings) -> None:
-    """Everything `python -m api` and `python -m worker` need before they start."""
+    """Everything `python -m api` and `python -m worker` need before they start. The queues
+    are declared here too: a queue left with other arguments (another QUEUE_MAX_LENGTH, say)
+    is then one line before the server starts, not a traceback from each process's start-up."""
     await check_database(settings, wait_s=settings.startup_timeout_s)
-    await check_broker(settings, wait_s=settings.startup_timeout_s)
+    await check_broker(settings, wait_s=settings.startup_timeout_s, declare=True)

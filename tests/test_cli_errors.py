@@ -189,6 +189,20 @@ async def test_a_status_before_anything_ran_records_no_partitions(
     assert await db.fetchval("SELECT count(*) FROM cluster_config") == 0
 
 
+@pytest.mark.parametrize("entry", ["api", "worker"])
+async def test_queues_left_with_other_arguments(
+    entry: str, env: dict[str, str], settings: Settings, amqp: object
+) -> None:
+    """The queues exist (`amqp` declared them) with another QUEUE_MAX_LENGTH than this process
+    asks for: one line with the ways out, before anything serves."""
+    other = str(settings.queue_max_length + 1)
+
+    line = the_one_line(run(entry, env, QUEUE_MAX_LENGTH=other), entry)
+
+    assert "x-max-length" in line
+    assert "BROKER_NAMESPACE" in line
+
+
 def test_replay_before_anything_declared_the_queues(env: dict[str, str]) -> None:
     line = the_one_line(run("replay", env), "replay")
 
