@@ -101,6 +101,7 @@ class Ledger:
     confirmed_tickets: Counter[str] = field(default_factory=Counter)  # event id -> tickets
     unresolved: dict[str, Attempt] = field(default_factory=dict)  # key -> sent, outcome unknown
     stopping: bool = False
+    setup_failed: bool = False  # its events could not be created: the first customer stops it
 
     def settle(self, attempt: Attempt, purchase: dict[str, Any]) -> None:
         """Record a purchase's final status."""
@@ -136,6 +137,9 @@ class Customer(FastHttpUser):
 
     @task
     def buy_and_wait(self) -> None:
+        if ledger.setup_failed and self.environment.runner is not None:
+            self.environment.runner.quit()  # from a customer: not inside the runner's own start
+            return
         if not ledger.total_tickets or ledger.stopping:
             # Stopping: a customer between purchases may still wake up once before it is
             # killed; it must not start a purchase it would abandon half-sent.
@@ -167,17 +171,29 @@ class Customer(FastHttpUser):
             return  # stays unresolved: the final check waits for it to expire
         cancelling = roll < LOAD_UNPAID_SHARE + LOAD_CANCEL_SHARE
         pays = not cancelling or random.random() < 0.5
-        if pays and not self.send(attempt, "confirm", CONFIRM, {"payment_reference": attempt.key}):
+        if (
+            pays
+            and self.send(attempt, "confirm", CONFIRM, {"payment_reference": attempt.key}) is None
+        ):
             return
-        if cancelling and not self.send(attempt, "cancel", CANCEL, None):
-            return
-        settled = self.wait_until(attempt, FINAL)
+        final = FINAL
+        if cancelling:
+            cancel = self.send(attempt, "cancel", CANCEL, None)
+            if cancel is None:
+                return
+            if cancel == 202:
+                # A paid purchase reads `confirmed` until the worker applies the cancel: settled
+                # on that, its tickets would count as sold, and the check would see fewer sold.
+                final = FINAL - {"confirmed"}
+        settled = self.wait_until(attempt, final)
         if settled is not None:
             ledger.settle(attempt, settled)
 
-    def send(self, attempt: Attempt, action: str, name: str, body: dict[str, Any] | None) -> bool:
-        """POST a confirmation or a cancellation, retrying a 503; True unless it failed for good.
-        A 409 (the hold ended first, say) is an answer too: the status tells the outcome."""
+    def send(
+        self, attempt: Attempt, action: str, name: str, body: dict[str, Any] | None
+    ) -> int | None:
+        """POST a confirmation or a cancellation, retrying a 503; its answer, 202 or 409 (the
+        hold ended first, say: the status tells the outcome), or None if it failed for good."""
         for try_number in range(LOAD_503_RETRIES + 1):
             with self.client.post(
                 f"/purchases/{attempt.purchase_id}/{action}",
@@ -190,15 +206,15 @@ class Customer(FastHttpUser):
                     if response.status_code == 202:
                         attempt.first_poll_s = retry_after_s(response.headers)
                     response.success()
-                    return True
+                    return int(response.status_code)
                 if response.status_code != 503:
                     response.failure(f"unexpected {response.status_code}: {response.text!r:.200}")
-                    return False
-                response.failure("503 backpressure")
+                    return None
+                response.failure(f"503 {unavailable(response)}")
                 pause = retry_after_s(response.headers)
             if try_number < LOAD_503_RETRIES:
                 time.sleep(pause)
-        return False
+        return None
 
     def purchase(self, attempt: Attempt) -> bool:
         """POST the purchase, retrying a 503 with the same key; True once it is accepted."""
@@ -225,8 +241,9 @@ class Customer(FastHttpUser):
                     response.success()
                     return False
                 if response.status_code == 503:
-                    ledger.counts["503 backpressure"] += 1
-                    response.failure("503 backpressure")
+                    kind = unavailable(response)
+                    ledger.counts[f"503 {kind}"] += 1
+                    response.failure(f"503 {kind}")
                     pause = retry_after_s(response.headers)
                 else:
                     ledger.counts[f"{response.status_code or 'no response'} other"] += 1
@@ -255,6 +272,18 @@ class Customer(FastHttpUser):
                 pause = retry_after_s(response.headers)
         ledger.counts["poll timed out"] += 1
         return None
+
+
+def unavailable(response: Any) -> str:
+    """What a 503 is, from its problem's title: a full queue is backpressure; a broker or
+    database away is an outage, and is named so."""
+    try:
+        title = response.json().get("title")
+    except (ValueError, AttributeError):
+        title = None
+    if title == "Purchase queue full":
+        return "backpressure"
+    return f"outage: {title or 'no problem in the body'}"
 
 
 def record_latency(environment: Environment, purchase: dict[str, Any]) -> None:
@@ -299,22 +328,38 @@ def create_events(environment: Environment, **_: Any) -> None:
     base = _base_url(environment)
     run = uuid.uuid4().hex[:8]
     starts_at = (datetime.now(UTC) + timedelta(days=30)).isoformat()
-    with requests.Session() as http:
-        for number in range(LOAD_EVENTS):
-            response = http.post(
-                f"{base}/events",
-                json={
-                    "name": f"load test {run} #{number}",
-                    "starts_at": starts_at,
-                    "total_tickets": LOAD_TICKETS,
-                    "max_tickets_per_purchase": max(LOAD_MAX_QUANTITY, 1),
-                    "hold_seconds": LOAD_HOLD_SECONDS or None,
-                },
-                timeout=HTTP_TIMEOUT_S,
-            )
-            response.raise_for_status()
-            ledger.total_tickets[response.json()["id"]] = LOAD_TICKETS
+    try:
+        with requests.Session() as http:
+            for number in range(LOAD_EVENTS):
+                response = http.post(
+                    f"{base}/events",
+                    json={
+                        "name": f"load test {run} #{number}",
+                        "starts_at": starts_at,
+                        "total_tickets": LOAD_TICKETS,
+                        "max_tickets_per_purchase": max(LOAD_MAX_QUANTITY, 1),
+                        "hold_seconds": LOAD_HOLD_SECONDS or None,
+                    },
+                    timeout=HTTP_TIMEOUT_S,
+                )
+                if response.status_code != 201:
+                    raise SetupFailed(
+                        f"POST /events answered {response.status_code}: {response.text:.500}"
+                    )
+                ledger.total_tickets[response.json()["id"]] = LOAD_TICKETS
+    except (requests.RequestException, SetupFailed) as exc:
+        # Without its events the run can buy nothing: stop now, saying why, rather than idle
+        # until -t is over and print no summary.
+        log.error("load test not started: its events could not be created at %s: %s", base, exc)
+        ledger.total_tickets.clear()
+        ledger.setup_failed = True
+        environment.process_exit_code = 1
+        return
     log.info("created %d events of %d tickets (run %s)", LOAD_EVENTS, LOAD_TICKETS, run)
+
+
+class SetupFailed(Exception):
+    """The API refused to create the run's events (a knob out of its range, say)."""
 
 
 def resolve_unresolved(http: requests.Session, base: str) -> None:
@@ -380,9 +425,11 @@ def verify(environment: Environment, **_: Any) -> None:
     bad = [line for line in lines if line.startswith("OVERSELL")]
     counts = ledger.counts
     print("\n=== ticketing load test summary ===")
+    outages = sum(n for name, n in counts.items() if name.startswith("503 outage: "))
     print(
         f"{PURCHASE}: {counts['202 accepted']} accepted (202), {counts['409 sold out']} sold out "
         f"(409), {counts['503 backpressure']} backpressure (503)"
+        + (f", {outages} outage (503: see all outcomes)" if outages else "")
     )
     print("all outcomes: " + ", ".join(f"{name} {n}" for name, n in sorted(counts.items())))
     print(
