@@ -7,6 +7,7 @@ it and exit non-zero.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -159,8 +160,16 @@ async def check_broker(settings: Settings, *, wait_s: float, declare: bool = Fal
     try:
         if declare:
             await broker.declare_topology(connection, broker.Topology.from_settings(settings))
+    except broker.TopologyMismatch:
+        raise
+    except Exception as exc:
+        # A node going away mid-declaration (a rolling restart), a quorum queue it cannot place
+        # yet (a cluster still forming): not the settings' fault. The service declares the
+        # queues again as it connects, retrying, as it always has.
+        log.warning("declaring the queues failed for now (%s); going on", _reason(exc))
     finally:
-        await connection.close()
+        with contextlib.suppress(Exception):  # the connection may be the thing that broke
+            await connection.close()
 
 
 async def check_services(settings: Settings) -> None:
