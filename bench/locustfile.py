@@ -85,7 +85,7 @@ class Attempt:
     first_poll_s: float = 1.0
     # The statuses that settle it. Once a cancel may be queued, `confirmed` no longer does: a
     # paid purchase reads `confirmed` until the worker applies the cancel.
-    settled_by: frozenset[str] = field(default_factory=lambda: FINAL)
+    settled_by: frozenset[str] = FINAL
 
     def body(self) -> dict[str, Any]:
         return {"customer_id": self.customer_id, "quantity": self.quantity}
