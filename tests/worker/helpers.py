@@ -153,6 +153,29 @@ async def publish_raw(
 # --- queues ------------------------------------------------------------------------------------
 
 
+async def take_and_die(settings: Settings, queue_name: str) -> bool:
+    """Consume one message and close the connection without acking it; False if none came."""
+    connection = await broker_nodes.connect(settings)
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=1)
+        queue = await channel.get_queue(queue_name)
+        got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def hold(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            if not got.done():
+                got.set_result(None)
+
+        await queue.consume(hold)
+        try:
+            await asyncio.wait_for(got, 10)
+        except TimeoutError:
+            return False
+        return True
+    finally:
+        await connection.close()  # died holding it: returned, delivery count + 1
+
+
 async def queue_depth(settings: Settings, name: str) -> int:
     """Ready messages in a queue (passive declare), on a connection of its own."""
     connection = await broker_nodes.connect(settings)

@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 import pytest
 
-from shared import broker, broker_nodes
+from shared import broker
 from shared.messages import (
     CancelRequested,
     ConfirmRequested,
@@ -26,7 +26,7 @@ from shared.purchases.repository import record_failed_purchases
 from shared.settings import Settings
 from tests.conftest import StartWorker, settings_env
 from tests.factories import assert_no_oversell, create_event, purchase, wait_until_final
-from tests.worker.helpers import publish_raw
+from tests.worker.helpers import publish_raw, take_and_die
 from worker import admin, leases
 from worker.leases import Lease
 from worker.processor import apply_batch
@@ -233,29 +233,6 @@ async def test_a_message_past_its_delivery_limit_is_dead_lettered_and_recorded_f
     status = (await api.get(f"/purchases/{purchase_id}")).json()
     assert (status["status"], status["reason"]) == ("failed", "delivery_limit_exceeded")
     assert await broker.queue_depth(amqp, topology.dead_letter_queue) == 1
-
-
-async def take_and_die(settings: Settings, queue_name: str) -> bool:
-    """Consume one message and close the connection without acking it; False if none came."""
-    connection = await broker_nodes.connect(settings)
-    try:
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=1)
-        queue = await channel.get_queue(queue_name)
-        got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        async def hold(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            if not got.done():
-                got.set_result(None)
-
-        await queue.consume(hold)
-        try:
-            await asyncio.wait_for(got, 10)
-        except TimeoutError:
-            return False
-        return True
-    finally:
-        await connection.close()  # died holding it: returned, delivery count + 1
 
 
 async def dead_letter_depth_reaches(
