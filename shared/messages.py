@@ -74,6 +74,10 @@ class PurchaseMessage(BaseModel):
     def purchases(self) -> list[PurchaseRequested]:
         return [c for c in self.commands if isinstance(c, PurchaseRequested)]
 
+    @property
+    def confirmations(self) -> list[ConfirmRequested]:
+        return [c for c in self.commands if isinstance(c, ConfirmRequested)]
+
     @classmethod
     def from_body(cls, body: bytes) -> "PurchaseMessage":
         """Read a body of either version (ValidationError if it is neither). Validated straight

@@ -14,6 +14,7 @@ from shared import broker, broker_nodes, preflight
 from shared.db import create_pool
 from shared.errors import StartupError
 from shared.messages import Command, PurchaseMessage, PurchaseRequested, encode_message
+from shared.purchases import repository as purchases
 from shared.settings import Settings
 from worker import leases, membership
 from worker.queue_leaders import public_address, queue_leaders
@@ -31,6 +32,7 @@ async def status(settings: Settings, out: TextIO = sys.stdout) -> None:
         async with pool.acquire() as conn:
             rows = {row["partition"]: row for row in await leases.all_leases(conn)}
             workers = await membership.live_workers(conn)
+            kept = await purchases.kept_holds(conn)
     finally:
         await pool.close()
     connection = await broker_nodes.connect(settings, "admin")
@@ -58,6 +60,11 @@ async def status(settings: Settings, out: TextIO = sys.stdout) -> None:
     )
     out.write(_leader_spread(settings, topology, leaders))
     out.write(f"dead letters ({topology.dead_letter_queue}): {'-' if dead is None else dead}\n")
+    if kept["holds"]:
+        out.write(
+            f"holds kept for a dead-lettered confirmation: {kept['holds']} (the oldest since "
+            f"{kept['since'].isoformat()}); replay-dead-letters confirms them\n"
+        )
     if None in depths or dead is None:
         out.write("('-': queue not declared yet; a worker or the API declares them on start)\n")
 

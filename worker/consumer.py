@@ -302,6 +302,11 @@ class PartitionConsumer:
                 continue
             batch.append((message, decoded))
 
+        # A message delivered again was in the hands of a worker that died or let go of it. It
+        # may go on dying until the broker dead-letters it, and a confirmation in it must keep
+        # its hold meanwhile (a drained queue would no longer show it): kept now, in a
+        # transaction of its own, so that whatever happens to the batch leaves the hold kept.
+        await self._keep_holds([decoded for message, decoded in batch if message.redelivered])
         while batch:
             commands = [command for _, decoded in batch for command in decoded.commands]
             started = time.perf_counter()
@@ -427,19 +432,32 @@ class PartitionConsumer:
                     raise
         raise AssertionError("unreachable")
 
+    async def _keep_holds(self, messages: list[PurchaseMessage]) -> None:
+        """Keep the holds the messages' confirmations would confirm from expiring."""
+        confirmations = [c for decoded in messages for c in decoded.confirmations]
+        if not confirmations:
+            return
+        async for retry in until_stopped(TRANSIENT_DATABASE, lambda: self._aborted):
+            with retry:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    await purchases.keep_holds(conn, confirmations)
+
     async def _dead_letter(
         self, messages: list[tuple[DeliveredMessage, PurchaseMessage]], reason: FailReason
     ) -> None:
-        """Record the messages' purchases failed with `reason` (never over a decision), then
-        reject the messages to the dead-letter exchange, where they are kept for replay."""
+        """Record the messages' purchases failed with `reason` (never over a decision) and keep
+        the holds their confirmations would confirm, then reject the messages to the
+        dead-letter exchange, where they are kept for replay."""
         metrics.DEAD_LETTERS.labels(reason.value).inc(len(messages))
         failed = [purchase for _, decoded in messages for purchase in decoded.purchases]
+        confirmations = [c for _, decoded in messages for c in decoded.confirmations]
         async for retry in until_stopped(TRANSIENT_DATABASE, lambda: self._aborted):
             with retry:
                 async with self._pool.acquire() as conn, conn.transaction():
                     await purchases.record_failed_purchases(
                         conn, failed, reason=reason, partition=self.partition
                     )
+                    await purchases.keep_holds(conn, confirmations)
         for message, _ in messages:
             await self._settle(message, ack=False)
 

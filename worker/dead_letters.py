@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from shared.broker import Topology
 from shared.messages import PurchaseMessage, readable_purchase_ids
 from shared.purchases import repository as purchases
-from shared.purchases.models import FailReason
+from shared.purchases.models import FailReason, PurchaseStatus
 from shared.retry import TRANSIENT_DATABASE, until_stopped
 from worker import metrics
 
@@ -108,7 +108,28 @@ class DeadLetterRecorder:
             await purchases.record_failed_purchases(
                 conn, decoded.purchases, reason=reason, partition=decoded.partition
             )
+            kept = await purchases.keep_holds(conn, decoded.confirmations)
         log.warning(
             "dead letter (%s): %d purchase(s) marked failed", reason.value, len(decoded.purchases)
         )
+        _report_confirmations(kept, reason)
         return len(decoded.purchases)
+
+
+def _report_confirmations(kept: list[asyncpg.Record], reason: FailReason) -> None:
+    """Say what became of the holds of dead-lettered confirmations: kept until the dead letter
+    is replayed, or (the broker dead-lettered it after its worker's last delivery, and the
+    partition's owner expired the hold first) lost with their confirmation."""
+    for row in kept:
+        context = {"purchase_id": str(row["id"]), "reason": reason.value}
+        if row["kept"]:
+            log.warning(
+                "dead letter: a confirmation's hold is kept until replay-dead-letters",
+                extra=context,
+            )
+        elif row["status"] == PurchaseStatus.EXPIRED:
+            log.error(
+                "dead letter: a confirmation's hold had expired already; the purchase stays "
+                "expired",
+                extra=context,
+            )

@@ -18,7 +18,8 @@ Commands apply in queue order, which is the order the API accepted them in:
   the commands applied (and, when the queue is drained, `now` less DELIVERY_MARGIN): any
   confirmation the API answered 202 for was queued within CONFIRM_MARGIN of the hold's end
   (api: the confirm publish deadline), so it is ahead of any command accepted after that in the
-  queue, and a hold never expires under a confirmation still on its way.
+  queue, and a hold never expires under a confirmation still on its way. One that left the
+  queue unapplied (dead-lettered) keeps its hold from expiring at all: replayed, it confirms.
 
 A ticket given back goes to the first purchase applied after that which asks for it. No purchase
 changes after it expired or was cancelled; a confirmed one changes only to cancelled.
@@ -73,6 +74,9 @@ class Recorded:
     hold_expires_at: datetime | None = None
     payment_reference: str | None = None
     confirmed_at: datetime | None = None
+    # Kept for a confirmation that left the queue unapplied (dead-lettered), or may yet: it
+    # does not expire on the clock.
+    hold_kept: bool = False
 
 
 @dataclass(slots=True)
@@ -131,7 +135,8 @@ def decide(
     # Holds by end, to expire the due ones in end order without scanning every purchase.
     ends: list[tuple[datetime, int, UUID]] = []
     for purchase_id, state in states.items():
-        if state.status == PurchaseStatus.HELD and state.hold_expires_at is not None:
+        kept = recorded[purchase_id].hold_kept
+        if state.status == PurchaseStatus.HELD and state.hold_expires_at is not None and not kept:
             heapq.heappush(ends, (state.hold_expires_at, len(ends), purchase_id))
 
     def give_back(state: _State) -> None:

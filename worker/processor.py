@@ -39,8 +39,8 @@ class BatchResult:
     transitions: list[Transition] = field(default_factory=list)  # recorded ones, moved on
     duplicates: int = 0
     horizon: datetime | None = None
-    # The partition's earliest hold still held, read again only when the batch gave or ended a
-    # hold (holds_changed); otherwise it is what it was before the batch.
+    # The partition's earliest hold that may still expire, read again only when the batch gave,
+    # ended or looked for due holds (holds_changed); otherwise it is what it was before.
     holds_changed: bool = False
     next_hold_end: datetime | None = None
 
@@ -114,6 +114,7 @@ async def apply_batch(
                 row["hold_expires_at"],
                 row["payment_reference"],
                 row["confirmed_at"],
+                row["hold_kept"],
             )
             for row in rows
             # A failed purchase is not a decision: replayed, its purchase is decided afresh (and a
@@ -182,9 +183,14 @@ async def apply_batch(
         else:
             await purchases.announce_changed(conn, written_ids)
 
-        # 10. When the partition's next hold ends, for its owner's sweep.
-        result.holds_changed = bool(outcome.transitions) or any(
-            d.status == PurchaseStatus.HELD for d in outcome.decisions
+        # 10. When the partition's next hold ends, for its owner's sweep: read again when the
+        # batch gave or ended a hold, and when it looked for due holds (a due one it could not
+        # expire was kept for its confirmation, maybe by another transaction since the last
+        # reading: the sweep must stop waiting for it).
+        result.holds_changed = (
+            bool(outcome.transitions)
+            or any(d.status == PurchaseStatus.HELD for d in outcome.decisions)
+            or holds_due
         )
         if result.holds_changed:
             result.next_hold_end = await purchases.earliest_hold_end(conn, lease.partition)

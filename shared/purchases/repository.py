@@ -7,7 +7,7 @@ from uuid import UUID
 import asyncpg
 
 from shared.db import Connection
-from shared.messages import PurchaseRequested
+from shared.messages import ConfirmRequested, PurchaseRequested
 from shared.purchases import changes
 from shared.purchases.models import Decision, FailReason, Transition
 
@@ -61,15 +61,33 @@ UPSERT_DECIDED_PURCHASES = """
 """
 
 # What a batch may change, locked in id order: the purchases its confirmations and cancellations
-# name, and the partition's holds whose end has passed `$3` (the latest the batch could expire).
+# name, and the partition's holds whose end has passed `$3` (the latest the batch could expire),
+# but for those kept for a confirmation that may still come.
 LOCK_RECORDED = """
     SELECT id, event_id, customer_id, quantity, status, hold_expires_at, payment_reference,
-           confirmed_at
+           confirmed_at, hold_kept_since IS NOT NULL AS hold_kept
     FROM purchases
     WHERE id = ANY($1::uuid[])
-       OR (partition = $2 AND status = 'held' AND hold_expires_at < $3)
+       OR (partition = $2 AND status = 'held' AND hold_expires_at < $3
+           AND hold_kept_since IS NULL)
     ORDER BY id
     FOR UPDATE
+"""
+
+# Keep the holds these confirmations would confirm (accepted before the hold's end) from
+# expiring on the clock: each confirmation left its queue unapplied, or may yet. For each
+# confirmation: its purchase's status before, and whether its hold is kept now.
+KEEP_HOLDS = """
+    WITH kept AS (
+        UPDATE purchases AS p
+        SET hold_kept_since = coalesce(p.hold_kept_since, now())
+        FROM unnest($1::uuid[], $2::timestamptz[]) AS c(id, accepted_at)
+        WHERE p.id = c.id AND p.status = 'held' AND c.accepted_at < p.hold_expires_at
+        RETURNING p.id
+    )
+    SELECT c.id, p.status, c.id IN (SELECT id FROM kept) AS kept
+    FROM unnest($1::uuid[]) AS c(id)
+    LEFT JOIN purchases AS p ON p.id = c.id
 """
 
 # Each buyer's held and confirmed tickets of an event.
@@ -135,7 +153,13 @@ PROGRESS = """
 """
 
 EARLIEST_HOLD_END = """
-    SELECT min(hold_expires_at) FROM purchases WHERE partition = $1 AND status = 'held'
+    SELECT min(hold_expires_at) FROM purchases
+    WHERE partition = $1 AND status = 'held' AND hold_kept_since IS NULL
+"""
+
+KEPT_HOLDS = """
+    SELECT count(*)::int AS holds, min(hold_kept_since) AS since FROM purchases
+    WHERE status = 'held' AND hold_kept_since IS NOT NULL
 """
 
 
@@ -258,8 +282,30 @@ async def progress(conn: Connection, partition: int) -> asyncpg.Record | None:
 
 
 async def earliest_hold_end(conn: Connection, partition: int) -> datetime | None:
+    """When the partition's next hold that may expire on the clock ends."""
     end: datetime | None = await conn.fetchval(EARLIEST_HOLD_END, partition)
     return end
+
+
+async def keep_holds(
+    conn: Connection, confirmations: Sequence[ConfirmRequested]
+) -> list[asyncpg.Record]:
+    """Keep the holds `confirmations` would confirm from expiring; for each one, its purchase's
+    `status` before (None: not recorded) and whether its hold is `kept`."""
+    if not confirmations:
+        return []
+    return await conn.fetch(
+        KEEP_HOLDS,
+        [c.purchase_id for c in confirmations],
+        [c.accepted_at for c in confirmations],
+    )
+
+
+async def kept_holds(conn: Connection) -> asyncpg.Record:
+    """How many holds are kept for a confirmation, and since when the oldest."""
+    row = await conn.fetchrow(KEPT_HOLDS)
+    assert row is not None  # an aggregate without GROUP BY: always one row
+    return row
 
 
 async def record_failed_purchases(

@@ -218,6 +218,7 @@ class Row:
     hold_expires_at: datetime | None = None
     payment_reference: str | None = None
     history: list[PurchaseStatus] = field(default_factory=list)
+    hold_kept: bool = False
 
 
 @dataclass
@@ -240,6 +241,7 @@ class Partition:
                 r.status,
                 r.hold_expires_at,
                 r.payment_reference,
+                hold_kept=r.hold_kept,
             )
             for pid, r in self.rows.items()
             if pid in named or r.status == PurchaseStatus.HELD
@@ -549,6 +551,46 @@ def test_a_hold_does_not_expire_before_the_horizon_passes_its_end_by_the_margin(
     p.apply([], T0 + timedelta(minutes=5), drained=True)
     assert p.rows[buy.purchase_id].status == PurchaseStatus.EXPIRED
     assert p.rows[buy.purchase_id].history == [PurchaseStatus.HELD, PurchaseStatus.EXPIRED]
+
+
+def test_a_hold_kept_for_its_confirmation_never_expires_and_the_confirmation_confirms_it() -> None:
+    """Its confirmation was answered 202 in time, then left the queue unapplied (dead-lettered):
+    however drained the queue and late the clock, the hold and its ticket stay until it is
+    replayed."""
+    event = EVENTS[0]
+    p = Partition({event: held_event(1)}, {event: 1})
+    buy = requested(event, 1, at=T0)
+    p.apply([buy], T0)
+    p.rows[buy.purchase_id].hold_kept = True
+    later = T0 + timedelta(minutes=5)
+    other = requested(event, 1, customer="other", at=later)
+    p.apply([other], later, drained=True)
+    assert p.rows[buy.purchase_id].status == PurchaseStatus.HELD
+    assert p.rows[other.purchase_id].status == PurchaseStatus.REJECTED
+    assert p.rules[event].available == 0
+    replayed = ConfirmRequested(
+        purchase_id=buy.purchase_id,
+        event_id=event,
+        payment_reference="psp-1",
+        accepted_at=T0 + timedelta(seconds=29),
+    )
+    p.apply([replayed], later + timedelta(minutes=1), drained=True)
+    row = p.rows[buy.purchase_id]
+    assert (row.status, row.payment_reference) == (PurchaseStatus.CONFIRMED, "psp-1")
+    assert p.rules[event].available == 0
+
+
+def test_a_hold_kept_for_its_confirmation_can_still_be_cancelled() -> None:
+    event = EVENTS[0]
+    p = Partition({event: held_event(1)}, {event: 1})
+    buy = requested(event, 1, at=T0)
+    p.apply([buy], T0)
+    p.rows[buy.purchase_id].hold_kept = True
+    later = T0 + timedelta(minutes=5)
+    cancel = CancelRequested(purchase_id=buy.purchase_id, event_id=event, accepted_at=later)
+    p.apply([cancel], later, drained=True)
+    assert p.rows[buy.purchase_id].status == PurchaseStatus.CANCELLED
+    assert p.rules[event].available == 1
 
 
 def test_a_cancel_gives_tickets_back_and_a_rejected_purchase_stays_rejected() -> None:
