@@ -286,7 +286,8 @@ class PurchaseService:
             if accepted_at >= found.hold_expires_at:
                 raise NotConfirmable(
                     f"The hold of purchase {purchase_id} ended at "
-                    f"{found.hold_expires_at.isoformat()}; it is expiring."
+                    f"{found.hold_expires_at.isoformat()}: only a confirmation accepted before "
+                    "then confirms it (see its status)."
                 )
             # Queued after the hold's end plus the margin, the confirmation could find the hold
             # expired already: the caller gets a 503 instead (and a retry finds out).
