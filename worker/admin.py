@@ -62,8 +62,8 @@ async def status(settings: Settings, out: TextIO = sys.stdout) -> None:
     out.write(f"dead letters ({topology.dead_letter_queue}): {'-' if dead is None else dead}\n")
     if kept["holds"]:
         out.write(
-            f"holds kept for a dead-lettered confirmation: {kept['holds']} (the oldest since "
-            f"{kept['since'].isoformat()}); replay-dead-letters confirms them\n"
+            f"holds kept for a confirmation not applied yet: {kept['holds']} (the oldest since "
+            f"{kept['since'].isoformat()}); replay-dead-letters applies the dead-lettered ones\n"
         )
     if None in depths or dead is None:
         out.write("('-': queue not declared yet; a worker or the API declares them on start)\n")

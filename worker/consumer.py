@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from shared.broker import Topology
 from shared.broker_nodes import HEARTBEAT_S
-from shared.messages import CONFIRM_MARGIN, PurchaseMessage
+from shared.messages import CONFIRM_MARGIN, ConfirmRequested, PurchaseMessage
 from shared.purchases import repository as purchases
 from shared.purchases.models import FailReason
 from shared.retry import TRANSIENT_DATABASE, until_stopped
@@ -79,6 +79,9 @@ class PartitionConsumer:
         self._next_hold_end: datetime | None = None
         self._delivered = False  # a delivery proves this consumer the queue's active one
         self._started = time.monotonic()
+        # Confirmations delivered again, whose holds are kept by the keeper task (see _deliver).
+        self._to_keep: list[ConfirmRequested] = []
+        self._keeper: asyncio.Task[None] | None = None
 
     @property
     def partition(self) -> int:
@@ -109,8 +112,38 @@ class PartitionConsumer:
 
     async def _deliver(self, message: DeliveredMessage) -> None:
         self._delivered = True
+        if message.redelivered:
+            self._keep_soon(message)
         self._inbox.append(message)
         self._wake()
+
+    def _keep_soon(self, message: DeliveredMessage) -> None:
+        """A message delivered again was in the hands of a worker that died or let go of it. It
+        may go on dying until the broker dead-letters it, and a confirmation in it must keep its
+        hold meanwhile (a drained queue would no longer show it): kept at once, as it arrives,
+        in transactions of their own, so that whatever happens to this worker afterwards leaves
+        the hold kept. (Before the inbox: deliveries must reach it in order, without a wait.)"""
+        try:
+            confirmations = PurchaseMessage.from_body(message.body).confirmations
+        except ValidationError:
+            return  # dead-lettered by _handle
+        if not confirmations:
+            return
+        self._to_keep += confirmations
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.get_running_loop().create_task(
+                self._keep_delivered(), name=f"keep-holds-{self.partition}"
+            )
+
+    async def _keep_delivered(self) -> None:
+        while self._to_keep:
+            confirmations, self._to_keep = self._to_keep, []
+            await self._keep_holds(confirmations)
+
+    async def _kept(self) -> None:
+        """Wait until the holds of every confirmation delivered so far are kept."""
+        if self._keeper is not None:
+            await self._keeper
 
     def _drain(self) -> None:
         """Take no more: a waiting _get returns what the inbox holds, then nothing."""
@@ -136,6 +169,7 @@ class PartitionConsumer:
         self._drain()
         if self._task is not None:
             await asyncio.wait({self._task})
+        await self._end_keeper()
         await self._close_channel()
         metrics.forget_partition(self.partition)
 
@@ -147,8 +181,16 @@ class PartitionConsumer:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task})
+        await self._end_keeper()
         await self._close_channel()
         metrics.forget_partition(self.partition)
+
+    async def _end_keeper(self) -> None:
+        """Stop keeping holds: whatever was delivered and not applied goes back to the queue,
+        and the next owner, to which it is delivered again, keeps them."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
 
     async def _close_channel(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
@@ -302,11 +344,8 @@ class PartitionConsumer:
                 continue
             batch.append((message, decoded))
 
-        # A message delivered again was in the hands of a worker that died or let go of it. It
-        # may go on dying until the broker dead-letters it, and a confirmation in it must keep
-        # its hold meanwhile (a drained queue would no longer show it): kept now, in a
-        # transaction of its own, so that whatever happens to the batch leaves the hold kept.
-        await self._keep_holds([decoded for message, decoded in batch if message.redelivered])
+        await self._kept()  # before anything of the batch is applied
+        set_aside: list[ConfirmRequested] = []
         while batch:
             commands = [command for _, decoded in batch for command in decoded.commands]
             started = time.perf_counter()
@@ -322,6 +361,7 @@ class PartitionConsumer:
                     exc,
                 )
                 await self._dead_letter(stuck, FailReason.RECORD_CONFLICT)
+                set_aside += [c for _, decoded in stuck for c in decoded.confirmations]
                 batch = [item for item in batch if item not in stuck]
                 continue
             try:
@@ -331,6 +371,9 @@ class PartitionConsumer:
             # Committed: one ack covers the batch. multiple=True reaches only this channel's
             # deliveries, and every earlier one is in this batch (or was already settled).
             await self._settle(batch[-1][0], ack=True)
+            # A confirmation set aside may name a purchase that the rest of the batch has only
+            # now given its hold (both sent together): kept now that it exists.
+            await self._keep_holds(set_aside)
             return
 
     def _belongs_here(self, message: PurchaseMessage) -> bool:
@@ -432,15 +475,15 @@ class PartitionConsumer:
                     raise
         raise AssertionError("unreachable")
 
-    async def _keep_holds(self, messages: list[PurchaseMessage]) -> None:
-        """Keep the holds the messages' confirmations would confirm from expiring."""
-        confirmations = [c for decoded in messages for c in decoded.confirmations]
+    async def _keep_holds(self, confirmations: list[ConfirmRequested]) -> None:
+        """Keep the holds `confirmations` would confirm from expiring."""
         if not confirmations:
             return
         async for retry in until_stopped(TRANSIENT_DATABASE, lambda: self._aborted):
             with retry:
                 async with self._pool.acquire() as conn, conn.transaction():
-                    await purchases.keep_holds(conn, confirmations)
+                    holds = await purchases.keep_holds(conn, confirmations)
+        _log_kept(self.partition, holds)
 
     async def _dead_letter(
         self, messages: list[tuple[DeliveredMessage, PurchaseMessage]], reason: FailReason
@@ -457,7 +500,8 @@ class PartitionConsumer:
                     await purchases.record_failed_purchases(
                         conn, failed, reason=reason, partition=self.partition
                     )
-                    await purchases.keep_holds(conn, confirmations)
+                    holds = await purchases.keep_holds(conn, confirmations)
+        _log_kept(self.partition, holds)
         for message, _ in messages:
             await self._settle(message, ack=False)
 
@@ -473,6 +517,17 @@ class PartitionConsumer:
             await self._amqp.basic_ack(tag, multiple=True)
         else:
             await self._amqp.basic_reject(tag, requeue=False)
+
+
+def _log_kept(partition: int, holds: list[purchases.HoldOfConfirmation]) -> None:
+    kept_now = [str(hold.purchase_id) for hold in holds if hold.kept_now]
+    if kept_now:
+        log.warning(
+            "partition %d: %d hold(s) kept for a confirmation that may be dead-lettered",
+            partition,
+            len(kept_now),
+            extra={"purchase_ids": kept_now},
+        )
 
 
 def _touches(message: PurchaseMessage, purchase_ids: set[UUID]) -> bool:

@@ -91,45 +91,67 @@ class DeadLetterRecorder:
                 )
                 return len(ids)
             if reason == FailReason.UNDECODABLE_MESSAGE:
-                # Readable, so set aside on purpose by a worker, which logged why and recorded
-                # its purchases failed with that reason (wrong_partition, record_conflict)
-                # before rejecting it: this never overwrites a status, so it changes nothing.
+                # Readable, so set aside on purpose by a worker, which logged why, recorded its
+                # purchases failed with that reason (wrong_partition, record_conflict) and kept
+                # its confirmations' holds before rejecting it: this never overwrites a status,
+                # and keeps what the worker could not keep yet (a purchase decided after).
                 await purchases.record_failed_purchases(
                     conn,
                     decoded.purchases,
                     reason=FailReason.DEAD_LETTERED,
                     partition=decoded.partition,
                 )
+                holds = await purchases.keep_holds(conn, decoded.confirmations)
                 log.info(
                     "dead letter set aside by a worker: %d purchase(s), recorded failed by it",
                     len(decoded.purchases),
                 )
-                return len(decoded.purchases)
-            await purchases.record_failed_purchases(
-                conn, decoded.purchases, reason=reason, partition=decoded.partition
-            )
-            kept = await purchases.keep_holds(conn, decoded.confirmations)
-        log.warning(
-            "dead letter (%s): %d purchase(s) marked failed", reason.value, len(decoded.purchases)
-        )
-        _report_confirmations(kept, reason)
+            else:
+                await purchases.record_failed_purchases(
+                    conn, decoded.purchases, reason=reason, partition=decoded.partition
+                )
+                holds = await purchases.keep_holds(conn, decoded.confirmations)
+                log.warning(
+                    "dead letter (%s): %d purchase(s) marked failed",
+                    reason.value,
+                    len(decoded.purchases),
+                )
+        _report_confirmations(holds, reason)
         return len(decoded.purchases)
 
 
-def _report_confirmations(kept: list[asyncpg.Record], reason: FailReason) -> None:
-    """Say what became of the holds of dead-lettered confirmations: kept until the dead letter
-    is replayed, or (the broker dead-lettered it after its worker's last delivery, and the
-    partition's owner expired the hold first) lost with their confirmation."""
-    for row in kept:
-        context = {"purchase_id": str(row["id"]), "reason": reason.value}
-        if row["kept"]:
+def _report_confirmations(holds: list[purchases.HoldOfConfirmation], reason: FailReason) -> None:
+    """Say what became of the holds of dead-lettered confirmations: kept until the dead letter is
+    replayed; or lost with it, when the partition's owner expired the hold first (the broker
+    dead-lettered the confirmation before any worker could keep it)."""
+    for hold in holds:
+        context = {"purchase_id": str(hold.purchase_id), "reason": reason.value}
+        if hold.kept:
             log.warning(
                 "dead letter: a confirmation's hold is kept until replay-dead-letters",
                 extra=context,
             )
-        elif row["status"] == PurchaseStatus.EXPIRED:
+        elif hold.status == PurchaseStatus.EXPIRED:
             log.error(
-                "dead letter: a confirmation's hold had expired already; the purchase stays "
-                "expired",
+                "dead letter: a confirmation's hold expired before it could be kept; the "
+                "purchase stays expired",
+                extra=context,
+            )
+        elif hold.status == PurchaseStatus.HELD:
+            log.warning(
+                "dead letter: a confirmation accepted after its hold's end (replayed, it expires "
+                "the purchase)",
+                extra=context,
+            )
+        elif hold.status == PurchaseStatus.FAILED:
+            log.info(
+                "dead letter: a confirmation of a purchase dead-lettered too (replayed in order, "
+                "both are decided)",
+                extra=context,
+            )
+        elif hold.status is None:
+            log.warning(
+                "dead letter: a confirmation of a purchase not recorded yet; a hold it is given "
+                "is not kept: replay before it ends",
                 extra=context,
             )

@@ -2,6 +2,7 @@
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -75,19 +76,22 @@ LOCK_RECORDED = """
 """
 
 # Keep the holds these confirmations would confirm (accepted before the hold's end) from
-# expiring on the clock: each confirmation left its queue unapplied, or may yet. For each
-# confirmation: its purchase's status before, and whether its hold is kept now.
+# expiring on the clock: each confirmation left its queue unapplied, or may yet. The ids kept now.
 KEEP_HOLDS = """
-    WITH kept AS (
-        UPDATE purchases AS p
-        SET hold_kept_since = coalesce(p.hold_kept_since, now())
-        FROM unnest($1::uuid[], $2::timestamptz[]) AS c(id, accepted_at)
-        WHERE p.id = c.id AND p.status = 'held' AND c.accepted_at < p.hold_expires_at
-        RETURNING p.id
-    )
-    SELECT c.id, p.status, c.id IN (SELECT id FROM kept) AS kept
-    FROM unnest($1::uuid[]) AS c(id)
-    LEFT JOIN purchases AS p ON p.id = c.id
+    UPDATE purchases AS p
+    SET hold_kept_since = now()
+    FROM unnest($1::uuid[], $2::timestamptz[]) AS c(id, accepted_at)
+    WHERE p.id = c.id AND p.status = 'held' AND p.hold_kept_since IS NULL
+      AND c.accepted_at < p.hold_expires_at
+    RETURNING p.id
+"""
+
+# What became of them, read after the keep (a statement of its own: it sees an expiry that
+# committed while the keep waited for the row).
+KEPT_OR_NOT = """
+    SELECT u.id, p.status, p.hold_kept_since IS NOT NULL AS kept
+    FROM unnest($1::uuid[]) AS u(id)
+    LEFT JOIN purchases AS p ON p.id = u.id
 """
 
 # Each buyer's held and confirmed tickets of an event.
@@ -287,18 +291,33 @@ async def earliest_hold_end(conn: Connection, partition: int) -> datetime | None
     return end
 
 
+class HoldOfConfirmation(NamedTuple):
+    purchase_id: UUID
+    status: str | None  # None: not recorded (its purchase not decided yet)
+    kept: bool  # its hold does not expire on the clock
+    kept_now: bool  # by this call
+
+
 async def keep_holds(
     conn: Connection, confirmations: Sequence[ConfirmRequested]
-) -> list[asyncpg.Record]:
-    """Keep the holds `confirmations` would confirm from expiring; for each one, its purchase's
-    `status` before (None: not recorded) and whether its hold is `kept`."""
+) -> list[HoldOfConfirmation]:
+    """Keep the holds `confirmations` would confirm from expiring; what became of each one's
+    purchase (once per purchase)."""
     if not confirmations:
         return []
-    return await conn.fetch(
-        KEEP_HOLDS,
-        [c.purchase_id for c in confirmations],
-        [c.accepted_at for c in confirmations],
-    )
+    kept_now = {
+        row["id"]
+        for row in await conn.fetch(
+            KEEP_HOLDS,
+            [c.purchase_id for c in confirmations],
+            [c.accepted_at for c in confirmations],
+        )
+    }
+    ids = sorted({c.purchase_id for c in confirmations})
+    return [
+        HoldOfConfirmation(row["id"], row["status"], row["kept"], row["id"] in kept_now)
+        for row in await conn.fetch(KEPT_OR_NOT, ids)
+    ]
 
 
 async def kept_holds(conn: Connection) -> asyncpg.Record:

@@ -13,13 +13,19 @@ import httpx
 import pytest
 
 from shared import broker
-from shared.messages import ConfirmRequested, PurchaseRequested
+from shared.messages import ConfirmRequested, PurchaseRequested, encode_message
 from shared.purchases import repository as purchases
 from shared.settings import Settings
 from tests.api.helpers import wait_for_no_consumers
 from tests.conftest import StartWorker
 from tests.factories import assert_no_oversell, create_event, purchase, wait_until_final
-from tests.worker.helpers import take_and_die, wait_for, wait_queue_depth
+from tests.worker.helpers import (
+    create_event_in_partition,
+    publish_raw,
+    take_and_die,
+    wait_for,
+    wait_queue_depth,
+)
 from worker import admin, leases
 from worker.leases import Lease
 from worker.processor import apply_batch
@@ -44,6 +50,11 @@ async def purchase_row(db: asyncpg.Pool, purchase_id: UUID) -> asyncpg.Record:
     row = await db.fetchrow("SELECT * FROM purchases WHERE id = $1", purchase_id)
     assert row is not None
     return row
+
+
+async def is_kept(db: asyncpg.Pool, purchase_id: UUID) -> bool:
+    since = await db.fetchval("SELECT hold_kept_since FROM purchases WHERE id = $1", purchase_id)
+    return since is not None
 
 
 async def has_status(db: asyncpg.Pool, purchase_id: UUID, status: str) -> bool:
@@ -109,7 +120,7 @@ async def test_a_confirmation_dead_lettered_past_its_delivery_limit_keeps_its_ho
     assert await available(db, event_id) == 1  # the unpaid ticket back on sale, not the paid one
     out = io.StringIO()
     await admin.status(settings, out)
-    assert "holds kept for a dead-lettered confirmation: 1 " in out.getvalue()
+    assert "holds kept for a confirmation not applied yet: 1 " in out.getvalue()
 
     await admin.replay_dead_letters(settings, io.StringIO())
     await wait_for(
@@ -155,13 +166,7 @@ async def test_a_confirmation_delivered_again_keeps_its_hold_before_it_is_applie
     try:
         await confirm(api, purchase_id)
 
-        async def kept() -> bool:
-            since = await db.fetchval(
-                "SELECT hold_kept_since FROM purchases WHERE id = $1", purchase_id
-            )
-            return since is not None
-
-        await wait_for(kept, timeout_s=30, what="the hold to be kept")
+        await wait_for(lambda: is_kept(db, purchase_id), timeout_s=30, what="the hold to be kept")
         # Kept by the worker that has it in hand, not after the broker gave up on it.
         assert await broker.queue_depth(amqp, topology.dead_letter_queue) == 0
     finally:
@@ -209,7 +214,9 @@ async def test_a_kept_hold_past_its_end_stays_held_and_stops_being_the_partition
     )
     async with db.acquire() as conn:
         (kept,) = await purchases.keep_holds(conn, [paid])
-        assert (kept["status"], kept["kept"]) == ("held", True)
+        assert (kept.status, kept.kept, kept.kept_now) == ("held", True, True)
+        (again,) = await purchases.keep_holds(conn, [paid])
+        assert (again.status, again.kept, again.kept_now) == ("held", True, False)
         # Its end long past, as if the dead letter had waited a while for its replay.
         await conn.execute(
             "UPDATE purchases SET hold_expires_at = now() - interval '1 minute' WHERE id = $1",
@@ -226,3 +233,116 @@ async def test_a_kept_hold_past_its_end_stays_held_and_stops_being_the_partition
     assert swept.holds_changed
     assert swept.next_hold_end is None  # no hold of the partition may expire on the clock
     assert await available(db, event["id"]) == 8
+
+
+@pytest.mark.parametrize("settings", [{"delivery_limit": 20, "batch_size": 1}], indirect=True)
+async def test_a_confirmation_delivered_again_behind_a_failing_batch_keeps_its_hold_at_once(
+    settings: Settings,
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    amqp: aio_pika.abc.AbstractChannel,
+    start_worker: StartWorker,
+) -> None:
+    """The worker fails on the message ahead of the confirmation, delivery after delivery, and
+    the confirmation, delivered again each time with it, never reaches a batch of its own: the
+    broker would dead-letter the two together. Its hold is kept as it arrives, not when a batch
+    would have applied it."""
+    topology = broker.Topology.from_settings(settings)
+    worker = await start_worker()
+    event_id = await held_event(api, db, tickets=2)
+    held = await buy_held(api, db, event_id)
+    worker.stop()
+    await wait_for_no_consumers(amqp, settings)
+    # Ahead of the confirmation: a purchase whose decision cannot be recorded.
+    await db.execute(
+        """
+        CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'refused for the test'; END $$;
+        CREATE TRIGGER refuse_poison BEFORE INSERT ON purchases FOR EACH ROW
+            WHEN (NEW.customer_id = 'poison') EXECUTE FUNCTION refuse_poison();
+        """
+    )
+    try:
+        poison = await purchase(api, event_id, customer_id="poison")
+        assert poison.status_code == 202, poison.text
+        await confirm(api, held["id"])
+        await start_worker()
+        await wait_for(lambda: is_kept(db, held["id"]), timeout_s=15, what="the hold to be kept")
+        assert await broker.queue_depth(amqp, topology.dead_letter_queue) == 0
+    finally:
+        await db.execute("DROP TRIGGER refuse_poison ON purchases; DROP FUNCTION refuse_poison()")
+    await wait_for(
+        lambda: has_status(db, held["id"], "confirmed"),
+        timeout_s=30,
+        what="the confirmation to be applied",
+    )
+    await assert_no_oversell(db)
+
+
+async def test_a_confirmation_set_aside_with_its_purchase_keeps_the_hold_that_purchase_gets(
+    settings: Settings,
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    amqp: aio_pika.abc.AbstractChannel,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A purchase and its confirmation in one batch, the confirmation's message set aside
+    (dead-lettered by the worker) for a record conflict of another purchase in it: the
+    purchase is decided held only after the confirmation was set aside, and its hold must be
+    kept all the same."""
+
+    async def blind(conn: object, purchase_ids: object) -> set[UUID]:
+        return set()  # every retry "misses" the row written by another transaction
+
+    monkeypatch.setattr("shared.purchases.repository.final_purchase_ids", blind)
+    topology = broker.Topology.from_settings(settings)
+    event = await create_event_in_partition(api, settings, 0, total_tickets=3, hold_seconds=30)
+    await db.execute("UPDATE events SET hold_seconds = $2 WHERE id = $1", UUID(event["id"]), HOLD_S)
+    now = datetime.now(UTC)
+
+    def bought(customer_id: str) -> PurchaseRequested:
+        return PurchaseRequested(
+            purchase_id=uuid4(),
+            event_id=UUID(event["id"]),
+            customer_id=customer_id,
+            quantity=1,
+            accepted_at=now,
+        )
+
+    paid, unpaid, conflicting = bought("payer"), bought("abandoner"), bought("someone")
+    await db.execute(
+        "INSERT INTO purchases (id, event_id, customer_id, quantity, status, reason) "
+        "VALUES ($1, $2, 'someone', 1, 'rejected', 'sold_out')",
+        conflicting.purchase_id,
+        conflicting.event_id,
+    )
+    confirmation = ConfirmRequested(
+        purchase_id=paid.purchase_id,
+        event_id=paid.event_id,
+        payment_reference="psp-paid",
+        accepted_at=now,
+    )
+    # Queued before any worker runs, so the first batch holds both messages.
+    await publish_raw(amqp, settings, 0, encode_message(0, [paid, unpaid]))
+    await publish_raw(amqp, settings, 0, encode_message(0, [confirmation, conflicting]))
+    await start_worker()
+
+    await wait_queue_depth(settings, topology.dead_letter_queue, 1)
+    await wait_for(
+        lambda: has_status(db, unpaid.purchase_id, "expired"), timeout_s=60, what="the unpaid hold"
+    )
+    row = await purchase_row(db, paid.purchase_id)
+    assert row["status"] == "held"
+    assert row["hold_kept_since"] is not None
+    assert await available(db, event["id"]) == 2
+
+    monkeypatch.undo()  # the conflict is fixed
+    await admin.replay_dead_letters(settings, io.StringIO())
+    await wait_for(
+        lambda: has_status(db, paid.purchase_id, "confirmed"),
+        timeout_s=15,
+        what="the replayed confirmation to be applied",
+    )
+    assert await available(db, event["id"]) == 2
+    await assert_no_oversell(db)
