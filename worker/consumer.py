@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
@@ -44,6 +45,8 @@ HOLD_CLOCK_SLACK = timedelta(seconds=2)
 TAKEOVER_GRACE_S = 3 * HEARTBEAT_S
 # An idle partition records its progress this often.
 IDLE_PROGRESS_S = 1.0
+# How long a consumer that stops lets a keep of holds under way finish.
+KEEP_GRACE_S = 2.0
 
 
 class PartitionConsumer:
@@ -79,9 +82,12 @@ class PartitionConsumer:
         self._next_hold_end: datetime | None = None
         self._delivered = False  # a delivery proves this consumer the queue's active one
         self._started = time.monotonic()
-        # Confirmations delivered again, whose holds are kept by the keeper task (see _deliver).
+        # Confirmations delivered again, whose holds are kept by the keeper task (see _deliver);
+        # those whose purchase had no row yet, kept again by each batch until it has one.
         self._to_keep: list[ConfirmRequested] = []
         self._keeper: asyncio.Task[None] | None = None
+        self._keeping = True  # False once stopping: what is delivered then goes back unapplied
+        self._keep_after: dict[UUID, ConfirmRequested] = {}
 
     @property
     def partition(self) -> int:
@@ -112,17 +118,20 @@ class PartitionConsumer:
 
     async def _deliver(self, message: DeliveredMessage) -> None:
         self._delivered = True
-        if message.redelivered:
-            self._keep_soon(message)
         self._inbox.append(message)
         self._wake()
+        if message.redelivered and self._keeping:
+            try:
+                self._keep_soon(message)
+            except Exception:  # a bug: the batch's _kept() finds the holds not kept
+                log.exception("partition %d: could not start keeping holds", self.partition)
 
     def _keep_soon(self, message: DeliveredMessage) -> None:
         """A message delivered again was in the hands of a worker that died or let go of it. It
         may go on dying until the broker dead-letters it, and a confirmation in it must keep its
         hold meanwhile (a drained queue would no longer show it): kept at once, as it arrives,
         in transactions of their own, so that whatever happens to this worker afterwards leaves
-        the hold kept. (Before the inbox: deliveries must reach it in order, without a wait.)"""
+        the hold kept."""
         try:
             confirmations = PurchaseMessage.from_body(message.body).confirmations
         except ValidationError:
@@ -130,7 +139,11 @@ class PartitionConsumer:
         if not confirmations:
             return
         self._to_keep += confirmations
-        if self._keeper is None or self._keeper.done():
+        keeper = self._keeper
+        if keeper is None or keeper.done():
+            if keeper is not None and not keeper.cancelled() and keeper.exception() is not None:
+                # Its confirmations went back to _to_keep: this keeper tries them again.
+                log.warning("partition %d: keeping holds failed: %r", self.partition, keeper)
             self._keeper = asyncio.get_running_loop().create_task(
                 self._keep_delivered(), name=f"keep-holds-{self.partition}"
             )
@@ -138,12 +151,27 @@ class PartitionConsumer:
     async def _keep_delivered(self) -> None:
         while self._to_keep:
             confirmations, self._to_keep = self._to_keep, []
-            await self._keep_holds(confirmations)
+            try:
+                holds = await self._keep_holds(confirmations)
+            except BaseException:
+                self._to_keep[:0] = confirmations  # not kept: for the next try, or the next owner
+                raise
+            for hold in holds:
+                if hold.status is None:  # no row yet: its purchase may be in the next batch
+                    self._keep_after[hold.purchase_id] = next(
+                        c for c in confirmations if c.purchase_id == hold.purchase_id
+                    )
 
     async def _kept(self) -> None:
-        """Wait until the holds of every confirmation delivered so far are kept."""
-        if self._keeper is not None:
-            await self._keeper
+        """Wait until the holds of every confirmation delivered so far are kept; raise if they
+        could not be (the batch then stays unapplied, and goes back to the queue)."""
+        while (keeper := self._keeper) is not None and not keeper.done():
+            await asyncio.wait({keeper})
+        if keeper is not None and not keeper.cancelled() and keeper.exception() is not None:
+            raise RuntimeError(
+                f"partition {self.partition}: the holds of confirmations delivered again could "
+                "not be kept"
+            ) from keeper.exception()
 
     def _drain(self) -> None:
         """Take no more: a waiting _get returns what the inbox holds, then nothing."""
@@ -186,11 +214,16 @@ class PartitionConsumer:
         metrics.forget_partition(self.partition)
 
     async def _end_keeper(self) -> None:
-        """Stop keeping holds: whatever was delivered and not applied goes back to the queue,
-        and the next owner, to which it is delivered again, keeps them."""
-        if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
+        """Stop keeping holds, once the keep under way is done (its message may be on its last
+        delivery) or has had KEEP_GRACE_S: what was delivered and not applied goes back to the
+        queue, and the next owner, to which it is delivered again, keeps the rest."""
+        self._keeping = False
+        keeper = self._keeper
+        if keeper is None:
+            return
+        await asyncio.wait({keeper}, timeout=KEEP_GRACE_S)
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
 
     async def _close_channel(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
@@ -345,12 +378,17 @@ class PartitionConsumer:
             batch.append((message, decoded))
 
         await self._kept()  # before anything of the batch is applied
-        set_aside: list[ConfirmRequested] = []
+        set_aside: list[tuple[DeliveredMessage, PurchaseMessage]] = []
         while batch:
             commands = [command for _, decoded in batch for command in decoded.commands]
+            # Kept in the batch's own transaction, once its purchases are recorded: the holds of
+            # confirmations set aside, and of those delivered again before their purchase had a
+            # row (either may name a purchase this batch gives its hold).
+            keep = [c for _, decoded in set_aside for c in decoded.confirmations]
+            keep += self._keep_after.values()
             started = time.perf_counter()
             try:
-                result = await self._apply(commands)
+                result = await self._apply(commands, keep=keep)
             except RecordConflict as exc:
                 # Set the messages of the purchases in conflict aside; apply the rest.
                 stuck = [item for item in batch if _touches(item[1], exc.purchase_ids)] or batch
@@ -360,21 +398,26 @@ class PartitionConsumer:
                     len(stuck),
                     exc,
                 )
-                await self._dead_letter(stuck, FailReason.RECORD_CONFLICT)
-                set_aside += [c for _, decoded in stuck for c in decoded.confirmations]
+                await self._record_set_aside(stuck, FailReason.RECORD_CONFLICT)
+                set_aside += stuck
                 batch = [item for item in batch if item not in stuck]
                 continue
+            for hold in result.kept:
+                if hold.status is not None:
+                    self._keep_after.pop(hold.purchase_id, None)
+            _log_kept(self.partition, result.kept)
             try:
                 self._observe(commands, result, time.perf_counter() - started)
             except Exception:  # bookkeeping must never stand between a commit and its ack
                 log.exception("partition %d: metrics/logging failed", self.partition)
-            # Committed: one ack covers the batch. multiple=True reaches only this channel's
-            # deliveries, and every earlier one is in this batch (or was already settled).
+            # Committed, with the set-aside messages' holds kept: they go to the dead-letter
+            # exchange now (had the rest not committed, they would go back to the queue with
+            # it). Then one ack covers the batch: multiple=True reaches only this channel's
+            # deliveries, and every earlier one is in this batch or settled.
+            await self._reject(set_aside)
             await self._settle(batch[-1][0], ack=True)
-            # A confirmation set aside may name a purchase that the rest of the batch has only
-            # now given its hold (both sent together): kept now that it exists.
-            await self._keep_holds(set_aside)
             return
+        await self._reject(set_aside)  # nothing left to apply
 
     def _belongs_here(self, message: PurchaseMessage) -> bool:
         return message.partition == self.partition and all(
@@ -441,7 +484,9 @@ class PartitionConsumer:
         except Exception:
             log.exception("partition %d: metrics/logging failed", self.partition)
 
-    async def _apply(self, commands: list[Command]) -> BatchResult:
+    async def _apply(
+        self, commands: list[Command], *, keep: Sequence[ConfirmRequested] = ()
+    ) -> BatchResult:
         """Commit the batch, retrying transient faults for as long as this consumer runs, and
         a record conflict a few times (a retry normally skips the purchase recorded meanwhile)."""
         for attempt in range(1, RECORD_CONFLICT_ATTEMPTS + 1):
@@ -458,6 +503,7 @@ class PartitionConsumer:
                             idle=not self._inbox,
                             verify_drained=self._drained,
                             holds_due=self._holds_due(commands),
+                            keep=keep,
                         )
                 self._horizon = result.horizon
                 if result.holds_changed:
@@ -475,22 +521,30 @@ class PartitionConsumer:
                     raise
         raise AssertionError("unreachable")
 
-    async def _keep_holds(self, confirmations: list[ConfirmRequested]) -> None:
+    async def _keep_holds(
+        self, confirmations: list[ConfirmRequested]
+    ) -> list[purchases.HoldOfConfirmation]:
         """Keep the holds `confirmations` would confirm from expiring."""
-        if not confirmations:
-            return
         async for retry in until_stopped(TRANSIENT_DATABASE, lambda: self._aborted):
             with retry:
                 async with self._pool.acquire() as conn, conn.transaction():
                     holds = await purchases.keep_holds(conn, confirmations)
         _log_kept(self.partition, holds)
+        return holds
 
     async def _dead_letter(
         self, messages: list[tuple[DeliveredMessage, PurchaseMessage]], reason: FailReason
     ) -> None:
-        """Record the messages' purchases failed with `reason` (never over a decision) and keep
-        the holds their confirmations would confirm, then reject the messages to the
-        dead-letter exchange, where they are kept for replay."""
+        """Set the messages aside and reject them to the dead-letter exchange, where they are
+        kept for replay."""
+        await self._record_set_aside(messages, reason)
+        await self._reject(messages)
+
+    async def _record_set_aside(
+        self, messages: list[tuple[DeliveredMessage, PurchaseMessage]], reason: FailReason
+    ) -> None:
+        """Record the messages' purchases failed with `reason` (never over a decision), and keep
+        the holds their confirmations would confirm."""
         metrics.DEAD_LETTERS.labels(reason.value).inc(len(messages))
         failed = [purchase for _, decoded in messages for purchase in decoded.purchases]
         confirmations = [c for _, decoded in messages for c in decoded.confirmations]
@@ -502,6 +556,8 @@ class PartitionConsumer:
                     )
                     holds = await purchases.keep_holds(conn, confirmations)
         _log_kept(self.partition, holds)
+
+    async def _reject(self, messages: list[tuple[DeliveredMessage, PurchaseMessage]]) -> None:
         for message, _ in messages:
             await self._settle(message, ack=False)
 

@@ -116,7 +116,11 @@ class DeadLetterRecorder:
                     reason.value,
                     len(decoded.purchases),
                 )
-        _report_confirmations(holds, reason)
+        # (A message a worker set aside comes back as `rejected`, whatever the worker's reason.)
+        _report_confirmations(
+            holds,
+            FailReason.DEAD_LETTERED if reason == FailReason.UNDECODABLE_MESSAGE else reason,
+        )
         return len(decoded.purchases)
 
 

@@ -8,7 +8,7 @@ from uuid import UUID
 import asyncpg
 
 from shared.events import repository as events
-from shared.messages import CONFIRM_MARGIN, PurchaseRequested
+from shared.messages import CONFIRM_MARGIN, ConfirmRequested, PurchaseRequested
 from shared.purchases import repository as purchases
 from shared.purchases.models import Decision, PurchaseStatus, Transition
 from worker import leases
@@ -43,6 +43,7 @@ class BatchResult:
     # ended or looked for due holds (holds_changed); otherwise it is what it was before.
     holds_changed: bool = False
     next_hold_end: datetime | None = None
+    kept: list[purchases.HoldOfConfirmation] = field(default_factory=list)  # see `keep`
 
     def count(self, status: PurchaseStatus) -> int:
         return sum(1 for decision in self.decisions if decision.status == status)
@@ -57,10 +58,13 @@ async def apply_batch(
     idle: bool = False,
     verify_drained: Callable[[], Awaitable[bool]] | None = None,
     holds_due: bool = True,
+    keep: Sequence[ConfirmRequested] = (),
 ) -> BatchResult:
     """Decide and record `commands` (in order) atomically; raise LeaseLost, VersionConflict or
     RecordConflict (rolled back, nothing written). `horizon` is as for decide; `holds_due` is
-    False when the caller knows no hold of the partition can be due yet.
+    False when the caller knows no hold of the partition can be due yet; the holds `keep`'s
+    confirmations would confirm are kept in the same transaction, once the batch's purchases
+    are recorded (what became of each: `kept`).
 
     A hold may expire on the clock only once the partition's queue is known to be drained, or a
     confirmation still queued could find it gone. An empty inbox is not proof (the next
@@ -87,6 +91,8 @@ async def apply_batch(
             if idle:  # for the wait ahead only: not a horizon any hold may expire by
                 shown = _later(horizon, now - DELIVERY_MARGIN)
                 await purchases.record_progress(conn, lease.partition, shown)
+            if keep:
+                result.kept = await purchases.keep_holds(conn, keep)
             return result
 
         # 3. What the batch may change, locked: the purchases its confirmations and
@@ -163,6 +169,8 @@ async def apply_batch(
             unwritten |= {t.purchase_id for t in outcome.transitions} - moved
         if unwritten:
             raise RecordConflict(lease.partition, unwritten)
+        if keep:
+            result.kept = await purchases.keep_holds(conn, keep)
 
         # 8. Optimistic lock: update only at the version read; fewer rows means a conflict.
         changes = [

@@ -78,18 +78,27 @@ LOCK_RECORDED = """
 # Keep the holds these confirmations would confirm (accepted before the hold's end) from
 # expiring on the clock: each confirmation left its queue unapplied, or may yet. The ids kept now.
 KEEP_HOLDS = """
+    WITH due AS (
+        -- Locked in id order, as a batch locks what it changes: no deadlock with one.
+        SELECT p.id FROM purchases AS p
+        JOIN unnest($1::uuid[], $2::timestamptz[]) AS c(id, accepted_at) ON c.id = p.id
+        WHERE p.status = 'held' AND p.hold_kept_since IS NULL
+          AND c.accepted_at < p.hold_expires_at
+        ORDER BY p.id
+        FOR UPDATE OF p
+    )
     UPDATE purchases AS p
     SET hold_kept_since = now()
-    FROM unnest($1::uuid[], $2::timestamptz[]) AS c(id, accepted_at)
-    WHERE p.id = c.id AND p.status = 'held' AND p.hold_kept_since IS NULL
-      AND c.accepted_at < p.hold_expires_at
+    FROM (SELECT DISTINCT id FROM due) AS d
+    WHERE p.id = d.id
     RETURNING p.id
 """
 
 # What became of them, read after the keep (a statement of its own: it sees an expiry that
 # committed while the keep waited for the row).
 KEPT_OR_NOT = """
-    SELECT u.id, p.status, p.hold_kept_since IS NOT NULL AS kept
+    SELECT u.id, p.status,
+           coalesce(p.status = 'held' AND p.hold_kept_since IS NOT NULL, false) AS kept
     FROM unnest($1::uuid[]) AS u(id)
     LEFT JOIN purchases AS p ON p.id = u.id
 """

@@ -4,7 +4,7 @@ leaves the queue unapplied: dead-lettered after its consumers died holding it, t
 broker's delivery limit and dead-lettering, with the invariants checked in SQL."""
 
 import io
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
 import aio_pika
@@ -15,6 +15,7 @@ import pytest
 from shared import broker
 from shared.messages import ConfirmRequested, PurchaseRequested, encode_message
 from shared.purchases import repository as purchases
+from shared.purchases.repository import final_purchase_ids
 from shared.settings import Settings
 from tests.api.helpers import wait_for_no_consumers
 from tests.conftest import StartWorker
@@ -27,6 +28,7 @@ from tests.worker.helpers import (
     wait_queue_depth,
 )
 from worker import admin, leases
+from worker.dead_letters import DeadLetterRecorder
 from worker.leases import Lease
 from worker.processor import apply_batch
 
@@ -92,9 +94,10 @@ async def test_a_confirmation_dead_lettered_past_its_delivery_limit_keeps_its_ho
     start_worker: StartWorker,
 ) -> None:
     """The buyer paid and was answered 202 well within the hold; then every consumer that took
-    the confirmation died holding it, and the broker dead-lettered it. With the queue drained,
-    nothing showed a confirmation on its way: the hold expired with the unpaid one bought just
-    after it, and the paid-for ticket went back on sale."""
+    the confirmation died holding it (none of them a worker), and the broker dead-lettered it.
+    The recorder keeps the hold: past its end, with the queue drained (the unpaid hold bought
+    just after it expires), it stays held and its ticket off sale, until the replayed
+    confirmation confirms it."""
     topology = broker.Topology.from_settings(settings)
     worker = await start_worker()
     event_id = await held_event(api, db, tickets=2)
@@ -210,7 +213,7 @@ async def test_a_kept_hold_past_its_end_stays_held_and_stops_being_the_partition
         purchase_id=bought.purchase_id,
         event_id=bought.event_id,
         payment_reference="psp-paid",
-        accepted_at=datetime.now(UTC),
+        accepted_at=datetime.now(UTC) - timedelta(minutes=2),  # before the end it gets below
     )
     async with db.acquire() as conn:
         (kept,) = await purchases.keep_holds(conn, [paid])
@@ -233,6 +236,46 @@ async def test_a_kept_hold_past_its_end_stays_held_and_stops_being_the_partition
     assert swept.holds_changed
     assert swept.next_hold_end is None  # no hold of the partition may expire on the clock
     assert await available(db, event["id"]) == 8
+    # Replayed, the confirmation confirms it; its hold is no longer reported kept.
+    replayed = await apply_batch(db, lease, [paid], keep=[paid])
+    assert (await purchase_row(db, bought.purchase_id))["status"] == "confirmed"
+    assert [(h.status, h.kept) for h in replayed.kept] == [("confirmed", False)]
+
+
+async def test_a_batch_keeps_the_hold_it_gives_to_a_purchase_whose_confirmation_came_first(
+    api: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    """A confirmation delivered again before its purchase had a row (the purchase in an earlier
+    message of the same delivery) finds nothing to keep; the batch that records the purchase
+    keeps its hold, in its own transaction."""
+    event = await create_event(api, total_tickets=10, hold_seconds=600)
+    async with db.acquire() as conn:
+        await leases.ensure_partitions(conn, 1)
+        acquired = await leases.acquire(conn, 0, "keeper", 30)
+    assert acquired is not None
+    lease = Lease(0, "keeper", acquired.epoch)
+    now = datetime.now(UTC)
+    bought = PurchaseRequested(
+        purchase_id=uuid4(),
+        event_id=UUID(event["id"]),
+        customer_id="payer",
+        quantity=1,
+        accepted_at=now,
+    )
+    paid = ConfirmRequested(
+        purchase_id=bought.purchase_id,
+        event_id=bought.event_id,
+        payment_reference="psp-paid",
+        accepted_at=now,
+    )
+    async with db.acquire() as conn:
+        (early,) = await purchases.keep_holds(conn, [paid])
+    assert (early.status, early.kept) == (None, False)
+
+    result = await apply_batch(db, lease, [bought], keep=[paid])
+
+    assert [(h.status, h.kept, h.kept_now) for h in result.kept] == [("held", True, True)]
+    assert await is_kept(db, bought.purchase_id)
 
 
 @pytest.mark.parametrize("settings", [{"delivery_limit": 20, "batch_size": 1}], indirect=True)
@@ -289,13 +332,17 @@ async def test_a_confirmation_set_aside_with_its_purchase_keeps_the_hold_that_pu
 ) -> None:
     """A purchase and its confirmation in one batch, the confirmation's message set aside
     (dead-lettered by the worker) for a record conflict of another purchase in it: the
-    purchase is decided held only after the confirmation was set aside, and its hold must be
-    kept all the same."""
+    purchase is decided held only after the confirmation was set aside, in the commit of the
+    rest of the batch, which keeps its hold (no dead-letter recorder runs here)."""
 
     async def blind(conn: object, purchase_ids: object) -> set[UUID]:
         return set()  # every retry "misses" the row written by another transaction
 
+    async def no_recorder(self: DeadLetterRecorder, connection: object) -> None:
+        return None  # the worker's own keep is what is tested: no recorder keeps it later
+
     monkeypatch.setattr("shared.purchases.repository.final_purchase_ids", blind)
+    monkeypatch.setattr(DeadLetterRecorder, "start", no_recorder)
     topology = broker.Topology.from_settings(settings)
     event = await create_event_in_partition(api, settings, 0, total_tickets=3, hold_seconds=30)
     await db.execute("UPDATE events SET hold_seconds = $2 WHERE id = $1", UUID(event["id"]), HOLD_S)
@@ -337,8 +384,8 @@ async def test_a_confirmation_set_aside_with_its_purchase_keeps_the_hold_that_pu
     assert row["hold_kept_since"] is not None
     assert await available(db, event["id"]) == 2
 
-    monkeypatch.undo()  # the conflict is fixed
-    await admin.replay_dead_letters(settings, io.StringIO())
+    monkeypatch.setattr("shared.purchases.repository.final_purchase_ids", final_purchase_ids)
+    await admin.replay_dead_letters(settings, io.StringIO())  # the conflict fixed
     await wait_for(
         lambda: has_status(db, paid.purchase_id, "confirmed"),
         timeout_s=15,
