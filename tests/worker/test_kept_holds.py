@@ -78,6 +78,36 @@ async def held_event(api: httpx.AsyncClient, db: asyncpg.Pool, *, tickets: int =
     return str(event["id"])
 
 
+async def partition_lease(db: asyncpg.Pool) -> Lease:
+    """Partition 0's lease, for applying batches directly."""
+    async with db.acquire() as conn:
+        await leases.ensure_partitions(conn, 1)
+        acquired = await leases.acquire(conn, 0, "direct", 30)
+    assert acquired is not None
+    return Lease(0, "direct", acquired.epoch)
+
+
+def bought_and_paid(
+    event_id: str, *, quantity: int = 1, paid_at: datetime | None = None
+) -> tuple[PurchaseRequested, ConfirmRequested]:
+    """A purchase by "payer", and its confirmation (accepted at `paid_at`, else now)."""
+    now = datetime.now(UTC)
+    bought = PurchaseRequested(
+        purchase_id=uuid4(),
+        event_id=UUID(event_id),
+        customer_id="payer",
+        quantity=quantity,
+        accepted_at=now,
+    )
+    paid = ConfirmRequested(
+        purchase_id=bought.purchase_id,
+        event_id=bought.event_id,
+        payment_reference="psp-paid",
+        accepted_at=paid_at or now,
+    )
+    return bought, paid
+
+
 async def confirm(api: httpx.AsyncClient, purchase_id: UUID) -> None:
     response = await api.post(
         f"/purchases/{purchase_id}/confirm", json={"payment_reference": "psp-paid"}
@@ -194,27 +224,14 @@ async def test_a_kept_hold_past_its_end_stays_held_and_stops_being_the_partition
     drop out of that reading once a sweep finds it: otherwise the sweep, always due, would run a
     transaction every few milliseconds for as long as the hold is kept."""
     event = await create_event(api, total_tickets=10, hold_seconds=600)
-    async with db.acquire() as conn:
-        await leases.ensure_partitions(conn, 1)
-        acquired = await leases.acquire(conn, 0, "sweeper", 30)
-    assert acquired is not None
-    lease = Lease(0, "sweeper", acquired.epoch)
-    bought = PurchaseRequested(
-        purchase_id=uuid4(),
-        event_id=UUID(event["id"]),
-        customer_id="payer",
-        quantity=2,
-        accepted_at=datetime.now(UTC),
+    lease = await partition_lease(db)
+    # Paid before the end the hold is given below.
+    bought, paid = bought_and_paid(
+        event["id"], quantity=2, paid_at=datetime.now(UTC) - timedelta(minutes=2)
     )
     first = await apply_batch(db, lease, [bought])
     assert first.holds_changed
     assert first.next_hold_end is not None
-    paid = ConfirmRequested(
-        purchase_id=bought.purchase_id,
-        event_id=bought.event_id,
-        payment_reference="psp-paid",
-        accepted_at=datetime.now(UTC) - timedelta(minutes=2),  # before the end it gets below
-    )
     async with db.acquire() as conn:
         (kept,) = await purchases.keep_holds(conn, [paid])
         assert (kept.status, kept.kept, kept.kept_now) == ("held", True, True)
@@ -249,25 +266,8 @@ async def test_a_batch_keeps_the_hold_it_gives_to_a_purchase_whose_confirmation_
     message of the same delivery) finds nothing to keep; the batch that records the purchase
     keeps its hold, in its own transaction."""
     event = await create_event(api, total_tickets=10, hold_seconds=600)
-    async with db.acquire() as conn:
-        await leases.ensure_partitions(conn, 1)
-        acquired = await leases.acquire(conn, 0, "keeper", 30)
-    assert acquired is not None
-    lease = Lease(0, "keeper", acquired.epoch)
-    now = datetime.now(UTC)
-    bought = PurchaseRequested(
-        purchase_id=uuid4(),
-        event_id=UUID(event["id"]),
-        customer_id="payer",
-        quantity=1,
-        accepted_at=now,
-    )
-    paid = ConfirmRequested(
-        purchase_id=bought.purchase_id,
-        event_id=bought.event_id,
-        payment_reference="psp-paid",
-        accepted_at=now,
-    )
+    lease = await partition_lease(db)
+    bought, paid = bought_and_paid(event["id"])
     async with db.acquire() as conn:
         (early,) = await purchases.keep_holds(conn, [paid])
     assert (early.status, early.kept) == (None, False)
