@@ -156,11 +156,10 @@ class PartitionConsumer:
             except BaseException:
                 self._to_keep[:0] = confirmations  # not kept: for the next try, or the next owner
                 raise
+            by_purchase = {c.purchase_id: c for c in confirmations}
             for hold in holds:
                 if hold.status is None:  # no row yet: its purchase may be in the next batch
-                    self._keep_after[hold.purchase_id] = next(
-                        c for c in confirmations if c.purchase_id == hold.purchase_id
-                    )
+                    self._keep_after[hold.purchase_id] = by_purchase[hold.purchase_id]
 
     async def _kept(self) -> None:
         """Wait until the holds of every confirmation delivered so far are kept; raise if they
