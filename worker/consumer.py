@@ -427,12 +427,8 @@ class PartitionConsumer:
     async def _drained(self) -> bool:
         """Whether every message of the partition's queue has been delivered to this consumer
         and is in hand or applied: nothing in the inbox, none ready in the queue, and this
-        consumer known to be the queue's active one. A new consumer is not, until a delivery
-        reaches it or a predecessor's connection must have been closed by the broker (with the
-        messages it held back in the queue): single-active-consumer keeps a standby silent."""
-        if self._inbox or self._amqp is None:
-            return False
-        if not self._delivered and time.monotonic() < self._started + TAKEOVER_GRACE_S:
+        consumer known to be the queue's active one (see _active)."""
+        if self._inbox or self._amqp is None or not self._active():
             return False
         try:
             declared = await self._amqp.queue_declare(
@@ -448,12 +444,19 @@ class PartitionConsumer:
         counted = declared.consumer_count is not None and declared.consumer_count > 0
         return counted and declared.message_count == 0 and not self._inbox
 
+    def _active(self) -> bool:
+        """Whether this consumer is known to be the queue's active one: a new consumer is not,
+        until a delivery reaches it or a predecessor's connection must have been closed by the
+        broker (with the messages it held back in the queue): single-active-consumer keeps a
+        standby silent."""
+        return self._delivered or time.monotonic() >= self._started + TAKEOVER_GRACE_S
+
     def _idle(self) -> None:
         """Nothing was delivered for a while: nothing of the partition waits, however old the
         last batch was, so its lag is 0 (else it would show a drained backlog's age until the
         next purchase). Not while a new consumer may still be the broker's standby behind a
         dead predecessor, whose messages do wait."""
-        if self._delivered or time.monotonic() >= self._started + TAKEOVER_GRACE_S:
+        if self._active():
             metrics.LAG_SECONDS.labels(str(self.partition)).set(0)
 
     def _until_sweep(self) -> float:
@@ -499,7 +502,9 @@ class PartitionConsumer:
                             self.lease,
                             commands,
                             horizon=self._horizon,
-                            idle=not self._inbox,
+                            # The progress an idle partition shows says everything accepted
+                            # until a moment ago is decided: not so behind a dead predecessor.
+                            idle=not self._inbox and self._active(),
                             verify_drained=self._drained,
                             holds_due=self._holds_due(commands),
                             keep=keep,

@@ -15,6 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
+from shared import broker_nodes
 from shared.messages import PurchaseMessage, encode_message
 from shared.settings import Settings
 from tests.conftest import StartWorker
@@ -44,7 +45,7 @@ from tests.worker.helpers import (
     wait_started,
     worker_processes,
 )
-from worker import leases, membership
+from worker import consumer, leases, membership
 from worker.leases import Lease, assign
 from worker.processor import RecordConflict, apply_batch
 from worker.supervisor import Worker
@@ -277,6 +278,50 @@ async def test_a_message_delivered_twice_is_applied_once(
     assert row["available_tickets"] == 10 - 3 - 1
     await assert_no_oversell(db)
     await wait_queue_depth(settings, topology(settings).queue(partition), 0)
+
+
+async def test_a_standby_consumer_shows_no_progress_past_what_its_predecessor_holds(
+    api: httpx.AsyncClient, db: asyncpg.Pool, settings: Settings, start_worker: StartWorker
+) -> None:
+    """A new owner's consumer is the broker's standby while a predecessor still holds the
+    partition's messages (a frozen worker, until the broker closes its connection). Idle, it
+    must not record that everything accepted until a moment ago is decided: a keyed purchase
+    refused elsewhere would trust that and answer "nothing queued" for the purchase held."""
+    event = await create_event(api, total_tickets=10)
+    partition = partition_of(settings, event["id"])
+    before = await db.fetchval("SELECT now()")
+    held = await purchase(api, event["id"])
+    assert held.status_code == 202
+    predecessor = await broker_nodes.connect(settings)
+    try:
+        channel = await predecessor.channel()
+        await channel.set_qos(prefetch_count=1)
+        queue = await channel.get_queue(topology(settings).queue(partition))
+        got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def hold(_: aio_pika.abc.AbstractIncomingMessage) -> None:
+            if not got.done():
+                got.set_result(None)
+
+        await queue.consume(hold)  # never acked
+        await asyncio.wait_for(got, 10)
+        worker = await start_worker()
+
+        async def owned() -> bool:
+            return (await owners(db)).get(partition) == worker.worker_id
+
+        await wait_for(owned, timeout_s=30, what="the worker to lease the partition")
+        # Idle for longer than an active consumer takes to record its progress (each second).
+        await asyncio.sleep(3 * consumer.IDLE_PROGRESS_S)
+        horizon = await db.fetchval(
+            "SELECT horizon FROM partition_progress WHERE partition = $1", partition
+        )
+        assert horizon is None or horizon < before, "progress shown past a purchase still held"
+    finally:
+        await predecessor.close()  # gone: the purchase goes back to the queue, to the worker
+
+    rows = await wait_until_final(db, [held.json()["purchase_id"]], timeout_s=FINAL_WITHIN_S)
+    assert [row["status"] for row in rows.values()] == ["confirmed"]
 
 
 async def test_a_purchase_retried_concurrently_with_one_idempotency_key_is_applied_once(
