@@ -287,7 +287,11 @@ ACCEPT_OPENAPI: dict[str, Any] = {
             "in": "header",
             "required": False,
             "description": "Retrying with the same key (same customer, same event) returns the "
-            "same purchase_id and never buys twice. Reusing it for another quantity is a 422.",
+            "same purchase_id and never buys twice. Reusing it for another quantity is a 422. "
+            "With a key, a sold-out or sales-closed refusal waits (up to 2 s) until the event's "
+            "queue shows no earlier purchase with the key; when that cannot be known in time, "
+            "the purchase is queued (202) and the worker rejects it unless it is the earlier "
+            "one's retry.",
             "schema": _IDEMPOTENCY_KEYS.json_schema(),
         }
     ],

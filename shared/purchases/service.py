@@ -68,6 +68,11 @@ _NOTHING_TO_CONFIRM = (
 # How long a retry with an Idempotency-Key waits to learn whether its purchase is already
 # decided; past it, the purchase is published again (the worker applies an id once).
 KEY_LOOKUP_WAIT_S = 1.0
+# How long a keyed purchase refused (sold out, sales closed) by a replica that did not accept
+# an earlier one with its key waits for its partition to show whether one was queued; past it,
+# or when the partition's pace says it will not get there in time, the purchase is published.
+KEY_SETTLE_WAIT_S = 2.0
+KEY_SETTLE_PAUSE_S = 0.1
 
 # How often a waiting status request reads its purchase while the listener is reconnecting.
 POLL_S = 1.0
@@ -173,6 +178,7 @@ class PurchaseService:
         # A retry of a purchase already decided gets its original answer, even if the event
         # sold out since (quite likely: it may have bought the last tickets).
         purchase_id: UUID | None = None
+        candidates: tuple[UUID, ...] = ()  # the ids a purchase with this key may have
         if idempotency_key is not None:
             purchase_id = self._ids.for_idempotency_key(
                 event_id=event_id, customer_id=request.customer_id, key=idempotency_key
@@ -182,7 +188,8 @@ class PurchaseService:
             first_layout = self._ids.first_layout_for_idempotency_key(
                 event_id=event_id, customer_id=request.customer_id, key=idempotency_key
             )
-            recorded = await self._already_recorded((purchase_id, first_layout), request)
+            candidates = (purchase_id, first_layout)
+            recorded = await self._already_recorded(candidates, request)
             if recorded is not None:
                 return recorded
 
@@ -204,12 +211,24 @@ class PurchaseService:
         elif event.available_tickets == 0:
             refusal = SoldOut(event_id)
         if refusal is not None:
+            if purchase_id is None:
+                raise refusal
             # A retry of a purchase this replica queued (its 202 lost) is that purchase, still
             # queued and decided as of its own acceptance: "refused, nothing queued" would be
             # false. Its message is confirmed already, so nothing is published again.
-            if purchase_id is not None and self._recent.get(purchase_id) is not None:
+            if self._recent.get(purchase_id) is not None:
                 return purchase_id
-            raise refusal
+            if isinstance(refusal, SalesNotOpen):  # one accepted earlier is refused as well
+                raise refusal
+            # Another replica may have queued it: see _refused_unless_queued.
+            earlier = await self._refused_unless_queued(
+                refusal, candidates, request, event_id, accepted_at
+            )
+            if earlier is not None:
+                return earlier
+            # Stamped again after the wait: a message never carries an acceptance older than
+            # the partition's horizon may have become meanwhile.
+            accepted_at = datetime.now(UTC)
 
         purchase_id = purchase_id or self._ids.new()
         purchase = AcceptedPurchase(
@@ -230,21 +249,87 @@ class PurchaseService:
             )
         return purchase_id
 
+    async def _refused_unless_queued(
+        self,
+        refusal: SalesClosed | SoldOut,
+        candidates: tuple[UUID, ...],
+        request: PurchaseCreate,
+        event_id: UUID,
+        accepted_at: datetime,
+    ) -> UUID | None:
+        """Raise `refusal` for a keyed purchase, unless an earlier request with its key may be
+        queued. The replica that accepted that one knows it, but a retry whose 202 was lost
+        may reach another, and a 409 then tells the buyer "nothing queued" about a purchase
+        that may still be applied (one accepted before the sales closed is). So the refusal
+        waits, a moment, for the partition to decide everything accepted before this request:
+        then the earlier purchase is recorded (and this is its retry) or there was none (and
+        the refusal stands). Return the recorded purchase's id, or None when the partition
+        cannot tell in time: the purchase is then published, and the worker applies its id
+        once: the earlier message if there was one, else this one, refused as of now."""
+        partition = self._publisher.partition_of_event(event_id)
+        if not await self._decided_before(partition, accepted_at):
+            log.info(
+                "keyed purchase queued although refused here (%s): an earlier one with its key "
+                "may be queued",
+                refusal.__class__.__name__,
+                extra={
+                    "purchase_id": str(candidates[0]),
+                    "event_id": str(event_id),
+                    "partition": partition,
+                },
+            )
+            return None
+        try:
+            recorded = await self._recorded(candidates, request)
+        except DATABASE_UNAVAILABLE:
+            return None
+        if recorded is None:
+            raise refusal
+        return recorded
+
+    async def _decided_before(self, partition: int, instant: datetime) -> bool:
+        """Whether the partition has decided everything accepted before `instant`, waiting up
+        to KEY_SETTLE_WAIT_S for it: not at all when no worker decides it now, or when it is
+        further behind than its pace covers in that time (a backlog)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + KEY_SETTLE_WAIT_S
+        while True:
+            left = deadline - loop.time()
+            try:
+                row = await asyncio.wait_for(self._progress.of(partition), max(left, 0.0))
+            except DATABASE_UNAVAILABLE:  # TimeoutError among them
+                return False
+            # Never recorded, or not lately: no worker decides the partition now.
+            if row is None or row["age_s"] > STALE_PROGRESS_S:
+                return False
+            if row["horizon"] > instant:
+                return True
+            behind_s = (instant - row["horizon"]).total_seconds()
+            rate = row["rate"]
+            left = deadline - loop.time()
+            if left <= 0 or (rate and behind_s / rate > KEY_SETTLE_WAIT_S):
+                return False
+            await asyncio.sleep(min(KEY_SETTLE_PAUSE_S, left))
+
     async def _already_recorded(
         self, candidates: tuple[UUID, ...], request: PurchaseCreate
     ) -> UUID | None:
         """The id of a retry's purchase when it is already decided (nothing to publish again);
         refuse a key reused for a different quantity, since the decided purchase would not
         match it."""
-        # The read runs on its own and is waited for only so long: a database that stalls
-        # (rather than refuses) would hold each keyed purchase for its statement timeout.
-        read = asyncio.ensure_future(self._read_purchases(candidates))
         try:
-            rows = await asyncio.wait_for(asyncio.shield(read), KEY_LOOKUP_WAIT_S)
+            return await self._recorded(candidates, request)
         except DATABASE_UNAVAILABLE:  # TimeoutError among them
             # Without the database, publish again: the worker applies an id once, so a retry
             # stays one purchase; only a reused key's quantity goes unchecked.
             return None
+
+    async def _recorded(self, candidates: tuple[UUID, ...], request: PurchaseCreate) -> UUID | None:
+        """_already_recorded, raising when the database cannot tell."""
+        # The read runs on its own and is waited for only so long: a database that stalls
+        # (rather than refuses) would hold each keyed purchase for its statement timeout.
+        read = asyncio.ensure_future(self._read_purchases(candidates))
+        rows = await asyncio.wait_for(asyncio.shield(read), KEY_LOOKUP_WAIT_S)
         row = next((r for r in rows if r["status"] != PurchaseStatus.FAILED), None)
         if row is None:
             return None

@@ -15,7 +15,7 @@ import pytest
 from shared.errors import BrokerUnavailable
 from shared.messages import ConfirmRequested, PurchaseMessage
 from shared.publisher import PurchasePublisher
-from shared.purchases import repository
+from shared.purchases import repository, service
 from shared.purchases.ids import PurchaseIds
 from shared.purchases.models import LifecycleAccepted
 from shared.purchases.service import LOCATE_WAIT_S
@@ -27,9 +27,10 @@ from tests.api.helpers import (
     read_messages,
     wait_for_no_consumers,
 )
-from tests.conftest import StartWorker
+from tests.conftest import StartWorker, api_client
 from tests.factories import assert_no_oversell, create_event, purchase, wait_until_final
 from tests.worker.helpers import wait_for
+from worker.supervisor import Worker
 
 PROBLEM = "urn:ticketing:problem:"
 
@@ -594,6 +595,145 @@ async def test_a_retry_of_a_purchase_queued_before_the_sales_closed_is_its_purch
     assert await queue_depth(amqp, queue) == 1
     await start_worker()
     await wait_status(api, first.json()["purchase_id"], "confirmed")
+
+
+async def test_a_retry_on_another_replica_of_a_purchase_queued_before_the_sales_closed_is_its_purchase(
+    api: httpx.AsyncClient,
+    amqp: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    db: asyncpg.Pool,
+    start_worker: StartWorker,
+) -> None:
+    """As above, but the retry reaches a replica that did not accept the first try. No worker
+    has decided the partition yet, so nothing tells whether an earlier purchase with the key is
+    queued: the retry is published too, and the worker applies the purchase once."""
+    event = await create_event(api, total_tickets=10)
+    first = await purchase(api, event["id"], quantity=2, idempotency_key="lost-202")
+    assert first.status_code == 202
+    cut = datetime.now(UTC).isoformat()
+    patched = await api.patch(f"/events/{event['id']}", json={"sales_end_at": cut})
+    assert patched.status_code == 200, patched.text
+
+    async with api_client(settings) as other:
+        retry = await purchase(other, event["id"], quantity=2, idempotency_key="lost-202")
+
+    assert retry.status_code == 202, retry.text
+    assert retry.json()["purchase_id"] == first.json()["purchase_id"]
+    _, queue = partition_queue(settings, event["id"])
+    assert await queue_depth(amqp, queue) == 2
+    await start_worker()
+    await wait_status(api, first.json()["purchase_id"], "confirmed")
+    await wait_for_horizon_past(db, settings, event["id"], datetime.now(UTC))
+    assert await db.fetchval("SELECT count(*) FROM purchases") == 1
+    assert await available(db, event["id"]) == 8
+    await assert_no_oversell(db)
+
+
+async def close_sales(api: httpx.AsyncClient, db: asyncpg.Pool, event: dict[str, Any]) -> None:
+    patched = await api.patch(f"/events/{event['id']}", json={"sales_end_at": soon(seconds=-1)})
+    assert patched.status_code == 200, patched.text
+
+
+async def sell_out(api: httpx.AsyncClient, db: asyncpg.Pool, event: dict[str, Any]) -> None:
+    """As a sale that took the last ticket leaves it (in the replica's cache, too)."""
+    await db.execute("UPDATE events SET available_tickets = 0 WHERE id = $1", UUID(event["id"]))
+
+
+REFUSALS = {"sales-closed": close_sales, "sold-out": sell_out}
+
+
+async def wait_for_horizon_past(
+    db: asyncpg.Pool, settings: Settings, event_id: str, instant: datetime
+) -> None:
+    """Until the event's partition has decided everything accepted before `instant`."""
+
+    async def past() -> bool:
+        horizon = await db.fetchval(
+            "SELECT horizon FROM partition_progress WHERE partition = $1",
+            partition_queue(settings, event_id)[0],
+        )
+        return horizon is not None and horizon > instant
+
+    await wait_for(past, timeout_s=30, what="the partition's horizon to pass the request")
+
+
+async def deciding(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    settings: Settings,
+    start_worker: StartWorker,
+    event: dict[str, Any],
+) -> Worker:
+    """A worker deciding the event's partition, shown to be (a purchase reached it: a new
+    consumer may be the broker's standby until then) and caught up."""
+    worker = await start_worker()
+    first = await purchase(api, event["id"], customer_id="first-buyer")
+    await wait_until_final(db, [first.json()["purchase_id"]])
+    await wait_for_horizon_past(db, settings, event["id"], datetime.now(UTC))
+    return worker
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
+async def test_a_new_keyed_purchase_is_refused_once_its_partition_shows_no_earlier_one_queued(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    settings: Settings,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    refusal: str,
+) -> None:
+    """A key this replica never saw, for an event it would refuse: the refusal waits until the
+    partition has decided everything accepted before the request, finds no purchase with the
+    key, and stands; nothing is published."""
+    monkeypatch.setattr(service, "KEY_SETTLE_WAIT_S", 30.0)  # the outcome, not the bound
+    event = await create_event(api, total_tickets=10)
+    await deciding(api, db, settings, start_worker, event)
+    await REFUSALS[refusal](api, db, event)
+
+    response = await purchase(api, event["id"], idempotency_key="never-sent-before")
+
+    assert assert_problem(response, 409)["type"] == PROBLEM + refusal
+    # Nothing was queued: once the partition has decided past the answer, nothing is recorded.
+    await wait_for_horizon_past(db, settings, event["id"], datetime.now(UTC))
+    assert await db.fetchval("SELECT count(*) FROM purchases") == 1  # the first buyer's
+
+
+@pytest.mark.parametrize(
+    ("refusal", "reason"), [("sales-closed", "sales_closed"), ("sold-out", "sold_out")]
+)
+async def test_a_keyed_purchase_refused_while_its_partition_cannot_tell_is_queued_and_decided(
+    api: httpx.AsyncClient,
+    amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
+    settings: Settings,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    refusal: str,
+    reason: str,
+) -> None:
+    """No worker has recorded the partition's progress for longer than one ever leaves it: an
+    earlier purchase with the key may be queued, and nothing will tell soon. The purchase is
+    published at once (not after the wait), and the worker decides it as of its acceptance."""
+    monkeypatch.setattr(service, "KEY_SETTLE_WAIT_S", 60.0)
+    event = await create_event(api, total_tickets=10)
+    worker = await deciding(api, db, settings, start_worker, event)
+    worker.stop()
+    await wait_for_no_consumers(amqp, settings)
+    await db.execute(
+        "UPDATE partition_progress SET recorded_at = now() - interval '10 seconds', "
+        "horizon = horizon - interval '10 seconds' WHERE partition = $1",
+        partition_queue(settings, event["id"])[0],
+    )
+    await REFUSALS[refusal](api, db, event)
+
+    started = time.monotonic()
+    response = await purchase(api, event["id"], idempotency_key="in-doubt")
+
+    assert response.status_code == 202, response.text
+    assert time.monotonic() - started < 30, "it waited for a partition that could not tell"
+    await start_worker()
+    rows = await wait_until_final(db, [response.json()["purchase_id"]])
+    assert [(row["status"], row["reason"]) for row in rows.values()] == [("rejected", reason)]
 
 
 # --- hostile confirmations ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ answers 404 for.
 Chromium is Debian's (`.ci/run` installs it); playwright drives it, with no browser download."""
 
 import asyncio
+import json
 import shutil
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -209,10 +210,12 @@ async def test_the_demo_page_long_polls_a_server_that_answers_at_once_without_a_
 async def test_the_demo_page_keeps_asking_when_a_retry_is_refused_after_its_first_try_was_queued(
     settings: Settings, start_worker: StartWorker, browser: Browser
 ) -> None:
-    """The first try is queued by one replica and its answer lost; the retry (same key) reaches
-    another replica after the sales closed, which refuses it (409). That does not prove the first
-    try was not queued: the page says the outcome is not known yet and asks again with the same
-    key, which gets the purchase once a worker has recorded it, bought once."""
+    """The first try is queued by one replica and its answer lost; the sales close; the retry
+    (same key) is refused (409), as it is when the first try reaches the queue only after the
+    retry was judged (a broker slow to take it: a timing no test can set up, so the refusal is
+    given here by the route). That does not prove the first try was not queued: the page says
+    the outcome is not known yet and asks again with the same key, which another replica
+    answers with the purchase, bought once."""
     async with served_api(settings) as first, served_api(settings) as second:
         created = await create_event(first, total_tickets=10)
         event_id = created["id"]
@@ -228,6 +231,20 @@ async def test_the_demo_page_keeps_asking_when_a_retry_is_refused_after_its_firs
                 )
                 assert closed.status_code == 200, closed.text
                 await route.abort("connectionreset")
+            elif len(keys) == 2:
+                await route.fulfill(
+                    status=409,
+                    content_type="application/problem+json",
+                    body=json.dumps(
+                        {
+                            "type": "urn:ticketing:problem:sales-closed",
+                            "title": "Sales closed",
+                            "status": 409,
+                            "detail": f"Sales of event {event_id} have closed.",
+                            "instance": urlsplit(route.request.url).path,
+                        }
+                    ),
+                )
             else:
                 path = urlsplit(route.request.url).path
                 await route.fulfill(response=await route.fetch(url=f"{second.base_url}{path}"))
