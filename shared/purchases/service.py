@@ -10,6 +10,7 @@ from uuid import UUID
 import asyncpg
 
 from shared.errors import (
+    Conflict,
     EventNotFound,
     IdempotencyKeyReused,
     InvalidRequest,
@@ -33,7 +34,13 @@ from shared.publisher import PurchasePublisher
 from shared.purchases import repository
 from shared.purchases.changes import StatusWaiters, Waiter
 from shared.purchases.ids import PurchaseIds
-from shared.purchases.models import Purchase, PurchaseCreate, PurchaseStatus, QueuePosition
+from shared.purchases.models import (
+    Purchase,
+    PurchaseCreate,
+    PurchaseStatus,
+    QueuePosition,
+    RejectReason,
+)
 from shared.purchases.progress import PartitionProgress
 from shared.retry import DATABASE_UNAVAILABLE
 
@@ -68,11 +75,15 @@ _NOTHING_TO_CONFIRM = (
 # How long a retry with an Idempotency-Key waits to learn whether its purchase is already
 # decided; past it, the purchase is published again (the worker applies an id once).
 KEY_LOOKUP_WAIT_S = 1.0
-# How long a keyed purchase refused (sold out, sales closed) by a replica that did not accept
-# an earlier one with its key waits for its partition to show whether one was queued; past it,
-# or when the partition's pace says it will not get there in time, the purchase is published.
-KEY_SETTLE_WAIT_S = 2.0
-KEY_SETTLE_PAUSE_S = 0.1
+# How long a keyed purchase this replica would refuse (sold out, sales closed), and queued
+# because an earlier one with its key may be queued, waits for the worker's decision: the 409 if
+# the worker refused it too, else the 202.
+KEY_DECISION_WAIT_S = 2.0
+_UNDECIDED = frozenset({PurchaseStatus.PENDING.value})
+_REASON_OF: dict[type[Conflict], RejectReason] = {
+    SalesClosed: RejectReason.SALES_CLOSED,
+    SoldOut: RejectReason.SOLD_OUT,
+}
 
 # How often a waiting status request reads its purchase while the listener is reconnecting.
 POLL_S = 1.0
@@ -178,7 +189,6 @@ class PurchaseService:
         # A retry of a purchase already decided gets its original answer, even if the event
         # sold out since (quite likely: it may have bought the last tickets).
         purchase_id: UUID | None = None
-        candidates: tuple[UUID, ...] = ()  # the ids a purchase with this key may have
         if idempotency_key is not None:
             purchase_id = self._ids.for_idempotency_key(
                 event_id=event_id, customer_id=request.customer_id, key=idempotency_key
@@ -188,8 +198,7 @@ class PurchaseService:
             first_layout = self._ids.first_layout_for_idempotency_key(
                 event_id=event_id, customer_id=request.customer_id, key=idempotency_key
             )
-            candidates = (purchase_id, first_layout)
-            recorded = await self._already_recorded(candidates, request)
+            recorded = await self._already_recorded((purchase_id, first_layout), request)
             if recorded is not None:
                 return recorded
 
@@ -220,15 +229,8 @@ class PurchaseService:
                 return purchase_id
             if isinstance(refusal, SalesNotOpen):  # one accepted earlier is refused as well
                 raise refusal
-            # Another replica may have queued it: see _refused_unless_queued.
-            earlier = await self._refused_unless_queued(
-                refusal, candidates, request, event_id, accepted_at
-            )
-            if earlier is not None:
-                return earlier
-            # Stamped again after the wait: a message never carries an acceptance older than
-            # the partition's horizon may have become meanwhile.
-            accepted_at = datetime.now(UTC)
+            # Another replica may have queued an earlier request with this key, still undecided:
+            # published anyway, and left to the worker (see _refused_by_the_worker).
 
         purchase_id = purchase_id or self._ids.new()
         purchase = AcceptedPurchase(
@@ -247,69 +249,46 @@ class PurchaseService:
                     "quantity": request.quantity,
                 },
             )
+        if refusal is not None:
+            await self._refused_by_the_worker(purchase, refusal)
         return purchase_id
 
-    async def _refused_unless_queued(
-        self,
-        refusal: SalesClosed | SoldOut,
-        candidates: tuple[UUID, ...],
-        request: PurchaseCreate,
-        event_id: UUID,
-        accepted_at: datetime,
-    ) -> UUID | None:
-        """Raise `refusal` for a keyed purchase, unless an earlier request with its key may be
-        queued. The replica that accepted that one knows it, but a retry whose 202 was lost
-        may reach another, and a 409 then tells the buyer "nothing queued" about a purchase
-        that may still be applied (one accepted before the sales closed is). So the refusal
-        waits, a moment, for the partition to decide everything accepted before this request:
-        then the earlier purchase is recorded (and this is its retry) or there was none (and
-        the refusal stands). Return the recorded purchase's id, or None when the partition
-        cannot tell in time: the purchase is then published, and the worker applies its id
-        once: the earlier message if there was one, else this one, refused as of now."""
-        partition = self._publisher.partition_of_event(event_id)
-        if not await self._decided_before(partition, accepted_at):
-            log.info(
-                "keyed purchase queued although refused here (%s): an earlier one with its key "
-                "may be queued",
-                refusal.__class__.__name__,
-                extra={
-                    "purchase_id": str(candidates[0]),
-                    "event_id": str(event_id),
-                    "partition": partition,
-                },
-            )
-            return None
+    async def _refused_by_the_worker(
+        self, purchase: AcceptedPurchase, refusal: SalesClosed | SoldOut
+    ) -> None:
+        """A keyed purchase this replica would refuse but did not queue before. A retry whose
+        202 was lost may reach it while the first try, queued by another replica, is undecided,
+        and a 409 would then tell the buyer "nothing queued" about a purchase still applied (one
+        accepted before the sales closed is). Only the queue can tell a retry from a first try,
+        so the purchase was published, behind any earlier one with its key, and the worker
+        decides its id once. Its decision is waited for, a moment: if the worker refused this
+        very message as this replica would have, so does the answer (`refusal`); if it decided
+        an earlier message of the key, or took tickets that came back, or has not decided yet,
+        the answer is the purchase's 202."""
+        if await self._backlogged(purchase):
+            return  # its decision would not come in time: the 202 now, not after the wait
         try:
-            recorded = await self._recorded(candidates, request)
-        except DATABASE_UNAVAILABLE:
-            return None
-        if recorded is None:
+            with self.follow(purchase.purchase_id) as follower:
+                decided = await follower.change(unlike=_UNDECIDED, wait_s=KEY_DECISION_WAIT_S)
+        except _OUTAGE:
+            return
+        if (
+            decided is not None
+            and decided.status == PurchaseStatus.REJECTED
+            and decided.reason == _REASON_OF[type(refusal)]
+            and decided.accepted_at == purchase.accepted_at  # this message's, not an earlier one
+        ):
             raise refusal
-        return recorded
 
-    async def _decided_before(self, partition: int, instant: datetime) -> bool:
-        """Whether the partition has decided everything accepted before `instant`, waiting up
-        to KEY_SETTLE_WAIT_S for it: not at all when no worker decides it now, or when it is
-        further behind than its pace covers in that time (a backlog)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + KEY_SETTLE_WAIT_S
-        while True:
-            left = deadline - loop.time()
-            try:
-                row = await asyncio.wait_for(self._progress.of(partition), max(left, 0.0))
-            except DATABASE_UNAVAILABLE:  # TimeoutError among them
-                return False
-            # Never recorded, or not lately: no worker decides the partition now.
-            if row is None or row["age_s"] > STALE_PROGRESS_S:
-                return False
-            if row["horizon"] > instant:
-                return True
-            behind_s = (instant - row["horizon"]).total_seconds()
-            rate = row["rate"]
-            left = deadline - loop.time()
-            if left <= 0 or (rate and behind_s / rate > KEY_SETTLE_WAIT_S):
-                return False
-            await asyncio.sleep(min(KEY_SETTLE_PAUSE_S, left))
+    async def _backlogged(self, purchase: AcceptedPurchase) -> bool:
+        """Whether the purchase's partition is further behind than its pace covers in
+        KEY_DECISION_WAIT_S (a guess for whether to wait, never proof of anything)."""
+        try:
+            position = await asyncio.wait_for(self._queue_position(purchase), KEY_LOOKUP_WAIT_S)
+        except DATABASE_UNAVAILABLE:  # TimeoutError among them
+            return False
+        wait_s = None if position is None else position.estimated_wait_s
+        return wait_s is not None and wait_s > KEY_DECISION_WAIT_S
 
     async def _already_recorded(
         self, candidates: tuple[UUID, ...], request: PurchaseCreate
@@ -317,19 +296,15 @@ class PurchaseService:
         """The id of a retry's purchase when it is already decided (nothing to publish again);
         refuse a key reused for a different quantity, since the decided purchase would not
         match it."""
+        # The read runs on its own and is waited for only so long: a database that stalls
+        # (rather than refuses) would hold each keyed purchase for its statement timeout.
+        read = asyncio.ensure_future(self._read_purchases(candidates))
         try:
-            return await self._recorded(candidates, request)
+            rows = await asyncio.wait_for(asyncio.shield(read), KEY_LOOKUP_WAIT_S)
         except DATABASE_UNAVAILABLE:  # TimeoutError among them
             # Without the database, publish again: the worker applies an id once, so a retry
             # stays one purchase; only a reused key's quantity goes unchecked.
             return None
-
-    async def _recorded(self, candidates: tuple[UUID, ...], request: PurchaseCreate) -> UUID | None:
-        """_already_recorded, raising when the database cannot tell."""
-        # The read runs on its own and is waited for only so long: a database that stalls
-        # (rather than refuses) would hold each keyed purchase for its statement timeout.
-        read = asyncio.ensure_future(self._read_purchases(candidates))
-        rows = await asyncio.wait_for(asyncio.shield(read), KEY_LOOKUP_WAIT_S)
         row = next((r for r in rows if r["status"] != PurchaseStatus.FAILED), None)
         if row is None:
             return None

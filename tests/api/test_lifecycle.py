@@ -30,7 +30,6 @@ from tests.api.helpers import (
 from tests.conftest import StartWorker, api_client
 from tests.factories import assert_no_oversell, create_event, purchase, wait_until_final
 from tests.worker.helpers import wait_for
-from worker.supervisor import Worker
 
 PROBLEM = "urn:ticketing:problem:"
 
@@ -597,22 +596,61 @@ async def test_a_retry_of_a_purchase_queued_before_the_sales_closed_is_its_purch
     await wait_status(api, first.json()["purchase_id"], "confirmed")
 
 
-async def test_a_retry_on_another_replica_of_a_purchase_queued_before_the_sales_closed_is_its_purchase(
+async def first_try_then_close(
+    api: httpx.AsyncClient, event: dict[str, Any], key: str
+) -> httpx.Response:
+    """A first try queued (its 202 about to be lost), then the sales closed."""
+    first = await purchase(api, event["id"], quantity=2, idempotency_key=key)
+    assert first.status_code == 202, first.text
+    closed = await api.patch(
+        f"/events/{event['id']}", json={"sales_end_at": datetime.now(UTC).isoformat()}
+    )
+    assert closed.status_code == 200, closed.text
+    return first
+
+
+async def test_a_retry_on_another_replica_is_its_purchase_once_the_worker_decides_the_first_try(
+    api: httpx.AsyncClient,
+    settings: Settings,
+    db: asyncpg.Pool,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, but the retry reaches a replica that did not queue the first try, and cannot
+    tell it from a first try. It is queued behind it and waits for the worker, which decides the
+    first try (inside the window: confirmed) and skips the retry: the answer is the 202."""
+    monkeypatch.setattr(service, "KEY_DECISION_WAIT_S", 30.0)  # the outcome, not the bound
+    event = await create_event(api, total_tickets=10)
+    first = await first_try_then_close(api, event, "lost-202")
+
+    async with api_client(settings) as other:
+        retrying = asyncio.create_task(
+            purchase(other, event["id"], quantity=2, idempotency_key="lost-202")
+        )
+        await start_worker()
+        retry = await retrying
+
+    assert retry.status_code == 202, retry.text
+    assert retry.json()["purchase_id"] == first.json()["purchase_id"]
+    await wait_status(api, first.json()["purchase_id"], "confirmed")
+    assert await db.fetchval("SELECT count(*) FROM purchases") == 1
+    assert await available(db, event["id"]) == 8
+    await assert_no_oversell(db)
+
+
+async def test_a_retry_on_another_replica_is_its_purchase_while_no_worker_decides(
     api: httpx.AsyncClient,
     amqp: aio_pika.abc.AbstractChannel,
     settings: Settings,
     db: asyncpg.Pool,
     start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """As above, but the retry reaches a replica that did not accept the first try. No worker
-    has decided the partition yet, so nothing tells whether an earlier purchase with the key is
-    queued: the retry is published too, and the worker applies the purchase once."""
+    """No decision comes within the wait: the retry, queued, is answered 202 with the first
+    try's id, and the worker, once running, applies the purchase once."""
+    monkeypatch.setattr(service, "KEY_DECISION_WAIT_S", 0.5)
     event = await create_event(api, total_tickets=10)
-    first = await purchase(api, event["id"], quantity=2, idempotency_key="lost-202")
-    assert first.status_code == 202
-    cut = datetime.now(UTC).isoformat()
-    patched = await api.patch(f"/events/{event['id']}", json={"sales_end_at": cut})
-    assert patched.status_code == 200, patched.text
+    first = await first_try_then_close(api, event, "lost-202")
 
     async with api_client(settings) as other:
         retry = await purchase(other, event["id"], quantity=2, idempotency_key="lost-202")
@@ -623,10 +661,20 @@ async def test_a_retry_on_another_replica_of_a_purchase_queued_before_the_sales_
     assert await queue_depth(amqp, queue) == 2
     await start_worker()
     await wait_status(api, first.json()["purchase_id"], "confirmed")
-    await wait_for_horizon_past(db, settings, event["id"], datetime.now(UTC))
+    await wait_queue_empty(amqp, settings, event["id"])
     assert await db.fetchval("SELECT count(*) FROM purchases") == 1
     assert await available(db, event["id"]) == 8
-    await assert_no_oversell(db)
+
+
+async def wait_queue_empty(
+    amqp: aio_pika.abc.AbstractChannel, settings: Settings, event_id: str
+) -> None:
+    _, queue = partition_queue(settings, event_id)
+
+    async def empty() -> bool:
+        return await queue_depth(amqp, queue) == 0
+
+    await wait_for(empty, timeout_s=30, what=f"{queue} to be drained")
 
 
 async def close_sales(api: httpx.AsyncClient, db: asyncpg.Pool, event: dict[str, Any]) -> None:
@@ -639,101 +687,97 @@ async def sell_out(api: httpx.AsyncClient, db: asyncpg.Pool, event: dict[str, An
     await db.execute("UPDATE events SET available_tickets = 0 WHERE id = $1", UUID(event["id"]))
 
 
-REFUSALS = {"sales-closed": close_sales, "sold-out": sell_out}
-
-
-async def wait_for_horizon_past(
-    db: asyncpg.Pool, settings: Settings, event_id: str, instant: datetime
-) -> None:
-    """Until the event's partition has decided everything accepted before `instant`."""
-
-    async def past() -> bool:
-        horizon = await db.fetchval(
-            "SELECT horizon FROM partition_progress WHERE partition = $1",
-            partition_queue(settings, event_id)[0],
-        )
-        return horizon is not None and horizon > instant
-
-    await wait_for(past, timeout_s=30, what="the partition's horizon to pass the request")
-
-
-async def deciding(
-    api: httpx.AsyncClient,
-    db: asyncpg.Pool,
-    settings: Settings,
-    start_worker: StartWorker,
-    event: dict[str, Any],
-) -> Worker:
-    """A worker deciding the event's partition, shown to be (a purchase reached it: a new
-    consumer may be the broker's standby until then) and caught up."""
-    worker = await start_worker()
-    first = await purchase(api, event["id"], customer_id="first-buyer")
-    await wait_until_final(db, [first.json()["purchase_id"]])
-    await wait_for_horizon_past(db, settings, event["id"], datetime.now(UTC))
-    return worker
+REFUSALS = {"sales-closed": (close_sales, "sales_closed"), "sold-out": (sell_out, "sold_out")}
 
 
 @pytest.mark.parametrize("refusal", REFUSALS)
-async def test_a_new_keyed_purchase_is_refused_once_its_partition_shows_no_earlier_one_queued(
+async def test_a_new_keyed_purchase_is_refused_once_the_worker_refuses_it_too(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    refusal: str,
+) -> None:
+    """A key no replica saw before, for an event this replica would refuse: it may be a retry,
+    so it is queued, and the worker, finding no earlier purchase of the key, refuses it as the
+    replica would have: the answer is that refusal, and nothing of it is pending."""
+    monkeypatch.setattr(service, "KEY_DECISION_WAIT_S", 30.0)
+    event = await create_event(api, total_tickets=10)
+    await start_worker()
+    refuse, reason = REFUSALS[refusal]
+    await refuse(api, db, event)
+
+    response = await purchase(api, event["id"], idempotency_key="never-sent-before")
+
+    assert assert_problem(response, 409)["type"] == PROBLEM + refusal
+    rows = await db.fetch("SELECT status, reason FROM purchases")
+    assert [(row["status"], row["reason"]) for row in rows] == [("rejected", reason)]
+    assert await available(db, event["id"]) == (10 if refusal == "sales-closed" else 0)
+
+
+async def test_a_new_keyed_purchase_the_worker_accepts_after_all_is_its_202(
     api: httpx.AsyncClient,
     db: asyncpg.Pool,
     settings: Settings,
     start_worker: StartWorker,
     monkeypatch: pytest.MonkeyPatch,
-    refusal: str,
 ) -> None:
-    """A key this replica never saw, for an event it would refuse: the refusal waits until the
-    partition has decided everything accepted before the request, finds no purchase with the
-    key, and stands; nothing is published."""
-    monkeypatch.setattr(service, "KEY_SETTLE_WAIT_S", 30.0)  # the outcome, not the bound
+    """The replica's cache says sold out, but tickets came back (a cancellation, an expired
+    hold) before the worker decided: the purchase is bought, so the answer is its 202."""
+    monkeypatch.setattr(service, "KEY_DECISION_WAIT_S", 30.0)
     event = await create_event(api, total_tickets=10)
-    await deciding(api, db, settings, start_worker, event)
-    await REFUSALS[refusal](api, db, event)
+    await start_worker()
+    await db.execute("UPDATE events SET available_tickets = 0 WHERE id = $1", UUID(event["id"]))
+    caching = settings.model_copy(update={"event_cache_ttl_s": 600.0})
+    async with api_client(caching) as replica:
+        assert_problem(await purchase(replica, event["id"]), 409)  # sold out, and cached so
+        await db.execute(
+            "UPDATE events SET available_tickets = 10 WHERE id = $1", UUID(event["id"])
+        )
 
-    response = await purchase(api, event["id"], idempotency_key="never-sent-before")
+        response = await purchase(replica, event["id"], idempotency_key="tickets-came-back")
 
-    assert assert_problem(response, 409)["type"] == PROBLEM + refusal
-    # Nothing was queued: once the partition has decided past the answer, nothing is recorded.
-    await wait_for_horizon_past(db, settings, event["id"], datetime.now(UTC))
-    assert await db.fetchval("SELECT count(*) FROM purchases") == 1  # the first buyer's
+    assert response.status_code == 202, response.text
+    confirmed = await wait_status(api, response.json()["purchase_id"], "confirmed")
+    assert confirmed["quantity"] == 1
+    assert await available(db, event["id"]) == 9
 
 
-@pytest.mark.parametrize(
-    ("refusal", "reason"), [("sales-closed", "sales_closed"), ("sold-out", "sold_out")]
-)
-async def test_a_keyed_purchase_refused_while_its_partition_cannot_tell_is_queued_and_decided(
+async def test_a_keyed_purchase_refused_behind_a_backlog_is_queued_without_waiting(
     api: httpx.AsyncClient,
     amqp: aio_pika.abc.AbstractChannel,
     db: asyncpg.Pool,
     settings: Settings,
     start_worker: StartWorker,
     monkeypatch: pytest.MonkeyPatch,
-    refusal: str,
-    reason: str,
 ) -> None:
-    """No worker has recorded the partition's progress for longer than one ever leaves it: an
-    earlier purchase with the key may be queued, and nothing will tell soon. The purchase is
-    published at once (not after the wait), and the worker decides it as of its acceptance."""
-    monkeypatch.setattr(service, "KEY_SETTLE_WAIT_S", 60.0)
+    """The partition's progress says its worker is further behind than the wait: the decision
+    would not come in time, so the 202 comes at once, and the worker decides it later."""
+    monkeypatch.setattr(service, "KEY_DECISION_WAIT_S", 60.0)
     event = await create_event(api, total_tickets=10)
-    worker = await deciding(api, db, settings, start_worker, event)
+    worker = await start_worker()
+    first = await purchase(api, event["id"], customer_id="first-buyer")
+    await wait_until_final(db, [first.json()["purchase_id"]])
     worker.stop()
     await wait_for_no_consumers(amqp, settings)
+    # An hour of accepted purchases ahead, decided at the pace of real time.
     await db.execute(
-        "UPDATE partition_progress SET recorded_at = now() - interval '10 seconds', "
-        "horizon = horizon - interval '10 seconds' WHERE partition = $1",
+        "UPDATE partition_progress SET horizon = now() - interval '1 hour', recorded_at = now(), "
+        "rate = 1 WHERE partition = $1",
         partition_queue(settings, event["id"])[0],
     )
-    await REFUSALS[refusal](api, db, event)
+    await close_sales(api, db, event)
 
     started = time.monotonic()
-    response = await purchase(api, event["id"], idempotency_key="in-doubt")
+    response = await purchase(api, event["id"], idempotency_key="behind-a-backlog")
 
     assert response.status_code == 202, response.text
-    assert time.monotonic() - started < 30, "it waited for a partition that could not tell"
+    assert time.monotonic() - started < 30, "it waited for a decision that could not come"
     await start_worker()
     rows = await wait_until_final(db, [response.json()["purchase_id"]])
-    assert [(row["status"], row["reason"]) for row in rows.values()] == [("rejected", reason)]
+    assert [(row["status"], row["reason"]) for row in rows.values()] == [
+        ("rejected", "sales_closed")
+    ]
 
 
 # --- hostile confirmations ---------------------------------------------------------------------
