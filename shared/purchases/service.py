@@ -230,13 +230,15 @@ class PurchaseService:
             if isinstance(refusal, SalesNotOpen):  # one accepted earlier is refused as well
                 raise refusal
             # Another replica may have queued an earlier request with this key, still undecided:
-            # published anyway, and left to the worker (see _refused_by_the_worker).
+            # queued as well, and refused only once the worker refused it (_refused_by_the_worker).
 
         purchase_id = purchase_id or self._ids.new()
         purchase = AcceptedPurchase(
             purchase_id, event_id, request.customer_id, request.quantity, accepted_at
         )
         await self._publisher.publish(purchase)
+        if refusal is not None and await self._refused_by_the_worker(purchase, refusal):
+            raise refusal
         self._recent.remember(purchase)
         if log.isEnabledFor(logging.INFO):
             log.info(
@@ -249,44 +251,47 @@ class PurchaseService:
                     "quantity": request.quantity,
                 },
             )
-        if refusal is not None:
-            await self._refused_by_the_worker(purchase, refusal)
         return purchase_id
 
     async def _refused_by_the_worker(
         self, purchase: AcceptedPurchase, refusal: SalesClosed | SoldOut
-    ) -> None:
+    ) -> bool:
         """A keyed purchase this replica would refuse but did not queue before. A retry whose
         202 was lost may reach it while the first try, queued by another replica, is undecided,
         and a 409 would then tell the buyer "nothing queued" about a purchase still applied (one
         accepted before the sales closed is). Only the queue can tell a retry from a first try,
-        so the purchase was published, behind any earlier one with its key, and the worker
-        decides its id once. Its decision is waited for, a moment: if the worker refused this
-        very message as this replica would have, so does the answer (`refusal`); if it decided
-        an earlier message of the key, or took tickets that came back, or has not decided yet,
-        the answer is the purchase's 202."""
-        if await self._backlogged(purchase):
-            return  # its decision would not come in time: the 202 now, not after the wait
+        so the purchase was published, and the worker decides its id once, by whichever of the
+        key's messages comes first. Its decision is waited for, a moment: whether the worker
+        refused this very message as this replica would have (then so does the answer, and
+        that is final: a decided id is never decided again). If it decided an earlier message
+        of the key, or took tickets that came back, or has not decided in time, or cannot be
+        asked (the purchase is queued whatever goes wrong now), the answer is the 202."""
         try:
-            with self.follow(purchase.purchase_id) as follower:
-                decided = await follower.change(unlike=_UNDECIDED, wait_s=KEY_DECISION_WAIT_S)
-        except _OUTAGE:
-            return
-        if (
+            async with asyncio.timeout(KEY_DECISION_WAIT_S):
+                if await self._backlogged(purchase):
+                    return False  # its decision would not come in time: the 202 now
+                with self.follow(purchase.purchase_id) as follower:
+                    decided = await follower.change(unlike=_UNDECIDED, wait_s=KEY_DECISION_WAIT_S)
+        except TimeoutError:
+            return False
+        except Exception as exc:
+            log.warning(
+                "keyed purchase %s queued; its decision could not be read: %r",
+                purchase.purchase_id,
+                exc,
+            )
+            return False
+        return (
             decided is not None
             and decided.status == PurchaseStatus.REJECTED
             and decided.reason == _REASON_OF[type(refusal)]
             and decided.accepted_at == purchase.accepted_at  # this message's, not an earlier one
-        ):
-            raise refusal
+        )
 
     async def _backlogged(self, purchase: AcceptedPurchase) -> bool:
         """Whether the purchase's partition is further behind than its pace covers in
         KEY_DECISION_WAIT_S (a guess for whether to wait, never proof of anything)."""
-        try:
-            position = await asyncio.wait_for(self._queue_position(purchase), KEY_LOOKUP_WAIT_S)
-        except DATABASE_UNAVAILABLE:  # TimeoutError among them
-            return False
+        position = await self._queue_position(purchase)
         wait_s = None if position is None else position.estimated_wait_s
         return wait_s is not None and wait_s > KEY_DECISION_WAIT_S
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from shared.errors import BrokerUnavailable
-from shared.messages import ConfirmRequested, PurchaseMessage
+from shared.messages import ConfirmRequested, PurchaseMessage, PurchaseRequested, encode_message
 from shared.publisher import PurchasePublisher
 from shared.purchases import repository, service
 from shared.purchases.ids import PurchaseIds
@@ -29,7 +29,7 @@ from tests.api.helpers import (
 )
 from tests.conftest import StartWorker, api_client
 from tests.factories import assert_no_oversell, create_event, purchase, wait_until_final
-from tests.worker.helpers import wait_for
+from tests.worker.helpers import publish_raw, wait_for
 
 PROBLEM = "urn:ticketing:problem:"
 
@@ -611,6 +611,7 @@ async def first_try_then_close(
 
 async def test_a_retry_on_another_replica_is_its_purchase_once_the_worker_decides_the_first_try(
     api: httpx.AsyncClient,
+    amqp: aio_pika.abc.AbstractChannel,
     settings: Settings,
     db: asyncpg.Pool,
     start_worker: StartWorker,
@@ -623,10 +624,17 @@ async def test_a_retry_on_another_replica_is_its_purchase_once_the_worker_decide
     event = await create_event(api, total_tickets=10)
     first = await first_try_then_close(api, event, "lost-202")
 
+    _, queue = partition_queue(settings, event["id"])
     async with api_client(settings) as other:
         retrying = asyncio.create_task(
             purchase(other, event["id"], quantity=2, idempotency_key="lost-202")
         )
+
+        async def queued_behind() -> bool:
+            assert not retrying.done(), retrying.result().text
+            return await queue_depth(amqp, queue) == 2
+
+        await wait_for(queued_behind, timeout_s=30, what="the retry to be queued behind")
         await start_worker()
         retry = await retrying
 
@@ -664,6 +672,7 @@ async def test_a_retry_on_another_replica_is_its_purchase_while_no_worker_decide
     await wait_queue_empty(amqp, settings, event["id"])
     assert await db.fetchval("SELECT count(*) FROM purchases") == 1
     assert await available(db, event["id"]) == 8
+    await assert_no_oversell(db)
 
 
 async def wait_queue_empty(
@@ -713,6 +722,77 @@ async def test_a_new_keyed_purchase_is_refused_once_the_worker_refuses_it_too(
     rows = await db.fetch("SELECT status, reason FROM purchases")
     assert [(row["status"], row["reason"]) for row in rows] == [("rejected", reason)]
     assert await available(db, event["id"]) == (10 if refusal == "sales-closed" else 0)
+
+
+async def test_a_keyed_refusal_is_final_even_if_its_first_try_reaches_the_queue_later(
+    api: httpx.AsyncClient,
+    amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
+    settings: Settings,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The 409 came once the worker refused the key's purchase; a first try that the broker
+    took only afterwards (accepted before the close) finds its id decided: skipped, nothing
+    bought. So the 409 told the truth."""
+    monkeypatch.setattr(service, "KEY_DECISION_WAIT_S", 30.0)
+    event = await create_event(api, total_tickets=10)
+    await start_worker()
+    before_the_close = datetime.now(UTC) - timedelta(seconds=5)  # close_sales: 1 s ago
+    await close_sales(api, db, event)
+    refused = await purchase(api, event["id"], quantity=2, idempotency_key="late-first-try")
+    assert assert_problem(refused, 409)["type"] == PROBLEM + "sales-closed"
+
+    purchase_id = PurchaseIds(settings.purchase_id_secret).for_idempotency_key(
+        event_id=UUID(event["id"]), customer_id="customer-1", key="late-first-try"
+    )
+    partition, _ = partition_queue(settings, event["id"])
+    late = PurchaseRequested(
+        purchase_id=purchase_id,
+        event_id=UUID(event["id"]),
+        customer_id="customer-1",
+        quantity=2,
+        accepted_at=before_the_close,
+    )
+    marker = late.model_copy(update={"purchase_id": uuid4(), "customer_id": "marker"})
+    await publish_raw(amqp, settings, partition, encode_message(partition, [late, marker]))
+    await wait_until_final(db, [marker.purchase_id])  # decided after it, in the same batch
+
+    row = await db.fetchrow("SELECT status, reason FROM purchases WHERE id = $1", purchase_id)
+    assert row is not None
+    assert (row["status"], row["reason"]) == ("rejected", "sales_closed")
+    assert await db.fetchval("SELECT status FROM purchases WHERE id = $1", marker.purchase_id) == (
+        "confirmed"  # accepted before the close: the late first try would have been, too
+    )
+    assert await available(db, event["id"]) == 8  # the marker's two tickets only
+
+
+async def test_a_keyed_purchase_whose_decision_cannot_be_read_is_its_202(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Queued, then the database fails the read of its decision: the purchase is in the queue
+    whatever the answer, so the answer is its 202 (never a 503 that a new key would buy twice
+    after)."""
+
+    async def fails(*_: object) -> None:
+        raise asyncpg.exceptions.QueryCanceledError("canceling statement due to user request")
+
+    monkeypatch.setattr(service.PurchaseService, "_queue_position", fails)
+    monkeypatch.setattr(service.PurchaseService, "status", fails)
+    event = await create_event(api, total_tickets=10)
+    await close_sales(api, db, event)
+
+    response = await purchase(api, event["id"], idempotency_key="unreadable")
+
+    assert response.status_code == 202, response.text
+    await start_worker()
+    rows = await wait_until_final(db, [response.json()["purchase_id"]])
+    assert [(row["status"], row["reason"]) for row in rows.values()] == [
+        ("rejected", "sales_closed")
+    ]
 
 
 async def test_a_new_keyed_purchase_the_worker_accepts_after_all_is_its_202(
