@@ -287,11 +287,7 @@ ACCEPT_OPENAPI: dict[str, Any] = {
             "in": "header",
             "required": False,
             "description": "Retrying with the same key (same customer, same event) returns the "
-            "same purchase_id and never buys twice. Reusing it for another quantity is a 422. "
-            "With a key, a sold-out or sales-closed refusal comes only once the worker has "
-            "refused the purchase too (an earlier request with the key, queued by another "
-            "replica, may be undecided): within 2 s, else the answer is a 202 and the status "
-            "tells the outcome.",
+            "same purchase_id and never buys twice. Reusing it for another quantity is a 422.",
             "schema": _IDEMPOTENCY_KEYS.json_schema(),
         }
     ],

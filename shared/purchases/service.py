@@ -10,7 +10,6 @@ from uuid import UUID
 import asyncpg
 
 from shared.errors import (
-    Conflict,
     EventNotFound,
     IdempotencyKeyReused,
     InvalidRequest,
@@ -34,13 +33,7 @@ from shared.publisher import PurchasePublisher
 from shared.purchases import repository
 from shared.purchases.changes import StatusWaiters, Waiter
 from shared.purchases.ids import PurchaseIds
-from shared.purchases.models import (
-    Purchase,
-    PurchaseCreate,
-    PurchaseStatus,
-    QueuePosition,
-    RejectReason,
-)
+from shared.purchases.models import Purchase, PurchaseCreate, PurchaseStatus, QueuePosition
 from shared.purchases.progress import PartitionProgress
 from shared.retry import DATABASE_UNAVAILABLE
 
@@ -75,15 +68,6 @@ _NOTHING_TO_CONFIRM = (
 # How long a retry with an Idempotency-Key waits to learn whether its purchase is already
 # decided; past it, the purchase is published again (the worker applies an id once).
 KEY_LOOKUP_WAIT_S = 1.0
-# How long a keyed purchase this replica would refuse (sold out, sales closed), and queued
-# because an earlier one with its key may be queued, waits for the worker's decision: the 409 if
-# the worker refused it too, else the 202.
-KEY_DECISION_WAIT_S = 2.0
-_UNDECIDED = frozenset({PurchaseStatus.PENDING.value})
-_REASON_OF: dict[type[Conflict], RejectReason] = {
-    SalesClosed: RejectReason.SALES_CLOSED,
-    SoldOut: RejectReason.SOLD_OUT,
-}
 
 # How often a waiting status request reads its purchase while the listener is reconnecting.
 POLL_S = 1.0
@@ -220,25 +204,18 @@ class PurchaseService:
         elif event.available_tickets == 0:
             refusal = SoldOut(event_id)
         if refusal is not None:
-            if purchase_id is None:
-                raise refusal
             # A retry of a purchase this replica queued (its 202 lost) is that purchase, still
             # queued and decided as of its own acceptance: "refused, nothing queued" would be
             # false. Its message is confirmed already, so nothing is published again.
-            if self._recent.get(purchase_id) is not None:
+            if purchase_id is not None and self._recent.get(purchase_id) is not None:
                 return purchase_id
-            if isinstance(refusal, SalesNotOpen):  # one accepted earlier is refused as well
-                raise refusal
-            # Another replica may have queued an earlier request with this key, still undecided:
-            # queued as well, and refused only once the worker refused it (_refused_by_the_worker).
+            raise refusal
 
         purchase_id = purchase_id or self._ids.new()
         purchase = AcceptedPurchase(
             purchase_id, event_id, request.customer_id, request.quantity, accepted_at
         )
         await self._publisher.publish(purchase)
-        if refusal is not None and await self._refused_by_the_worker(purchase, refusal):
-            raise refusal
         self._recent.remember(purchase)
         if log.isEnabledFor(logging.INFO):
             log.info(
@@ -252,48 +229,6 @@ class PurchaseService:
                 },
             )
         return purchase_id
-
-    async def _refused_by_the_worker(
-        self, purchase: AcceptedPurchase, refusal: SalesClosed | SoldOut
-    ) -> bool:
-        """A keyed purchase this replica would refuse but did not queue before. A retry whose
-        202 was lost may reach it while the first try, queued by another replica, is undecided,
-        and a 409 would then tell the buyer "nothing queued" about a purchase still applied (one
-        accepted before the sales closed is). Only the queue can tell a retry from a first try,
-        so the purchase was published, and the worker decides its id once, by whichever of the
-        key's messages comes first. Its decision is waited for, a moment: whether the worker
-        refused this very message as this replica would have (then so does the answer, and
-        that is final: a decided id is never decided again). If it decided an earlier message
-        of the key, or took tickets that came back, or has not decided in time, or cannot be
-        asked (the purchase is queued whatever goes wrong now), the answer is the 202."""
-        try:
-            async with asyncio.timeout(KEY_DECISION_WAIT_S):
-                if await self._backlogged(purchase):
-                    return False  # its decision would not come in time: the 202 now
-                with self.follow(purchase.purchase_id) as follower:
-                    decided = await follower.change(unlike=_UNDECIDED, wait_s=KEY_DECISION_WAIT_S)
-        except TimeoutError:
-            return False
-        except Exception as exc:
-            log.warning(
-                "keyed purchase %s queued; its decision could not be read: %r",
-                purchase.purchase_id,
-                exc,
-            )
-            return False
-        return (
-            decided is not None
-            and decided.status == PurchaseStatus.REJECTED
-            and decided.reason == _REASON_OF[type(refusal)]
-            and decided.accepted_at == purchase.accepted_at  # this message's, not an earlier one
-        )
-
-    async def _backlogged(self, purchase: AcceptedPurchase) -> bool:
-        """Whether the purchase's partition is further behind than its pace covers in
-        KEY_DECISION_WAIT_S (a guess for whether to wait, never proof of anything)."""
-        position = await self._queue_position(purchase)
-        wait_s = None if position is None else position.estimated_wait_s
-        return wait_s is not None and wait_s > KEY_DECISION_WAIT_S
 
     async def _already_recorded(
         self, candidates: tuple[UUID, ...], request: PurchaseCreate

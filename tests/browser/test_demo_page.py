@@ -1,9 +1,9 @@
 """The demo page (`/demo`) in real headless Chromium against the live stack: it buys, follows the
 status over server-sent events and reaches `confirmed`, answering a hold when the event holds; it
 stays on server-sent events as streams end and reopen, follows a `failed` purchase on until it is
-decided, does not loop on long-polls answered at once, gets the first try's purchase when its
-retry (same key) reaches another replica after the sales closed, and stops asking about a
-purchase the API answers 404 for.
+decided, does not loop on long-polls answered at once, and keeps asking (same key) when a retry
+is refused while its first try may still be queued, and stops asking about a purchase the API
+answers 404 for.
 
 Chromium is Debian's (`.ci/run` installs it); playwright drives it, with no browser download."""
 
@@ -207,13 +207,13 @@ async def test_the_demo_page_long_polls_a_server_that_answers_at_once_without_a_
         await page.wait_for_selector('#status[data-status="confirmed"]', timeout=30_000)
 
 
-async def test_a_retry_that_reaches_another_replica_after_the_sales_closed_gets_its_purchase(
+async def test_the_demo_page_keeps_asking_when_a_retry_is_refused_after_its_first_try_was_queued(
     settings: Settings, start_worker: StartWorker, browser: Browser
 ) -> None:
-    """The first try is queued by one replica and its answer lost; the sales close; the page
-    retries (same key) and reaches another replica, which cannot tell the retry from a first
-    try. It queues it behind the first and, no worker deciding meanwhile, answers 202 with the
-    first try's purchase: the page follows it to confirmed, bought once."""
+    """The first try is queued by one replica and its answer lost; the retry (same key) reaches
+    another replica after the sales closed, which refuses it (409). That does not prove the first
+    try was not queued: the page says the outcome is not known yet and asks again with the same
+    key, which gets the purchase once a worker has recorded it, bought once."""
     async with served_api(settings) as first, served_api(settings) as second:
         created = await create_event(first, total_tickets=10)
         event_id = created["id"]
@@ -237,12 +237,19 @@ async def test_a_retry_that_reaches_another_replica_after_the_sales_closed_gets_
         await page.route("**/tickets/purchase", lose_the_answer_then_ask_the_other_replica)
         await page.goto(f"{first.base_url}/demo?{urlencode({'event': event_id, 'buy': '1'})}")
 
-        await page.wait_for_selector('#status[data-status="pending"]', timeout=30_000)
+        status = await page.wait_for_selector(
+            '#status[data-status="unknown"], #status[data-status="refused"]', timeout=30_000
+        )
+        assert status is not None
+        assert await status.get_attribute("data-status") == "unknown", await page.inner_text("#log")
+        problem = await page.inner_text("#problem")
+        assert "Sales closed" in problem
+        assert "may still be queued" in problem
         await start_worker()
         await page.wait_for_selector('#status[data-status="confirmed"]', timeout=60_000)
 
-        assert len(keys) >= 2
-        assert set(keys) == {keys[0]}, "the retry must carry the first try's Idempotency-Key"
+        assert len(keys) >= 3
+        assert set(keys) == {keys[0]}, "every ask must carry the first try's Idempotency-Key"
         assert await page.inner_text("#problem") == ""
         available = (await first.get(f"/events/{event_id}")).json()["available_tickets"]
         assert available == 9
