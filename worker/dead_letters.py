@@ -124,38 +124,44 @@ class DeadLetterRecorder:
         return len(decoded.purchases)
 
 
+_KEPT: tuple[int, str] = (
+    logging.WARNING,
+    "dead letter: a confirmation's hold is kept until replay-dead-letters",
+)
+# What a hold not kept says of its confirmation, by the purchase's status (None: no row yet).
+_NOT_KEPT: dict[str | None, tuple[int, str]] = {
+    PurchaseStatus.EXPIRED: (
+        logging.ERROR,
+        "dead letter: a confirmation's hold expired before it could be kept; the purchase stays "
+        "expired",
+    ),
+    PurchaseStatus.HELD: (
+        logging.WARNING,
+        "dead letter: a confirmation accepted after its hold's end (replayed, it expires the "
+        "purchase)",
+    ),
+    PurchaseStatus.FAILED: (
+        logging.INFO,
+        "dead letter: a confirmation of a purchase dead-lettered too (replayed in order, both are "
+        "decided)",
+    ),
+    None: (
+        logging.WARNING,
+        "dead letter: a confirmation of a purchase not recorded yet; a hold it is given is not "
+        "kept: replay before it ends",
+    ),
+}
+
+
 def _report_confirmations(holds: list[purchases.HoldOfConfirmation], reason: FailReason) -> None:
     """Say what became of the holds of dead-lettered confirmations: kept until the dead letter is
     replayed; or lost with it, when the partition's owner expired the hold first (the broker
     dead-lettered the confirmation before any worker could keep it)."""
     for hold in holds:
-        context = {"purchase_id": str(hold.purchase_id), "reason": reason.value}
-        if hold.kept:
-            log.warning(
-                "dead letter: a confirmation's hold is kept until replay-dead-letters",
-                extra=context,
-            )
-        elif hold.status == PurchaseStatus.EXPIRED:
-            log.error(
-                "dead letter: a confirmation's hold expired before it could be kept; the "
-                "purchase stays expired",
-                extra=context,
-            )
-        elif hold.status == PurchaseStatus.HELD:
-            log.warning(
-                "dead letter: a confirmation accepted after its hold's end (replayed, it expires "
-                "the purchase)",
-                extra=context,
-            )
-        elif hold.status == PurchaseStatus.FAILED:
-            log.info(
-                "dead letter: a confirmation of a purchase dead-lettered too (replayed in order, "
-                "both are decided)",
-                extra=context,
-            )
-        elif hold.status is None:
-            log.warning(
-                "dead letter: a confirmation of a purchase not recorded yet; a hold it is given "
-                "is not kept: replay before it ends",
-                extra=context,
-            )
+        said = _KEPT if hold.kept else _NOT_KEPT.get(hold.status)
+        if said is None:
+            continue  # confirmed, cancelled, rejected: nothing was at stake
+        level, message = said
+        log.log(
+            level, message, extra={"purchase_id": str(hold.purchase_id), "reason": reason.value}
+        )

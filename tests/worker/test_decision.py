@@ -424,6 +424,16 @@ def test_where_a_stream_is_cut_into_batches_changes_nothing_but_when_holds_end(
     }
 
 
+def paid(target: PurchaseRequested, at: datetime, reference: str = "psp-1") -> ConfirmRequested:
+    """The confirmation of `target`'s hold, as the API accepted it at `at`."""
+    return ConfirmRequested(
+        purchase_id=target.purchase_id,
+        event_id=target.event_id,
+        payment_reference=reference,
+        accepted_at=at,
+    )
+
+
 def _paid_late_and_cancelled() -> tuple[Partition, list[Command], list[int]]:
     """One hold paid in time, one paid just after its end (within CONFIRM_MARGIN, so it is
     still held when the confirmation is applied), one cancelled before it was paid. The
@@ -433,11 +443,6 @@ def _paid_late_and_cancelled() -> tuple[Partition, list[Command], list[int]]:
     # Decided as one batch a moment after the last of them: every hold ends at the same time.
     hold_end = T0 + timedelta(seconds=2, milliseconds=50) + timedelta(seconds=30)
 
-    def confirm(target: PurchaseRequested, at: datetime) -> ConfirmRequested:
-        return ConfirmRequested(
-            purchase_id=target.purchase_id, event_id=event, payment_reference="p", accepted_at=at
-        )
-
     commands: list[Command] = [
         on_time,
         late,
@@ -445,9 +450,9 @@ def _paid_late_and_cancelled() -> tuple[Partition, list[Command], list[int]]:
         CancelRequested(
             purchase_id=dropped.purchase_id, event_id=event, accepted_at=T0 + timedelta(seconds=3)
         ),
-        confirm(dropped, T0 + timedelta(seconds=4)),
-        confirm(on_time, hold_end - timedelta(milliseconds=1)),
-        confirm(late, hold_end + CONFIRM_MARGIN / 2),
+        paid(dropped, T0 + timedelta(seconds=4), "p"),
+        paid(on_time, hold_end - timedelta(milliseconds=1), "p"),
+        paid(late, hold_end + CONFIRM_MARGIN / 2, "p"),
     ]
     rules = EventRules(available=5, starts_at=FAR, hold_seconds=30)
     return Partition({event: rules}, {event: 5}), commands, [3, 5]
@@ -492,12 +497,7 @@ def test_a_held_purchase_confirmed_in_time_is_confirmed_with_its_reference() -> 
     p.apply([buy], T0)
     assert p.rows[buy.purchase_id].status == PurchaseStatus.HELD
     assert p.rows[buy.purchase_id].hold_expires_at == T0 + timedelta(seconds=30)
-    confirm = ConfirmRequested(
-        purchase_id=buy.purchase_id,
-        event_id=event,
-        payment_reference="psp-1",
-        accepted_at=T0 + timedelta(seconds=29),
-    )
+    confirm = paid(buy, T0 + timedelta(seconds=29))
     # Decided well after the hold's end: what counts is when the API accepted it.
     p.apply([confirm], T0 + timedelta(seconds=45))
     row = p.rows[buy.purchase_id]
@@ -510,12 +510,7 @@ def test_a_confirmation_accepted_at_the_holds_end_expires_the_purchase() -> None
     p = Partition({event: held_event(1)}, {event: 1})
     buy = requested(event, 1, at=T0)
     p.apply([buy], T0)
-    late = ConfirmRequested(
-        purchase_id=buy.purchase_id,
-        event_id=event,
-        payment_reference="psp-1",
-        accepted_at=T0 + timedelta(seconds=30),
-    )
+    late = paid(buy, T0 + timedelta(seconds=30))
     p.apply([late], T0 + timedelta(seconds=30))
     assert p.rows[buy.purchase_id].status == PurchaseStatus.EXPIRED
     assert p.rules[event].available == 1
@@ -568,12 +563,7 @@ def test_a_hold_kept_for_its_confirmation_never_expires_and_the_confirmation_con
     assert p.rows[buy.purchase_id].status == PurchaseStatus.HELD
     assert p.rows[other.purchase_id].status == PurchaseStatus.REJECTED
     assert p.rules[event].available == 0
-    replayed = ConfirmRequested(
-        purchase_id=buy.purchase_id,
-        event_id=event,
-        payment_reference="psp-1",
-        accepted_at=T0 + timedelta(seconds=29),
-    )
+    replayed = paid(buy, T0 + timedelta(seconds=29))
     p.apply([replayed], later + timedelta(minutes=1), drained=True)
     row = p.rows[buy.purchase_id]
     assert (row.status, row.payment_reference) == (PurchaseStatus.CONFIRMED, "psp-1")
