@@ -5,6 +5,7 @@ from typing import Any
 from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
 from shared.text import (
     Description,
@@ -69,6 +70,17 @@ class EventCreate(BaseModel):
         return self
 
 
+def _not_documented_as_null(schema: JsonDict) -> None:
+    schema.pop("default", None)
+
+
+def _may_be_left_out() -> Any:
+    """A field a PATCH may leave out (then it is None, and not among the fields set) but not set
+    to null: the default is neither validated nor documented, so the schema and the validation
+    both say "not null". (Any: what the field holds is its type's, once set.)"""
+    return Field(default=None, json_schema_extra=_not_documented_as_null)
+
+
 class EventUpdate(BaseModel):
     """A partial update: only the fields sent change. Lowering total_tickets below what was sold
     is refused (409)."""
@@ -78,12 +90,13 @@ class EventUpdate(BaseModel):
         json_schema_extra={"examples": [{"venue": "Waldbühne, Berlin", "total_tickets": 22000}]},
     )
 
-    name: Name | None = None
-    starts_at: Instant | None = None
-    total_tickets: TotalTickets | None = None
+    # What every event has may be changed, never removed (null); the rest may be.
+    name: Name = _may_be_left_out()
+    starts_at: Instant = _may_be_left_out()
+    total_tickets: TotalTickets = _may_be_left_out()
     venue: Venue | None = None
     description: Description | None = None
-    max_tickets_per_purchase: MaxTicketsPerPurchase | None = None
+    max_tickets_per_purchase: MaxTicketsPerPurchase = _may_be_left_out()
     # null removes the bound, the limit, the hold (a field not sent stays as it is).
     sales_start_at: Instant | None = Field(default=None, description=SALES_START)
     sales_end_at: Instant | None = Field(default=None, description=SALES_END)

@@ -131,11 +131,6 @@ class EventService:
         async with self._pool.acquire() as conn, conn.transaction():
             current = await _lock_at_version(conn, event_id, expected_versions)
             fields = dict(current) | data.model_dump(exclude_unset=True)
-            if fields["name"] is None or fields["starts_at"] is None:
-                raise InvalidRequest("name and starts_at cannot be null.")
-            for required in ("total_tickets", "max_tickets_per_purchase"):
-                if fields[required] is None:
-                    raise InvalidRequest(f"{required} cannot be null.")
             try:
                 check_sales_window(fields["sales_start_at"], fields["sales_end_at"])
             except ValueError as exc:

@@ -627,3 +627,33 @@ async def test_every_event_route_answers_503_while_postgresql_is_away_as_documen
         assert_problem(response, 503)
         assert response.headers["retry-after"] == "1"
         assert "503" in paths[path][method]["responses"], f"{method.upper()} {path}"
+
+
+@pytest.mark.parametrize(
+    "field", ["name", "starts_at", "total_tickets", "max_tickets_per_purchase"]
+)
+async def test_a_field_every_event_has_is_documented_and_refused_as_null_in_a_patch(
+    api: httpx.AsyncClient, field: str
+) -> None:
+    created = await create_event(api)
+    schema = (await api.get("/openapi.json")).json()["components"]["schemas"]["EventUpdate"]
+
+    response = await api.patch(f"/events/{created['id']}", json={field: None})
+
+    documented = schema["properties"][field]
+    assert "anyOf" not in documented
+    assert "default" not in documented
+    assert field not in schema.get("required", [])
+    assert_problem(response, 422)
+    assert [error["loc"] for error in response.json()["errors"]] == [["body", field]]
+
+
+@pytest.mark.parametrize(
+    "field", ["venue", "description", "sales_start_at", "max_tickets_per_customer", "hold_seconds"]
+)
+async def test_a_field_a_patch_may_remove_is_documented_as_nullable(
+    api: httpx.AsyncClient, field: str
+) -> None:
+    schema = (await api.get("/openapi.json")).json()["components"]["schemas"]["EventUpdate"]
+
+    assert {"type": "null"} in schema["properties"][field]["anyOf"]
