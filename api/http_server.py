@@ -4,7 +4,9 @@ request head (request line and headers) bounded, and the time a request takes to
 httptools sets no bound of its own on a request head, and uvicorn's httptools protocol none
 either (its `h11_max_incomplete_event_size` is h11's alone): a client that sends headers
 without end has them all kept, concatenated piece by piece, until the process runs out of
-memory. Past MAX_HEAD_BYTES the request is answered `431` and its connection closed.
+memory. Past MAX_HEAD_BYTES the request is answered `431` and its connection closed, however
+the head arrived: still arriving, or whole within a few reads of the socket (a request line
+that long would otherwise be a plain-text 400: httptools cannot parse a URL past 64 KiB).
 
 Nor does uvicorn time a request's arrival: its keep-alive timeout only runs between two
 requests, so a connection that sends nothing, half a head or a body a byte at a time is held
@@ -38,16 +40,27 @@ LINGER_S = 1.0
 REQUEST_READ_TIMEOUT_S = 30.0
 
 
-class BoundedHeadProtocol(HttpToolsProtocol):
-    """Counts what arrives while a request's head is incomplete, and refuses the request once
-    that passes MAX_HEAD_BYTES. Counted by whole reads of the socket (the parser tells neither
-    where a head begins in a read nor how long it is), so a head is refused at most one read
-    past the bound, and a head that ends within a read is never refused whatever follows it
-    there (a body, say): the memory a connection holds stays bounded, which is the point."""
+class _HeadTooLarge(Exception):
+    """Raised from the parser's callback, so that the parser stops there (uvicorn takes it
+    for a request it cannot parse, and asks for a 400: see send_400_response)."""
 
-    # What was read since the current head began, in whole reads (so the head is at most that
-    # long); None while no head is being read (before the first request, during a body).
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """Refuses a request whose head is longer than MAX_HEAD_BYTES.
+
+    While a head is incomplete, what arrives is counted by whole reads of the socket (the
+    parser tells neither where a head begins in a read nor how long it is), and the request is
+    refused once that passes the bound: the memory a connection holds stays bounded. A head that
+    ends within reads that could hold more than the bound is measured once complete, so one that
+    arrived whole is refused too; a head in a small read, every request of a flash sale, is not
+    measured at all."""
+
+    # What was read since the current head began, in whole reads before the current one (so
+    # the head is at most that plus the current read); None while no head is being read
+    # (before the first request, during a body).
     _head_bytes: int | None = None
+    _read_bytes = 0  # the length of the read being parsed
+    _too_large = False  # the head just parsed is past the bound
     _refused = False
     # Loop time the request now arriving began (the connection's opening, for the first); None
     # once it has arrived whole.
@@ -61,6 +74,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # the rest of a refused head: read, so that the answer reaches the client
+        self._read_bytes = len(data)
         super().data_received(data)
         # A head that this read did not complete (and that the parser did not refuse already).
         if self._head_bytes is not None and not self.transport.is_closing():
@@ -75,8 +89,24 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._arriving_since = self.loop.time()
 
     def on_headers_complete(self) -> None:
+        could_be_over = (self._head_bytes or 0) + self._read_bytes > MAX_HEAD_BYTES
+        if could_be_over and self._head_length() > MAX_HEAD_BYTES:
+            self._too_large = True
+            raise _HeadTooLarge
         self._head_bytes = None
         super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._too_large:  # not unparseable: too long
+            self._refuse()
+        else:
+            super().send_400_response(msg)
+
+    def _head_length(self) -> int:
+        """The length of the head just parsed, as sent but for optional whitespace."""
+        request_line = len(self.url) + len(" HTTP/1.1\r\n") + len(self.parser.get_method()) + 1
+        fields = sum(len(name) + len(value) + len(": \r\n") for name, value in self.headers)
+        return request_line + fields + len("\r\n")
 
     def on_message_complete(self) -> None:
         self._arriving_since = None
