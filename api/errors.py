@@ -5,6 +5,7 @@ table (`app.exception_handlers`), so a request answered there fails exactly as t
 """
 
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,8 +62,20 @@ class InvalidInput(Exception):
         return self._errors
 
 
-def malformed_json() -> InvalidInput:
-    """A body that is not JSON as Python's json module reads it: answered 400 Malformed JSON."""
+def unreadable_json(exc: ValueError | RecursionError) -> InvalidInput:
+    """Why Python's json module could not read a body: it is not JSON (answered 400 Malformed
+    JSON), or it holds an integer of more digits than Python converts. That one is valid JSON,
+    and out of every field's range: a 422, as any number out of range."""
+    if type(exc) is ValueError:  # neither a JSONDecodeError nor a UnicodeDecodeError
+        return InvalidInput(
+            [
+                {
+                    "type": "number_too_long",
+                    "loc": ("body",),
+                    "msg": f"A number has more than {sys.get_int_max_str_digits()} digits",
+                }
+            ]
+        )
     return InvalidInput([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}])
 
 
@@ -107,9 +120,9 @@ def _http_error(path: str, exc: Exception) -> Answer:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 400 and isinstance(exc.__cause__, ValueError | RecursionError):
         # FastAPI's own 400 for a body its json.loads could not read, but not as a syntax error
-        # (not UTF-8, an integer of more digits than Python converts, nested too deep): the
-        # same body is malformed JSON to the routes that read theirs themselves.
-        return _validation_error(path, malformed_json())
+        # (not UTF-8, nested too deep, an integer of more digits than Python converts): answered
+        # as the routes that read theirs themselves answer it.
+        return _validation_error(path, unreadable_json(exc.__cause__))
     title = HTTP_TITLES.get(exc.status_code, "Request failed")
     detail = exc.detail if isinstance(exc.detail, str) else title
     return problem(

@@ -19,7 +19,7 @@ from starlette.types import Scope
 
 from api import status_stream
 from api.answers import Answer
-from api.errors import InvalidInput, malformed_json
+from api.errors import InvalidInput, unreadable_json
 from shared.purchases.changes import StatusWaiters
 from shared.purchases.models import ConfirmRequest, Purchase, PurchaseCreate, PurchaseStatus
 from shared.purchases.service import PurchaseService
@@ -75,8 +75,8 @@ def parse_body(model: type[Body], body: bytes) -> Body:
             raise InvalidInput(_located("body", exc)) from None
     try:
         data = json.loads(body)
-    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, too deep
-        raise malformed_json() from None
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, too deep, too long a number
+        raise unreadable_json(exc) from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
