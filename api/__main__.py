@@ -7,7 +7,9 @@ one line saying what is missing.
 
 import argparse
 import asyncio
+import errno
 import logging.config
+import socket
 
 import uvicorn
 
@@ -28,6 +30,10 @@ def main() -> None:
     ).parse_args()
     try:
         settings = get_settings()
+    except StartupError as exc:
+        raise SystemExit(f"python -m api: {exc}") from None
+    try:
+        check_listening_address(settings.api_host, settings.api_port)
     except StartupError as exc:
         raise SystemExit(f"python -m api: {exc}") from None
     log_config = logging_config(settings, service="api")
@@ -52,6 +58,38 @@ def main() -> None:
         # One line per request would double the CPU of a flood; /metrics counts requests.
         access_log=settings.log_level == "DEBUG",
     )
+
+
+def check_listening_address(host: str, port: int) -> None:
+    """Bind API_HOST:API_PORT once, as uvicorn is about to: an address it cannot listen on
+    (taken, not this machine's, a name that does not resolve) is one line here, where uvicorn
+    would log it in several after the app had started, and exit 3."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(
+            f"API_HOST {host!r} is neither an address nor a name that resolves "
+            f"({exc.strerror}); set it to an address of this machine, such as 127.0.0.1 or "
+            "0.0.0.0"
+        ) from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise StartupError(_cannot_listen(host, port, exc)) from None
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    where = f"cannot listen on {host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: another process listens there; set API_PORT to a free port"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: not an address of this machine; set API_HOST to one, or 0.0.0.0"
+    if exc.errno == errno.EACCES:
+        return f"{where}: a port below 1024 needs privileges; set API_PORT to 1024 or above"
+    return f"{where} ({exc.strerror}); check API_HOST and API_PORT"
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ disagrees with the deployment's, or a setting it cannot use, with one line sayin
 and a non-zero exit."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -338,3 +339,27 @@ def test_status_piped_into_a_reader_that_stops_early_ends_without_a_traceback(
 
     assert "Traceback" not in stderr, stderr
     assert "BrokenPipeError" not in stderr, stderr
+
+
+def test_api_on_a_port_another_process_listens_on_is_one_line(env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        line = the_one_line(run("api", env, API_PORT=str(port)), "api")
+
+    assert f"cannot listen on 127.0.0.1:{port}" in line
+    assert "API_PORT" in line
+
+
+@pytest.mark.parametrize(
+    ("host", "variable"), [("999.1.1.1", "API_HOST"), ("192.0.2.1", "API_HOST")]
+)
+def test_api_on_an_address_not_of_this_machine_is_one_line(
+    env: dict[str, str], host: str, variable: str
+) -> None:
+    line = the_one_line(run("api", env, API_HOST=host), "api")
+
+    assert host in line
+    assert variable in line
