@@ -61,6 +61,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _head_bytes: int | None = None
     _read_bytes = 0  # the length of the read being parsed
     _too_large = False  # the head just parsed is past the bound
+    # Whether the request line of the head being read has arrived whole (the parser delivers a
+    # header only once the next one begins, so no header does not mean no whole line).
+    _line_read = False
     _refused = False
     # Loop time the request now arriving began (the connection's opening, for the first); None
     # once it has arrived whole.
@@ -79,12 +82,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # A head that this read did not complete (and that the parser did not refuse already).
         if self._head_bytes is not None and not self.transport.is_closing():
             self._head_bytes += len(data)
+            self._line_read = self._line_read or b"\n" in data
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
+        self._line_read = False
         if self._arriving_since is None:
             self._arriving_since = self.loop.time()
 
@@ -164,7 +169,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _path(self) -> str:
         """The request's path (decoded, as the app's problems name it) if its request line was
         read whole, else `/`."""
-        if not self.headers or len(self.url) > MAX_HEAD_BYTES:
+        if not (self.headers or self._line_read) or len(self.url) > MAX_HEAD_BYTES:
             return "/"
         try:
             path: str = httptools.parse_url(self.url).path.decode("latin-1")
