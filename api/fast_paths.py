@@ -42,6 +42,7 @@ from api import metrics, purchase_contract
 from api.answers import Answer
 from api.deps import purchase_service_of, settings_of, status_waiters_of
 from api.errors import ProblemHandler
+from api.guards import readable_as_sent
 from api.routes import purchases
 from api.status_stream import EventStream
 
@@ -212,8 +213,8 @@ class FastPaths:
         return reply(scope, receive, send)
 
     def _plain_json(self, scope: Scope) -> bool:
-        """A body of declared length within the limit, sent as plain `application/json`, and
-        no header given twice: what the request guard passes as it is and the contract reads as
+        """A body of declared length within the limit, sent as plain `application/json` (in
+        UTF-8, uncompressed), and no header given twice: what the request guard passes as it is and the contract reads as
         the route would. (A repeated header of any name leaves the request to them: one dict
         built in C tells that, where a loop over the headers in Python cost more.)"""
         given: list[tuple[bytes, bytes]] = scope["headers"]
@@ -223,8 +224,10 @@ class FastPaths:
         length = headers.get(b"content-length", b"")
         if not (length.isascii() and length.isdigit()) or int(length) > self.max_body_bytes:
             return False
-        media_type = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
-        return media_type == b"application/json"
+        media_type, has_parameters, _ = headers.get(b"content-type", b"").partition(b";")
+        if (has_parameters or b"content-encoding" in headers) and not readable_as_sent(headers):
+            return False
+        return media_type.strip().lower() == b"application/json"
 
 
 def _status_of(reply: Answer | EventStream | Response) -> int:

@@ -1,5 +1,5 @@
 """ASGI middleware that refuses what must never reach a route: oversized bodies, and bodies not
-declared as JSON by one Content-Type."""
+declared as JSON by one Content-Type, in UTF-8 and uncompressed."""
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,6 +22,24 @@ def _is_json(content_type: str) -> bool:
     return media_type == "application/json" or (
         media_type.startswith("application/") and media_type.endswith("+json")
     )
+
+
+def charset_of(content_type: bytes) -> bytes | None:
+    """The charset parameter of a Content-Type, lowercased and unquoted; None without one."""
+    for parameter in content_type.split(b";")[1:]:
+        name, _, value = parameter.partition(b"=")
+        if name.strip().lower() == b"charset":
+            return value.strip().strip(b'"').lower()
+    return None
+
+
+def readable_as_sent(headers: dict[bytes, bytes]) -> bool:
+    """Whether a body is sent as the routes read it: with no content coding (none is supported:
+    a compressed body would be misread, and one merely labelled so is a client bug), and in
+    UTF-8, the only encoding of JSON (RFC 8259), with or without saying so."""
+    if headers.get(b"content-encoding", b"identity").strip().lower() != b"identity":
+        return False
+    return charset_of(headers.get(b"content-type", b"")) in (None, b"utf-8")
 
 
 def _conflicting_content_types(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -63,6 +81,17 @@ class RequestGuard:
                 "Unsupported media type",
                 "Send the request body as JSON with Content-Type: application/json.",
                 instance=instance_of(scope),
+            ).send(send)
+            return
+        if has_body and not readable_as_sent(headers):
+            await problem(
+                415,
+                "Unsupported media type",
+                "Send the request body as JSON in UTF-8 (no charset, or charset=utf-8), "
+                "uncompressed (no Content-Encoding).",
+                instance=instance_of(scope),
+                # What RFC 9110 asks a 415 for a content coding to say: none but the identity.
+                headers={"Accept-Encoding": "identity"},
             ).send(send)
             return
 

@@ -369,6 +369,53 @@ async def test_an_integer_of_more_digits_than_python_converts_is_422_on_every_ro
             } in problem["errors"], route
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"content-type": "application/json; charset=iso-8859-1"},
+        {"content-type": "application/json; charset=utf-16"},
+        {"content-type": "application/json", "content-encoding": "gzip"},
+        {"content-type": "application/json", "content-encoding": "br"},
+    ],
+    ids=["latin-1", "utf-16", "gzip", "brotli"],
+)
+async def test_a_body_not_in_utf_8_or_compressed_is_415_on_every_route(
+    api: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    """JSON is UTF-8 and no content coding is read: a body said to be otherwise would be
+    misread (a latin-1 "café" as malformed JSON, a gzip label on a plain body ignored)."""
+    event = await create_event(api)
+    body = json.dumps({"customer_id": "c", "quantity": 1, **event_body()}).encode()
+    answers = [
+        await api.post("/events", content=body, headers=headers),
+        await api.patch(f"/events/{event['id']}", content=body, headers=headers),
+        await api.post(f"/events/{event['id']}/tickets/purchase", content=body, headers=headers),
+    ]
+
+    for answer in answers:
+        assert_problem(answer, 415)
+        assert answer.headers["accept-encoding"] == "identity"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json; charset=utf-8", 'application/json; charset="UTF-8"'],
+)
+async def test_a_body_said_to_be_utf_8_is_read(api: httpx.AsyncClient, content_type: str) -> None:
+    event = await create_event(api)
+    headers = {"content-type": content_type, "content-encoding": "identity"}
+
+    created = await api.post("/events", content=json.dumps(event_body()), headers=headers)
+    bought = await api.post(
+        f"/events/{event['id']}/tickets/purchase",
+        content=json.dumps({"customer_id": "c", "quantity": 1}),
+        headers=headers,
+    )
+
+    assert created.status_code == 201, created.text
+    assert bought.status_code == 202, bought.text
+
+
 async def test_text_plain_body_is_415(api: httpx.AsyncClient) -> None:
     response = await api.post(
         "/events", content=json.dumps(event_body()), headers={"content-type": "text/plain"}
