@@ -85,7 +85,10 @@ def _domain_error(path: str, exc: Exception) -> Answer:
     headers = None
     if isinstance(exc, ServiceUnavailable):
         headers = {"Retry-After": str(exc.retry_after_s)}
-    return problem(status, exc.title, exc.detail, instance=path, headers=headers)
+    errors = None
+    if isinstance(exc, InvalidRequest):
+        errors = [{"loc": list(exc.location), "msg": exc.detail, "type": "value_error"}]
+    return problem(status, exc.title, exc.detail, instance=path, headers=headers, errors=errors)
 
 
 def _clean_error(error: Any) -> dict[str, Any]:

@@ -71,9 +71,15 @@ class EventHasPurchases(Conflict):
 
 
 class InvalidRequest(DomainError):
-    """A request that is well-formed JSON but breaks a rule that needs stored state to check."""
+    """A request that is well-formed JSON but breaks a rule that needs stored state to check.
+    `location` says which input, as validation errors locate theirs (`("body", "quantity")`),
+    so that a client can show the error beside it."""
 
     title = "Invalid request"
+
+    def __init__(self, detail: str, *, location: tuple[str, ...]) -> None:
+        super().__init__(detail)
+        self.location = location
 
 
 class IdempotencyKeyReused(InvalidRequest):

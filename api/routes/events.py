@@ -63,7 +63,10 @@ def _version(tag: str) -> int:
 
 
 def _not_an_etag() -> InvalidRequest:
-    return InvalidRequest('If-Match must be an ETag of this API, such as "3", or a list of them.')
+    return InvalidRequest(
+        'If-Match must be an ETag of this API, such as "3", or a list of them.',
+        location=("header", "If-Match"),
+    )
 
 
 @router.post(

@@ -71,7 +71,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
         AttributeError,
         OverflowError,
     ) as exc:
-        raise InvalidRequest("The cursor is malformed; pass back a next_cursor as given.") from exc
+        raise InvalidRequest(
+            "The cursor is malformed; pass back a next_cursor as given.",
+            location=("query", "cursor"),
+        ) from exc
     return after
 
 
@@ -134,7 +137,10 @@ class EventService:
             try:
                 check_sales_window(fields["sales_start_at"], fields["sales_end_at"])
             except ValueError as exc:
-                raise InvalidRequest(f"{exc} (as the event would be after this change).") from None
+                raise InvalidRequest(
+                    f"{exc} (as the event would be after this change).",
+                    location=("body", "sales_start_at"),
+                ) from None
             sold = current["total_tickets"] - current["available_tickets"]
             if fields["total_tickets"] < sold:
                 raise Conflict(

@@ -191,7 +191,8 @@ class PurchaseService:
             raise EventNotFound(event_id)
         if request.quantity > event.max_tickets_per_purchase:
             raise InvalidRequest(
-                f"quantity must be at most {event.max_tickets_per_purchase} for this event."
+                f"quantity must be at most {event.max_tickets_per_purchase} for this event.",
+                location=("body", "quantity"),
             )
         # The worker checks the window again against this same instant (this cache may be a
         # little stale); a purchase outside it is refused here, and nothing is published.
@@ -251,7 +252,8 @@ class PurchaseService:
         if row["quantity"] != request.quantity:
             raise IdempotencyKeyReused(
                 f"This Idempotency-Key was already used for a purchase of {row['quantity']} "
-                f"ticket(s); use a new key for a different purchase."
+                f"ticket(s); use a new key for a different purchase.",
+                location=("header", "Idempotency-Key"),
             )
         return UUID(int=row["purchase_id"].int)  # a plain UUID, not the driver's subclass
 

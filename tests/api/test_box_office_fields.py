@@ -89,7 +89,9 @@ async def test_patch_checks_the_window_it_would_leave_merged_with_what_is_stored
     early_end = await api.patch(
         f"/events/{event['id']}", json={"sales_end_at": "2027-01-01T00:00:00Z"}
     )
-    assert "sales_start_at" in assert_problem(early_end, 422)["detail"]
+    problem = assert_problem(early_end, 422)
+    assert "sales_start_at" in problem["detail"]
+    assert [error["loc"] for error in problem["errors"]] == [["body", "sales_start_at"]]
     assert (await api.get(f"/events/{event['id']}")).json() == event
 
     both = await api.patch(

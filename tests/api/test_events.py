@@ -277,7 +277,8 @@ async def test_list_with_out_of_range_or_non_integer_limit_is_422(
 async def test_list_with_malformed_cursor_is_422(api: httpx.AsyncClient, cursor: str) -> None:
     response = await api.get("/events", params={"cursor": cursor})
 
-    assert_problem(response, 422)
+    problem = assert_problem(response, 422)
+    assert [error["loc"] for error in problem["errors"]] == [["query", "cursor"]]
 
 
 # --- update ---------------------------------------------------------------------------------
@@ -380,7 +381,8 @@ async def test_patch_with_malformed_if_match_is_422(api: httpx.AsyncClient, if_m
         f"/events/{created['id']}", json={"name": "x"}, headers={"If-Match": if_match}
     )
 
-    assert_problem(response, 422)
+    problem = assert_problem(response, 422)
+    assert [error["loc"] for error in problem["errors"]] == [["header", "If-Match"]]
     assert (await api.get(f"/events/{created['id']}")).json()["name"] == "Original"
 
 

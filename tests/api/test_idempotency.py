@@ -147,6 +147,7 @@ async def test_reusing_a_recorded_key_with_a_different_quantity_is_422_and_publi
 
     problem = assert_problem(response, 422)
     assert "Idempotency-Key" in problem["title"]
+    assert [error["loc"] for error in problem["errors"]] == [["header", "Idempotency-Key"]]
     assert await queue_depth(amqp, queue) == 0
 
 

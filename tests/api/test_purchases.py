@@ -200,6 +200,10 @@ async def test_purchase_above_the_events_max_per_purchase_is_422_and_publishes_n
     assert at_limit.status_code == 202, at_limit.text
     problem = assert_problem(over, 422)
     assert "4" in problem["detail"]
+    # Located as a validation error is, so that a page shows it beside the field.
+    assert problem["errors"] == [
+        {"loc": ["body", "quantity"], "msg": problem["detail"], "type": "value_error"}
+    ]
     _, queue = partition_queue(settings, event["id"])
     assert await queue_depth(amqp, queue) == 1
 
