@@ -54,7 +54,7 @@ async def status(settings: Settings, out: TextIO = sys.stdout) -> None:
         queued = "-" if depth is None else str(depth)
         leader = (leaders or {}).get(topology.queue(partition), "-")
         out.write(f"{partition:>9}  {owner:<30} {epoch:>6}  {state:<7} {queued:>8}  {leader}\n")
-    out.write(f"queued in all partitions: {sum(d or 0 for d in depths)}\n")
+    out.write(f"queued in all partitions: {_total(depths, settings.broker_namespace)}\n")
     out.write(
         "(messages ready to deliver: one a worker holds unacknowledged shows once it stops)\n"
     )
@@ -67,6 +67,17 @@ async def status(settings: Settings, out: TextIO = sys.stdout) -> None:
         )
     if None in depths or dead is None:
         out.write("('-': queue not declared yet; a worker or the API declares them on start)\n")
+
+
+def _total(depths: list[int | None], namespace: str) -> str:
+    """What the partition queues hold in all, never a 0 that reads as drained where some are not
+    declared (a BROKER_NAMESPACE or PARTITIONS other than the deployment's, say)."""
+    declared = [depth for depth in depths if depth is not None]
+    if not declared:
+        return f"- (no partition queue is declared under BROKER_NAMESPACE {namespace!r})"
+    if len(declared) < len(depths):
+        return f"{sum(declared)} in the {len(declared)} of {len(depths)} declared"
+    return str(sum(declared))
 
 
 def _leader_spread(

@@ -317,3 +317,20 @@ async def test_undecodable_dead_letters_are_dropped_printed_whole_and_only_they(
     await dead_letter_depth_reaches(amqp, topology, 1)
     replayed, kept = await admin.replay_dead_letters(settings, io.StringIO())
     assert (replayed, kept) == (1, 0)  # the one left is the readable one
+
+
+async def test_status_never_totals_undeclared_queues_as_an_empty_backlog(
+    settings: Settings,
+) -> None:
+    """A status run with a namespace nothing declared (a typo, another deployment's) must not
+    read as "drained"."""
+    elsewhere = settings.model_copy(update={"broker_namespace": f"undeclared-{uuid4().hex[:8]}"})
+    out = io.StringIO()
+
+    await admin.status(elsewhere, out)
+
+    total = next(line for line in out.getvalue().splitlines() if line.startswith("queued in all"))
+    assert total == (
+        "queued in all partitions: - (no partition queue is declared under BROKER_NAMESPACE "
+        f"{elsewhere.broker_namespace!r})"
+    )
