@@ -14,6 +14,7 @@ replicated over QUORUM_REPLICAS nodes of a cluster, its leader placed on the nod
 import logging
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -160,10 +161,11 @@ async def _declare_queue(
             found = _INEQUIVALENT.search(str(exc))
             if found is None or found["arg"] not in PLACEMENT_ARGUMENTS:
                 raise TopologyMismatch(
-                    f"{exc}. RabbitMQ cannot change a queue's arguments in place: keep the earlier "
-                    "setting (PARTITIONS, QUEUE_MAX_LENGTH, DELIVERY_LIMIT), or move the queued "
-                    "purchases to new queues (README, 'Moving queues to new arguments'), or use "
-                    "another BROKER_NAMESPACE."
+                    f"{_difference(name, found, wanted) or exc}. RabbitMQ cannot change a "
+                    "queue's arguments in place: keep the earlier setting (PARTITIONS, "
+                    "QUEUE_MAX_LENGTH, DELIVERY_LIMIT), or move the queued purchases to new "
+                    "queues (README, 'Moving queues to new arguments'), or use another "
+                    "BROKER_NAMESPACE."
                 ) from exc
             _adopt(wanted, found)
             continue
@@ -181,6 +183,28 @@ async def _declare_queue(
             )
         return
     raise TopologyMismatch(f"queue {name} could not be declared with its placement arguments")
+
+
+# The settings behind queue arguments, each with how an argument's value reads as the setting.
+_SETTINGS_OF: dict[str, tuple[str, Callable[[str | int], int]]] = {
+    # One more than the argument: see partition_queue_arguments.
+    "x-max-length": ("QUEUE_MAX_LENGTH", lambda value: int(value) + 1),
+    "x-delivery-limit": ("DELIVERY_LIMIT", int),
+}
+
+
+def _difference(name: str, found: re.Match[str] | None, wanted: dict[str, Any]) -> str | None:
+    """The refused argument as the setting it comes from, in the operator's numbers (RabbitMQ's
+    words give the argument's, which for x-max-length is one less than the setting)."""
+    if found is None or found["arg"] not in _SETTINGS_OF:
+        return None
+    setting, as_setting = _SETTINGS_OF[found["arg"]]
+    current = found["value"] if found["value"] is not None else found["plain"]
+    was = "none" if current is None else as_setting(current)
+    return (
+        f"queue {name!r} exists with {setting}={was} ({found['arg']}), and these settings ask "
+        f"for {setting}={as_setting(wanted[found['arg']])}"
+    )
 
 
 def _adopt(wanted: dict[str, Any], found: re.Match[str]) -> None:
