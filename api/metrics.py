@@ -3,12 +3,13 @@
 import contextlib
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -103,10 +104,11 @@ def counting_status_waiters(held: Callable[[], int]) -> Iterator[None]:
 
 class RequestMetrics:
     """Counts and times every request the routes answer (the raw-ASGI dispatch records its own
-    with `record`)."""
+    with `record`), by the template of the route of `routers` the request's path names."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, routers: Sequence[APIRouter]) -> None:
         self.app = app
+        self.routers = routers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -124,5 +126,21 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            record(scope["method"], route, status, time.perf_counter() - started)
+            route = scope.get("route")
+            template = route.path if route is not None else self._template_of(scope)
+            record(scope["method"], template, status, time.perf_counter() - started)
+
+    def _template_of(self, scope: Scope) -> str:
+        """The route template of a request answered before a route was chosen (a 413 or a 415
+        of the request guard, a 405 of the router); `unmatched` for a path no route has."""
+        fallback = "unmatched"
+        for router in self.routers:
+            for route in router.routes:
+                # A scope of its own for each question: matching may leave notes in it.
+                probe = {key: scope.get(key, "") for key in ("type", "method", "path", "root_path")}
+                match, _ = route.matches(probe)
+                if match is Match.FULL:
+                    return str(getattr(route, "path", fallback))
+                if match is Match.PARTIAL and fallback == "unmatched":  # another method's
+                    fallback = str(getattr(route, "path", fallback))
+        return fallback

@@ -46,6 +46,36 @@ async def test_api_metrics_count_requests_and_confirmed_publishes(api: httpx.Asy
     assert moved("ticketing_published_purchases_total") == 3
 
 
+async def test_answers_given_before_routing_are_counted_under_their_route(
+    api: httpx.AsyncClient,
+) -> None:
+    """A 413 or 415 of the request guard, and a 405, belong to the route the path names: under
+    `unmatched` an operator could not tell which route clients get wrong."""
+    event = await create_event(api)
+    before = (await api.get("/metrics")).text
+    form = await api.post("/events", content=b"name=x", headers={"content-type": "text/plain"})
+    huge = await api.patch(
+        f"/events/{event['id']}",
+        content=b"{" + b" " * 70_000 + b"}",
+        headers={"content-type": "application/json"},
+    )
+    wrong_method = await api.put(f"/events/{event['id']}", json={})
+    no_route = await api.get("/nowhere")
+    after = (await api.get("/metrics")).text
+
+    def moved(route: str, method: str, status: int) -> float:
+        labels = {"method": method, "route": route, "status": str(status)}
+        name = "ticketing_http_requests_total"
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert (form.status_code, huge.status_code, wrong_method.status_code) == (415, 413, 405)
+    assert moved("/events", "POST", 415) == 1
+    assert moved("/events/{event_id}", "PATCH", 413) == 1
+    assert moved("/events/{event_id}", "PUT", 405) == 1
+    assert no_route.status_code == 404
+    assert moved("unmatched", "GET", 404) == 1
+
+
 async def test_the_partitions_owned_gauge_follows_the_leases_not_the_next_tick(
     settings: Settings, start_worker: StartWorker
 ) -> None:
