@@ -64,6 +64,11 @@ _NOTHING_TO_CONFIRM = (
     "Purchase {} needs no confirmation: its event holds no tickets, so a purchase is confirmed "
     "as soon as it is decided (see its status)."
 )
+# Failed is not final: once operators replay its message, the purchase is decided as any other.
+_NOT_WHILE_FAILED = (
+    "Purchase {} could not be processed yet (see its status's reason); it cannot be {} until "
+    "it is decided, once operators replay it. Keep following its status."
+)
 
 # How long a retry with an Idempotency-Key waits to learn whether its purchase is already
 # decided; past it, the purchase is published again (the worker applies an id once).
@@ -273,6 +278,8 @@ class PurchaseService:
             raise NotConfirmable(
                 f"Purchase {purchase_id} is already confirmed with another payment_reference."
             )
+        if found.status == PurchaseStatus.FAILED:
+            raise NotConfirmable(_NOT_WHILE_FAILED.format(purchase_id, "confirmed"))
         if found.status not in (PurchaseStatus.HELD, PurchaseStatus.PENDING):
             raise NotConfirmable(
                 f"Purchase {purchase_id} is {found.status}; it can no longer be confirmed."
@@ -336,6 +343,8 @@ class PurchaseService:
             PurchaseStatus.CONFIRMED,
             PurchaseStatus.PENDING,
         ):
+            if found.status == PurchaseStatus.FAILED:
+                raise NotCancellable(_NOT_WHILE_FAILED.format(purchase_id, "cancelled"))
             raise NotCancellable(f"Purchase {purchase_id} is {found.status}; nothing to cancel.")
         assert found.event_id is not None
         accepted_at = datetime.now(UTC)

@@ -13,11 +13,11 @@ import httpx
 import pytest
 
 from shared.errors import BrokerUnavailable
-from shared.messages import ConfirmRequested, PurchaseMessage
+from shared.messages import ConfirmRequested, PurchaseMessage, PurchaseRequested
 from shared.publisher import PurchasePublisher
 from shared.purchases import repository
 from shared.purchases.ids import PurchaseIds
-from shared.purchases.models import LifecycleAccepted
+from shared.purchases.models import FailReason, LifecycleAccepted
 from shared.purchases.service import LOCATE_WAIT_S
 from shared.settings import Settings
 from tests.api.helpers import (
@@ -642,3 +642,35 @@ async def test_an_odd_but_valid_payment_reference_is_stored_as_sent(
     confirmed = await wait_status(api, held["purchase_id"], "confirmed")
     assert confirmed["payment_reference"] == reference
     assert await db.fetchval("SELECT count(*) FROM purchases") == 1
+
+
+async def test_a_failed_purchase_is_refused_confirm_and_cancel_as_not_decided_yet(
+    api: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    """`failed` is not final (an operator's replay decides it): the 409 must not tell the buyer
+    the purchase can never be confirmed or cancelled."""
+    event = await create_event(api, hold_seconds=300)
+    accepted = await purchase(api, event["id"])
+    body = accepted.json()
+    requested = PurchaseRequested(
+        purchase_id=UUID(body["purchase_id"]),
+        event_id=UUID(event["id"]),
+        customer_id=body["customer_id"],
+        quantity=body["quantity"],
+        accepted_at=datetime.now(UTC),
+    )
+    async with db.acquire() as conn:
+        await repository.record_failed_purchases(
+            conn, [requested], reason=FailReason.DELIVERY_LIMIT_EXCEEDED
+        )
+
+    confirmed = await api.post(
+        f"/purchases/{body['purchase_id']}/confirm", json={"payment_reference": "pay-1"}
+    )
+    cancelled = await api.post(f"/purchases/{body['purchase_id']}/cancel")
+
+    for answer in (confirmed, cancelled):
+        detail = assert_problem(answer, 409)["detail"]
+        assert "could not be processed yet" in detail, detail
+        assert "no longer" not in detail, detail
+        assert "nothing to" not in detail, detail
