@@ -147,6 +147,10 @@ class EventService:
                     f"{sold} tickets are already sold; total_tickets cannot go below that."
                 )
             fields["available_tickets"] = fields["total_tickets"] - sold
+            if fields == dict(current):
+                # Nothing changes, so neither does the version: every other client's If-Match
+                # still holds (a form saved again unchanged would otherwise make them all 412).
+                return Event.model_validate(fields)
             row = await repository.update_event(
                 conn, event_id=event_id, expected_version=current["version"], fields=fields
             )

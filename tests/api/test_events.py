@@ -346,7 +346,9 @@ async def test_patch_with_stale_if_match_is_412_and_changes_nothing(
     await api.patch(f"/events/{created['id']}", json={"venue": "v2"})  # now at version 2
 
     response = await api.patch(
-        f"/events/{created['id']}", json={"name": "Lost update"}, headers={"If-Match": '"1"'}
+        f"/events/{created['id']}",
+        json={"name": "Lost update"},
+        headers={"If-Match": f'"{created["version"]}"'},
     )
 
     assert_problem(response, 412)
@@ -533,7 +535,9 @@ async def test_delete_with_stale_if_match_is_412_and_keeps_it(api: httpx.AsyncCl
     created = await create_event(api)
     await api.patch(f"/events/{created['id']}", json={"name": "v2"})
 
-    response = await api.delete(f"/events/{created['id']}", headers={"If-Match": '"1"'})
+    response = await api.delete(
+        f"/events/{created['id']}", headers={"If-Match": f'"{created["version"]}"'}
+    )
 
     assert_problem(response, 412)
     assert (await api.get(f"/events/{created['id']}")).status_code == 200
@@ -575,7 +579,9 @@ async def test_delete_with_if_match_naming_the_current_version_on_a_later_line_i
 async def test_delete_with_current_if_match_is_204(api: httpx.AsyncClient) -> None:
     created = await create_event(api)
 
-    response = await api.delete(f"/events/{created['id']}", headers={"If-Match": '"1"'})
+    response = await api.delete(
+        f"/events/{created['id']}", headers={"If-Match": f'"{created["version"]}"'}
+    )
 
     assert response.status_code == 204
 
@@ -659,3 +665,28 @@ async def test_a_field_a_patch_may_remove_is_documented_as_nullable(
     schema = (await api.get("/openapi.json")).json()["components"]["schemas"]["EventUpdate"]
 
     assert {"type": "null"} in schema["properties"][field]["anyOf"]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"name": "Same"}, {"description": None}, {"starts_at": "2027-06-12T21:30:00+04:00"}],
+    ids=["nothing", "same-name", "null-already-null", "same-instant-other-offset"],
+)
+async def test_a_patch_that_changes_nothing_keeps_the_version(
+    api: httpx.AsyncClient, changes: dict[str, Any]
+) -> None:
+    """Another client's If-Match must still hold after a PATCH that changed nothing."""
+    created = await create_event(api, name="Same", starts_at="2027-06-12T17:30:00Z")
+
+    patched = await api.patch(f"/events/{created['id']}", json=changes)
+    theirs = await api.patch(
+        f"/events/{created['id']}",
+        json={"name": "Theirs"},
+        headers={"If-Match": f'"{created["version"]}"'},
+    )
+
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["version"] == created["version"]
+    assert patched.headers["etag"] == f'"{created["version"]}"'
+    assert theirs.status_code == 200, theirs.text
+    assert theirs.json()["version"] == created["version"] + 1
