@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from api.answers import Answer
+from api.response_headers import with_headers
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_TYPE_BASE = "urn:ticketing:problem:"
@@ -98,10 +99,13 @@ def instance_of(scope: Scope) -> str:
 
 # For the OpenAPI document: every route may answer with a problem.
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {
+    responses: dict[int | str, dict[str, Any]] = {
         status: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": "Problem details"}
         for status in statuses
     }
+    if 503 in responses:  # every 503 says when to retry
+        responses[503] |= with_headers(503, "Retry-After")[503]
+    return responses
 
 
 def problems_as_sent(document: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
 from api.deps import EventServiceDep
 from api.problems import problem_responses
+from api.response_headers import with_headers
 from shared.errors import InvalidRequest
 from shared.events.models import Event, EventCreate, EventPage, EventUpdate
 
@@ -73,11 +74,17 @@ def _not_an_etag() -> InvalidRequest:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=Event,
-    responses=problem_responses(400, 413, 415, 422, 503),
+    responses={
+        **with_headers(201, "Location", "ETag"),
+        **problem_responses(400, 413, 415, 422, 503),
+    },
 )
-async def create_event(body: EventCreate, events: EventServiceDep, response: Response) -> Event:
+async def create_event(
+    body: EventCreate, events: EventServiceDep, request: Request, response: Response
+) -> Event:
     event = await events.create(body)
-    response.headers["Location"] = f"/events/{event.id}"
+    # Under the app's mount point, as a purchase's status_url.
+    response.headers["Location"] = f"{request.scope.get('root_path', '')}/events/{event.id}"
     response.headers["ETag"] = etag(event)
     return event
 
@@ -91,7 +98,11 @@ async def list_events(
     return await events.list(limit=limit, cursor=cursor)
 
 
-@router.get("/{event_id}", response_model=Event, responses=problem_responses(404, 422, 503))
+@router.get(
+    "/{event_id}",
+    response_model=Event,
+    responses={**with_headers(200, "ETag"), **problem_responses(404, 422, 503)},
+)
 async def get_event(event_id: UUID, events: EventServiceDep, response: Response) -> Event:
     event = await events.get(event_id)
     response.headers["ETag"] = etag(event)
@@ -101,7 +112,10 @@ async def get_event(event_id: UUID, events: EventServiceDep, response: Response)
 @router.patch(
     "/{event_id}",
     response_model=Event,
-    responses=problem_responses(400, 404, 409, 412, 413, 415, 422, 503),
+    responses={
+        **with_headers(200, "ETag"),
+        **problem_responses(400, 404, 409, 412, 413, 415, 422, 503),
+    },
 )
 async def update_event(
     event_id: UUID,

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from api import purchase_contract
 from api.deps import PurchaseServiceDep, SettingsDep, StatusWaitersDep
 from api.problems import problem_responses
+from api.response_headers import with_headers
 from shared.purchases.models import LifecycleAccepted, Purchase, PurchaseAccepted
 
 router = APIRouter(tags=["purchases"])
@@ -22,7 +23,10 @@ router = APIRouter(tags=["purchases"])
     purchase_contract.PURCHASE_PATH,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=PurchaseAccepted,
-    responses=problem_responses(400, 404, 409, 413, 415, 422, 503),
+    responses={
+        **with_headers(202, "Location", "Retry-After"),
+        **problem_responses(400, 404, 409, 413, 415, 422, 503),
+    },
     openapi_extra=purchase_contract.ACCEPT_OPENAPI,
 )
 async def purchase_tickets(
@@ -38,7 +42,10 @@ async def purchase_tickets(
 @router.get(
     purchase_contract.STATUS_PATH,
     response_model=Purchase,
-    responses=problem_responses(404, 422, 503),
+    responses={
+        **with_headers(200, "ETag", "Cache-Control", "Retry-After"),
+        **problem_responses(404, 422, 503),
+    },
     openapi_extra=purchase_contract.STATUS_OPENAPI,
 )
 async def get_purchase(
@@ -93,7 +100,10 @@ async def purchase_events(
     purchase_contract.CONFIRM_PATH,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=LifecycleAccepted,
-    responses=problem_responses(400, 404, 409, 413, 415, 422, 503),
+    responses={
+        **with_headers(202, "Location", "Retry-After"),
+        **problem_responses(400, 404, 409, 413, 415, 422, 503),
+    },
     openapi_extra=purchase_contract.CONFIRM_OPENAPI,
 )
 async def confirm_purchase(
@@ -113,8 +123,11 @@ async def confirm_purchase(
     purchase_contract.CANCEL_PATH,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=LifecycleAccepted,
-    # It reads no body, but the request guard judges any sent, as on every POST.
-    responses=problem_responses(404, 409, 413, 415, 422, 503),
+    responses={
+        **with_headers(202, "Location", "Retry-After"),
+        # It reads no body, but the request guard judges any sent, as on every POST.
+        **problem_responses(404, 409, 413, 415, 422, 503),
+    },
 )
 async def cancel_purchase(
     purchase_id: UUID, request: Request, purchases: PurchaseServiceDep

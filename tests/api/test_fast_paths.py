@@ -34,7 +34,7 @@ from shared.purchases.ids import PurchaseIds
 from shared.purchases.service import PurchaseService, StatusFollower
 from shared.settings import Settings
 from tests.api.helpers import record_purchase
-from tests.factories import create_event, purchase
+from tests.factories import create_event, event_body, purchase
 from tests.fuzzing import examples, seed
 
 Answer = tuple[int, Any, list[tuple[str, str]]]
@@ -341,6 +341,7 @@ async def test_the_dispatch_honours_the_apps_root_path(
             sized, streamed = await both_ways(api, path, _json(GOOD), JSON_HEADER)
             served = await api.post(path, json=GOOD)
             status = await api.get(served.json()["status_url"])
+            created = await api.post("/tickets/events", json=event_body())
 
     assert sized == streamed
     assert sized[0] == 202
@@ -348,6 +349,7 @@ async def test_the_dispatch_honours_the_apps_root_path(
     assert served.headers["location"] == served.json()["status_url"]
     assert status.status_code == 200
     assert len(reached) == 1, "only the streamed purchase reached the route"
+    assert created.headers["location"] == f"/tickets/events/{created.json()['id']}"
 
 
 def test_the_purchase_routes_take_only_what_the_dispatch_passes_on() -> None:

@@ -873,6 +873,51 @@ async def test_openapi_json_and_docs_are_served(api: httpx.AsyncClient) -> None:
     assert "text/html" in docs.headers["content-type"]
 
 
+# The headers a client acts on; the document must name each an answer carries.
+ACTIONABLE = {"location", "etag", "retry-after", "cache-control"}
+
+
+async def test_the_document_names_the_headers_each_answer_carries(
+    api: httpx.AsyncClient,
+) -> None:
+    """A generated client reads Location, ETag and Retry-After from the document: each answer's
+    actionable headers are exactly those documented for its operation and status."""
+    document = json.loads(render())["paths"]
+    created = await api.post("/events", json=event_body(hold_seconds=300))
+    event_id = created.json()["id"]
+    bought = await api.post(
+        f"/events/{event_id}/tickets/purchase", json={"customer_id": "c", "quantity": 1}
+    )
+    purchase_id = bought.json()["purchase_id"]
+    answers = [
+        ("post", "/events", created),
+        ("get", "/events/{event_id}", await api.get(f"/events/{event_id}")),
+        ("patch", "/events/{event_id}", await api.patch(f"/events/{event_id}", json={"name": "n"})),
+        ("post", "/events/{event_id}/tickets/purchase", bought),
+        ("get", "/purchases/{purchase_id}", await api.get(f"/purchases/{purchase_id}")),
+        (
+            "post",
+            "/purchases/{purchase_id}/confirm",
+            await api.post(f"/purchases/{purchase_id}/confirm", json={"payment_reference": "p"}),
+        ),
+        (
+            "post",
+            "/purchases/{purchase_id}/cancel",
+            await api.post(f"/purchases/{purchase_id}/cancel"),
+        ),
+    ]
+
+    for method, path, answer in answers:
+        assert answer.status_code < 300, (method, path, answer.text)
+        documented = document[path][method]["responses"][str(answer.status_code)]
+        named = {name.lower() for name in documented.get("headers", {})}
+        assert named == ACTIONABLE & set(answer.headers.keys()), (method, path)
+    for path, operations in document.items():
+        for method, operation in operations.items():
+            if "503" in operation["responses"]:
+                assert "Retry-After" in operation["responses"]["503"]["headers"], (method, path)
+
+
 def test_every_problem_is_documented_as_problem_json_with_its_schema_and_only_so() -> None:
     """A problem is only ever sent as application/problem+json: a client built from the
     document must find the Problem schema there, and no application/json it will never get."""
