@@ -42,7 +42,7 @@ from api import metrics, purchase_contract
 from api.answers import Answer
 from api.deps import purchase_service_of, settings_of, status_waiters_of
 from api.errors import ProblemHandler
-from api.guards import readable_as_sent
+from api.guards import in_utf8
 from api.routes import purchases
 from api.status_stream import EventStream
 
@@ -224,8 +224,11 @@ class FastPaths:
         length = headers.get(b"content-length", b"")
         if not (length.isascii() and length.isdigit()) or int(length) > self.max_body_bytes:
             return False
-        media_type, has_parameters, _ = headers.get(b"content-type", b"").partition(b";")
-        if (has_parameters or b"content-encoding" in headers) and not readable_as_sent(headers):
+        if b"content-encoding" in headers:  # the request guard judges it
+            return False
+        content_type = headers.get(b"content-type", b"")
+        media_type, has_parameters, _ = content_type.partition(b";")
+        if has_parameters and not in_utf8(content_type):
             return False
         return media_type.strip().lower() == b"application/json"
 

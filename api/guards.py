@@ -33,13 +33,27 @@ def charset_of(content_type: bytes) -> bytes | None:
     return None
 
 
-def readable_as_sent(headers: dict[bytes, bytes]) -> bool:
-    """Whether a body is sent as the routes read it: with no content coding (none is supported:
-    a compressed body would be misread, and one merely labelled so is a client bug), and in
-    UTF-8, the only encoding of JSON (RFC 8259), with or without saying so."""
-    if headers.get(b"content-encoding", b"identity").strip().lower() != b"identity":
-        return False
-    return charset_of(headers.get(b"content-type", b"")) in (None, b"utf-8")
+# What JSON may be said to be in: UTF-8 (RFC 8259), by its name, its common alias, or ASCII,
+# which is UTF-8 too.
+_UTF8 = frozenset({None, b"utf-8", b"utf8", b"us-ascii"})
+
+
+def in_utf8(content_type: bytes) -> bool:
+    """Whether a body of this Content-Type is UTF-8, as the routes read it (no charset says
+    nothing else)."""
+    return charset_of(content_type) in _UTF8
+
+
+def coded(given: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a body is sent with a content coding (gzip, br, ...), in any Content-Encoding it
+    names: none is decoded here, so a compressed body would be misread as JSON, and a plain one
+    labelled so is a client bug."""
+    for name, value in given:
+        if name == b"content-encoding":
+            for coding in value.split(b","):
+                if coding.strip().lower() not in (b"", b"identity"):
+                    return True
+    return False
 
 
 def _conflicting_content_types(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -83,15 +97,22 @@ class RequestGuard:
                 instance=instance_of(scope),
             ).send(send)
             return
-        if has_body and not readable_as_sent(headers):
+        if has_body and coded(given):
             await problem(
                 415,
                 "Unsupported media type",
-                "Send the request body as JSON in UTF-8 (no charset, or charset=utf-8), "
-                "uncompressed (no Content-Encoding).",
+                "Send the request body uncompressed, with no Content-Encoding.",
                 instance=instance_of(scope),
                 # What RFC 9110 asks a 415 for a content coding to say: none but the identity.
                 headers={"Accept-Encoding": "identity"},
+            ).send(send)
+            return
+        if has_body and not in_utf8(headers.get(b"content-type", b"")):
+            await problem(
+                415,
+                "Unsupported media type",
+                "Send the request body as JSON in UTF-8: no charset, or charset=utf-8.",
+                instance=instance_of(scope),
             ).send(send)
             return
 

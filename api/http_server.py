@@ -50,10 +50,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     While a head is incomplete, what arrives is counted by whole reads of the socket (the
     parser tells neither where a head begins in a read nor how long it is), and the request is
-    refused once that passes the bound: the memory a connection holds stays bounded. A head that
-    ends within reads that could hold more than the bound is measured once complete, so one that
-    arrived whole is refused too; a head in a small read, every request of a flash sale, is not
-    measured at all."""
+    refused once that passes the bound: the memory a connection holds stays bounded. (So a head
+    that follows other requests in one read may be refused a little short of the bound.) A head
+    that ends within reads that could hold more than the bound is measured once complete, so one
+    that arrived whole is refused too; a head in a small read, every request of a flash sale, is
+    not measured at all.
+
+    A refusal is the connection's last answer, sent after the answers of any requests before it
+    on the connection (pipelined), never in their place."""
 
     # What was read since the current head began, in whole reads before the current one (so
     # the head is at most that plus the current read); None while no head is being read
@@ -64,7 +68,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     # Whether the request line of the head being read has arrived whole (the parser delivers a
     # header only once the next one begins, so no header does not mean no whole line).
     _line_read = False
+    _began_in_this_read = False  # the head being read began in the read being parsed
     _refused = False
+    # A refusal waiting for the answers of the requests before it on the connection.
+    _deferred: bytes | None = None
     # Loop time the request now arriving began (the connection's opening, for the first); None
     # once it has arrived whole.
     _arriving_since: float | None = None
@@ -79,17 +86,29 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return  # the rest of a refused head: read, so that the answer reaches the client
         self._read_bytes = len(data)
         super().data_received(data)
-        # A head that this read did not complete (and that the parser did not refuse already).
+        if self._refused:  # by the parser's callbacks, as this read completed a head
+            return
+        # A head that this read did not complete.
         if self._head_bytes is not None and not self.transport.is_closing():
             self._head_bytes += len(data)
-            self._line_read = self._line_read or b"\n" in data
+            self._line_read = self._line_read or self._ends_request_line(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse()
+        self._began_in_this_read = False
+
+    def _ends_request_line(self, data: bytes) -> bool:
+        """Whether `data`, a read of the head now arriving, holds the end of its request line.
+        (Where the head began in this read, the read may also hold requests before it.)"""
+        if not self._began_in_this_read:
+            return b"\n" in data  # all of it is this head's
+        end = data.rfind(self.url + b" HTTP/")
+        return end >= 0 and b"\n" in data[end:]
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
         self._line_read = False
+        self._began_in_this_read = True
         if self._arriving_since is None:
             self._arriving_since = self.loop.time()
 
@@ -108,9 +127,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             super().send_400_response(msg)
 
     def _head_length(self) -> int:
-        """The length of the head just parsed, as sent but for optional whitespace."""
+        """The length of the head just parsed, as sent without optional whitespace (so never
+        more than it was)."""
         request_line = len(self.url) + len(" HTTP/1.1\r\n") + len(self.parser.get_method()) + 1
-        fields = sum(len(name) + len(value) + len(": \r\n") for name, value in self.headers)
+        fields = sum(len(name) + len(value) + len(":\r\n") for name, value in self.headers)
         return request_line + fields + len("\r\n")
 
     def on_message_complete(self) -> None:
@@ -145,9 +165,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         )
 
     def _answer_and_close(self, status_line: bytes, title: str, detail: str) -> None:
-        """Answer a request the app never got with a problem, and close its connection."""
+        """Answer a request the app never got with a problem, and close its connection: now,
+        or once the requests before it on the connection are answered."""
         answer = problem(int(status_line[:3]), title, detail, instance=self._path())
-        self.transport.write(
+        self._refused = True  # what the client sends from now on is read and dropped
+        self._arriving_since = None
+        raw = (
             b"HTTP/1.1 "
             + status_line
             + b"\r\n"
@@ -156,12 +179,29 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             + b"connection: close\r\n\r\n"
             + answer.body
         )
+        if self._answering():
+            self._deferred = raw
+        else:
+            self._send_last(raw)
+
+    def _answering(self) -> bool:
+        """Whether a request before the refused one is still to be answered."""
+        cycle = self.cycle
+        return (cycle is not None and not cycle.response_complete) or bool(self.pipeline)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._deferred is not None and not self._answering():
+            raw, self._deferred = self._deferred, None
+            if not self.transport.is_closing():
+                self._send_last(raw)
+
+    def _send_last(self, raw: bytes) -> None:
+        self.transport.write(raw)
         # Closed with the rest of the head unread, the connection would be reset, and the
         # client could lose the answer with it: the answer is followed by the end of what we
         # send, what the client still sends is read and dropped, and the connection closed a
         # moment later.
-        self._refused = True
-        self._arriving_since = None
         if self.transport.can_write_eof():
             self.transport.write_eof()
         asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)

@@ -4,9 +4,9 @@ methods, HEAD, and the OpenAPI document."""
 import asyncio
 import contextlib
 import json
-from asyncio.subprocess import DEVNULL
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aio_pika.abc
 import asyncpg
@@ -190,45 +190,79 @@ async def send_raw(port: int, head: bytes, *, pieces: int = 1) -> bytes:
 
 
 async def test_a_request_head_without_end_is_431_and_its_connection_closed(
-    settings: Settings,
+    settings: Settings, tmp_path: Path
 ) -> None:
     """httptools keeps every header until the head ends: without a bound, one client sending
     headers without end takes the process's memory."""
-    async with api_process(settings, timeout_s=30, stderr=DEVNULL) as (_, client):
-        port = client.base_url.port
-        assert port is not None
-        endless = b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + b"x-pad: %s\r\n" % (b"a" * 1000) * 400
-        answer = await send_raw(port, endless, pieces=100)
-        huge_line = b"GET /healthz?" + b"a" * 300_000 + b" HTTP/1.1\r\nhost: x\r\n\r\n"
-        answer_to_line = await send_raw(port, huge_line)
-        # Just past the bound, sent whole: in reads that complete the head, and (a request line)
-        # past what httptools can parse as a URL.
-        line_past = b"GET /healthz?" + b"a" * 65_600 + b" HTTP/1.1\r\nhost: x\r\n\r\n"
-        answer_to_line_past = await send_raw(port, line_past)
-        fields_past = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: %s\r\n\r\n" % (b"a" * 66_000)
-        answer_to_fields_past = await send_raw(port, fields_past)
-        # A head within the bound is served, and so is one followed by a body in the same read.
-        within = await send_raw(
-            port, b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: %s\r\n\r\n" % (b"a" * 60_000)
-        )
-        body = await client.post(
-            "/events",
-            content=padded_event_json(MAX_BODY),
-            headers={"content-type": "application/json", "x-pad": "a" * 30_000},
-        )
+    log = tmp_path / "api.log"
+    with log.open("wb") as stderr:
+        async with api_process(settings, timeout_s=30, stderr=stderr.fileno()) as (_, client):
+            answers = await _heads_past_the_bound(client)
+    (answer, answer_to_line, answer_to_line_past, answer_to_fields_past, behind, within, body) = (
+        answers
+    )
 
     for refused in (answer, answer_to_line, answer_to_line_past, answer_to_fields_past):
-        status_line, _, rest = refused.partition(b"\r\n")
-        assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large", refused[:300]
-        head, _, content = rest.partition(b"\r\n\r\n")
-        assert b"connection: close" in head.lower()
-        assert b"content-type: application/problem+json" in head.lower()
-        problem = json.loads(content)
-        assert problem["status"] == 431
-        assert problem["instance"].startswith("/")
+        assert_431(refused)
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["instance"] == "/healthz"
+    # Behind a request on the same connection, the refusal comes after its answer.
+    assert behind.startswith(b"HTTP/1.1 200 "), behind[:300]
+    assert_431(behind[behind.index(b"HTTP/1.1 431") :])
     assert within.startswith(b"HTTP/1.1 200 "), within[:300]
     assert body.status_code == 201, body.text
+    logged = log.read_text()
+    for trouble in ("Traceback", "Fatal error", "Exception in ASGI application"):
+        assert trouble not in logged, logged[-2000:]
+
+
+def assert_431(refused: bytes) -> None:
+    status_line, _, rest = refused.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large", refused[:300]
+    head, _, content = rest.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower()
+    assert b"content-type: application/problem+json" in head.lower()
+    problem = json.loads(content)
+    assert problem["status"] == 431
+    assert problem["instance"].startswith("/")
+
+
+async def _heads_past_the_bound(client: httpx.AsyncClient) -> list[Any]:
+    """What the API answers to heads past the bound, sent every way, and to those within."""
+    port = client.base_url.port
+    assert port is not None
+    endless = b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + b"x-pad: %s\r\n" % (b"a" * 1000) * 400
+    answer = await send_raw(port, endless, pieces=100)
+    huge_line = b"GET /healthz?" + b"a" * 300_000 + b" HTTP/1.1\r\nhost: x\r\n\r\n"
+    answer_to_line = await send_raw(port, huge_line)
+    # Just past the bound, sent whole: in reads that complete the head, and (a request line)
+    # past what httptools can parse as a URL.
+    line_past = b"GET /healthz?" + b"a" * 65_600 + b" HTTP/1.1\r\nhost: x\r\n\r\n"
+    answer_to_line_past = await send_raw(port, line_past)
+    fields_past = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: %s\r\n\r\n" % (b"a" * 66_000)
+    answer_to_fields_past = await send_raw(port, fields_past)
+    # A head within the bound is served, and so is one followed by a body in the same read.
+    within = await send_raw(
+        port, b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: %s\r\n\r\n" % (b"a" * 60_000)
+    )
+    body = await client.post(
+        "/events",
+        content=padded_event_json(MAX_BODY),
+        headers={"content-type": "application/json", "x-pad": "a" * 30_000},
+    )
+    fields = b"x-pad: %s\r\n" % (b"a" * 66_000)
+    behind = await send_raw(
+        port,
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\n" + fields + b"\r\n",
+    )
+    return [
+        answer,
+        answer_to_line,
+        answer_to_line_past,
+        answer_to_fields_past,
+        behind,
+        within,
+        body,
+    ]
 
 
 async def test_a_request_that_does_not_arrive_in_time_is_408_or_closed(
@@ -261,11 +295,13 @@ async def test_a_request_that_does_not_arrive_in_time_is_408_or_closed(
             finally:
                 writer.close()
 
-        silent, half_head, one_header, half_body = await asyncio.gather(
+        silent, half_head, one_header, half_line, half_body = await asyncio.gather(
             held(b""),
             held(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: "),
             # A whole line and one header: the parser has delivered no header yet.
             held(b"GET /healthz HTTP/1.1\r\nhost: x\r\n"),
+            # Half a line behind a whole request, in one read: no path can be named for it.
+            held(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /heal"),
             held(
                 b"POST /events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                 b"content-length: 1000\r\n\r\n{"
@@ -282,6 +318,9 @@ async def test_a_request_that_does_not_arrive_in_time_is_408_or_closed(
         assert status_line == b"HTTP/1.1 408 Request Timeout", unfinished[:300]
         problem = json.loads(rest.partition(b"\r\n\r\n")[2])
         assert (problem["status"], problem["instance"]) == (408, "/healthz")
+    assert half_line.startswith(b"HTTP/1.1 200 "), half_line[:300]
+    timed_out = half_line[half_line.index(b"HTTP/1.1 408") :]
+    assert json.loads(timed_out.partition(b"\r\n\r\n")[2])["instance"] == "/"
     assert not half_body.startswith(b"HTTP/1.1 5"), half_body[:300]
     assert served.startswith(b"HTTP/1.1 200 "), served[:300]
 
@@ -370,17 +409,26 @@ async def test_an_integer_of_more_digits_than_python_converts_is_422_on_every_ro
 
 
 @pytest.mark.parametrize(
-    "headers",
+    ("headers", "coded"),
     [
-        {"content-type": "application/json; charset=iso-8859-1"},
-        {"content-type": "application/json; charset=utf-16"},
-        {"content-type": "application/json", "content-encoding": "gzip"},
-        {"content-type": "application/json", "content-encoding": "br"},
+        ([("content-type", "application/json; charset=iso-8859-1")], False),
+        ([("content-type", "application/json; charset=utf-16")], False),
+        ([("content-type", "application/json"), ("content-encoding", "gzip")], True),
+        ([("content-type", "application/json"), ("content-encoding", "br")], True),
+        ([("content-type", "application/json"), ("content-encoding", "identity, gzip")], True),
+        (
+            [
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+                ("content-encoding", "identity"),
+            ],
+            True,
+        ),
     ],
-    ids=["latin-1", "utf-16", "gzip", "brotli"],
+    ids=["latin-1", "utf-16", "gzip", "brotli", "a list", "given twice"],
 )
 async def test_a_body_not_in_utf_8_or_compressed_is_415_on_every_route(
-    api: httpx.AsyncClient, headers: dict[str, str]
+    api: httpx.AsyncClient, headers: list[tuple[str, str]], coded: bool
 ) -> None:
     """JSON is UTF-8 and no content coding is read: a body said to be otherwise would be
     misread (a latin-1 "café" as malformed JSON, a gzip label on a plain body ignored)."""
@@ -394,16 +442,24 @@ async def test_a_body_not_in_utf_8_or_compressed_is_415_on_every_route(
 
     for answer in answers:
         assert_problem(answer, 415)
-        assert answer.headers["accept-encoding"] == "identity"
+        # RFC 9110: a 415 for a content coding names the codings accepted.
+        assert answer.headers.get("accept-encoding") == ("identity" if coded else None)
 
 
 @pytest.mark.parametrize(
-    "content_type",
-    ["application/json; charset=utf-8", 'application/json; charset="UTF-8"'],
+    ("content_type", "coding"),
+    [
+        ("application/json; charset=utf-8", "identity"),
+        ('application/json; charset="UTF-8"', "identity"),
+        ("application/json; charset=utf8", ""),
+        ("application/json; charset=us-ascii", "identity, identity"),
+    ],
 )
-async def test_a_body_said_to_be_utf_8_is_read(api: httpx.AsyncClient, content_type: str) -> None:
+async def test_a_body_said_to_be_utf_8_and_uncoded_is_read(
+    api: httpx.AsyncClient, content_type: str, coding: str
+) -> None:
     event = await create_event(api)
-    headers = {"content-type": content_type, "content-encoding": "identity"}
+    headers = {"content-type": content_type, "content-encoding": coding}
 
     created = await api.post("/events", content=json.dumps(event_body()), headers=headers)
     bought = await api.post(
