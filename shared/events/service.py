@@ -137,9 +137,11 @@ class EventService:
             try:
                 check_sales_window(fields["sales_start_at"], fields["sales_end_at"])
             except ValueError as exc:
+                sent = data.model_fields_set
+                bound = "sales_start_at" if "sales_start_at" in sent else "sales_end_at"
                 raise InvalidRequest(
                     f"{exc} (as the event would be after this change).",
-                    location=("body", "sales_start_at"),
+                    location=("body", bound),
                 ) from None
             sold = current["total_tickets"] - current["available_tickets"]
             if fields["total_tickets"] < sold:
@@ -150,7 +152,7 @@ class EventService:
             if fields == dict(current):
                 # Nothing changes, so neither does the version: every other client's If-Match
                 # still holds (a form saved again unchanged would otherwise make them all 412).
-                return Event.model_validate(fields)
+                return Event.model_validate(dict(current))  # as stored, whatever offset was sent
             row = await repository.update_event(
                 conn, event_id=event_id, expected_version=current["version"], fields=fields
             )

@@ -91,7 +91,8 @@ async def test_patch_checks_the_window_it_would_leave_merged_with_what_is_stored
     )
     problem = assert_problem(early_end, 422)
     assert "sales_start_at" in problem["detail"]
-    assert [error["loc"] for error in problem["errors"]] == [["body", "sales_start_at"]]
+    # Located at the bound the PATCH sent.
+    assert [error["loc"] for error in problem["errors"]] == [["body", "sales_end_at"]]
     assert (await api.get(f"/events/{event['id']}")).json() == event
 
     both = await api.patch(

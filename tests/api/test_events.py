@@ -686,7 +686,7 @@ async def test_a_patch_that_changes_nothing_keeps_the_version(
     )
 
     assert patched.status_code == 200, patched.text
-    assert patched.json()["version"] == created["version"]
+    assert patched.json() == created  # as stored: the instant in UTC, as GET answers it
     assert patched.headers["etag"] == f'"{created["version"]}"'
     assert theirs.status_code == 200, theirs.text
     assert theirs.json()["version"] == created["version"] + 1
