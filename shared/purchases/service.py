@@ -33,7 +33,13 @@ from shared.publisher import PurchasePublisher
 from shared.purchases import repository
 from shared.purchases.changes import StatusWaiters, Waiter
 from shared.purchases.ids import PurchaseIds
-from shared.purchases.models import Purchase, PurchaseCreate, PurchaseStatus, QueuePosition
+from shared.purchases.models import (
+    FailReason,
+    Purchase,
+    PurchaseCreate,
+    PurchaseStatus,
+    QueuePosition,
+)
 from shared.purchases.progress import PartitionProgress
 from shared.retry import DATABASE_UNAVAILABLE
 
@@ -64,11 +70,23 @@ _NOTHING_TO_CONFIRM = (
     "Purchase {} needs no confirmation: its event holds no tickets, so a purchase is confirmed "
     "as soon as it is decided (see its status)."
 )
-# Failed is not final: once operators replay its message, the purchase is decided as any other.
+# Failed is not final: once operators replay its message, the purchase is decided as any other;
+# but for a message that could not be read, which no replay decides.
 _NOT_WHILE_FAILED = (
     "Purchase {} could not be processed yet (see its status's reason); it cannot be {} until "
     "it is decided, once operators replay it. Keep following its status."
 )
+_NOT_READABLE = (
+    "Purchase {} could not be processed: its message could not be read, so it will not be "
+    "decided and holds no tickets; it cannot be {}."
+)
+
+
+def _failed(found: "_Found", purchase_id: UUID, action: str) -> str:
+    """Why a failed purchase cannot be confirmed or cancelled (now, or ever)."""
+    unreadable = found.reason == FailReason.UNDECODABLE_MESSAGE
+    return (_NOT_READABLE if unreadable else _NOT_WHILE_FAILED).format(purchase_id, action)
+
 
 # How long a retry with an Idempotency-Key waits to learn whether its purchase is already
 # decided; past it, the purchase is published again (the worker applies an id once).
@@ -89,6 +107,7 @@ class _Found(NamedTuple):
     event_id: UUID | None
     hold_expires_at: datetime | None = None
     payment_reference: str | None = None
+    reason: str | None = None
 
 
 class RecentlyAccepted:
@@ -279,7 +298,7 @@ class PurchaseService:
                 f"Purchase {purchase_id} is already confirmed with another payment_reference."
             )
         if found.status == PurchaseStatus.FAILED:
-            raise NotConfirmable(_NOT_WHILE_FAILED.format(purchase_id, "confirmed"))
+            raise NotConfirmable(_failed(found, purchase_id, "confirmed"))
         if found.status not in (PurchaseStatus.HELD, PurchaseStatus.PENDING):
             raise NotConfirmable(
                 f"Purchase {purchase_id} is {found.status}; it can no longer be confirmed."
@@ -344,7 +363,7 @@ class PurchaseService:
             PurchaseStatus.PENDING,
         ):
             if found.status == PurchaseStatus.FAILED:
-                raise NotCancellable(_NOT_WHILE_FAILED.format(purchase_id, "cancelled"))
+                raise NotCancellable(_failed(found, purchase_id, "cancelled"))
             raise NotCancellable(f"Purchase {purchase_id} is {found.status}; nothing to cancel.")
         assert found.event_id is not None
         accepted_at = datetime.now(UTC)
@@ -373,6 +392,7 @@ class PurchaseService:
                     UUID(int=row["event_id"].int),  # a plain UUID: orjson writes no subclass
                     row["hold_expires_at"],
                     row["payment_reference"],
+                    row["reason"],
                 )
             known = self._recent.get(purchase_id)
             if known is not None:

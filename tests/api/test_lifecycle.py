@@ -644,11 +644,19 @@ async def test_an_odd_but_valid_payment_reference_is_stored_as_sent(
     assert await db.fetchval("SELECT count(*) FROM purchases") == 1
 
 
-async def test_a_failed_purchase_is_refused_confirm_and_cancel_as_not_decided_yet(
-    api: httpx.AsyncClient, db: asyncpg.Pool
+@pytest.mark.parametrize(
+    ("reason", "said"),
+    [
+        (FailReason.DELIVERY_LIMIT_EXCEEDED, "could not be processed yet"),
+        (FailReason.RECORD_CONFLICT, "could not be processed yet"),
+        (FailReason.UNDECODABLE_MESSAGE, "will not be decided"),
+    ],
+)
+async def test_a_failed_purchase_is_refused_confirm_and_cancel_saying_whether_it_may_be_decided(
+    api: httpx.AsyncClient, db: asyncpg.Pool, reason: FailReason, said: str
 ) -> None:
     """`failed` is not final (an operator's replay decides it): the 409 must not tell the buyer
-    the purchase can never be confirmed or cancelled."""
+    the purchase can never be confirmed or cancelled, but for a message no replay can read."""
     event = await create_event(api, hold_seconds=300)
     accepted = await purchase(api, event["id"])
     body = accepted.json()
@@ -660,9 +668,7 @@ async def test_a_failed_purchase_is_refused_confirm_and_cancel_as_not_decided_ye
         accepted_at=datetime.now(UTC),
     )
     async with db.acquire() as conn:
-        await repository.record_failed_purchases(
-            conn, [requested], reason=FailReason.DELIVERY_LIMIT_EXCEEDED
-        )
+        await repository.record_failed_purchases(conn, [requested], reason=reason)
 
     confirmed = await api.post(
         f"/purchases/{body['purchase_id']}/confirm", json={"payment_reference": "pay-1"}
@@ -671,6 +677,6 @@ async def test_a_failed_purchase_is_refused_confirm_and_cancel_as_not_decided_ye
 
     for answer in (confirmed, cancelled):
         detail = assert_problem(answer, 409)["detail"]
-        assert "could not be processed yet" in detail, detail
+        assert said in detail, detail
         assert "no longer" not in detail, detail
         assert "nothing to" not in detail, detail
