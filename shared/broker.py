@@ -196,7 +196,9 @@ _SETTINGS_OF: dict[str, tuple[str, Callable[[str | int], int]]] = {
 def _difference(name: str, found: re.Match[str] | None, wanted: dict[str, Any]) -> str | None:
     """The refused argument as the setting it comes from, in the operator's numbers (RabbitMQ's
     words give the argument's, which for x-max-length is one less than the setting)."""
-    if found is None or found["arg"] not in _SETTINGS_OF:
+    # (A dead-letter queue takes neither setting: one declared with either is told in RabbitMQ's
+    # words, as any other argument.)
+    if found is None or found["arg"] not in _SETTINGS_OF or found["arg"] not in wanted:
         return None
     setting, as_setting = _SETTINGS_OF[found["arg"]]
     current = found["value"] if found["value"] is not None else found["plain"]

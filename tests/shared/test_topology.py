@@ -92,3 +92,24 @@ async def test_a_queue_with_another_length_limit_is_one_clear_error(settings: Se
         f"settings ask for QUEUE_MAX_LENGTH={settings.queue_max_length}"
     ) in message
     assert "Moving queues to new arguments" in message
+
+
+async def test_a_dead_letter_queue_with_a_length_limit_is_one_clear_error(
+    settings: Settings,
+) -> None:
+    """No setting gives a dead-letter queue a limit: one declared with one (by hand) is told in
+    RabbitMQ's words, as a TopologyMismatch, never a KeyError from naming a setting."""
+    topology = broker.Topology.from_settings(settings)
+    arguments = {**topology.dead_letter_queue_arguments(), "x-max-length": 7}
+    for name in broker.PLACEMENT_ARGUMENTS:
+        arguments.pop(name, None)
+    await _declare_raw(settings, topology.dead_letter_queue, arguments)
+    connection = await broker_nodes.connect(settings)
+    try:
+        with pytest.raises(broker.TopologyMismatch) as raised:
+            await broker.declare_topology(connection, topology)
+    finally:
+        await connection.close()
+    message = str(raised.value)
+    assert "x-max-length" in message
+    assert "QUEUE_MAX_LENGTH=" not in message
