@@ -10,6 +10,7 @@ import asyncio
 import errno
 import logging.config
 import socket
+from typing import Any
 
 import uvicorn
 
@@ -33,7 +34,7 @@ def main() -> None:
     except StartupError as exc:
         raise SystemExit(f"python -m api: {exc}") from None
     try:
-        check_listening_address(settings.api_host, settings.api_port)
+        check_listening_address(settings.api_host, settings.api_port, workers=settings.api_workers)
     except StartupError as exc:
         raise SystemExit(f"python -m api: {exc}") from None
     log_config = logging_config(settings, service="api")
@@ -60,25 +61,56 @@ def main() -> None:
     )
 
 
-def check_listening_address(host: str, port: int) -> None:
+def check_listening_address(host: str, port: int, *, workers: int = 1) -> None:
     """Bind API_HOST:API_PORT once, as uvicorn is about to: an address it cannot listen on
     (taken, not this machine's, a name that does not resolve) is one line here, where uvicorn
-    would log it in several after the app had started, and exit 3."""
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise StartupError(
-            f"API_HOST {host!r} is neither an address nor a name that resolves "
-            f"({exc.strerror}); set it to an address of this machine, such as 127.0.0.1 or "
-            "0.0.0.0"
-        ) from None
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    would log it in several after the app had started, and exit 3.
+
+    Bound as uvicorn binds it: one process listens on every address the name resolves to,
+    skipping a family this machine lacks (as asyncio's create_server does); several processes
+    share one socket, IPv4 unless the host is an IPv6 address."""
+    unavailable: OSError | None = None
+    bound = 0
+    for family, kind, proto, address in _addresses(host, port, workers):
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:  # a family this machine lacks
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio: beside, not over, the IPv4 socket
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 probe.bind(address)
+            except socket.gaierror as exc:
+                raise StartupError(_unresolved(host, exc)) from None
             except OSError as exc:
-                raise StartupError(_cannot_listen(host, port, exc)) from None
+                if exc.errno != errno.EADDRNOTAVAIL or workers > 1:
+                    raise StartupError(_cannot_listen(host, port, exc)) from None
+                unavailable = exc  # skipped by asyncio, as a family not enabled here
+                continue
+            bound += 1
+    if not bound:
+        reason = unavailable or OSError(errno.EADDRNOTAVAIL, "no address to listen on")
+        raise StartupError(_cannot_listen(host, port, reason))
+
+
+def _addresses(host: str, port: int, workers: int) -> list[tuple[int, int, int, Any]]:
+    if workers > 1:  # uvicorn's own socket (Config.bind_socket)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, 0, (host, port))]
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(_unresolved(host, exc)) from None
+    return [(family, kind, proto, address) for family, kind, proto, _, address in found]
+
+
+def _unresolved(host: str, exc: socket.gaierror) -> str:
+    return (
+        f"API_HOST {host!r} is neither an address nor a name that resolves ({exc.strerror}); "
+        "set it to an address of this machine, such as 127.0.0.1 or 0.0.0.0"
+    )
 
 
 def _cannot_listen(host: str, port: int, exc: OSError) -> str:

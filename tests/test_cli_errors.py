@@ -341,13 +341,16 @@ def test_status_piped_into_a_reader_that_stops_early_ends_without_a_traceback(
     assert "BrokenPipeError" not in stderr, stderr
 
 
-def test_api_on_a_port_another_process_listens_on_is_one_line(env: dict[str, str]) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_api_on_a_port_another_process_listens_on_is_one_line(
+    env: dict[str, str], workers: str
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
 
-        line = the_one_line(run("api", env, API_PORT=str(port)), "api")
+        line = the_one_line(run("api", env, API_PORT=str(port), API_WORKERS=workers), "api")
 
     assert f"cannot listen on 127.0.0.1:{port}" in line
     assert "API_PORT" in line
