@@ -134,13 +134,17 @@ class RequestMetrics:
         """The route template of a request answered before a route was chosen (a 413 or a 415
         of the request guard, a 405 of the router); `unmatched` for a path no route has."""
         fallback = "unmatched"
-        for router in self.routers:
-            for route in router.routes:
+        # The app's own routes (the OpenAPI document, the docs), then the routers'.
+        app_router = getattr(scope.get("app"), "router", None)
+        for routes in (getattr(app_router, "routes", ()), *(r.routes for r in self.routers)):
+            for route in routes:
+                if not hasattr(route, "path"):  # an included router: its routes come next
+                    continue
                 # A scope of its own for each question: matching may leave notes in it.
                 probe = {key: scope.get(key, "") for key in ("type", "method", "path", "root_path")}
                 match, _ = route.matches(probe)
                 if match is Match.FULL:
-                    return str(getattr(route, "path", fallback))
+                    return str(route.path)
                 if match is Match.PARTIAL and fallback == "unmatched":  # another method's
-                    fallback = str(getattr(route, "path", fallback))
+                    fallback = str(route.path)
         return fallback

@@ -60,6 +60,7 @@ async def test_answers_given_before_routing_are_counted_under_their_route(
         headers={"content-type": "application/json"},
     )
     wrong_method = await api.put(f"/events/{event['id']}", json={})
+    document_posted = await api.post("/openapi.json", json={})
     no_route = await api.get("/nowhere")
     after = (await api.get("/metrics")).text
 
@@ -72,6 +73,8 @@ async def test_answers_given_before_routing_are_counted_under_their_route(
     assert moved("/events", "POST", 415) == 1
     assert moved("/events/{event_id}", "PATCH", 413) == 1
     assert moved("/events/{event_id}", "PUT", 405) == 1
+    assert document_posted.status_code == 405
+    assert moved("/openapi.json", "POST", 405) == 1
     assert no_route.status_code == 404
     assert moved("unmatched", "GET", 404) == 1
 
