@@ -28,6 +28,17 @@ async def _declare_raw(settings: Settings, name: str, arguments: dict[str, objec
         await connection.close()
 
 
+async def _mismatch(settings: Settings, topology: broker.Topology) -> str:
+    """What declaring `topology` over the queues already there is refused with."""
+    connection = await broker_nodes.connect(settings)
+    try:
+        with pytest.raises(broker.TopologyMismatch) as raised:
+            await broker.declare_topology(connection, topology)
+    finally:
+        await connection.close()
+    return str(raised.value)
+
+
 async def test_new_queues_get_the_replica_count_and_the_balanced_leader_locator(
     settings: Settings,
 ) -> None:
@@ -79,13 +90,9 @@ async def test_queues_declared_before_the_placement_arguments_keep_working(
 async def test_a_queue_with_another_length_limit_is_one_clear_error(settings: Settings) -> None:
     topology = broker.Topology.from_settings(settings)
     await _declare_raw(settings, topology.queue(0), {**_old_arguments(topology), "x-max-length": 7})
-    connection = await broker_nodes.connect(settings)
-    try:
-        with pytest.raises(broker.TopologyMismatch) as raised:
-            await broker.declare_topology(connection, topology)
-    finally:
-        await connection.close()
-    message = str(raised.value)
+
+    message = await _mismatch(settings, topology)
+
     # In the operator's numbers: x-max-length is one less than the setting.
     assert (
         f"queue {topology.queue(0)!r} exists with QUEUE_MAX_LENGTH=8 (x-max-length), and these "
@@ -104,12 +111,8 @@ async def test_a_dead_letter_queue_with_a_length_limit_is_one_clear_error(
     for name in broker.PLACEMENT_ARGUMENTS:
         arguments.pop(name, None)
     await _declare_raw(settings, topology.dead_letter_queue, arguments)
-    connection = await broker_nodes.connect(settings)
-    try:
-        with pytest.raises(broker.TopologyMismatch) as raised:
-            await broker.declare_topology(connection, topology)
-    finally:
-        await connection.close()
-    message = str(raised.value)
+
+    message = await _mismatch(settings, topology)
+
     assert "x-max-length" in message
     assert "QUEUE_MAX_LENGTH=" not in message
