@@ -26,9 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared.text import CustomerId, Instant, PaymentReference, Quantity
 
 MESSAGE_VERSION: Literal[2] = 2
-# The API answers 202 to a confirmation only if the broker queued it before the hold's end plus
-# this margin; the partition's worker expires a hold only once the commands it applied reach past
-# its end by as much (worker/decision.py), so no confirmation answered 202 finds its hold gone.
+# The API answers 202 to a confirmation or a cancellation of a hold only if the broker queued it
+# before the hold's end plus this margin; the partition's worker expires a hold only once the
+# commands it applied reach past its end by as much (worker/decision.py), so neither, answered
+# 202, finds its hold gone.
 CONFIRM_MARGIN = timedelta(seconds=1)
 CONTENT_TYPE = "application/json"
 MESSAGE_TYPE = "purchase.v2"

@@ -16,9 +16,9 @@ Commands apply in queue order, which is the order the API accepted them in:
 - a hold that was not confirmed expires, and gives its tickets back, once the partition's
   horizon has passed its end by CONFIRM_MARGIN. The horizon is the latest acceptance time among
   the commands applied (and, when the queue is drained, `now` less DELIVERY_MARGIN): any
-  confirmation the API answered 202 for was queued within CONFIRM_MARGIN of the hold's end
-  (api: the confirm publish deadline), so it is ahead of any command accepted after that in the
-  queue, and a hold never expires under a confirmation still on its way. One that left the
+  confirmation or cancellation of a hold the API answered 202 for was queued within
+  CONFIRM_MARGIN of the hold's end (api: their publish deadline), so it is ahead of any command
+  accepted after that in the queue, and a hold never expires under one still on its way. One that left the
   queue unapplied (dead-lettered) keeps its hold from expiring at all: replayed, it confirms.
 
 A ticket given back goes to the first purchase applied after that which asks for it. No purchase

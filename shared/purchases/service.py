@@ -82,6 +82,14 @@ _NOT_READABLE = (
 )
 
 
+def _queued_before_expiry(hold_expires_at: datetime, accepted_at: datetime) -> float:
+    """The loop time by which a confirmation or cancellation of a hold must be queued for the
+    worker to find the hold still there: its end plus CONFIRM_MARGIN (worker/decision.py).
+    Queued later, the caller gets a 503 instead, and a retry finds out."""
+    margin = hold_expires_at + CONFIRM_MARGIN - accepted_at
+    return asyncio.get_running_loop().time() + margin.total_seconds()
+
+
 def _failed(found: "_Found", purchase_id: UUID, action: str) -> str:
     """Why a failed purchase cannot be confirmed or cancelled (now, or ever)."""
     unreadable = found.reason == FailReason.UNDECODABLE_MESSAGE
@@ -317,10 +325,7 @@ class PurchaseService:
                     f"{found.hold_expires_at.isoformat()}: only a confirmation accepted before "
                     "then confirms it (see its status)."
                 )
-            # Queued after the hold's end plus the margin, the confirmation could find the hold
-            # expired already: the caller gets a 503 instead (and a retry finds out).
-            margin = found.hold_expires_at + CONFIRM_MARGIN - accepted_at
-            deadline = asyncio.get_running_loop().time() + margin.total_seconds()
+            deadline = _queued_before_expiry(found.hold_expires_at, accepted_at)
         confirm = AcceptedConfirm(purchase_id, found.event_id, payment_reference, accepted_at)
         queued = self._confirmations.get(purchase_id)
         if (
@@ -370,8 +375,20 @@ class PurchaseService:
         event = await self._events.get(found.event_id)
         if event is not None and accepted_at >= event.starts_at:
             raise NotCancellable(f"Event {found.event_id} has started; it cannot be cancelled.")
+        deadline: float | None = None
+        if found.status == PurchaseStatus.HELD and found.hold_expires_at is not None:
+            # As a confirmation: applied only if queued before the worker expires the hold, or
+            # it would be answered 202 and the purchase end expired, not cancelled.
+            if accepted_at >= found.hold_expires_at:
+                raise NotCancellable(
+                    f"The hold of purchase {purchase_id} ended at "
+                    f"{found.hold_expires_at.isoformat()}: it expires and its tickets go back on "
+                    "sale, unless a confirmation accepted before then confirms it (see its "
+                    "status; a confirmed purchase can be cancelled)."
+                )
+            deadline = _queued_before_expiry(found.hold_expires_at, accepted_at)
         cancel = AcceptedCancel(purchase_id, found.event_id, accepted_at)
-        await self._publisher.publish(cancel)
+        await self._publisher.publish(cancel, deadline=deadline)
         log.info("purchase cancellation accepted", extra=self._context(cancel))
 
     async def _locate(self, purchase_id: UUID) -> "_Found":

@@ -421,6 +421,39 @@ async def test_a_hold_past_its_end_is_refused_at_the_api(
     )
 
     assert_problem(await confirm(api, held["purchase_id"]), 409)
+    # Nor cancelled: answered 202, it would end expired, not cancelled.
+    refused = assert_problem(await cancel(api, held["purchase_id"]), 409)
+    assert "hold" in refused["detail"]
+    assert (await status_of(api, held["purchase_id"]))["status"] == "held"
+
+
+async def test_a_cancellation_of_a_hold_must_be_queued_before_the_hold_can_expire(
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As a confirmation: queued after the hold's end plus CONFIRM_MARGIN, the worker may have
+    expired the hold, and a 202 would end `expired`. Its publish is bounded by that instant."""
+    event = await create_event(api, total_tickets=10, hold_seconds=600)
+    await start_worker()
+    held = await held_purchase(api, db, event)
+    deadlines: list[float | None] = []
+    publish = PurchasePublisher.publish
+
+    def noting(self: PurchasePublisher, command: Any, *, deadline: float | None = None) -> Any:
+        deadlines.append(deadline)
+        return publish(self, command, deadline=deadline)
+
+    monkeypatch.setattr(PurchasePublisher, "publish", noting)
+    asked_at = asyncio.get_running_loop().time()
+    accepted = await cancel(api, held["purchase_id"])
+
+    assert accepted.status_code == 202, accepted.text
+    (deadline,) = deadlines
+    assert deadline is not None
+    assert 590 < deadline - asked_at < 602
+    assert (await wait_status(api, held["purchase_id"], "cancelled"))["status"] == "cancelled"
 
 
 async def test_no_cancellation_once_the_event_has_started(
