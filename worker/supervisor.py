@@ -83,6 +83,8 @@ class Worker:
         self._extended: dict[int, float] = {}
         self._consumers: dict[int, PartitionConsumer] = {}
         self._draining: dict[int, asyncio.Task[None]] = {}  # partitions being handed over
+        # Partitions whose lease was lost, while their consumer stops: not taken again until then.
+        self._giving_up: set[int] = set()
         self._retired_applied = 0
         self.drain_timeout_s = settings.lease_ttl_s * DRAIN_SHARE_OF_LEASE
 
@@ -224,13 +226,27 @@ class Worker:
             since = self._extended.get(partition, now)
             if now - since < limit_s or partition in self._draining:
                 continue  # (a hand-over aborts its own drain well within the lease)
-            log.warning(
-                "lease lost: not extended for %.1f s; stopping its consumer before it is taken over",
-                now - since,
-                extra={"partition": partition, "epoch": self._held[partition]},
+            await self._give_up(
+                partition,
+                f"lease lost: not extended for {now - since:.1f} s; stopping its consumer before "
+                "it is taken over",
             )
-            metrics.LEASES_LOST.inc()
+
+    async def _give_up(self, partition: int, why: str) -> None:
+        """Stop consuming a partition whose lease is lost, once. The watchdog and the ticks may
+        both find it lost, and each one's wait (a consumer's abort) lets the other run: the
+        first to take it from the held leases gives it up and counts it; the other finds it
+        gone."""
+        epoch = self._held.pop(partition, None)
+        if epoch is None:
+            return
+        log.warning(why, extra={"partition": partition, "epoch": epoch})
+        metrics.LEASES_LOST.inc()
+        self._giving_up.add(partition)
+        try:
             await self._drop(partition, graceful=False)
+        finally:
+            self._giving_up.discard(partition)
 
     async def _tick(self, connection: AbstractConnection) -> None:
         """One round of keeping the worker's share: stay a member, keep what is held, replace
@@ -244,7 +260,7 @@ class Worker:
         # ones included) while they finish.
         for partition in set(self._held) - mine - set(self._draining):
             self._hand_over(partition)
-        await self._acquire(mine - set(self._held))
+        await self._acquire(mine - set(self._held) - self._giving_up)
         for partition, epoch in list(self._held.items()):
             if partition not in self._consumers and partition not in self._draining:
                 await self._start_consumer(connection, partition, epoch)
@@ -268,12 +284,7 @@ class Worker:
         if renewal.skipped:
             log.info("leases not renewed this tick (locked): %s", sorted(renewal.skipped))
         for partition in renewal.lost:
-            log.warning(
-                "lease taken over",
-                extra={"partition": partition, "epoch": self._held.get(partition)},
-            )
-            metrics.LEASES_LOST.inc()
-            await self._drop(partition, graceful=False)
+            await self._give_up(partition, "lease taken over")
 
     async def _replace_broken(self, connection: AbstractConnection) -> None:
         """Reopen a dead-letter recorder whose channel closed, and retire consumers that ended
@@ -287,9 +298,8 @@ class Worker:
             if consumer.broken:
                 await consumer.abort()
                 self._retire(partition)
-                if consumer.lost_lease:
-                    metrics.LEASES_LOST.inc()
-                    self._held.pop(partition, None)
+                if consumer.lost_lease and self._held.pop(partition, None) is not None:
+                    metrics.LEASES_LOST.inc()  # (unless the watchdog gave it up meanwhile)
 
     async def _assigned(self) -> set[int]:
         """The partitions the shared assignment gives this worker now."""
