@@ -185,7 +185,9 @@ class PartitionConsumer:
 
     async def stop(self) -> None:
         """Hand the partition back cleanly: cancel the subscription, apply and ack everything
-        already delivered, close the channel."""
+        already delivered, close the channel. (A quorum queue may deliver after its cancel-ok,
+        rabbitmq-server#3729; aiormq drops such a delivery unacked, so it goes back to the queue
+        as the channel closes, and the next owner applies it once.)"""
         if self._amqp is not None and self._consumer_tag is not None and not self._aborted:
             try:
                 await self._amqp.basic_cancel(self._consumer_tag)
