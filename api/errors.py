@@ -13,6 +13,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from api.answers import Answer
@@ -159,6 +160,18 @@ def _database_unavailable(path: str, exc: Exception) -> Answer:
     )
 
 
+def _client_gone(path: str, exc: Exception) -> Answer:
+    """The client left before its request's body arrived whole (Starlette's ClientDisconnect):
+    nobody reads this answer, but it is counted, and a client's leaving is not our error."""
+    log.info("client left before its request arrived whole: %s", path)
+    return problem(
+        400,
+        "Client closed request",
+        "The connection closed before the request body arrived whole.",
+        instance=path,
+    )
+
+
 def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
@@ -194,6 +207,7 @@ EXPECTED: dict[type[Exception], ProblemHandler] = {
     RequestValidationError: ProblemHandler(_validation_error),
     InvalidInput: ProblemHandler(_validation_error),
     StarletteHTTPException: ProblemHandler(_http_error),
+    ClientDisconnect: ProblemHandler(_client_gone),
     **{
         kind: ProblemHandler(_database_unavailable)
         for kind in _DATABASE_DOWN

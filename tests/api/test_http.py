@@ -4,6 +4,7 @@ methods, HEAD, and the OpenAPI document."""
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from shared.settings import Settings
 from tests.api.helpers import assert_problem, record_purchase, served_api, total_depth
 from tests.factories import create_event, event_body, purchase
 from tests.faults.helpers import api_process
-from tests.metrics import free_port
+from tests.metrics import free_port, sample
 from tests.worker.helpers import wait_for
 
 MAX_BODY = 64 * 1024
@@ -1004,3 +1005,39 @@ def test_checked_in_openapi_json_is_up_to_date() -> None:
             f"{OPENAPI_FILE} is stale: it no longer matches the API. Run `make openapi` and "
             "commit the result."
         )
+
+
+async def test_a_client_that_leaves_mid_body_is_no_error_of_ours(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client closing its connection before its body arrived whole is counted, and logged as
+    what it is, never as an unhandled error with a traceback: on a route that reads its body
+    itself (confirm), and on the purchase the dispatch hands to its route."""
+    async with served_api(settings) as api:
+        event = await create_event(api, hold_seconds=60)
+        port = api.base_url.port
+        assert port is not None
+        paths = [
+            f"/purchases/{(await purchase(api, event['id'])).json()['purchase_id']}/confirm",
+            f"/events/{event['id']}/tickets/purchase",
+        ]
+        before = (await api.get("/metrics")).text
+        with caplog.at_level(logging.INFO):
+            for path in paths:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(
+                    f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                    "content-length: 100\r\n\r\n{".encode()
+                )
+                await writer.drain()
+                writer.close()
+            await asyncio.sleep(0.5)
+        after = (await api.get("/metrics")).text
+
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    assert sum("client left" in r.getMessage() for r in caplog.records) == 2
+    for route in ("/purchases/{purchase_id}/confirm", "/events/{event_id}/tickets/purchase"):
+        labels = {"method": "POST", "route": route, "status": "400"}
+        name = "ticketing_http_requests_total"
+        assert sample(after, name, **labels) - sample(before, name, **labels) == 1, route
