@@ -163,7 +163,7 @@ def _database_unavailable(path: str, exc: Exception) -> Answer:
 def _client_gone(path: str, exc: Exception) -> Answer:
     """The client left before its request's body arrived whole (Starlette's ClientDisconnect):
     nobody reads this answer, but it is counted, and a client's leaving is not our error."""
-    log.info("client left before its request arrived whole: %s", path)
+    log.info("connection closed before the request body arrived whole: %s", path)
     return problem(
         400,
         "Client closed request",

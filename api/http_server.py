@@ -49,12 +49,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     """Refuses a request whose head is longer than MAX_HEAD_BYTES.
 
     While a head is incomplete, what arrives is counted by whole reads of the socket (the
-    parser tells neither where a head begins in a read nor how long it is), and the request is
-    refused once that passes the bound: the memory a connection holds stays bounded. (So a head
-    that follows other requests in one read may be refused a little short of the bound.) A head
-    that ends within reads that could hold more than the bound is measured once complete, so one
-    that arrived whole is refused too; a head in a small read, every request of a flash sale, is
-    not measured at all.
+    parser tells neither where a head begins in a read nor how long it is; of the read it began
+    in, what the parser has of it and the lines it is still reading), and the request is refused
+    once that passes the bound: the memory a connection holds stays bounded. A head that ends
+    within reads that could hold more than the bound is measured once complete, so one that
+    arrived whole is refused too; a head in a small read, every request of a flash sale, is not
+    measured at all.
 
     A refusal is the connection's last answer, sent after the answers of any requests before it
     on the connection (pipelined), never in their place."""
@@ -90,19 +90,24 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         # A head that this read did not complete.
         if self._head_bytes is not None and not self.transport.is_closing():
-            self._head_bytes += len(data)
-            self._line_read = self._line_read or self._ends_request_line(data)
+            if self._began_in_this_read:
+                self._head_bytes = self._arrived_of_head(data)
+                self._line_read = bool(self.url) and self.url not in _last_line(data)
+            else:  # all of this read is the head's
+                self._head_bytes += len(data)
+                self._line_read = self._line_read or b"\n" in data
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse()
         self._began_in_this_read = False
 
-    def _ends_request_line(self, data: bytes) -> bool:
-        """Whether `data`, a read of the head now arriving, holds the end of its request line.
-        (Where the head began in this read, the read may also hold requests before it.)"""
-        if not self._began_in_this_read:
-            return b"\n" in data  # all of it is this head's
-        end = data.rfind(self.url + b" HTTP/")
-        return end >= 0 and b"\n" in data[end:]
+    def _arrived_of_head(self, data: bytes) -> int:
+        """About how much of `data`, the read in which the head now arriving began, is that
+        head's (the read may begin with requests before it): what the parser handed over (the
+        request line, the headers), the line it holds back (it hands a header over once the next
+        begins) and the line still arriving."""
+        last = data.rfind(b"\n")
+        held_back_from = data.rfind(b"\n", 0, max(last, 0)) + 1
+        return min(len(data), self._head_length() + len(data) - held_back_from)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -216,6 +221,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         except httptools.HttpParserInvalidURLError:
             return "/"
         return unquote(path) if "%" in path else path
+
+
+def _last_line(data: bytes) -> bytes:
+    """What follows the last line end of `data`: the line still arriving."""
+    return data[data.rfind(b"\n") + 1 :]
 
 
 # The servers whose connections a sweep is due for (one per server: a process may run several).

@@ -153,6 +153,8 @@ HEADERS: list[tuple[str, dict[str, str | bytes]]] = [
     ("json with spaces", {"Content-Type": " application/json ; charset=utf-8"}),
     ("json, charset quoted in capitals", {"Content-Type": 'application/json; charset="UTF-8"'}),
     ("json in latin-1", {"Content-Type": "application/json; charset=iso-8859-1"}),
+    ("json, charset utf8", {"Content-Type": "application/json; charset=utf8"}),
+    ("json, charset us-ascii", {"Content-Type": "application/json; charset=us-ascii"}),
     ("json, another parameter", {"Content-Type": "application/json; profile=x"}),
     ("gzip", {"Content-Type": "application/json", "Content-Encoding": "gzip"}),
     ("identity coding", {"Content-Type": "application/json", "Content-Encoding": "identity"}),
