@@ -18,8 +18,10 @@ Commands apply in queue order, which is the order the API accepted them in:
   the commands applied (and, when the queue is drained, `now` less DELIVERY_MARGIN): any
   confirmation or cancellation of a hold the API answered 202 for was queued within
   CONFIRM_MARGIN of the hold's end (api: their publish deadline), so it is ahead of any command
-  accepted after that in the queue, and a hold never expires under one still on its way. One that left the
-  queue unapplied (dead-lettered) keeps its hold from expiring at all: replayed, it confirms.
+  accepted after that in the queue, and a hold never expires under one still on its way. A
+  confirmation that left the queue unapplied (dead-lettered) keeps its hold from expiring at
+  all: replayed, it confirms. A cancellation does not: replayed after the hold's end, it finds
+  the purchase expired, its tickets already back.
 
 A ticket given back goes to the first purchase applied after that which asks for it. No purchase
 changes after it expired or was cancelled; a confirmed one changes only to cancelled.

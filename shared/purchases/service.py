@@ -371,8 +371,9 @@ class PurchaseService:
                 raise NotCancellable(_failed(found, purchase_id, "cancelled"))
             raise NotCancellable(f"Purchase {purchase_id} is {found.status}; nothing to cancel.")
         assert found.event_id is not None
-        accepted_at = datetime.now(UTC)
         event = await self._events.get(found.event_id)
+        # Read after every wait: the publish deadline below counts from this instant.
+        accepted_at = datetime.now(UTC)
         if event is not None and accepted_at >= event.starts_at:
             raise NotCancellable(f"Event {found.event_id} has started; it cannot be cancelled.")
         deadline: float | None = None
