@@ -244,7 +244,12 @@ class Worker:
         metrics.LEASES_LOST.inc()
         self._giving_up.add(partition)
         try:
-            await self._drop(partition, graceful=False)
+            # Bounded: a consumer that cannot stop (a channel whose close is never answered)
+            # must not keep its partition from being taken again for good.
+            async with asyncio.timeout(self.drain_timeout_s):
+                await self._drop(partition, graceful=False)
+        except TimeoutError:
+            log.warning("partition %d: its consumer did not stop in time", partition)
         finally:
             self._giving_up.discard(partition)
 
@@ -295,9 +300,11 @@ class Worker:
             self._recorder = DeadLetterRecorder(self._commit_pool(), self.topology)
             await self._recorder.start(connection)
         for partition, consumer in list(self._consumers.items()):
-            if consumer.broken:
-                await consumer.abort()
+            # Taken out before the abort's wait, in which the watchdog may give the partition
+            # up: it then finds no consumer of it to stop again.
+            if consumer.broken and self._consumers.get(partition) is consumer:
                 self._retire(partition)
+                await consumer.abort()
                 if consumer.lost_lease and self._held.pop(partition, None) is not None:
                     metrics.LEASES_LOST.inc()  # (unless the watchdog gave it up meanwhile)
 
@@ -404,8 +411,8 @@ class Worker:
             # The connection is gone: nothing in hand can be acked; keep the leases and
             # re-subscribe once reconnected.
             for partition, consumer in list(self._consumers.items()):
-                await consumer.abort()
                 self._retire(partition)
+                await consumer.abort()
         if self._recorder is not None:
             await self._recorder.stop()
         if self._connection is not None and not self._connection.is_closed:

@@ -14,8 +14,10 @@ class SlowToStop:
 
     applied = 0
 
-    def __init__(self) -> None:
+    def __init__(self, *, broken: bool = False, lost_lease: bool = False) -> None:
         self.aborts = 0
+        self.broken = broken
+        self.lost_lease = lost_lease
 
     async def abort(self) -> None:
         self.aborts += 1
@@ -51,3 +53,31 @@ async def test_a_lease_the_watchdog_and_a_tick_both_find_lost_is_given_up_once(
     assert [consumers[1].aborts, consumers[3].aborts] == [1, 1]
     assert lost_leases() - before == 2
     assert worker._giving_up == set()
+
+
+async def test_a_consumer_that_lost_its_lease_at_commit_while_the_watchdog_gives_it_up(
+    settings: Settings,
+) -> None:
+    """A consumer whose commit found its lease gone is retired by the tick, while the watchdog
+    finds the same lease unproven: one of them stops it and counts the loss, and neither fails
+    on what the other took first, whichever goes first."""
+    for watchdog_first in (True, False):
+        worker = Worker(settings)
+        consumer = SlowToStop(broken=True, lost_lease=True)
+        worker._held = {2: 9}
+        worker._consumers = {2: consumer}  # type: ignore[dict-item]
+        worker._extended = {2: time.monotonic() - 10 * settings.lease_ttl_s}
+        before = lost_leases()
+
+        async def later(step: object) -> None:
+            await asyncio.sleep(0.01)
+            await step  # type: ignore[misc]
+
+        tick = worker._replace_broken(None)  # type: ignore[arg-type]
+        watchdog = worker._give_up_unproven()
+        first, second = (watchdog, tick) if watchdog_first else (tick, watchdog)
+        await asyncio.gather(first, later(second))
+
+        assert (worker._held, worker._consumers, worker._giving_up) == ({}, {}, set())
+        assert consumer.aborts == 1, watchdog_first
+        assert lost_leases() - before == 1, watchdog_first
