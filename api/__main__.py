@@ -66,33 +66,25 @@ def check_listening_address(host: str, port: int, *, workers: int = 1) -> None:
     (taken, not this machine's, a name that does not resolve) is one line here, where uvicorn
     would log it in several after the app had started, and exit 3.
 
-    Bound as uvicorn binds it: one process listens on every address the name resolves to,
-    skipping a family this machine lacks (as asyncio's create_server does); several processes
-    share one socket, IPv4 unless the host is an IPv6 address."""
-    unavailable: OSError | None = None
-    bound = 0
+    Bound as uvicorn binds it. One process: every address the name resolves to, skipping a
+    family this machine cannot make a socket of, IPv6 sockets beside (not over) the IPv4 ones,
+    any bind failing the start (uvloop's and asyncio's create_server). Several processes share
+    one socket of uvicorn's own: IPv4 unless the host is an IPv6 address (Config.bind_socket)."""
     for family, kind, proto, address in _addresses(host, port, workers):
         try:
             probe = socket.socket(family, kind, proto)
-        except OSError:  # a family this machine lacks
+        except OSError:  # a family this machine lacks: create_server skips it
             continue
         with probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:  # as asyncio: beside, not over, the IPv4 socket
+            if family == socket.AF_INET6 and workers == 1:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 probe.bind(address)
             except socket.gaierror as exc:
                 raise StartupError(_unresolved(host, exc)) from None
             except OSError as exc:
-                if exc.errno != errno.EADDRNOTAVAIL or workers > 1:
-                    raise StartupError(_cannot_listen(host, port, exc)) from None
-                unavailable = exc  # skipped by asyncio, as a family not enabled here
-                continue
-            bound += 1
-    if not bound:
-        reason = unavailable or OSError(errno.EADDRNOTAVAIL, "no address to listen on")
-        raise StartupError(_cannot_listen(host, port, reason))
+                raise StartupError(_cannot_listen(host, port, exc)) from None
 
 
 def _addresses(host: str, port: int, workers: int) -> list[tuple[int, int, int, Any]]:
