@@ -360,6 +360,8 @@ class StatusWaiters(Generic[T]):
                     await asyncio.wait_for(lost.wait(), CHECK_INTERVAL_S)
                 if not lost.is_set():  # a half-open connection hears nothing: prove it alive
                     await conn.fetchval("SELECT 1", timeout=CHECK_INTERVAL_S)
+            # Ended by the server (a terminated backend, a restart): said as any other loss.
+            log.warning("status listener connection lost: terminated; reconnecting")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # lost, timed out: reconnect

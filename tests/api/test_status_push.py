@@ -3,6 +3,7 @@ ETag, answered when the worker's commit is announced (NOTIFY), against real comm
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -222,21 +223,27 @@ async def test_once_the_process_is_stopping_no_status_request_is_held(settings: 
 
 
 async def test_the_listener_connection_killed_mid_wait_loses_no_waiter(
-    api: httpx.AsyncClient, db: asyncpg.Pool, start_worker: StartWorker
+    api: httpx.AsyncClient,
+    db: asyncpg.Pool,
+    start_worker: StartWorker,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     ids = [await queued_purchase(api) for _ in range(5)]
     waiting = [asyncio.create_task(long_poll(api, i, 25)) for i in ids]
     await asyncio.sleep(0.5)
-    killed = await db.fetchval(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND application_name = 'ticketing-status-listener'"
-    )
-    assert killed == 1, "the API process should hold exactly one listener connection"
-    await start_worker()
+    with caplog.at_level(logging.WARNING, logger="shared.purchases.changes"):
+        killed = await db.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'ticketing-status-listener'"
+        )
+        assert killed == 1, "the API process should hold exactly one listener connection"
+        await start_worker()
 
-    answers = await asyncio.gather(*waiting)
+        answers = await asyncio.gather(*waiting)
     assert [r.json()["status"] for r, _ in answers] == ["confirmed"] * 5
     assert max(seconds for _, seconds in answers) < 20
+    # An operator sees the loss: the server ending the connection is no quieter than an error.
+    assert any("status listener connection lost" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.faults
