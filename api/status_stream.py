@@ -143,6 +143,8 @@ class EventStream:
             )
             self.started = True
             event, self._first = self._first, None
+            # Read just now, before a heartbeat: the next wait starts with a pause, not a read.
+            fresh = False
             with service.follow(self._purchase_id) as follower:
                 while True:
                     if event is not None:
@@ -158,8 +160,12 @@ class EventStream:
                     wait_s = min(self._heartbeat_s, remaining)
                     until = loop.time() + wait_s
                     changed = None
-                    with contextlib.suppress(ServiceUnavailable, *DATABASE_UNAVAILABLE):
-                        changed = await follower.change(unlike=_OTHER_THAN[status], wait_s=wait_s)
+                    if not fresh:
+                        with contextlib.suppress(ServiceUnavailable, *DATABASE_UNAVAILABLE):
+                            changed = await follower.change(
+                                unlike=_OTHER_THAN[status], wait_s=wait_s
+                            )
+                    fresh = False
                     if changed is not None and changed.status != status:
                         status, event = changed.status, status_event(changed)
                         changed = None
@@ -169,8 +175,23 @@ class EventStream:
                         # pause ends once the process is stopping, and so does the stream.
                         changed = None
                         await self._waiters.pause(max(0.0, until - loop.time()))
-                        if not service.draining:
-                            event = await self._beat(status)
+                        if service.draining:
+                            continue
+                        if follower.unheard:
+                            # Past the bound of waiters no commit wakes this stream: read before
+                            # the heartbeat, or it would say `pending` of a purchase decided
+                            # during the pause.
+                            with contextlib.suppress(ServiceUnavailable, *DATABASE_UNAVAILABLE):
+                                changed = await follower.change(
+                                    unlike=_OTHER_THAN[status], wait_s=0
+                                )
+                            fresh = True
+                            if changed is not None and changed.status != status:
+                                status, event = changed.status, status_event(changed)
+                                changed = None
+                                continue
+                            changed = None
+                        event = await self._beat(status)
         except asyncio.CancelledError:
             if not self._left or task.uncancel() > 0:
                 raise  # not (only) the client leaving: the server is cancelling the request

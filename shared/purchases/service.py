@@ -545,6 +545,12 @@ class StatusFollower:
             self._waiters.remove(self._purchase_id, self._waiter)
             self._waiter = None
 
+    @property
+    def unheard(self) -> bool:
+        """Whether nothing wakes this follower on a commit (past the bound of waiters): it
+        learns of a change only by reading."""
+        return self._waiters is None or self._waiter is None
+
     async def change(self, *, unlike: frozenset[str], wait_s: float) -> Purchase | None:
         """The purchase as soon as its status is none of `unlike`. Otherwise, after `wait_s` or
         once the process is stopping: the purchase if it is at hand, else None (nothing changed

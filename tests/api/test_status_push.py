@@ -776,3 +776,29 @@ def test_a_purchase_read_for_many_waiters_never_moves_one_of_them_backwards() ->
     assert not _older(PurchaseStatus.CANCELLED, confirmed)
     assert not _older(PurchaseStatus.CONFIRMED, PurchaseStatus.FAILED)
     assert not _older(held, None)
+
+
+async def test_a_stream_past_the_bound_of_waiters_never_says_pending_once_decided(
+    settings: Settings, db: asyncpg.Pool, start_worker: StartWorker
+) -> None:
+    """Past its bound of waiters a stream learns of a change only by reading, once per
+    heartbeat: the heartbeat of a pending purchase must come after that read, or it re-sends
+    `pending` for a purchase decided during the pause."""
+    app = create_app(
+        settings.model_copy(update={"status_max_waiters": 0, "status_heartbeat_s": 4.0})
+    )
+    async with served_api(settings, app) as api:
+        purchase_id = await queued_purchase(api)
+        async with api.stream("GET", f"/purchases/{purchase_id}/events") as stream:
+            chunks = stream.aiter_text()
+            assert [e["id"] for e in sse_events(await anext(chunks))] == ["pending"]
+            await asyncio.sleep(0.3)  # paused now, until its heartbeat
+            await start_worker()
+            await wait_until_final(db, [UUID(purchase_id)])  # within the pause
+            # A confirmed purchase may still be cancelled: its stream goes on; read until then.
+            text = ""
+            async with asyncio.timeout(15):
+                while "id: confirmed" not in text:
+                    text += await anext(chunks)
+
+    assert [e["id"] for e in sse_events(text)] == ["confirmed"], text
