@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from shared.errors import ServiceUnavailable
 from shared.purchases.changes import StatusWaiters
 from shared.purchases.models import Purchase, PurchaseStatus
-from shared.purchases.service import PurchaseService
+from shared.purchases.service import PurchaseService, StatusFollower
 from shared.retry import DATABASE_UNAVAILABLE, TRANSIENT_DATABASE
 
 log = logging.getLogger(__name__)
@@ -159,21 +159,12 @@ class EventStream:
                         break
                     wait_s = min(self._heartbeat_s, remaining)
                     until = loop.time() + wait_s
-                    changed = None
-                    if not fresh:
-                        with contextlib.suppress(ServiceUnavailable, *DATABASE_UNAVAILABLE):
-                            changed = await follower.change(
-                                unlike=_OTHER_THAN[status], wait_s=wait_s
-                            )
+                    changed = None if fresh else await _change(follower, status, wait_s)
                     fresh = False
-                    if changed is not None and changed.status != status:
-                        status, event = changed.status, status_event(changed)
-                        changed = None
-                    elif not service.draining:
+                    if changed is None and not service.draining:
                         # Nothing changed. A wait that ended early (the database down, too many
                         # waiters) pauses for the rest, so that heartbeats keep their pace; the
                         # pause ends once the process is stopping, and so does the stream.
-                        changed = None
                         await self._waiters.pause(max(0.0, until - loop.time()))
                         if service.draining:
                             continue
@@ -181,16 +172,11 @@ class EventStream:
                             # Past the bound of waiters no commit wakes this stream: read before
                             # the heartbeat, or it would say `pending` of a purchase decided
                             # during the pause.
-                            with contextlib.suppress(ServiceUnavailable, *DATABASE_UNAVAILABLE):
-                                changed = await follower.change(
-                                    unlike=_OTHER_THAN[status], wait_s=0
-                                )
-                            fresh = True
-                            if changed is not None and changed.status != status:
-                                status, event = changed.status, status_event(changed)
-                                changed = None
-                                continue
-                            changed = None
+                            changed, fresh = await _change(follower, status, 0), True
+                    if changed is not None:
+                        status, event = changed.status, status_event(changed)
+                        changed = None  # not kept while the stream waits
+                    elif not service.draining:
                         event = await self._beat(status)
         except asyncio.CancelledError:
             if not self._left or task.uncancel() > 0:
@@ -223,6 +209,17 @@ class EventStream:
         elif self._task is not None:
             self._left = True
             self._task.cancel()
+
+
+async def _change(
+    follower: StatusFollower, status: PurchaseStatus, wait_s: float
+) -> Purchase | None:
+    """The purchase once its status is other than `status` (within `wait_s`), else None; a
+    database that cannot tell now is no change."""
+    changed = None
+    with contextlib.suppress(ServiceUnavailable, *DATABASE_UNAVAILABLE):
+        changed = await follower.change(unlike=_OTHER_THAN[status], wait_s=wait_s)
+    return changed if changed is not None and changed.status != status else None
 
 
 async def _disconnected(receive: Receive) -> None:
