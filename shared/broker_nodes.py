@@ -105,10 +105,29 @@ class BrokerLink:
         self._reconnecting: asyncio.Task[None] | None = None
         self._closing = False
         self.connects = 0  # connections made, the first included (a reconnect is logged; tests)
+        self._answering: asyncio.Task[bool] | None = None  # the check under way, if any
 
     @property
     def connected(self) -> bool:
         return self._connection is not None
+
+    async def answers(self, timeout_s: float) -> bool:
+        """Whether the node connected to answers within `timeout_s` (a channel opened and
+        closed). A hung node (a paused VM, a frozen process) answers nothing, yet its connection
+        looks open until three heartbeat intervals pass without a frame: 18 s. Concurrent calls
+        share one check."""
+        if self._connection is None:
+            return False
+        if self._answering is None:
+            self._answering = asyncio.get_running_loop().create_task(
+                _answers(self._connection, timeout_s), name="rabbitmq-answers"
+            )
+            self._answering.add_done_callback(self._answered)
+        return await asyncio.shield(self._answering)
+
+    def _answered(self, answering: "asyncio.Task[bool]") -> None:
+        if self._answering is answering:
+            self._answering = None
 
     @property
     def node(self) -> str | None:
@@ -171,3 +190,13 @@ class BrokerLink:
             except Exception as exc:
                 log.warning("rabbitmq: no node could be reached (%r); retrying", exc)
             await asyncio.sleep(RECONNECT_INTERVAL_S)
+
+
+async def _answers(connection: AbstractConnection, timeout_s: float) -> bool:
+    try:
+        async with asyncio.timeout(timeout_s):
+            channel = await connection.channel()
+            await channel.close()
+    except Exception:  # timed out, or the connection went meanwhile
+        return False
+    return True

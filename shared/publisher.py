@@ -126,11 +126,14 @@ class PurchasePublisher:
         self._renewing: asyncio.Task[None] | None = None  # a new channel opened in the background
         self._retiring: set[asyncio.Task[None]] = set()
         self._confirmed: ConfirmedPublisher | None = None  # the current channel's
+        self._declared = False  # the topology, bindings included, on some connection before
 
     async def start(self, connection: AbstractConnection) -> None:
         """Declare the topology and publish on a new channel of `connection` from now on (again
-        after each reconnect: see shared/broker_nodes.BrokerLink)."""
-        await declare_topology(connection, self._topology)
+        after each reconnect, without binding again what exists: see shared/broker_nodes.BrokerLink
+        and broker.declare_topology)."""
+        await declare_topology(connection, self._topology, rebind=not self._declared)
+        self._declared = True
         self._channel = await self._open_channel(connection)
         self._connection = connection
 

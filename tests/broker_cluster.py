@@ -51,6 +51,8 @@ PROCESS_TAG = "TICKETING_BROKER_CLUSTER_NODE"
 EPMD_PORT = 4369
 # How long a starting node may show no process of its own before it counts as exited.
 GONE_AFTER_S = 3.0
+# How long a thawed node is given to rejoin on its own (it takes about 10 s).
+REJOIN_S = 20.0
 
 
 class ClusterError(RuntimeError):
@@ -132,9 +134,12 @@ class BrokerCluster:
         shutil.rmtree(self.base, ignore_errors=True)
 
     def is_healthy(self) -> bool:
-        return all(self.is_running(n.name) for n in self.nodes) and sorted(
-            self.running_nodes()
-        ) == [n.name for n in self.nodes]
+        """Every node runs, and each sees the other two (after a partition, some may not)."""
+        names = [n.name for n in self.nodes]
+        return all(self.is_running(name) for name in names) and all(
+            isinstance(seen := _running_nodes_seen_by(node), list) and sorted(seen) == names
+            for node in self.nodes
+        )
 
     def urls(self) -> str:
         return ",".join(f"amqp://guest:guest@127.0.0.1:{n.amqp_port}/" for n in self.nodes)
@@ -176,19 +181,39 @@ class BrokerCluster:
     def kill(self, name: str) -> None:
         """SIGKILL the node's beam; return once it, its children and its epmd name are gone."""
         node = self._node(name)
-        pid = self._pid(node)
-        if pid is None:
-            raise ClusterError(f"{node.name} is not running (pid file {node.pid_file})")
-        os.kill(pid, signal.SIGKILL)
+        os.kill(self._running_pid(name), signal.SIGKILL)
         self._kill_processes(node)
         self._wait_unregistered(node)
 
-    def stop(self, name: str) -> None:
-        """Stop the node gracefully; return once its OS process has exited."""
+    def freeze(self, name: str) -> None:
+        """SIGSTOP the node's beam: a hung host. Its sockets stay open and answer nothing, and
+        the other nodes count it as running until net_ticktime (60 s) passes without a tick."""
+        os.kill(self._running_pid(name), signal.SIGSTOP)
+
+    def thaw(self, name: str, timeout: float = START_TIMEOUT) -> None:
+        """SIGCONT a frozen node's beam; return once the cluster is whole again.
+
+        A node frozen long enough for the others to give it up finds itself cut off when it
+        wakes. It pauses and rejoins (pause_minority) if it sees itself alone first; if its peers
+        reconnect to it first, the cluster stays partitioned, and it is restarted, as an operator
+        would (README, "A node that hung")."""
+        os.kill(self._running_pid(name), signal.SIGCONT)
+        if _wait_until(self.is_healthy, REJOIN_S, interval=0.5):
+            return
+        self.kill(name)
+        self.start(name, timeout)
+
+    def _running_pid(self, name: str) -> int:
         node = self._node(name)
         pid = self._pid(node)
         if pid is None:
             raise ClusterError(f"{node.name} is not running (pid file {node.pid_file})")
+        return pid
+
+    def stop(self, name: str) -> None:
+        """Stop the node gracefully; return once its OS process has exited."""
+        node = self._node(name)
+        self._running_pid(name)
         # With the pid file, `stop` waits for the OS process to exit, not only for the app.
         result = self._ctl("rabbitmqctl", node, "stop", str(node.pid_file), timeout=60)
         if result.returncode != 0:
@@ -329,6 +354,11 @@ class BrokerCluster:
                 f"management.tcp.port = {node.http_port}\n"
                 "cluster_formation.peer_discovery_backend = classic_config\n"
                 f"{seed}"
+                # As deploy/rabbitmq/cluster.conf: a hung node is given up, and the queues it
+                # leads elect new leaders, within 15-19 s rather than a minute; and the side that
+                # lost touch with the majority pauses until it is back.
+                "net_ticktime = 15\n"
+                "cluster_partition_handling = pause_minority\n"
                 "log.console = false\n"
                 "log.file.level = info\n"
             )

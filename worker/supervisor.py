@@ -74,6 +74,7 @@ class Worker:
         self._control: asyncpg.Pool | None = None  # membership and leases
         self._connection: AbstractConnection | None = None
         self._node = -1  # index in RABBITMQ_URL of the node connected to (or last lost)
+        self._declared = False  # the topology, bindings included, on some connection before
         self._recorder: DeadLetterRecorder | None = None
         self._held: dict[int, int] = {}  # partition -> lease epoch
         # Read when scraped, not set at a tick: a lease handed over or lost between two ticks
@@ -163,7 +164,10 @@ class Worker:
                 connection, self._node = await connect_any(
                     self.settings, f"worker {self.worker_id}", first=self._node + 1
                 )
-                await broker.declare_topology(connection, self.topology)
+                # After a loss, what exists is not bound again: that would wait for a frozen
+                # node until the cluster gives it up (broker.declare_topology).
+                await broker.declare_topology(connection, self.topology, rebind=not self._declared)
+                self._declared = True
                 self._connection = connection
                 self._recorder = DeadLetterRecorder(self._commit_pool(), self.topology)
                 await self._recorder.start(connection)

@@ -21,10 +21,10 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses=problem_responses(503))
 async def readyz(request: Request, resources: ResourcesDep) -> Response:
-    """PostgreSQL answers and the broker channel is open; else 503."""
+    """PostgreSQL answers, the broker channel is open and its node answers; else 503."""
     checks = {
         "postgresql": await database_answers(resources.pool, timeout_s=PROBE_TIMEOUT_S),
-        "rabbitmq": _broker_ok(resources),
+        "rabbitmq": await _broker_ok(resources),
     }
     if all(checks.values()):
         return JSONResponse({"status": "ready", "checks": {k: "ok" for k in checks}})
@@ -38,5 +38,6 @@ async def readyz(request: Request, resources: ResourcesDep) -> Response:
     )
 
 
-def _broker_ok(resources: Resources) -> bool:
-    return resources.broker.connected and resources.publisher.check_ready()
+async def _broker_ok(resources: Resources) -> bool:
+    # A hung node keeps the connection open for 18 s: only asking it tells.
+    return resources.publisher.check_ready() and await resources.broker.answers(PROBE_TIMEOUT_S)

@@ -116,3 +116,27 @@ async def test_a_dead_letter_queue_with_a_length_limit_is_one_clear_error(
 
     assert "x-max-length" in message
     assert "QUEUE_MAX_LENGTH=" not in message
+
+
+async def test_a_redeclaration_after_a_reconnect_makes_and_binds_what_went_missing(
+    settings: Settings,
+) -> None:
+    """rebind=False (a reconnect) binds no queue that exists, but one deleted meanwhile is made
+    again and bound: no partition is left unroutable."""
+    topology = broker.Topology.from_settings(settings)
+    connection = await broker_nodes.connect(settings)
+    try:
+        await broker.declare_topology(connection, topology)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.queue_delete(topology.queue(0))
+        await broker.declare_topology(connection, topology, rebind=False)
+        exchange = await channel.get_exchange(topology.exchange)
+        for partition in range(topology.partitions):
+            # Returned, and raised, were a partition's queue not bound.
+            await exchange.publish(
+                broker.amqp_message(b"{}"), topology.routing_key(partition), mandatory=True
+            )
+        for partition in range(topology.partitions):
+            assert await broker.queue_depth(channel, topology.queue(partition)) == 1
+    finally:
+        await connection.close()
