@@ -37,7 +37,7 @@ from aio_pika.exceptions import DeliveryError, PublishError
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared.amqp_publish import ConfirmedPublisher
-from shared.broker import Topology, declare_topology
+from shared.broker import Topology, declare_topology, queue_depth
 from shared.errors import BrokerUnavailable, QueueFull, ServiceUnavailable
 from shared.in_flight import InFlightWindow
 from shared.messages import CONTENT_TYPE, MESSAGE_TYPE, Accepted, encode_message
@@ -73,6 +73,10 @@ MESSAGE_PURCHASES = Histogram(
 )
 
 
+# How long a nack's cause (a full queue, or a leader election) is looked for.
+NACK_CHECK_S = 0.5
+# A nacked partition queue holding at least this share of QUEUE_MAX_LENGTH counts as full.
+FULL_SHARE = 0.9
 # A publishing channel is replaced at most this often, after a nack or once the broker closed
 # it (see _renew_soon).
 RENEW_CHANNEL_S = 1.0
@@ -284,10 +288,13 @@ class PurchasePublisher:
             # caller's wait (about twice the timeout) leaves no room for that.
             _OUTCOME["nacked"].inc()
             self._renew_soon()
-            raise QueueFull(
-                "Too many purchases are waiting for this event, or its queue is moving to "
-                "another broker node; retry shortly.",
-                retry_after_s=2,
+            if await self._queue_full(partition):
+                raise QueueFull(
+                    "Too many purchases are waiting for this event; retry shortly.",
+                    retry_after_s=2,
+                ) from exc
+            raise BrokerUnavailable(
+                "This event's queue is moving to another broker node; retry shortly."
             ) from exc
         except TimeoutError as exc:
             _OUTCOME["timed_out"].inc()
@@ -303,6 +310,20 @@ class PurchasePublisher:
         _OUTCOME["confirmed"].inc()
         PUBLISHED_PURCHASES.inc(len(commands))
         MESSAGE_PURCHASES.observe(len(commands))
+
+    async def _queue_full(self, partition: int) -> bool:
+        """Whether the partition's queue is full, or nearly (workers may have taken some since
+        it refused): else the nack came from a leader election. Asked within NACK_CHECK_S: a
+        queue electing a leader may not answer."""
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            return False
+        try:
+            async with asyncio.timeout(NACK_CHECK_S):
+                ready = await queue_depth(channel, self._topology.queue(partition))
+        except Exception:  # not answered in time, or the channel went meanwhile
+            return False
+        return ready >= FULL_SHARE * self._topology.max_length
 
 
 class _PartitionSender:

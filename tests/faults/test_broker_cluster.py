@@ -91,6 +91,7 @@ async def on_cluster(settings: Settings, cluster: BrokerCluster) -> AsyncIterato
 class Answer:
     at: float  # monotonic
     status: int
+    problem: str | None = None  # the problem type, for an error
 
 
 @dataclass
@@ -103,6 +104,9 @@ class Flood:
 
     def statuses(self) -> Counter[int]:
         return Counter(answer.status for answer in self.answers)
+
+    def problems(self) -> Counter[str | None]:
+        return Counter(answer.problem for answer in self.answers if answer.status >= 400)
 
     def refused_between(self) -> tuple[float, float] | None:
         refused = [answer.at for answer in self.answers if answer.status == 503]
@@ -133,7 +137,8 @@ async def buy(client: httpx.AsyncClient, event_id: str, key: str, result: Flood)
             json={"customer_id": f"customer-{key}", "quantity": 1},
             headers={"Idempotency-Key": key},
         )
-        result.answers.append(Answer(time.monotonic(), response.status_code))
+        problem = response.json()["type"] if response.status_code >= 400 else None
+        result.answers.append(Answer(time.monotonic(), response.status_code, problem))
         if response.status_code == 202:
             result.accepted[key] = UUID(response.json()["purchase_id"])
             return
@@ -199,9 +204,11 @@ async def flood_through(
         f"\n[{name}] {what}: sent={result.sent} answers={dict(result.statuses())} "
         f"accepted={counts['accepted']} final={counts['final']} lost={counts['lost']} "
         f"oversold={counts['oversold']} doubled={counts['doubled']} given_up={result.given_up}; "
-        f"{refused}"
+        f"{refused}; problems={dict(result.problems())}"
     )
     assert set(result.statuses()) <= {202, 409, 503}, result.statuses()  # no other 5xx
+    # No queue comes near QUEUE_MAX_LENGTH: a nack is a leader election, and says so.
+    assert not any(str(p).endswith("purchase-queue-full") for p in result.problems())
     assert counts["lost"] == 0
     assert counts["oversold"] == 0
     assert counts["doubled"] == 0
