@@ -130,6 +130,10 @@ APPLY_TRANSITIONS = """
 # Delivered to listeners when the transaction commits, dropped if it rolls back.
 ANNOUNCE_CHANGED = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
 
+# A partition's owner records its progress at every commit and once a second while idle; a longer
+# gap between two records is a time nobody was deciding it.
+PACE_GAP_S = 3.0
+
 # At the end of a commit, in one round trip: how far the partition is decided (the horizon only
 # moves forward; the rate is smoothed with a weight that grows with the time since the last
 # record, about two seconds' worth of history, so a pace that changes is followed within a few
@@ -143,6 +147,10 @@ RECORD_PROGRESS = """
             recorded_at = excluded.recorded_at,
             rate = CASE
                 WHEN excluded.recorded_at <= p.recorded_at THEN p.rate
+                -- Nobody recorded for longer than a working owner ever leaves between two records
+                -- (a worker stopped, the partition changed hands): that interval is no pace, and
+                -- would make the first waits after it many times too long. Measured anew.
+                WHEN extract(epoch FROM excluded.recorded_at - p.recorded_at) > $5 THEN NULL
                 ELSE (
                     SELECT CASE WHEN p.rate IS NULL THEN sample.rate
                                 ELSE sample.weight * sample.rate + (1 - sample.weight) * p.rate
@@ -285,7 +293,12 @@ async def record_progress(
     """Inside a commit: everything accepted before `horizon` is decided in `partition`, and the
     purchases `changed` are announced to waiting requests (at commit)."""
     await conn.execute(
-        RECORD_PROGRESS, partition, horizon, changes.CHANNEL, changes.payloads(changed)
+        RECORD_PROGRESS,
+        partition,
+        horizon,
+        changes.CHANNEL,
+        changes.payloads(changed),
+        PACE_GAP_S,
     )
 
 

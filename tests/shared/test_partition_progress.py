@@ -1,6 +1,7 @@
 """One read of a partition's progress serves every status asking within its max age."""
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -87,3 +88,31 @@ async def test_a_failed_read_is_not_kept_and_a_caller_leaving_cancels_no_one_els
 
     assert row is not None
     assert row["rate"] == 10
+
+
+async def _record_after(db: asyncpg.Pool, gap_s: float, decided_s: float) -> float | None:
+    """Partition 0's rate once its owner records `decided_s` more of accepted time decided,
+    `gap_s` after its last record (made at a pace of 1)."""
+    async with db.acquire() as conn:
+        before = await conn.fetchval(
+            "UPDATE partition_progress SET recorded_at = now() - make_interval(secs => $1) "
+            "WHERE partition = 0 RETURNING horizon",
+            gap_s,
+        )
+        await repository.record_progress(conn, 0, before + timedelta(seconds=decided_s))
+        rate: float | None = await conn.fetchval(
+            "SELECT rate FROM partition_progress WHERE partition = 0"
+        )
+        return rate
+
+
+async def test_the_pace_is_measured_anew_after_a_time_nobody_recorded(db: asyncpg.Pool) -> None:
+    """A worker stopped for 10 s decides half a second of backlog: no pace of 0.05 (which made
+    the first waits after a restart 20-40 times too long), but none until the next record."""
+    await db.execute(
+        "INSERT INTO partition_progress (partition, horizon, recorded_at, rate) "
+        "VALUES (0, now() - interval '30 s', now(), 1)"
+    )
+    assert await _record_after(db, gap_s=1.0, decided_s=1.0) == pytest.approx(1.0, rel=0.05)
+    assert await _record_after(db, gap_s=10.0, decided_s=0.5) is None
+    assert await _record_after(db, gap_s=0.5, decided_s=0.5) == pytest.approx(1.0, rel=0.05)
