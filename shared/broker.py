@@ -118,8 +118,8 @@ async def declare_topology(
     """Declare every exchange, queue and binding (idempotent), each queue on a channel of its
     own: the broker closes a channel whose declaration it refuses.
 
-    rebind=False is for a reconnect: a queue that exists, on an exchange that exists, keeps the
-    binding this process made when it started, and is not bound again. A binding is a
+    rebind=False is for a reconnect after a declaration that completed: a queue that exists, on
+    an exchange that exists, keeps the binding that declaration made, and is not bound again. A binding is a
     transaction over every node of a cluster, so it waits for a node that is frozen (a hung host,
     a stopped VM) until the cluster gives that node up, a minute by default (net_ticktime):
     measured 73 s, against milliseconds for re-declaring an exchange or a queue that exists."""

@@ -105,7 +105,8 @@ class BrokerLink:
         self._reconnecting: asyncio.Task[None] | None = None
         self._closing = False
         self.connects = 0  # connections made, the first included (a reconnect is logged; tests)
-        self._answering: asyncio.Task[bool] | None = None  # the check under way, if any
+        # The check under way, if any, and the connection it asks.
+        self._answering: tuple[AbstractConnection, asyncio.Task[bool]] | None = None
 
     @property
     def connected(self) -> bool:
@@ -116,17 +117,19 @@ class BrokerLink:
         closed). A hung node (a paused VM, a frozen process) answers nothing, yet its connection
         looks open until three heartbeat intervals pass without a frame: 18 s. Concurrent calls
         share one check."""
-        if self._connection is None:
+        connection = self._connection
+        if connection is None:
             return False
-        if self._answering is None:
-            self._answering = asyncio.get_running_loop().create_task(
-                _answers(self._connection, timeout_s), name="rabbitmq-answers"
+        if self._answering is None or self._answering[0] is not connection:
+            task = asyncio.get_running_loop().create_task(
+                _answers(connection, timeout_s), name="rabbitmq-answers"
             )
-            self._answering.add_done_callback(self._answered)
-        return await asyncio.shield(self._answering)
+            task.add_done_callback(self._answered)
+            self._answering = (connection, task)
+        return await asyncio.shield(self._answering[1])
 
     def _answered(self, answering: "asyncio.Task[bool]") -> None:
-        if self._answering is answering:
+        if self._answering is not None and self._answering[1] is answering:
             self._answering = None
 
     @property
@@ -142,6 +145,8 @@ class BrokerLink:
 
     async def close(self) -> None:
         self._closing = True
+        if self._answering is not None:
+            self._answering[1].cancel()
         if self._reconnecting is not None:
             self._reconnecting.cancel()
             await asyncio.gather(self._reconnecting, return_exceptions=True)

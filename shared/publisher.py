@@ -131,12 +131,15 @@ class PurchasePublisher:
         self._retiring: set[asyncio.Task[None]] = set()
         self._confirmed: ConfirmedPublisher | None = None  # the current channel's
         self._declared = False  # the topology, bindings included, on some connection before
+        # partition -> when its queue's depth was last read after a nack, and that reading
+        self._fullness: dict[int, tuple[float, asyncio.Task[bool]]] = {}
 
     async def start(self, connection: AbstractConnection) -> None:
         """Declare the topology and publish on a new channel of `connection` from now on (again
         after each reconnect, without binding again what exists: see shared/broker_nodes.BrokerLink
         and broker.declare_topology)."""
-        await declare_topology(connection, self._topology, rebind=not self._declared)
+        rebind, self._declared = not self._declared, False  # until this one is whole
+        await declare_topology(connection, self._topology, rebind=rebind)
         self._declared = True
         self._channel = await self._open_channel(connection)
         self._connection = connection
@@ -221,6 +224,8 @@ class PurchasePublisher:
             await asyncio.gather(self._renewing, return_exceptions=True)
         for retiring in self._retiring:
             retiring.cancel()
+        for _, reading in self._fullness.values():
+            reading.cancel()
         for sender in self._senders.values():
             await sender.stop()
         self._senders.clear()
@@ -284,8 +289,8 @@ class PurchasePublisher:
             # Nacked: the partition queue is full (reject-publish), or, on a cluster, it is
             # electing a new leader. RabbitMQ 3.10 nacks, for good, a channel whose first
             # publish to a quorum queue came during the election; a new channel gets through.
-            # Its callers are answered now, not after the new channel opens: the bound on a
-            # caller's wait (about twice the timeout) leaves no room for that.
+            # Its callers are answered within NACK_CHECK_S, not after the new channel opens:
+            # the bound on a caller's wait (about twice the timeout) leaves no room for that.
             _OUTCOME["nacked"].inc()
             self._renew_soon()
             if await self._queue_full(partition):
@@ -313,16 +318,33 @@ class PurchasePublisher:
 
     async def _queue_full(self, partition: int) -> bool:
         """Whether the partition's queue is full, or nearly (workers may have taken some since
-        it refused): else the nack came from a leader election. Asked within NACK_CHECK_S: a
-        queue electing a leader may not answer."""
-        channel = self._channel
-        if channel is None or channel.is_closed:
+        it refused): else the nack came from a leader election. A queue that refuses refuses
+        every message, so one reading serves the nacks of NACK_CHECK_S."""
+        loop = asyncio.get_running_loop()
+        reading = self._fullness.get(partition)
+        if reading is None or loop.time() - reading[0] > NACK_CHECK_S:
+            task = loop.create_task(self._read_fullness(partition), name="queue-fullness")
+            reading = self._fullness[partition] = (loop.time(), task)
+        # Shielded: a caller that gives up does not cancel the others' reading.
+        return await asyncio.shield(reading[1])
+
+    async def _read_fullness(self, partition: int) -> bool:
+        """Asked on a channel of its own, within NACK_CHECK_S: a queue electing a leader may not
+        answer, and aiormq closes the channel of an RPC that timed out (never the publishing one,
+        with every message in flight on it)."""
+        connection = self._connection
+        if connection is None or connection.is_closed:
             return False
+        channel: AbstractChannel | None = None
         try:
             async with asyncio.timeout(NACK_CHECK_S):
+                channel = await connection.channel()
                 ready = await queue_depth(channel, self._topology.queue(partition))
-        except Exception:  # not answered in time, or the channel went meanwhile
+        except Exception:  # not answered in time, or the connection went meanwhile
             return False
+        finally:
+            if channel is not None and not channel.is_closed:
+                self._retire(channel, after_s=0.0)
         return ready >= FULL_SHARE * self._topology.max_length
 
 

@@ -99,7 +99,7 @@ class BrokerCluster:
 
         Returns False, at once, when they already did (a fixture then leaves them running).
         """
-        if self.is_healthy():
+        if self.is_healthy() and self._configured_as_now():
             return False
         self.down()  # a half-started or stale cluster is cheaper to rebuild than to repair
         for node in self.nodes:
@@ -187,7 +187,8 @@ class BrokerCluster:
 
     def freeze(self, name: str) -> None:
         """SIGSTOP the node's beam: a hung host. Its sockets stay open and answer nothing, and
-        the other nodes count it as running until net_ticktime (60 s) passes without a tick."""
+        the other nodes count it as running until net_ticktime passes without a tick (11-19 s
+        here; about a minute with RabbitMQ's default)."""
         os.kill(self._running_pid(name), signal.SIGSTOP)
 
     def thaw(self, name: str, timeout: float = START_TIMEOUT) -> None:
@@ -340,28 +341,42 @@ class BrokerCluster:
         for node in self.nodes:
             (node.dir / "log").mkdir(parents=True)
             (node.dir / "enabled_plugins").write_text("[rabbitmq_management].\n")
-            # t1 knows no peer and boots alone; t2 and t3 know only t1 (and themselves) and
-            # join it. Had all three listed each other, the first to take the discovery lock
-            # would wait out its whole retry budget before booting.
-            peers = [] if node is self.nodes[0] else [self.nodes[0], node]
-            seed = "".join(
-                f"cluster_formation.classic_config.nodes.{i} = {peer.name}\n"
-                for i, peer in enumerate(peers, 1)
+            (node.dir / "rabbitmq.conf").write_text(self._config(node))
+
+    def _config(self, node: Node) -> str:
+        # t1 knows no peer and boots alone; t2 and t3 know only t1 (and themselves) and
+        # join it. Had all three listed each other, the first to take the discovery lock
+        # would wait out its whole retry budget before booting.
+        peers = [] if node is self.nodes[0] else [self.nodes[0], node]
+        seed = "".join(
+            f"cluster_formation.classic_config.nodes.{i} = {peer.name}\n"
+            for i, peer in enumerate(peers, 1)
+        )
+        return (
+            f"listeners.tcp.1 = 127.0.0.1:{node.amqp_port}\n"
+            f"management.tcp.ip = 127.0.0.1\n"
+            f"management.tcp.port = {node.http_port}\n"
+            "cluster_formation.peer_discovery_backend = classic_config\n"
+            f"{seed}"
+            # As deploy/rabbitmq/cluster.conf: a hung node is given up, and the queues it
+            # leads elect new leaders, within 11-19 s rather than a minute; and the side that
+            # lost touch with the majority pauses until it is back.
+            "net_ticktime = 15\n"
+            "cluster_partition_handling = pause_minority\n"
+            "log.console = false\n"
+            "log.file.level = info\n"
+        )
+
+    def _configured_as_now(self) -> bool:
+        """Whether the running nodes were started with this file's configuration (a cluster left
+        running by an older version of it is rebuilt)."""
+        try:
+            return all(
+                (node.dir / "rabbitmq.conf").read_text() == self._config(node)
+                for node in self.nodes
             )
-            (node.dir / "rabbitmq.conf").write_text(
-                f"listeners.tcp.1 = 127.0.0.1:{node.amqp_port}\n"
-                f"management.tcp.ip = 127.0.0.1\n"
-                f"management.tcp.port = {node.http_port}\n"
-                "cluster_formation.peer_discovery_backend = classic_config\n"
-                f"{seed}"
-                # As deploy/rabbitmq/cluster.conf: a hung node is given up, and the queues it
-                # leads elect new leaders, within 15-19 s rather than a minute; and the side that
-                # lost touch with the majority pauses until it is back.
-                "net_ticktime = 15\n"
-                "cluster_partition_handling = pause_minority\n"
-                "log.console = false\n"
-                "log.file.level = info\n"
-            )
+        except OSError:
+            return False
 
     def _env(self, node: Node) -> dict[str, str]:
         # The caller's RABBITMQ_* and ERL_* (RABBITMQ_URL, ERL_FLAGS...) would reach the nodes.

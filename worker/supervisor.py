@@ -165,8 +165,10 @@ class Worker:
                     self.settings, f"worker {self.worker_id}", first=self._node + 1
                 )
                 # After a loss, what exists is not bound again: that would wait for a frozen
-                # node until the cluster gives it up (broker.declare_topology).
-                await broker.declare_topology(connection, self.topology, rebind=not self._declared)
+                # node until the cluster gives it up (broker.declare_topology). After a
+                # declaration cut short, everything is: it may have made an exchange unbound.
+                rebind, self._declared = not self._declared, False
+                await broker.declare_topology(connection, self.topology, rebind=rebind)
                 self._declared = True
                 self._connection = connection
                 self._recorder = DeadLetterRecorder(self._commit_pool(), self.topology)

@@ -1,5 +1,7 @@
 """Liveness and readiness probes."""
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -22,10 +24,11 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", responses=problem_responses(503))
 async def readyz(request: Request, resources: ResourcesDep) -> Response:
     """PostgreSQL answers, the broker channel is open and its node answers; else 503."""
-    checks = {
-        "postgresql": await database_answers(resources.pool, timeout_s=PROBE_TIMEOUT_S),
-        "rabbitmq": await _broker_ok(resources),
-    }
+    # Side by side: a probe's timeout (2-3 s) must not wait for both.
+    postgresql, rabbitmq = await asyncio.gather(
+        database_answers(resources.pool, timeout_s=PROBE_TIMEOUT_S), _broker_ok(resources)
+    )
+    checks = {"postgresql": postgresql, "rabbitmq": rabbitmq}
     if all(checks.values()):
         return JSONResponse({"status": "ready", "checks": {k: "ok" for k in checks}})
     down = ", ".join(name for name, ok in checks.items() if not ok)

@@ -49,7 +49,7 @@ PAUSE_S = 0.08
 FAILOVER_BOUND_S = 15.0
 PUBLISH_TIMEOUT_S = 5.0
 # A frozen node: its clients leave it after 18 s (aiormq gives a connection three heartbeat
-# intervals of 6 s), the cluster after 15-19 s (net_ticktime), and a publish caught in between
+# intervals of 6 s), the cluster after 11-19 s (net_ticktime), and a publish caught in between
 # waits out PUBLISH_TIMEOUT_S.
 FROZEN_FAILOVER_BOUND_S = 30.0
 # A re-declaration of what exists takes milliseconds; one that waited on a frozen node, 15 s.
@@ -379,7 +379,7 @@ async def test_freezing_a_node_under_a_flood_loses_nothing(
 ) -> None:
     """A hung node (SIGSTOP) closes nothing and answers nothing. Its clients leave it once it
     sent no frame for three heartbeats (18 s); the cluster gives it up, and its queues elect new
-    leaders, after net_ticktime (15-19 s). Meanwhile the API refuses purchases for the queues it
+    leaders, after net_ticktime (11-19 s). Meanwhile the API refuses purchases for the queues it
     leads (503), and reconnecting must not wait on it (a re-bind would, for a minute)."""
     frozen: list[str] = []
 
@@ -415,7 +415,7 @@ async def test_redeclaring_after_a_reconnect_does_not_wait_on_a_frozen_node(
     on_cluster: Settings, cluster: BrokerCluster
 ) -> None:
     """A binding is a transaction over every node, so it waits on a frozen one until the
-    cluster gives it up (15-19 s here, a minute by default); a reconnect re-declares what
+    cluster gives it up (11-19 s here, a minute by default); a reconnect re-declares what
     exists without binding it again, so it does not wait."""
     topology = broker.Topology.from_settings(on_cluster)
     connection = await broker_nodes.connect(on_cluster)  # to t1
