@@ -65,6 +65,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             linger_s=settings.publish_linger_ms / 1000,
         )
         link = BrokerLink(settings, "api", on_connected=publisher.start)
+        publisher.on_unconfirmed = link.suspect
         try:
             await link.start(wait_s=settings.startup_timeout_s)
             event_service = EventService(pool)

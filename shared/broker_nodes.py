@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 5
 # A node that neither answers nor refuses (a host gone from the network) is given up after this.
 CONNECT_TIMEOUT_S = 2.0
+# A node that kept a publish unconfirmed past its timeout is left if it does not answer within
+# this either (a hung node: it answers nothing, yet its connection looks open for 18 s).
+SUSPECT_TIMEOUT_S = 1.0
 # After losing its node, a process tries the others this often (503s meanwhile).
 RECONNECT_INTERVAL_S = 0.25
 
@@ -107,6 +110,7 @@ class BrokerLink:
         self.connects = 0  # connections made, the first included (a reconnect is logged; tests)
         # The check under way, if any, and the connection it asks.
         self._answering: tuple[AbstractConnection, asyncio.Task[bool]] | None = None
+        self._suspecting: asyncio.Task[None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -132,6 +136,25 @@ class BrokerLink:
         if self._answering is not None and self._answering[1] is answering:
             self._answering = None
 
+    def suspect(self) -> None:
+        """The node kept a publish unconfirmed for its whole timeout: leave it for the next one
+        if it does not answer within SUSPECT_TIMEOUT_S either, rather than wait for three
+        heartbeat intervals (18 s). One that answers (its queues electing leaders, or a quorum
+        lost, where no other node would do better) is kept."""
+        connection = self._connection
+        if connection is None or self._suspecting is not None:
+            return
+        self._suspecting = asyncio.get_running_loop().create_task(
+            self._leave_if_silent(connection), name="rabbitmq-suspect"
+        )
+
+    async def _leave_if_silent(self, connection: AbstractConnection) -> None:
+        try:
+            if not await self.answers(SUSPECT_TIMEOUT_S):
+                self._lost(connection, "answers nothing")
+        finally:
+            self._suspecting = None
+
     @property
     def node(self) -> str | None:
         """host:port of the node connected to, if any."""
@@ -147,6 +170,8 @@ class BrokerLink:
         self._closing = True
         if self._answering is not None:
             self._answering[1].cancel()
+        if self._suspecting is not None:
+            self._suspecting.cancel()
         if self._reconnecting is not None:
             self._reconnecting.cancel()
             await asyncio.gather(self._reconnecting, return_exceptions=True)
@@ -171,10 +196,10 @@ class BrokerLink:
         if self.connects > 1:
             log.warning("rabbitmq: connected to node %s", self.node)
 
-    def _lost(self, connection: AbstractConnection) -> None:
+    def _lost(self, connection: AbstractConnection, why: str = "lost") -> None:
         if self._closing or self._connection is not connection:
             return
-        log.warning("rabbitmq connection to %s lost; trying the other nodes", self.node)
+        log.warning("rabbitmq connection to %s %s; trying the other nodes", self.node, why)
         self._connection = None
         self._reconnecting = asyncio.get_running_loop().create_task(
             self._reconnect(connection), name="rabbitmq-reconnect"

@@ -27,7 +27,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -131,6 +131,9 @@ class PurchasePublisher:
         self._retiring: set[asyncio.Task[None]] = set()
         self._confirmed: ConfirmedPublisher | None = None  # the current channel's
         self._declared = False  # the topology, bindings included, on some connection before
+        self._proven = _Proven()
+        # Told when a message was not confirmed in time (the connection's owner checks its node).
+        self.on_unconfirmed: Callable[[], None] | None = None
         # partition -> when its queue's depth was last read after a nack, and that reading
         self._fullness: dict[int, tuple[float, asyncio.Task[bool]]] = {}
 
@@ -268,6 +271,7 @@ class PurchasePublisher:
             raise BrokerUnavailable("The message broker connection is down; retry shortly.")
         body = encode_message(partition, commands)
         started = time.perf_counter()
+        channel = self._channel_or_fail()
         try:
             # The deadline covers the whole publish, frames and confirm: the expiry bound
             # relies on it.
@@ -276,7 +280,7 @@ class PurchasePublisher:
                 # (aio-pika's wrappers and aiormq's basic_publish cost most of a message), without
                 # waiting for them to reach the socket: the confirm is what counts, and a lost
                 # connection fails it.
-                amqp = cast(aiormq.Channel, await self._channel_or_fail().get_underlay_channel())
+                amqp = cast(aiormq.Channel, await channel.get_underlay_channel())
                 confirmation = await self._publisher_on(amqp).publish(
                     self._topology.routing_key(partition), body, next(_MESSAGE_IDS)
                 )
@@ -303,6 +307,15 @@ class PurchasePublisher:
             ) from exc
         except TimeoutError as exc:
             _OUTCOME["timed_out"].inc()
+            # As after a nack: a channel whose first publish to a quorum queue found no leader
+            # (a reconnect while the leader's node hangs) is never confirmed for that queue
+            # again (RabbitMQ 3.10), though a new one is. A channel that had a confirm from the
+            # queue is kept: it is confirmed again once the queue has a leader, where a new
+            # channel would only start over.
+            if not self._proven.confirmed(channel, partition):
+                self._renew_soon()
+            if self.on_unconfirmed is not None:
+                self.on_unconfirmed()
             raise BrokerUnavailable(
                 "The message broker did not confirm the purchase in time; retry with the same "
                 "Idempotency-Key."
@@ -312,6 +325,7 @@ class PurchasePublisher:
             log.warning("publish failed (partition %d): %r", partition, exc)
             raise BrokerUnavailable("The message broker is unavailable; retry shortly.") from exc
         CONFIRM_SECONDS.observe(time.perf_counter() - started)
+        self._proven.add(channel, partition)
         _OUTCOME["confirmed"].inc()
         PUBLISHED_PURCHASES.inc(len(commands))
         MESSAGE_PURCHASES.observe(len(commands))
@@ -346,6 +360,24 @@ class PurchasePublisher:
             if channel is not None and not channel.is_closed:
                 self._retire(channel, after_s=0.0)
         return ready >= FULL_SHARE * self._topology.max_length
+
+
+class _Proven:
+    """The partitions whose queues have confirmed a message on the publishing channel."""
+
+    __slots__ = ("_channel", "_partitions")
+
+    def __init__(self) -> None:
+        self._channel: AbstractChannel | None = None
+        self._partitions: set[int] = set()
+
+    def add(self, channel: AbstractChannel, partition: int) -> None:
+        if channel is not self._channel:
+            self._channel, self._partitions = channel, set()
+        self._partitions.add(partition)
+
+    def confirmed(self, channel: AbstractChannel, partition: int) -> bool:
+        return channel is self._channel and partition in self._partitions
 
 
 class _PartitionSender:

@@ -199,10 +199,31 @@ class BrokerCluster:
         reconnect to it first, the cluster stays partitioned, and it is restarted, as an operator
         would (README, "A node that hung")."""
         os.kill(self._running_pid(name), signal.SIGCONT)
-        if _wait_until(self.is_healthy, REJOIN_S, interval=0.5):
-            return
-        self.kill(name)
-        self.start(name, timeout)
+        if not _wait_until(self.is_healthy, REJOIN_S, interval=0.5):
+            self.kill(name)
+            self.start(name, timeout)
+        # Rejoined, it may still refuse new quorum queues for a moment (cluster_not_formed).
+        if not _wait_until(self._takes_quorum_queues, timeout, interval=0.5):
+            raise ClusterError(f"after {name} thawed, no quorum queue can be declared")
+
+    def _takes_quorum_queues(self) -> bool:
+        """Whether a quorum queue replicated on every node can be declared through each."""
+        arguments = {"x-queue-type": "quorum", "x-quorum-initial-group-size": len(self.nodes)}
+        for node in self.nodes:
+            url = f"http://127.0.0.1:{node.http_port}/api/queues/%2F/ticketing-cluster-probe"
+            try:
+                declared = httpx.put(
+                    url,
+                    json={"durable": True, "arguments": arguments},
+                    auth=("guest", "guest"),
+                    timeout=5,
+                )
+                httpx.delete(url, auth=("guest", "guest"), timeout=5)
+            except httpx.HTTPError:
+                return False
+            if declared.status_code not in (201, 204):
+                return False
+        return True
 
     def _running_pid(self, name: str) -> int:
         node = self._node(name)

@@ -52,6 +52,9 @@ PUBLISH_TIMEOUT_S = 5.0
 # intervals of 6 s), the cluster after 11-19 s (net_ticktime), and a publish caught in between
 # waits out PUBLISH_TIMEOUT_S.
 FROZEN_FAILOVER_BOUND_S = 30.0
+# The API leaves a frozen node once a publish on it times out and the node answers nothing
+# for another second; aiormq alone would take three heartbeat intervals (18 s).
+LEFT_A_SILENT_NODE_S = PUBLISH_TIMEOUT_S + 4.0
 # A re-declaration of what exists takes milliseconds; one that waited on a frozen node, 15 s.
 REDECLARE_BOUND_S = 5.0
 
@@ -391,11 +394,23 @@ async def test_freezing_a_node_under_a_flood_loses_nothing(
         await asyncio.to_thread(cluster.freeze, node)
         frozen.append(node)
         if whose == "api":  # not ready at once, though its connection looks open for 18 s
+            frozen_at = time.monotonic()
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://api") as probe:
                 ready = await probe.get("/readyz")
             assert ready.status_code == 503, ready.text
             assert "rabbitmq" in ready.json()["detail"]
+            # Its first publish left unconfirmed (PUBLISH_TIMEOUT_S) makes it ask the node,
+            # which does not answer either: it moves on without waiting for the heartbeats.
+            link = app.state.resources.broker
+            before = link.node
+            while not (link.connected and link.node != before):
+                assert time.monotonic() - frozen_at < LEFT_A_SILENT_NODE_S, "still on it"
+                await asyncio.sleep(0.05)
+            return (
+                f"SIGSTOP {node} (the api's node; it moved to {link.node} "
+                f"{time.monotonic() - frozen_at:.1f} s later)"
+            )
         return f"SIGSTOP {node} (the {whose}'s node)"
 
     async def thaw() -> None:
@@ -409,6 +424,38 @@ async def test_freezing_a_node_under_a_flood_loses_nothing(
         )
     finally:
         await thaw()
+
+
+async def test_freezing_the_node_leading_every_queue_under_a_flood_loses_nothing(
+    on_cluster: Settings, cluster: BrokerCluster, db: asyncpg.Pool
+) -> None:
+    """The API stays on its own node, alive, while every queue's leader hangs: its publishes
+    time out until the queues elect new leaders, then go through again on the same connection.
+    (RabbitMQ 3.10 may never confirm again, for a queue, a channel whose first publish to it
+    found no leader: the publisher must move to a new channel after a timeout, as after a
+    nack, or that partition refuses purchases for good.)"""
+    topology = broker.Topology.from_settings(on_cluster)
+    leader = cluster.nodes[1]
+    await _declare_led_by(leader.amqp_port, topology)
+    frozen: list[str] = []
+
+    async def freeze_every_leader(app: TicketingAPI, events: list[str]) -> str:
+        assert app.state.resources.broker.node == f"127.0.0.1:{cluster.nodes[0].amqp_port}"
+        await asyncio.to_thread(cluster.freeze, leader.name)
+        frozen.append(leader.name)
+        return f"SIGSTOP {leader.name}, leading every queue (the API is on another node)"
+
+    try:
+        await flood_through(
+            on_cluster,
+            db,
+            "every leader frozen",
+            freeze_every_leader,
+            bound_s=FROZEN_FAILOVER_BOUND_S,
+        )
+    finally:
+        for node in frozen:
+            await asyncio.to_thread(cluster.thaw, node)
 
 
 async def test_redeclaring_after_a_reconnect_does_not_wait_on_a_frozen_node(
