@@ -64,7 +64,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             max_in_flight=settings.publish_max_in_flight,
             linger_s=settings.publish_linger_ms / 1000,
         )
-        link = BrokerLink(settings, "api", on_connected=publisher.start)
+        link = BrokerLink(settings, "api", on_connected=publisher.start, on_lost=publisher.detach)
         publisher.on_unconfirmed = link.suspect
         try:
             await link.start(wait_s=settings.startup_timeout_s)

@@ -30,6 +30,9 @@ CONNECT_TIMEOUT_S = 2.0
 # A node that kept a publish unconfirmed past its timeout is left if it does not answer within
 # this either (a hung node: it answers nothing, yet its connection looks open for 18 s).
 SUSPECT_TIMEOUT_S = 1.0
+# ... and only if it has sent nothing for this long: a live node sends a frame (a heartbeat at
+# least) every half HEARTBEAT_S, even to a connection it blocks.
+SILENT_S = float(HEARTBEAT_S)
 # After losing its node, a process tries the others this often (503s meanwhile).
 RECONNECT_INTERVAL_S = 0.25
 
@@ -99,10 +102,12 @@ class BrokerLink:
         settings: Settings,
         role: str,
         on_connected: Callable[[AbstractConnection], Awaitable[None]],
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._role = role
         self._on_connected = on_connected
+        self._on_lost = on_lost
         self._connection: AbstractConnection | None = None
         self._index = 0
         self._reconnecting: asyncio.Task[None] | None = None
@@ -138,11 +143,16 @@ class BrokerLink:
 
     def suspect(self) -> None:
         """The node kept a publish unconfirmed for its whole timeout: leave it for the next one
-        if it does not answer within SUSPECT_TIMEOUT_S either, rather than wait for three
-        heartbeat intervals (18 s). One that answers (its queues electing leaders, or a quorum
-        lost, where no other node would do better) is kept."""
+        if it has sent nothing for SILENT_S (not even a heartbeat) and does not answer within
+        SUSPECT_TIMEOUT_S either, rather than wait for three heartbeat intervals (18 s). A node
+        that still talks is kept: it may be slow, blocked by a memory alarm (as every node then),
+        electing leaders or without a quorum, where no other node would do better; and a busy
+        API that reads its frames late is no reason to drop a healthy connection."""
         connection = self._connection
         if connection is None or self._suspecting is not None:
+            return
+        silent = _silent_for(connection)
+        if silent is not None and silent < SILENT_S:
             return
         self._suspecting = asyncio.get_running_loop().create_task(
             self._leave_if_silent(connection), name="rabbitmq-suspect"
@@ -150,7 +160,7 @@ class BrokerLink:
 
     async def _leave_if_silent(self, connection: AbstractConnection) -> None:
         try:
-            if not await self.answers(SUSPECT_TIMEOUT_S):
+            if not await _answers(connection, SUSPECT_TIMEOUT_S):
                 self._lost(connection, "answers nothing")
         finally:
             self._suspecting = None
@@ -201,6 +211,8 @@ class BrokerLink:
             return
         log.warning("rabbitmq connection to %s %s; trying the other nodes", self.node, why)
         self._connection = None
+        if self._on_lost is not None:
+            self._on_lost()
         self._reconnecting = asyncio.get_running_loop().create_task(
             self._reconnect(connection), name="rabbitmq-reconnect"
         )
@@ -222,10 +234,21 @@ class BrokerLink:
             await asyncio.sleep(RECONNECT_INTERVAL_S)
 
 
+def _silent_for(connection: AbstractConnection) -> float | None:
+    """Seconds since the node last sent anything on `connection`, heartbeats included, as aiormq
+    records it for its own stuck-connection check (it offers no public reading); None if that
+    cannot be read (another aiormq), and then only asking the node tells."""
+    underlay = getattr(getattr(connection, "transport", None), "connection", None)
+    last = getattr(underlay, "_Connection__last_frame_time", None)
+    if not isinstance(last, float):
+        return None
+    return asyncio.get_running_loop().time() - last
+
+
 async def _answers(connection: AbstractConnection, timeout_s: float) -> bool:
     try:
         async with asyncio.timeout(timeout_s):
-            channel = await connection.channel()
+            channel = await connection.channel(publisher_confirms=False)
             await channel.close()
     except Exception:  # timed out, or the connection went meanwhile
         return False

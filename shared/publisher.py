@@ -147,6 +147,13 @@ class PurchasePublisher:
         self._channel = await self._open_channel(connection)
         self._connection = connection
 
+    def detach(self) -> None:
+        """The connection was given up while it still looks open (a node that answers nothing):
+        publish nothing more on it, and answer 503 at once until start() brings the next one."""
+        channel, self._channel, self._connection = self._channel, None, None
+        if channel is not None:
+            self._retire(channel, after_s=0.0)
+
     @staticmethod
     async def _open_channel(connection: AbstractConnection) -> AbstractChannel:
         return await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -312,10 +319,11 @@ class PurchasePublisher:
             # again (RabbitMQ 3.10), though a new one is. A channel that had a confirm from the
             # queue is kept: it is confirmed again once the queue has a leader, where a new
             # channel would only start over.
-            if not self._proven.confirmed(channel, partition):
-                self._renew_soon()
-            if self.on_unconfirmed is not None:
-                self.on_unconfirmed()
+            if channel is self._channel:  # not one replaced since, on a node left since
+                if not self._proven.confirmed(channel, partition):
+                    self._renew_soon()
+                if self.on_unconfirmed is not None:
+                    self.on_unconfirmed()
             raise BrokerUnavailable(
                 "The message broker did not confirm the purchase in time; retry with the same "
                 "Idempotency-Key."
@@ -325,7 +333,8 @@ class PurchasePublisher:
             log.warning("publish failed (partition %d): %r", partition, exc)
             raise BrokerUnavailable("The message broker is unavailable; retry shortly.") from exc
         CONFIRM_SECONDS.observe(time.perf_counter() - started)
-        self._proven.add(channel, partition)
+        if channel is self._channel:
+            self._proven.add(channel, partition)
         _OUTCOME["confirmed"].inc()
         PUBLISHED_PURCHASES.inc(len(commands))
         MESSAGE_PURCHASES.observe(len(commands))
