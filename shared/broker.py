@@ -119,10 +119,11 @@ async def declare_topology(
     own: the broker closes a channel whose declaration it refuses.
 
     rebind=False is for a reconnect after a declaration that completed: a queue that exists, on
-    an exchange that exists, keeps the binding that declaration made, and is not bound again. A binding is a
-    transaction over every node of a cluster, so it waits for a node that is frozen (a hung host,
-    a stopped VM) until the cluster gives that node up, a minute by default (net_ticktime):
-    measured 73 s, against milliseconds for re-declaring an exchange or a queue that exists."""
+    an exchange that exists, keeps the binding that declaration made, and is not bound again.
+    A binding is a transaction over every node of a cluster, so it waits for a node that is
+    frozen (a hung host, a stopped VM) until the cluster gives that node up, a minute by default
+    (net_ticktime): measured 73 s, against milliseconds for re-declaring an exchange or a queue
+    that exists."""
     existing = set() if rebind else await _existing(connection, topology)
     channel = await connection.channel()
     try:

@@ -139,8 +139,8 @@ class PurchasePublisher:
 
     async def start(self, connection: AbstractConnection) -> None:
         """Declare the topology and publish on a new channel of `connection` from now on (again
-        after each reconnect, without binding again what exists: see shared/broker_nodes.BrokerLink
-        and broker.declare_topology)."""
+        after each reconnect, without binding again what exists: see
+        shared/broker_nodes.BrokerLink and broker.declare_topology)."""
         rebind, self._declared = not self._declared, False  # until this one is whole
         await declare_topology(connection, self._topology, rebind=rebind)
         self._declared = True
