@@ -52,9 +52,10 @@ PUBLISH_TIMEOUT_S = 5.0
 # intervals of 6 s), the cluster after 11-19 s (net_ticktime), and a publish caught in between
 # waits out PUBLISH_TIMEOUT_S.
 FROZEN_FAILOVER_BOUND_S = 30.0
-# The API leaves a frozen node once a publish on it times out and the node answers nothing
-# for another second; aiormq alone would take three heartbeat intervals (18 s).
-LEFT_A_SILENT_NODE_S = PUBLISH_TIMEOUT_S + 4.0
+# The API leaves a frozen node once a publish on it times out, the node has sent nothing for
+# 5 s and answers nothing for another second, and the old connection's close has had 1 s (8.1 to
+# 8.6 s measured); aiormq alone would take three heartbeat intervals (18 s) and more.
+LEFT_A_SILENT_NODE_S = 13.0
 # A re-declaration of what exists takes milliseconds; one that waited on a frozen node, 15 s.
 REDECLARE_BOUND_S = 5.0
 
