@@ -62,19 +62,19 @@ class TcpProxy:
         self._writers.update({writer, upstream_writer})
         pipes = [
             asyncio.create_task(self._pipe(reader, upstream_writer)),
-            asyncio.create_task(self._pipe(upstream_reader, writer, self.reply_delay_s)),
+            asyncio.create_task(self._pipe(upstream_reader, writer, replies=True)),
         ]
         self._pipes.update(pipes)
         for pipe in pipes:
             pipe.add_done_callback(self._pipes.discard)
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float = 0.0
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool = False
     ) -> None:
         try:
             while data := await reader.read(65536):
-                if delay_s:
-                    await asyncio.sleep(delay_s)
+                if replies and self.reply_delay_s:  # read each time: a test may slow a server down
+                    await asyncio.sleep(self.reply_delay_s)
                 await self._flowing.wait()
                 if not self.up:
                     break
