@@ -7,6 +7,7 @@ client, a node gone. The real 3-node cluster is in tests/faults/test_broker_clus
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
@@ -129,27 +130,17 @@ async def test_a_node_that_goes_silent_is_left_once_a_publish_times_out(
 ) -> None:
     """A hung node (a frozen proxy: connections open, not a byte through) is left for the next
     once a publish on it times out, well before aiormq's three heartbeat intervals (18 s)."""
-    async with (
-        proxy_for(settings.rabbitmq_url, 5672) as first,
-        proxy_for(settings.rabbitmq_url, 5672) as second,
-    ):
-        link, publisher = await _linked(_nodes(settings, first, second), timeout_s=1.0)
-        try:
-            event_id = uuid4()
-            await publisher.publish(_purchase(event_id))
-            first.freeze()
-            frozen_at = time.monotonic()
-            while not (link.connected and link.node == f"127.0.0.1:{second.port}"):
-                assert time.monotonic() - frozen_at < 12, "still on the silent node"
-                with contextlib.suppress(BrokerUnavailable):
-                    await publisher.publish(_purchase(event_id))
-                await asyncio.sleep(0.05)
-            left_after_s = time.monotonic() - frozen_at
-            await publisher.publish(_purchase(event_id))  # through the second node
-        finally:
-            first.thaw()
-            await publisher.close()
-            await link.close()
+    async with _publishing_through_two_nodes(settings) as (first, second, link, publisher):
+        event_id = uuid4()
+        first.freeze()
+        frozen_at = time.monotonic()
+        while not (link.connected and link.node == f"127.0.0.1:{second.port}"):
+            assert time.monotonic() - frozen_at < 12, "still on the silent node"
+            with contextlib.suppress(BrokerUnavailable):
+                await publisher.publish(_purchase(event_id))
+            await asyncio.sleep(0.05)
+        left_after_s = time.monotonic() - frozen_at
+        await publisher.publish(_purchase(event_id))  # through the second node
     print(f"\nleft the silent node after {left_after_s:.1f} s")
     assert link.connects == 2
 
@@ -157,38 +148,45 @@ async def test_a_node_that_goes_silent_is_left_once_a_publish_times_out(
 async def test_a_node_that_is_slow_but_talks_is_kept(settings: Settings) -> None:
     """Publishes that time out on a node whose frames still arrive (late: a slow or blocked
     node, or an API reading late) are no reason to drop a healthy connection."""
-    async with (
-        proxy_for(settings.rabbitmq_url, 5672) as first,
-        proxy_for(settings.rabbitmq_url, 5672) as second,
-    ):
-        link, publisher = await _linked(_nodes(settings, first, second), timeout_s=1.0)
-        try:
-            event_id = uuid4()
-            await publisher.publish(_purchase(event_id))
-            first.reply_delay_s = 1.2  # every answer later than the publish timeout
-            timed_out = 0
-            slowed_at = time.monotonic()
-            while time.monotonic() - slowed_at < 8:
-                try:
-                    await publisher.publish(_purchase(event_id))
-                except BrokerUnavailable:
-                    timed_out += 1
-            assert link.connected
-            assert link.node == f"127.0.0.1:{first.port}"
-        finally:
-            await publisher.close()
-            await link.close()
+    async with _publishing_through_two_nodes(settings) as (first, _, link, publisher):
+        event_id = uuid4()
+        first.reply_delay_s = 1.2  # every answer later than the publish timeout
+        timed_out = 0
+        slowed_at = time.monotonic()
+        while time.monotonic() - slowed_at < 8:
+            try:
+                await publisher.publish(_purchase(event_id))
+            except BrokerUnavailable:
+                timed_out += 1
+        assert link.connected
+        assert link.node == f"127.0.0.1:{first.port}"
     assert timed_out >= 3  # the suspicion was raised, and dismissed
     assert link.connects == 1
 
 
-async def _linked(nodes: Settings, *, timeout_s: float) -> tuple[BrokerLink, PurchasePublisher]:
-    """A publisher on a link wired as the API wires them (api/resources.py)."""
-    publisher = PurchasePublisher(broker.Topology.from_settings(nodes), timeout_s=timeout_s)
-    link = BrokerLink(nodes, "test", on_connected=publisher.start, on_lost=publisher.detach)
-    publisher.on_unconfirmed = link.suspect
-    await link.start(wait_s=0)
-    return link, publisher
+@contextlib.asynccontextmanager
+async def _publishing_through_two_nodes(
+    settings: Settings,
+) -> AsyncIterator[tuple[TcpProxy, TcpProxy, BrokerLink, PurchasePublisher]]:
+    """Two proxies standing for two nodes, and a publisher on a link wired as the API wires
+    them (api/resources.py), connected to the first with one purchase confirmed through it;
+    publishes time out after 1 s."""
+    async with (
+        proxy_for(settings.rabbitmq_url, 5672) as first,
+        proxy_for(settings.rabbitmq_url, 5672) as second,
+    ):
+        nodes = _nodes(settings, first, second)
+        publisher = PurchasePublisher(broker.Topology.from_settings(nodes), timeout_s=1.0)
+        link = BrokerLink(nodes, "test", on_connected=publisher.start, on_lost=publisher.detach)
+        publisher.on_unconfirmed = link.suspect
+        try:
+            await link.start(wait_s=0)
+            await publisher.publish(_purchase(uuid4()))
+            yield first, second, link, publisher
+        finally:
+            first.thaw()
+            await publisher.close()
+            await link.close()
 
 
 async def test_a_link_waits_at_start_for_a_node_to_come_up(settings: Settings) -> None:
