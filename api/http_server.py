@@ -6,7 +6,12 @@ either (its `h11_max_incomplete_event_size` is h11's alone): a client that sends
 without end has them all kept, concatenated piece by piece, until the process runs out of
 memory. Past MAX_HEAD_BYTES the request is answered `431` and its connection closed, however
 the head arrived: still arriving, or whole within a few reads of the socket (a request line
-that long would otherwise be a plain-text 400: httptools cannot parse a URL past 64 KiB).
+that long would otherwise be a 400: httptools cannot parse a URL past 64 KiB).
+
+What httptools cannot parse at all uvicorn answers with a plain-text 400 of its own; here it is a
+problem, as every other error of the API, sent after the answers of the requests before it on
+the connection. These refusals never reach the app, so they are counted here, in the app's
+request metrics (route `unrouted`).
 
 Nor does uvicorn time a request's arrival: its keep-alive timeout only runs between two
 requests, so a connection that sends nothing, half a head or a body a byte at a time is held
@@ -28,6 +33,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from api import metrics
 from api.problems import problem
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,8 @@ MAX_HEAD_BYTES = 64 * 1024
 LINGER_S = 1.0
 # Far longer than any client takes to send a head and a body of MAX_BODY_BYTES.
 REQUEST_READ_TIMEOUT_S = 30.0
+# The route label of the requests refused here, before any route could be chosen.
+UNROUTED = "unrouted"
 
 
 class _HeadTooLarge(Exception):
@@ -64,6 +72,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     # (before the first request, during a body).
     _head_bytes: int | None = None
     _read_bytes = 0  # the length of the read being parsed
+    _read = b""  # the read being parsed (the last one, between reads)
     _too_large = False  # the head just parsed is past the bound
     # Whether the request line of the head being read has arrived whole (the parser delivers a
     # header only once the next one begins, so no header does not mean no whole line).
@@ -85,6 +94,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._refused:
             return  # the rest of a refused head: read, so that the answer reaches the client
         self._read_bytes = len(data)
+        self._read = data
         super().data_received(data)
         if self._refused:  # by the parser's callbacks, as this read completed a head
             return
@@ -128,8 +138,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         if self._too_large:  # not unparseable: too long
             self._refuse()
-        else:
-            super().send_400_response(msg)
+            return
+        # uvicorn's own answer is plain text: a problem, as every other error of the API.
+        self._answer_and_close(
+            b"400 Bad Request", "Bad request", "The request could not be read as HTTP/1.1."
+        )
 
     def _head_length(self) -> int:
         """The length of the head just parsed, as sent without optional whitespace (so never
@@ -146,12 +159,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         """Refuse the request now arriving if it began before `began_by` (a loop time)."""
         if self._arriving_since is None or self._arriving_since >= began_by:
             return
-        self._arriving_since = None
         if self.transport.is_closing():
+            self._arriving_since = None
             return
         if self._head_bytes is None:
             # Nothing sent yet, or a body too slow: the app, if it has the request, sees its
             # client leave, as for any client that goes away mid-body.
+            self._arriving_since = None
             self.transport.close()
             return
         log.warning("request not received within %.0f s; refused", REQUEST_READ_TIMEOUT_S)
@@ -171,8 +185,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _answer_and_close(self, status_line: bytes, title: str, detail: str) -> None:
         """Answer a request the app never got with a problem, and close its connection: now,
-        or once the requests before it on the connection are answered."""
-        answer = problem(int(status_line[:3]), title, detail, instance=self._path())
+        or once the requests before it on the connection are answered. It is counted in the
+        request metrics as the app counts its own answers, under the route `unrouted`."""
+        status = int(status_line[:3])
+        answer = problem(status, title, detail, instance=self._path())
+        began = self._arriving_since
+        seconds = 0.0 if began is None else self.loop.time() - began
+        metrics.record(self._method(), UNROUTED, status, seconds)
         self._refused = True  # what the client sends from now on is read and dropped
         self._arriving_since = None
         raw = (
@@ -211,10 +230,26 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self.transport.write_eof()
         asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
 
+    def _line_whole(self) -> bool:
+        """Whether the request line of the head being read has arrived whole, also while the
+        read it arrived in is being parsed (a parse error stops there)."""
+        if self.headers or self._line_read:
+            return True
+        return (
+            self._began_in_this_read and bool(self.url) and self.url not in _last_line(self._read)
+        )
+
+    def _method(self) -> str:
+        """The request's method if its request line was read, else `unknown` (the parser
+        reports a method, its first, before it has read one)."""
+        if not self._line_whole():
+            return "unknown"
+        return str(self.parser.get_method().decode("ascii", "replace"))
+
     def _path(self) -> str:
         """The request's path (decoded, as the app's problems name it) if its request line was
         read whole, else `/`."""
-        if not (self.headers or self._line_read) or len(self.url) > MAX_HEAD_BYTES:
+        if not self._line_whole() or len(self.url) > MAX_HEAD_BYTES:
             return "/"
         try:
             path: str = httptools.parse_url(self.url).path.decode("latin-1")

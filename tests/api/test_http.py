@@ -199,6 +199,7 @@ async def test_a_request_head_without_end_is_431_and_its_connection_closed(
     with log.open("wb") as stderr:
         async with api_process(settings, timeout_s=30, stderr=stderr.fileno()) as (_, client):
             answers = await _heads_past_the_bound(client)
+            counted = (await client.get("/metrics")).text
     (answer, answer_to_line, answer_to_line_past, answer_to_fields_past, behind, within, body) = (
         answers
     )
@@ -211,6 +212,18 @@ async def test_a_request_head_without_end_is_431_and_its_connection_closed(
     assert_431(behind[behind.index(b"HTTP/1.1 431") :])
     assert within.startswith(b"HTTP/1.1 200 "), within[:300]
     assert body.status_code == 201, body.text
+    # Each refusal counted, like the app's answers (the process counted nothing else as 431).
+    refusals = [
+        sample(
+            counted,
+            "ticketing_http_requests_total",
+            method=method,
+            route=http_server.UNROUTED,
+            status="431",
+        )
+        for method in ("GET", "unknown")
+    ]
+    assert sum(refusals) == 5, refusals
     logged = log.read_text()
     for trouble in ("Traceback", "Fatal error", "Exception in ASGI application"):
         assert trouble not in logged, logged[-2000:]
@@ -285,19 +298,8 @@ async def test_a_request_that_does_not_arrive_in_time_is_408_or_closed(
     sends nothing, half a head or a body a byte at a time is held for good, and enough of them
     take every file descriptor the process has."""
     monkeypatch.setattr(http_server, "REQUEST_READ_TIMEOUT_S", 1.0)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            http=http_server.BoundedHeadProtocol,
-        )
-    )
-    serving = asyncio.create_task(server.serve())
-    try:
-        await wait_for(lambda: _started(server), timeout_s=30, what="uvicorn started")
+    async with _served(settings) as port:
+        counted_before = await _unrouted(port, 408)
 
         async def held(sent: bytes) -> bytes:
             """What the server answers to `sent` before it closes the connection."""
@@ -323,11 +325,14 @@ async def test_a_request_that_does_not_arrive_in_time_is_408_or_closed(
             ),
         )
         served = await held(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 30)
+        counted = await _unrouted(port, 408)
 
     assert silent == b""
+    # Counted like the app's answers, by method where the request line had arrived whole.
+    assert (
+        counted["GET"] - counted_before["GET"],
+        counted["unknown"] - counted_before["unknown"],
+    ) == (2, 2)
     for unfinished in (half_head, one_header):
         status_line, _, rest = unfinished.partition(b"\r\n")
         assert status_line == b"HTTP/1.1 408 Request Timeout", unfinished[:300]
@@ -339,6 +344,82 @@ async def test_a_request_that_does_not_arrive_in_time_is_408_or_closed(
         assert json.loads(timed_out.partition(b"\r\n\r\n")[2])["instance"] == "/"
     assert not half_body.startswith(b"HTTP/1.1 5"), half_body[:300]
     assert served.startswith(b"HTTP/1.1 200 "), served[:300]
+
+
+async def test_a_request_that_is_not_http_is_a_400_problem_and_counted(
+    settings: Settings,
+) -> None:
+    """uvicorn answers what httptools cannot parse with a plain-text 400 of its own: here it is
+    a problem like every other error, after the answers before it, and counted."""
+    async with _served(settings) as port:
+        counted_before = await _unrouted(port, 400)
+        not_http = await send_raw(port, b"NOT HTTP AT ALL\r\n\r\n")
+        bad_header = await send_raw(port, b"GET /healthz HTTP/1.1\r\nhost: x\r\nno colon\r\n\r\n")
+        bad_length = await send_raw(
+            port, b"POST /events HTTP/1.1\r\nhost: x\r\ncontent-length: ten\r\n\r\n"
+        )
+        behind = await send_raw(port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGARBAGE\r\n\r\n")
+        counted = await _unrouted(port, 400)
+
+    assert _problem_closing(not_http, b"400 Bad Request")["instance"] == "/"
+    assert _problem_closing(bad_header, b"400 Bad Request")["instance"] == "/healthz"
+    assert _problem_closing(bad_length, b"400 Bad Request")["instance"] == "/events"
+    assert behind.startswith(b"HTTP/1.1 200 "), behind[:300]
+    refused = behind[behind.index(b"HTTP/1.1 400") :]
+    assert _problem_closing(refused, b"400 Bad Request")["instance"] == "/"
+    assert counted["GET"] - counted_before["GET"] == 1
+    assert counted["POST"] - counted_before["POST"] == 1
+    assert counted["unknown"] - counted_before["unknown"] == 2
+
+
+def _problem_closing(answer: bytes, status: bytes) -> dict[str, Any]:
+    """The problem `answer` carries, checked to be one with `status` that closes its connection."""
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 " + status, answer[:300]
+    head, _, content = rest.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower(), head
+    assert b"content-type: application/problem+json" in head.lower(), head
+    problem: dict[str, Any] = json.loads(content)
+    assert problem["status"] == int(status[:3])
+    return problem
+
+
+@contextlib.asynccontextmanager
+async def _served(settings: Settings) -> AsyncIterator[int]:
+    """The app served in this process by the protocol `python -m api` serves with; its port."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            http=http_server.BoundedHeadProtocol,
+        )
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        await wait_for(lambda: _started(server), timeout_s=30, what="uvicorn started")
+        yield port
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 30)
+
+
+async def _unrouted(port: int, status: int) -> dict[str, float]:
+    """The requests the server refused with `status` before routing, by method, as counted."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        text = (await client.get("/metrics")).text
+    return {
+        method: sample(
+            text,
+            "ticketing_http_requests_total",
+            method=method,
+            route=http_server.UNROUTED,
+            status=str(status),
+        )
+        for method in ("GET", "POST", "unknown")
+    }
 
 
 async def _started(server: uvicorn.Server) -> bool:
