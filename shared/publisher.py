@@ -51,10 +51,12 @@ PUBLISHES = Counter(
 )
 EXPIRED_PURCHASES = Counter(
     "ticketing_publish_expired_total",
-    "Purchases refused unsent (503): they waited the whole publish timeout for their turn",
+    "Commands (purchases, confirmations, cancellations) refused unsent (503): they waited "
+    "the whole publish timeout for their turn",
 )
 PUBLISHED_PURCHASES = Counter(
-    "ticketing_published_purchases_total", "Purchases in confirmed messages"
+    "ticketing_published_purchases_total",
+    "Commands (purchases, confirmations, cancellations) in confirmed messages",
 )
 IN_FLIGHT_WINDOW = Gauge(
     "ticketing_publish_in_flight_window",
@@ -68,7 +70,7 @@ CONFIRM_SECONDS = Histogram(
 )
 MESSAGE_PURCHASES = Histogram(
     "ticketing_publish_message_purchases",
-    "Purchases coalesced into one message",
+    "Commands (purchases, confirmations, cancellations) coalesced into one message",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 

@@ -11,16 +11,17 @@ log = logging.getLogger(__name__)
 
 PURCHASES = Counter(
     "ticketing_worker_purchases_total",
-    "Purchases decided, by status and reason",
+    "Status changes applied, by the status reached and its reason (a purchase held, then "
+    "confirmed, counts once under each)",
     ["status", "reason"],
 )
 DUPLICATES = Counter(
     "ticketing_worker_duplicate_purchases_total",
-    "Purchases skipped because their id was already decided (redelivery, idempotent retry)",
+    "Commands skipped as already applied (a redelivery, a retried purchase)",
 )
 BATCH_SIZE = Histogram(
     "ticketing_worker_batch_purchases",
-    "Purchases per committed batch",
+    "Commands (purchases, confirmations, cancellations) per committed batch",
     buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
 )
 COMMIT_SECONDS = Histogram(
