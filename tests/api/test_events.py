@@ -323,11 +323,14 @@ async def test_patch_with_matching_if_match_applies(api: httpx.AsyncClient, if_m
     assert response.json()["name"] == "Renamed"
 
 
-@pytest.mark.parametrize("if_match", ['W/"1"', 'W/"1", W/"2"', '"2", W/"1"'])
+@pytest.mark.parametrize(
+    "if_match", ['W/"1"', 'W/"1", W/"2"', '"2", W/"1"', '"01"', '"0001", "2"', 'W/"01"']
+)
 async def test_patch_with_a_weak_if_match_is_412_and_changes_nothing(
     api: httpx.AsyncClient, if_match: str
 ) -> None:
-    """RFC 9110 §13.1.1: If-Match compares strongly, so a weak tag never matches."""
+    """RFC 9110 §13.1.1: If-Match compares strongly, so a weak tag never matches, nor a tag
+    that is another string of the same number (`"01"` is not `"1"`)."""
     created = await create_event(api, name="Original")
 
     response = await api.patch(
@@ -543,10 +546,13 @@ async def test_delete_with_stale_if_match_is_412_and_keeps_it(api: httpx.AsyncCl
     assert (await api.get(f"/events/{created['id']}")).status_code == 200
 
 
-async def test_delete_with_a_weak_if_match_is_412_and_keeps_it(api: httpx.AsyncClient) -> None:
+@pytest.mark.parametrize("if_match", ['W/"1"', '"01"'])
+async def test_delete_with_a_weak_if_match_is_412_and_keeps_it(
+    api: httpx.AsyncClient, if_match: str
+) -> None:
     created = await create_event(api)
 
-    response = await api.delete(f"/events/{created['id']}", headers={"If-Match": 'W/"1"'})
+    response = await api.delete(f"/events/{created['id']}", headers={"If-Match": if_match})
 
     assert_problem(response, 412)
     assert (await api.get(f"/events/{created['id']}")).status_code == 200
