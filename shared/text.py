@@ -33,12 +33,29 @@ def _multi_line(value: str) -> str:
     return _printable(value, allow_newlines=True)
 
 
+def _printable_only(value: str) -> str:
+    """Only characters that print: none of the controls, format characters (zero-width, BOM),
+    line or paragraph separators, or spaces other than the plain one (str.isprintable)."""
+    if value.isprintable():
+        return value
+    _printable(value, allow_newlines=False)  # the clearer message, where it applies
+    raise ValueError("must be printable characters only (no format or separator characters)")
+
+
 Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_single_line)]
 Venue = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_single_line)]
 Description = Annotated[str, Field(max_length=5000), AfterValidator(_multi_line)]
 CustomerId = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_single_line)]
 IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_single_line)]
-PaymentReference = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_single_line)]
+# A payment provider's reference: it is compared and shown, so nothing in it may be invisible.
+PaymentReference = Annotated[
+    str, Field(min_length=1, max_length=200), AfterValidator(_printable_only)
+]
+# As a queued confirmation carries it: what the API accepted before PaymentReference refused
+# invisible characters stays readable.
+QueuedPaymentReference = Annotated[
+    str, Field(min_length=1, max_length=200), AfterValidator(_single_line)
+]
 
 # Strict: 2.0, "2" and true are refused rather than silently read as 2 (or 1).
 TotalTickets = Annotated[StrictInt, Field(ge=1, le=1_000_000)]

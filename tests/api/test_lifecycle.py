@@ -178,6 +178,11 @@ async def test_a_malformed_purchase_id_is_422(api: httpx.AsyncClient, action: st
         {"payment_reference": "x" * 201},
         {"payment_reference": "line\nbreak"},
         {"payment_reference": "nul\u0000"},
+        # Invisible: a line separator, a zero-width space, a byte-order mark, a no-break space.
+        {"payment_reference": "psp\u2028"},
+        {"payment_reference": "psp\u200b7f3a"},
+        {"payment_reference": "\ufeffpsp"},
+        {"payment_reference": "psp\u00a07f3a"},
         {"payment_reference": 42},
         {"payment_reference": None},
         {"payment_reference": "ok", "extra": 1},
