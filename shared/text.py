@@ -29,6 +29,16 @@ def _single_line(value: str) -> str:
     return _printable(value, allow_newlines=False)
 
 
+def _field_value(value: str) -> str:
+    if value.isascii() and value.isprintable():  # the usual case
+        return value
+    # Any byte but the ASCII controls: those of a UTF-8 sequence (0x80-0x9F) read as Latin-1
+    # are C1 controls, and no control at all.
+    if any(char < " " or char == "\x7f" for char in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
 def _multi_line(value: str) -> str:
     return _printable(value, allow_newlines=True)
 
@@ -46,7 +56,9 @@ Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_singl
 Venue = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_single_line)]
 Description = Annotated[str, Field(max_length=5000), AfterValidator(_multi_line)]
 CustomerId = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_single_line)]
-IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_single_line)]
+# A header's value, its bytes read as Latin-1 (as HTTP reads them): a key written in UTF-8 is
+# taken byte for byte, the same key on every retry, and counted in bytes.
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_field_value)]
 # A payment provider's reference: it is compared and shown, so nothing in it may be invisible.
 PaymentReference = Annotated[
     str, Field(min_length=1, max_length=200), AfterValidator(_printable_only)

@@ -1,5 +1,7 @@
 """Idempotency-Key: a retried POST is the same purchase, never a second one."""
 
+from collections.abc import Awaitable
+
 import aio_pika.abc
 import asyncpg
 import httpx
@@ -157,6 +159,27 @@ async def test_a_key_of_255_characters_is_accepted(api: httpx.AsyncClient) -> No
     response = await purchase(api, event["id"], idempotency_key="k" * 255)
 
     assert response.status_code == 202, response.text
+
+
+async def test_a_key_in_utf_8_is_taken_byte_for_byte(api: httpx.AsyncClient) -> None:
+    """HTTP reads a header's bytes as Latin-1: the bytes of a UTF-8 sequence that read as C1
+    controls there (the euro sign's 0x82) are no control of the client's."""
+    event = await create_event(api)
+
+    def keyed(key: str) -> Awaitable[httpx.Response]:
+        return api.post(
+            f"/events/{event['id']}/tickets/purchase",
+            json={"customer_id": "c", "quantity": 1},
+            headers=[(b"content-type", b"application/json"), (b"idempotency-key", key.encode())],
+        )
+
+    first, retry, other = await keyed("€-ключ"), await keyed("€-ключ"), await keyed("€-ключи")
+    longest = await keyed("é" * 127)  # 254 bytes
+
+    assert first.status_code == retry.status_code == other.status_code == 202, first.text
+    assert retry.json()["purchase_id"] == first.json()["purchase_id"]
+    assert other.json()["purchase_id"] != first.json()["purchase_id"]
+    assert longest.status_code == 202, longest.text
 
 
 @pytest.mark.parametrize("key", ["k" * 256, ""], ids=["256-chars", "empty"])
