@@ -125,8 +125,8 @@ async def confirm_purchase(
     response_model=LifecycleAccepted,
     responses={
         **with_headers(202, "Location", "Retry-After"),
-        # It reads no body, but the request guard judges any sent, as on every POST.
-        **problem_responses(404, 409, 413, 415, 422, 503),
+        # It reads no body, but one sent anyway is judged as on every POST.
+        **problem_responses(400, 404, 409, 413, 415, 422, 503),
     },
 )
 async def cancel_purchase(
@@ -134,5 +134,6 @@ async def cancel_purchase(
 ) -> Response:
     """Cancel a pending, held or confirmed purchase; its tickets go back on sale. 409 if it is
     rejected or expired, or its event has started; cancelling again changes nothing."""
-    answer = await purchase_contract.cancel(purchases, request.scope, purchase_id)
+    body = await request.body()
+    answer = await purchase_contract.cancel(purchases, request.scope, purchase_id, body)
     return answer.response()

@@ -634,6 +634,24 @@ async def test_a_body_sent_to_cancel_is_judged_like_any_other_and_the_document_s
     assert undeclared == []
 
 
+@pytest.mark.parametrize("body", [b"hello", b"{bad", b'{"a": 1'])
+async def test_a_malformed_json_body_sent_to_cancel_is_400_and_cancels_nothing(
+    api: httpx.AsyncClient, body: bytes
+) -> None:
+    """Cancel reads no body, but one labelled JSON that is not JSON is a client's mistake, as on
+    every route, never a cancellation; a JSON body or none cancels."""
+    event = await create_event(api)
+    accepted = await purchase(api, event["id"])
+    cancel = f"/purchases/{accepted.json()['purchase_id']}/cancel"
+
+    malformed = await api.post(cancel, content=body, headers={"content-type": "application/json"})
+    queued = await api.post(cancel, content=b"{}", headers={"content-type": "application/json"})
+    blank = await api.post(cancel, content=b" \r\n", headers={"content-type": "application/json"})
+
+    assert assert_problem(malformed, 400)["title"] == "Malformed JSON"
+    assert queued.status_code == blank.status_code == 202, queued.text
+
+
 @pytest.mark.parametrize("path", ["/events", "/events/{event_id}/tickets/purchase"])
 async def test_missing_body_is_422_not_500(api: httpx.AsyncClient, path: str) -> None:
     event = await create_event(api)
