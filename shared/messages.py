@@ -23,7 +23,7 @@ from uuid import UUID
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.text import CustomerId, Instant, QueuedPaymentReference, Quantity
+from shared.text import CustomerId, Instant, Quantity, QueuedPaymentReference
 
 MESSAGE_VERSION: Literal[2] = 2
 # The API answers 202 to a confirmation or a cancellation of a hold only if the broker queued it
