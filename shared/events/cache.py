@@ -62,9 +62,11 @@ class EventCache:
             task = self._join_next_load(event_id)
         usable = entry is not None and time.monotonic() - entry[0] < STALE_IF_ERROR_S
         try:
-            loaded = await asyncio.wait_for(
-                asyncio.shield(task), self._stale_wait_s if usable else self._load_wait_s
-            )
+            # asyncio.timeout rather than wait_for, which (Python 3.11) swallows the caller's
+            # cancellation when the load finishes at that moment: a status stream whose client
+            # left would then go on for its whole lifetime.
+            async with asyncio.timeout(self._stale_wait_s if usable else self._load_wait_s):
+                loaded = await asyncio.shield(task)
         except Exception:  # the load failed, or is taking too long (TimeoutError)
             if entry is not None and usable:
                 return entry[1]
