@@ -8,7 +8,6 @@ construction. Invalid input raises InvalidInput and domain failures their Domain
 app's exception handlers (api/errors.py) answer for both paths alike.
 """
 
-import json
 from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl
 from uuid import UUID
@@ -20,6 +19,7 @@ from starlette.types import Scope
 from api import status_stream
 from api.answers import Answer
 from api.errors import InvalidInput, unreadable_json
+from api.json_body import read_json
 from shared.purchases.changes import StatusWaiters
 from shared.purchases.models import ConfirmRequest, Purchase, PurchaseCreate, PurchaseStatus
 from shared.purchases.service import PurchaseService
@@ -60,8 +60,9 @@ def _uuid_text(value: UUID) -> str:
 
 
 def parse_body(model: type[Body], body: bytes) -> Body:
-    """A request body: JSON as Python's json module reads it (as FastAPI reads every other
-    route's body, so NaN or a lone surrogate is a 422 here as there), then the model.
+    """A request body: JSON as every route reads it (api/json_body.read_json: Python's json
+    module, from UTF-8 alone, so NaN or a lone surrogate is a 422 here as on the routes with a
+    body model), then the model.
 
     Validated straight from the bytes first, which is the same for every body both parsers read
     (these models have only strict integers and plain strings); only a body that fails to parse
@@ -74,7 +75,7 @@ def parse_body(model: type[Body], body: bytes) -> Body:
         if not any(error["type"] == "json_invalid" for error in exc.errors()):
             raise InvalidInput(_located("body", exc)) from None
     try:
-        data = json.loads(body)
+        data = read_json(body)
     except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, too deep, too long a number
         raise unreadable_json(exc) from None
     try:
@@ -149,7 +150,7 @@ async def cancel(service: PurchaseService, scope: Scope, purchase_id: UUID, body
     never taken for a cancellation."""
     if body.strip(b" \t\r\n"):
         try:
-            json.loads(body)
+            read_json(body)
         except (ValueError, RecursionError) as exc:
             raise unreadable_json(exc) from None
     await service.cancel(purchase_id)

@@ -6,12 +6,13 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
 from api.deps import EventServiceDep
+from api.json_body import Utf8JsonRoute
 from api.problems import problem_responses
 from api.response_headers import with_headers
 from shared.errors import InvalidRequest
 from shared.events.models import Event, EventCreate, EventPage, EventUpdate
 
-router = APIRouter(prefix="/events", tags=["events"])
+router = APIRouter(prefix="/events", tags=["events"], route_class=Utf8JsonRoute)
 
 IfMatch = Annotated[
     str | None,

@@ -128,6 +128,10 @@ BODIES: list[tuple[str, bytes]] = [
     ("byte order mark", b"\xef\xbb\xbf" + _json(GOOD)),
     ("latin-1 bytes", b'{"customer_id": "caf\xe9", "quantity": 1}'),
     ("invalid utf-8", b'{"customer_id": "\xff\xfe", "quantity": 1}'),
+    # JSON is UTF-8: Python's json module would read these from their first bytes.
+    ("utf-16-le", _json(GOOD).decode().encode("utf-16-le")),
+    ("utf-16 with its mark", _json(GOOD).decode().encode("utf-16")),
+    ("utf-32-be", _json(GOOD).decode().encode("utf-32-be")),
     ("deep nesting", b"[" * 5000 + b"]" * 5000),
 ]
 

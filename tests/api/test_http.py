@@ -543,6 +543,34 @@ async def test_a_body_not_in_utf_8_or_compressed_is_415_on_every_route(
         assert answer.headers.get("accept-encoding") == ("identity" if coded else None)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16", "utf-32-be", "utf-32"])
+async def test_a_body_in_utf_16_or_32_is_malformed_json_on_every_route(
+    api: httpx.AsyncClient, encoding: str
+) -> None:
+    """JSON is UTF-8 (RFC 8259). Python's json module would read these from their first bytes,
+    which no route may do: the same body said to be UTF-16 is refused (415)."""
+    event = await create_event(api, hold_seconds=600)
+    body = json.dumps(
+        {"customer_id": "c", "quantity": 1, "payment_reference": "p", **event_body()}
+    ).encode(encoding)
+    accepted = await purchase(api, event["id"])
+    json_type = {"content-type": "application/json"}
+    answers = [
+        await api.post("/events", content=body, headers=json_type),
+        await api.patch(f"/events/{event['id']}", content=body, headers=json_type),
+        await api.post(f"/events/{event['id']}/tickets/purchase", content=body, headers=json_type),
+        await api.post(
+            f"/purchases/{accepted.json()['purchase_id']}/confirm", content=body, headers=json_type
+        ),
+        await api.post(
+            f"/purchases/{accepted.json()['purchase_id']}/cancel", content=body, headers=json_type
+        ),
+    ]
+
+    for answer in answers:
+        assert assert_problem(answer, 400)["title"] == "Malformed JSON"
+
+
 @pytest.mark.parametrize(
     ("content_type", "coding"),
     [
