@@ -5,10 +5,9 @@ status, so a client that reconnects with `Last-Event-ID` is not sent again what 
 purchase never returns to a status it left; a pending one's heartbeats, below, repeat it).
 Every `heartbeat_s` without a change, something keeps proxies from closing the idle stream: for
 a pending purchase this replica accepted, the purchase again with the wait ahead of it now
-(`queue`); a comment otherwise. The stream ends after a status that can no longer change (a
-confirmed purchase's, once its event has started: it can be cancelled until then), or after
-`max_s`, or when the process is stopping; the client then reconnects (the browser's EventSource
-does so by itself, after the `retry` each event names).
+(`queue`); a comment otherwise. The stream ends after a status that can no longer change, or
+after `max_s`, or when the process is stopping; the client then reconnects (the browser's
+EventSource does so by itself, after the `retry` each event names).
 
 An open stream (`EventStream`) sends itself: the route hands it to Starlette as a response, the
 raw-ASGI dispatch (api/fast_paths.py) sends it as it is, through the same code. Thousands are held
@@ -76,28 +75,9 @@ async def open_stream(
     """The stream (None: there will be no event). Refusals (404 never issued, 503) are raised
     here, before any byte of the stream is sent, so that they are answered as problems."""
     first = await service.status(purchase_id)
-    if (
-        first.status.value == last_event_id
-        and await _changes_for(service, first.status, first.event_id) == 0
-    ):
+    if first.status in SETTLED and first.status.value == last_event_id:
         return None  # nothing will follow what the client has: 204 tells EventSource to stop
     return EventStream(service, waiters, first, last_event_id, heartbeat_s=heartbeat_s, max_s=max_s)
-
-
-async def _changes_for(
-    service: PurchaseService, status: PurchaseStatus, event_id: UUID | None
-) -> float | None:
-    """For how long a purchase of the event in `status` may still change, in seconds: None for
-    as long as it stays in it, 0 if never again (a settled status, or confirmed once its event
-    has started and every cancellation accepted before the start is decided). An event that
-    cannot be read now is one whose purchase may still change."""
-    if status in SETTLED:
-        return 0.0
-    if status != PurchaseStatus.CONFIRMED or event_id is None:
-        return None
-    with contextlib.suppress(ServiceUnavailable, *DATABASE_UNAVAILABLE):
-        return await service.confirmed_changes_for(event_id)
-    return None
 
 
 class EventStream:
@@ -108,7 +88,6 @@ class EventStream:
     request's task and its wait is kept for as long as it waits."""
 
     __slots__ = (
-        "_event_id",
         "_first",
         "_heartbeat_s",
         "_left",
@@ -134,7 +113,6 @@ class EventStream:
         self._service = service
         self._waiters = waiters  # what ends the pause between two reads once stopping
         self._purchase_id, self._status = first.purchase_id, first.status
-        self._event_id = first.event_id
         self._first = status_event(first) if first.status.value != last_event_id else None
         self._heartbeat_s, self._max_s = heartbeat_s, max_s
         self._task: asyncio.Task[Any] | None = None  # while it streams
@@ -177,10 +155,6 @@ class EventStream:
                     if status in SETTLED or service.draining:
                         break
                     remaining = deadline - loop.time()
-                    if status == PurchaseStatus.CONFIRMED:  # until its event starts
-                        changes_for = await _changes_for(service, status, self._event_id)
-                        if changes_for is not None:
-                            remaining = min(remaining, changes_for)
                     if remaining <= 0:
                         break
                     wait_s = min(self._heartbeat_s, remaining)

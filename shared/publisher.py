@@ -30,7 +30,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
-from uuid import UUID
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -260,9 +259,6 @@ class PurchasePublisher:
 
     def partition_of(self, command: Accepted) -> int:
         return self._topology.partition_of(command.event_id)
-
-    def partition_of_event(self, event_id: UUID) -> int:
-        return self._topology.partition_of(event_id)
 
     def publish(self, command: Accepted, *, deadline: float | None = None) -> Awaitable[None]:
         """Hand the command to its partition's sender; what this returns is done once the
