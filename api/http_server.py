@@ -71,8 +71,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     # the head is at most that plus the current read); None while no head is being read
     # (before the first request, during a body).
     _head_bytes: int | None = None
-    _read_bytes = 0  # the length of the read being parsed
-    _read = b""  # the read being parsed (the last one, between reads)
+    _read = b""  # the read being parsed (none between reads)
     _too_large = False  # the head just parsed is past the bound
     # Whether the request line of the head being read has arrived whole (the parser delivers a
     # header only once the next one begins, so no header does not mean no whole line).
@@ -93,7 +92,6 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # the rest of a refused head: read, so that the answer reaches the client
-        self._read_bytes = len(data)
         self._read = data
         super().data_received(data)
         if self._refused:  # by the parser's callbacks, as this read completed a head
@@ -109,6 +107,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse()
         self._began_in_this_read = False
+        self._read = b""  # not kept by an idle connection
 
     def _arrived_of_head(self, data: bytes) -> int:
         """About how much of `data`, the read in which the head now arriving began, is that
@@ -128,7 +127,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._arriving_since = self.loop.time()
 
     def on_headers_complete(self) -> None:
-        could_be_over = (self._head_bytes or 0) + self._read_bytes > MAX_HEAD_BYTES
+        could_be_over = (self._head_bytes or 0) + len(self._read) > MAX_HEAD_BYTES
         if could_be_over and self._head_length() > MAX_HEAD_BYTES:
             self._too_large = True
             raise _HeadTooLarge
@@ -140,9 +139,19 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._refuse()
             return
         # uvicorn's own answer is plain text: a problem, as every other error of the API.
-        self._answer_and_close(
-            b"400 Bad Request", "Bad request", "The request could not be read as HTTP/1.1."
-        )
+        status_line, title = b"400 Bad Request", "Bad request"
+        detail = "The request could not be read as HTTP/1.1."
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and cycle.more_body:
+            # In the body of the request being served: its own answer, now, and its app sees
+            # the client leave once the connection closes (and counts that answer itself).
+            self._refused, self._arriving_since = True, None
+            if cycle.response_started:
+                self.transport.close()
+            else:
+                self._send_last(self._problem_bytes(status_line, title, detail))
+            return
+        self._answer_and_close(status_line, title, detail)
 
     def _head_length(self) -> int:
         """The length of the head just parsed, as sent without optional whitespace (so never
@@ -187,14 +196,21 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         """Answer a request the app never got with a problem, and close its connection: now,
         or once the requests before it on the connection are answered. It is counted in the
         request metrics as the app counts its own answers, under the route `unrouted`."""
-        status = int(status_line[:3])
-        answer = problem(status, title, detail, instance=self._path())
         began = self._arriving_since
         seconds = 0.0 if began is None else self.loop.time() - began
-        metrics.record(self._method(), UNROUTED, status, seconds)
+        metrics.record(self._method(), UNROUTED, int(status_line[:3]), seconds)
         self._refused = True  # what the client sends from now on is read and dropped
         self._arriving_since = None
-        raw = (
+        raw = self._problem_bytes(status_line, title, detail)
+        if self._answering():
+            self._deferred = raw
+        else:
+            self._send_last(raw)
+
+    def _problem_bytes(self, status_line: bytes, title: str, detail: str) -> bytes:
+        """A whole answer, the last on its connection: the problem about the request now read."""
+        answer = problem(int(status_line[:3]), title, detail, instance=self._path())
+        return (
             b"HTTP/1.1 "
             + status_line
             + b"\r\n"
@@ -203,10 +219,6 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             + b"connection: close\r\n\r\n"
             + answer.body
         )
-        if self._answering():
-            self._deferred = raw
-        else:
-            self._send_last(raw)
 
     def _answering(self) -> bool:
         """Whether a request before the refused one is still to be answered."""

@@ -372,6 +372,29 @@ async def test_a_request_that_is_not_http_is_a_400_problem_and_counted(
     assert counted["unknown"] - counted_before["unknown"] == 2
 
 
+async def test_a_body_that_is_not_http_is_a_400_at_once_and_its_request_ends(
+    settings: Settings,
+) -> None:
+    """A chunked body httptools cannot read belongs to the request being served: it is answered
+    at once (not behind that same request, which would wait for a body that never comes), and
+    the app sees its client leave."""
+    head = (
+        b"POST /events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"transfer-encoding: chunked\r\n\r\n"
+    )
+    async with _served(settings) as port:
+        async with asyncio.timeout(5):
+            bad_size = await send_raw(port, head + b"zz\r\n{}\r\n0\r\n\r\n")
+            after_a_chunk = await send_raw(port, head + b"2\r\n{}\r\nzz\r\n")
+        served = await send_raw(
+            port, b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
+
+    for refused in (bad_size, after_a_chunk):
+        assert _problem_closing(refused, b"400 Bad Request")["instance"] == "/events"
+    assert served.startswith(b"HTTP/1.1 200 "), served[:300]
+
+
 def _problem_closing(answer: bytes, status: bytes) -> dict[str, Any]:
     """The problem `answer` carries, checked to be one with `status` that closes its connection."""
     status_line, _, rest = answer.partition(b"\r\n")
