@@ -108,10 +108,6 @@ LOCATE_WAIT_S = 2.0
 # Its reads: the first again after this, each next one twice as long after, up to the max.
 LOCATE_FIRST_PAUSE_S = 0.05
 LOCATE_MAX_PAUSE_S = 0.4
-# Once a confirmed purchase's event has started, how often a stream of it asks whether every
-# cancellation accepted before the start has been decided (the worker records its progress
-# about once a second).
-PROGRESS_RECHECK_S = 1.0
 
 
 class _Found(NamedTuple):
@@ -354,22 +350,6 @@ class PurchaseService:
         queued, and is not on its way any more."""
         row = await self._progress.of(self._publisher.partition_of(command))
         return row is not None and row["horizon"] > accepted_at
-
-    async def confirmed_changes_for(self, event_id: UUID) -> float | None:
-        """For how long, in seconds, a confirmed purchase of the event may still change: until
-        the event starts (a cancellation accepted before then is applied), then until its
-        partition has decided everything accepted before the start (such a cancellation may
-        still be queued), then 0. None if this replica cannot find the event (the worker judges
-        a cancellation of it)."""
-        event = await self._events.get(event_id)
-        if event is None:
-            return None
-        until_start = (event.starts_at - datetime.now(UTC)).total_seconds()
-        if until_start > 0:
-            return until_start
-        row = await self._progress.of(self._publisher.partition_of_event(event_id))
-        decided = row is not None and row["horizon"] > event.starts_at
-        return 0.0 if decided else PROGRESS_RECHECK_S
 
     async def _holds(self, event_id: UUID) -> bool:
         """Whether the event holds its purchases' tickets until they are confirmed (as this
