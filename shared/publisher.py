@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 PUBLISHES = Counter(
     "ticketing_publishes_total",
-    "Purchase messages published, by broker answer",
+    "Messages published (of purchases, confirmations, cancellations), by broker answer",
     ["outcome"],  # confirmed | nacked | timed_out | unroutable | failed
 )
 EXPIRED_PURCHASES = Counter(

@@ -17,7 +17,7 @@ PURCHASES = Counter(
 )
 DUPLICATES = Counter(
     "ticketing_worker_duplicate_purchases_total",
-    "Commands skipped as already applied (a redelivery, a retried purchase)",
+    "Purchases skipped because their id was already decided (redelivery, idempotent retry)",
 )
 BATCH_SIZE = Histogram(
     "ticketing_worker_batch_purchases",
@@ -31,7 +31,7 @@ COMMIT_SECONDS = Histogram(
 )
 LAG_SECONDS = Gauge(
     "ticketing_worker_lag_seconds",
-    "Age of the oldest purchase in the batch last applied, per partition held; 0 once the "
+    "Age of the oldest command in the batch last applied, per partition held; 0 once the "
     "partition is idle",
     ["partition"],
 )
