@@ -50,20 +50,21 @@ def parse_if_match(value: str | None) -> frozenset[int] | None:
     if not tags:
         raise _not_an_etag()
     versions = [(_version(tag), tag.startswith("W/")) for tag in tags]
-    return frozenset(version for version, weak in versions if version is not None and not weak)
+    return frozenset(version for version, weak in versions if not weak)
 
 
-def _version(tag: str) -> int | None:
-    """The version an entity-tag (`"3"`, `W/"3"`) names; None for a tag of digits this API never
-    sends (`"03"`), which strong comparison, character by character, matches with no version.
-    The quotes are part of the tag: `3` or `"3` is no tag, and is refused like any other, never
-    read as version 3."""
+def _version(tag: str) -> int:
+    """The version an entity-tag (`"3"`, `W/"3"`) names. A tag this API never sends is refused,
+    never read as a version: `3` or `"3` (the quotes are part of the tag), `"x"`, `"03"` (strong
+    comparison is character by character: `"03"` is not `"3"`)."""
     opaque = tag.removeprefix("W/")
     quoted = len(opaque) >= 2 and opaque[0] == opaque[-1] == '"'
     digits = opaque[1:-1] if quoted else ""
     if not (digits.isascii() and digits.isdigit()) or len(digits) > 9:
         raise _not_an_etag()
-    return int(digits) if str(int(digits)) == digits else None
+    if str(int(digits)) != digits:
+        raise _not_an_etag()
+    return int(digits)
 
 
 def _not_an_etag() -> InvalidRequest:
