@@ -41,6 +41,6 @@ class Utf8JsonRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def handle(request: Request) -> Response:
-            return await handler(Utf8JsonRequest(request.scope, request.receive))
+            return await handler(Utf8JsonRequest(request.scope, request.receive, request._send))
 
         return handle

@@ -295,7 +295,9 @@ ACCEPT_OPENAPI: dict[str, Any] = {
             "in": "header",
             "required": False,
             "description": "Retrying with the same key (same customer, same event) returns the "
-            "same purchase_id and never buys twice. Reusing it for another quantity is a 422.",
+            "same purchase_id and never buys twice. Reusing it for another quantity is a 422. "
+            "At most 255 bytes as sent (a key in UTF-8 is taken byte for byte), no control "
+            "character.",
             "schema": _IDEMPOTENCY_KEYS.json_schema(),
         }
     ],

@@ -687,7 +687,7 @@ async def test_a_body_sent_to_cancel_is_judged_like_any_other_and_the_document_s
 
 @pytest.mark.parametrize("body", [b"hello", b"{bad", b'{"a": 1'])
 async def test_a_malformed_json_body_sent_to_cancel_is_400_and_cancels_nothing(
-    api: httpx.AsyncClient, body: bytes
+    api: httpx.AsyncClient, amqp: aio_pika.abc.AbstractChannel, settings: Settings, body: bytes
 ) -> None:
     """Cancel reads no body, but one labelled JSON that is not JSON is a client's mistake, as on
     every route, never a cancellation; a JSON body or none cancels."""
@@ -696,10 +696,12 @@ async def test_a_malformed_json_body_sent_to_cancel_is_400_and_cancels_nothing(
     cancel = f"/purchases/{accepted.json()['purchase_id']}/cancel"
 
     malformed = await api.post(cancel, content=body, headers={"content-type": "application/json"})
+    queued_after_it = await total_depth(amqp, settings)
     queued = await api.post(cancel, content=b"{}", headers={"content-type": "application/json"})
     blank = await api.post(cancel, content=b" \r\n", headers={"content-type": "application/json"})
 
     assert assert_problem(malformed, 400)["title"] == "Malformed JSON"
+    assert queued_after_it == 1, "only the purchase is queued, no cancellation"
     assert queued.status_code == blank.status_code == 202, queued.text
 
 

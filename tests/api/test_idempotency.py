@@ -174,12 +174,13 @@ async def test_a_key_in_utf_8_is_taken_byte_for_byte(api: httpx.AsyncClient) -> 
         )
 
     first, retry, other = await keyed("€-ключ"), await keyed("€-ключ"), await keyed("€-ключи")
-    longest = await keyed("é" * 127)  # 254 bytes
+    longest, too_long = await keyed("é" * 127 + "k"), await keyed("é" * 128)  # 255, 256 bytes
 
     assert first.status_code == retry.status_code == other.status_code == 202, first.text
     assert retry.json()["purchase_id"] == first.json()["purchase_id"]
     assert other.json()["purchase_id"] != first.json()["purchase_id"]
     assert longest.status_code == 202, longest.text
+    assert_problem(too_long, 422)
 
 
 @pytest.mark.parametrize("key", ["k" * 256, ""], ids=["256-chars", "empty"])
