@@ -27,10 +27,12 @@ purchase of a flash sale more than the rest of this module does).
 import asyncio
 import logging
 import weakref
+from collections import deque
 from urllib.parse import unquote
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGI3Application
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from api import metrics
@@ -80,6 +82,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _refused = False
     # A refusal waiting for the answers of the requests before it on the connection.
     _deferred: bytes | None = None
+    # The request whose app runs now (its answer may be complete).
+    _running: RequestResponseCycle | None = None
     # Loop time the request now arriving began (the connection's opening, for the first); None
     # once it has arrived whole.
     _arriving_since: float | None = None
@@ -142,16 +146,24 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         status_line, title = b"400 Bad Request", "Bad request"
         detail = "The request could not be read as HTTP/1.1."
         cycle = self.cycle
-        if cycle is not None and not cycle.response_complete and cycle.more_body:
-            # In the body of the request being served: its own answer, now, and its app sees
-            # the client leave once the connection closes (and counts that answer itself).
-            self._refused, self._arriving_since = True, None
-            if cycle.response_started:
-                self.transport.close()
-            else:
-                self._send_last(self._problem_bytes(status_line, title, detail))
+        if cycle is None or not cycle.more_body:  # a head: its request never began
+            self._answer_and_close(status_line, title, detail)
             return
-        self._answer_and_close(status_line, title, detail)
+        # In the body of a request whose head was read.
+        if cycle is not self._running:
+            # Queued behind the request being served (pipelined): it never reaches the app,
+            # and is answered in its turn.
+            self.pipeline = deque(queued for queued in self.pipeline if queued[0] is not cycle)
+            self._answer_and_close(status_line, title, detail)
+            return
+        # The request being served: answered now (the app, which waits for the rest of the
+        # body, sees its client leave once the connection closes, and counts that answer);
+        # only the connection ends if it was already answered.
+        self._refused, self._arriving_since = True, None
+        if cycle.response_started:
+            self.transport.close()
+        else:
+            self._send_last(self._problem_bytes(status_line, title, detail))
 
     def _head_length(self) -> int:
         """The length of the head just parsed, as sent without optional whitespace (so never
@@ -222,8 +234,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _answering(self) -> bool:
         """Whether a request before the refused one is still to be answered."""
-        cycle = self.cycle
-        return (cycle is not None and not cycle.response_complete) or bool(self.pipeline)
+        running = self._running
+        return (running is not None and not running.response_complete) or bool(self.pipeline)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        # The one place uvicorn starts a request's app: the request being served is known here
+        # (`cycle` is the last head read, which may be queued behind it).
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -264,9 +282,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if not self._line_whole() or len(self.url) > MAX_HEAD_BYTES:
             return "/"
         try:
-            path: str = httptools.parse_url(self.url).path.decode("latin-1")
+            raw: bytes | None = httptools.parse_url(self.url).path
         except httptools.HttpParserInvalidURLError:
             return "/"
+        if not raw:  # an absolute form without a path (`http://host`)
+            return "/"
+        path = raw.decode("latin-1")
         return unquote(path) if "%" in path else path
 
 

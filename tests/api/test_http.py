@@ -171,8 +171,9 @@ async def test_bogus_content_length_is_refused_not_500(
 # --- request head size (the server python -m api runs) --------------------------------------
 
 
-async def send_raw(port: int, head: bytes, *, pieces: int = 1) -> bytes:
-    """Send `head` in `pieces` writes, until the server answers; what it answers."""
+async def send_raw(port: int, head: bytes, *, pieces: int = 1, then: bytes = b"") -> bytes:
+    """Send `head` in `pieces` writes (and `then` a moment later), until the server answers;
+    what it answers."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     answer = asyncio.ensure_future(reader.read())  # until the server closes
     try:
@@ -184,6 +185,11 @@ async def send_raw(port: int, head: bytes, *, pieces: int = 1) -> bytes:
                 writer.write(head[start : start + step])
                 await writer.drain()
             await asyncio.sleep(0.01)
+        if then:
+            await asyncio.sleep(0.3)
+            with contextlib.suppress(ConnectionError):
+                writer.write(then)
+                await writer.drain()
         return await asyncio.wait_for(answer, 10)
     finally:
         answer.cancel()
@@ -359,6 +365,8 @@ async def test_a_request_that_is_not_http_is_a_400_problem_and_counted(
             port, b"POST /events HTTP/1.1\r\nhost: x\r\ncontent-length: ten\r\n\r\n"
         )
         behind = await send_raw(port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGARBAGE\r\n\r\n")
+        # An absolute form without a path, which uvicorn cannot read.
+        no_path = await send_raw(port, b"GET http://x HTTP/1.1\r\nhost: x\r\n\r\n")
         counted = await _unrouted(port, 400)
 
     assert _problem_closing(not_http, b"400 Bad Request")["instance"] == "/"
@@ -367,7 +375,8 @@ async def test_a_request_that_is_not_http_is_a_400_problem_and_counted(
     assert behind.startswith(b"HTTP/1.1 200 "), behind[:300]
     refused = behind[behind.index(b"HTTP/1.1 400") :]
     assert _problem_closing(refused, b"400 Bad Request")["instance"] == "/"
-    assert counted["GET"] - counted_before["GET"] == 1
+    assert _problem_closing(no_path, b"400 Bad Request")["instance"] == "/"
+    assert counted["GET"] - counted_before["GET"] == 2
     assert counted["POST"] - counted_before["POST"] == 1
     assert counted["unknown"] - counted_before["unknown"] == 2
 
@@ -386,12 +395,27 @@ async def test_a_body_that_is_not_http_is_a_400_at_once_and_its_request_ends(
         async with asyncio.timeout(5):
             bad_size = await send_raw(port, head + b"zz\r\n{}\r\n0\r\n\r\n")
             after_a_chunk = await send_raw(port, head + b"2\r\n{}\r\nzz\r\n")
+            # Pipelined behind a request: answered after it, which is answered whole.
+            behind = await send_raw(
+                port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n" + head + b"zz\r\n"
+            )
+            # In the body of a request already answered (415: not JSON): no second answer.
+            answered = await send_raw(
+                port,
+                head.replace(b"application/json", b"text/plain") + b"2\r\n{}\r\n",
+                then=b"zz\r\n",
+            )
         served = await send_raw(
             port, b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
         )
 
     for refused in (bad_size, after_a_chunk):
         assert _problem_closing(refused, b"400 Bad Request")["instance"] == "/events"
+    assert behind.startswith(b"HTTP/1.1 200 "), behind[:300]
+    refused_behind = behind[behind.index(b"HTTP/1.1 400") :]
+    assert _problem_closing(refused_behind, b"400 Bad Request")["instance"] == "/events"
+    assert answered.startswith(b"HTTP/1.1 415 "), answered[:300]
+    assert answered.count(b"HTTP/1.1 ") == 1, answered
     assert served.startswith(b"HTTP/1.1 200 "), served[:300]
 
 
