@@ -43,10 +43,19 @@ def _multi_line(value: str) -> str:
     return _printable(value, allow_newlines=True)
 
 
+# Invisible, but part of what prints: they join emoji sequences (👨‍👩‍👧) and the letters of
+# scripts such as Persian.
+_JOINERS = str.maketrans("", "", "\u200c\u200d")
+
+
 def _printable_only(value: str) -> str:
-    """Only characters that print: none of the controls, format characters (zero-width, BOM),
-    line or paragraph separators, or spaces other than the plain one (str.isprintable)."""
+    """Only characters that print: none of the controls, format characters (zero-width space,
+    byte-order mark, direction overrides) but the joiners, line or paragraph separators, or
+    spaces other than the plain one (str.isprintable)."""
     if value.isprintable():
+        return value
+    visible = value.translate(_JOINERS)
+    if visible and visible.isprintable():
         return value
     _printable(value, allow_newlines=False)  # the clearer message, where it applies
     raise ValueError("must be printable characters only (no format or separator characters)")

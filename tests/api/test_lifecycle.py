@@ -184,6 +184,7 @@ async def test_a_malformed_purchase_id_is_422(api: httpx.AsyncClient, action: st
         {"payment_reference": "\ufeffpsp"},
         {"payment_reference": "psp\u00a07f3a"},
         {"payment_reference": "ref \u202eevil\u202c"},  # a right-to-left override
+        {"payment_reference": "\u200d"},  # nothing that prints but a joiner
         {"payment_reference": 42},
         {"payment_reference": None},
         {"payment_reference": "ok", "extra": 1},
@@ -683,6 +684,7 @@ async def test_a_hostile_confirmation_gets_a_clear_4xx(
     [
         "'; UPDATE purchases SET status = 'confirmed'; --",
         "🎸 ref שלום ü",
+        "👨\u200d👩\u200d👧 🏳️\u200d🌈 می\u200cخواهم",  # joiners
         "x" * 200,
     ],
 )
