@@ -684,7 +684,7 @@ async def test_a_hostile_confirmation_gets_a_clear_4xx(
     [
         "'; UPDATE purchases SET status = 'confirmed'; --",
         "🎸 ref שלום ü",
-        "👨\u200d👩\u200d👧 🏳️\u200d🌈 می\u200cخواهم",  # joiners
+        "👨\u200d👩\u200d👧 🏳️\u200d🌈 \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # joiners
         "x" * 200,
     ],
 )
