@@ -130,6 +130,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._arriving_since is None:
             self._arriving_since = self.loop.time()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_bytes is None:
+            # A trailer field, after a chunked body: dropped (RFC 9110 §6.5.1 allows it), where
+            # uvicorn would add it to the request's headers, which the app has already judged,
+            # and keep every one of them without bound.
+            return
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
         could_be_over = (self._head_bytes or 0) + len(self._read) > MAX_HEAD_BYTES
         if could_be_over and self._head_length() > MAX_HEAD_BYTES:

@@ -419,6 +419,33 @@ async def test_a_body_that_is_not_http_is_a_400_at_once_and_its_request_ends(
     assert served.startswith(b"HTTP/1.1 200 "), served[:300]
 
 
+async def test_trailer_fields_are_dropped_not_taken_for_headers(settings: Settings) -> None:
+    """Trailer fields come after a chunked body, once the request's headers were judged: uvicorn
+    would append them to those headers, without bound. A key sent as a trailer is no key, and
+    a trailer section larger than any head is read and dropped."""
+    async with _served(settings) as port:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            event = await create_event(client)
+
+        async def with_trailers(trailers: bytes) -> bytes:
+            body = b'{"customer_id": "c", "quantity": 1}'
+            return await send_raw(
+                port,
+                f"POST /events/{event['id']}/tickets/purchase HTTP/1.1\r\n".encode()
+                + b"host: x\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                + b"transfer-encoding: chunked\r\n\r\n"
+                + b"%x\r\n%s\r\n0\r\n%s\r\n" % (len(body), body, trailers),
+            )
+
+        keyed = [await with_trailers(b"idempotency-key: k-1\r\n") for _ in range(2)]
+        padded = await with_trailers(b"x-pad: %s\r\n" % (b"a" * 1000) * 100)
+
+    for answer in (*keyed, padded):
+        assert answer.startswith(b"HTTP/1.1 202 "), answer[:300]
+    ids = {json.loads(answer.partition(b"\r\n\r\n")[2])["purchase_id"] for answer in keyed}
+    assert len(ids) == 2, "a trailer was taken for the Idempotency-Key header"
+
+
 def _problem_closing(answer: bytes, status: bytes) -> dict[str, Any]:
     """The problem `answer` carries, checked to be one with `status` that closes its connection."""
     status_line, _, rest = answer.partition(b"\r\n")
