@@ -55,6 +55,10 @@ class _HeadTooLarge(Exception):
     for a request it cannot parse, and asks for a 400: see send_400_response)."""
 
 
+class _UpgradeWithBody(Exception):
+    """As _HeadTooLarge, for a request with a body that asks to switch protocols."""
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
     """Refuses a request whose head is longer than MAX_HEAD_BYTES.
 
@@ -75,6 +79,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _head_bytes: int | None = None
     _read = b""  # the read being parsed (none between reads)
     _too_large = False  # the head just parsed is past the bound
+    _upgrade_with_body = False  # the head just parsed asks to switch protocols, with a body
     # Whether the request line of the head being read has arrived whole (the parser delivers a
     # header only once the next one begins, so no header does not mean no whole line).
     _line_read = False
@@ -144,11 +149,43 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._too_large = True
             raise _HeadTooLarge
         self._head_bytes = None
+        if self.parser.should_upgrade():  # Connection: upgrade, and Upgrade (h2c, websocket)
+            self._ignore_upgrade()
+            return
         super().on_headers_complete()
+
+    def _ignore_upgrade(self) -> None:
+        """Serve a request that asks to switch protocols as a plain one (RFC 9110 §7.8 lets a
+        server ignore Upgrade; this one switches to nothing), then close its connection:
+        httptools reads nothing past such a head, taking the rest for the new protocol's. So a
+        body it would never deliver is refused rather than read as none (curl --http2 sends
+        one, with `Upgrade: h2c`)."""
+        if any(name in (b"content-length", b"transfer-encoding") for name, _ in self.headers):
+            length = dict(self.headers).get(b"content-length", b"")
+            if length.strip(b" \t") != b"0":
+                self._upgrade_with_body = True
+                raise _UpgradeWithBody
+        super().on_headers_complete()
+        assert self.cycle is not None
+        self.cycle.keep_alive = False
+
+    def _should_upgrade(self) -> bool:
+        return False  # no WebSocket either: the request is served as a plain one (see above)
+
+    def _unsupported_upgrade_warning(self) -> None:
+        pass  # what follows an upgrade request's head is dropped, as its connection closes
 
     def send_400_response(self, msg: str) -> None:
         if self._too_large:  # not unparseable: too long
             self._refuse()
+            return
+        if self._upgrade_with_body:
+            self._answer_and_close(
+                b"400 Bad Request",
+                "Bad request",
+                "This server switches to no other protocol, and cannot read the body of a "
+                "request that asks to (Upgrade): send it without Upgrade.",
+            )
             return
         # uvicorn's own answer is plain text: a problem, as every other error of the API.
         status_line, title = b"400 Bad Request", "Bad request"

@@ -419,6 +419,43 @@ async def test_a_body_that_is_not_http_is_a_400_at_once_and_its_request_ends(
     assert served.startswith(b"HTTP/1.1 200 "), served[:300]
 
 
+async def test_a_request_asking_to_switch_protocols_is_served_as_a_plain_one_or_refused(
+    settings: Settings,
+) -> None:
+    """No protocol is switched to (RFC 9110 lets a server ignore Upgrade), but httptools reads
+    nothing past such a head: one without a body is served and its connection closed; one with
+    a body (curl --http2 sends `Upgrade: h2c`) is refused as a problem, never read as empty."""
+    upgrade = b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n"
+    websocket = (
+        b"connection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n"
+        b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    )
+    async with _served(settings) as port:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            event = await create_event(client)
+        body = b'{"customer_id": "c", "quantity": 1}'
+        purchase_head = (
+            f"POST /events/{event['id']}/tickets/purchase HTTP/1.1\r\nhost: x\r\n".encode()
+            + b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)
+        )
+        as_websocket = await send_raw(
+            port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + websocket + b"\r\n"
+        )
+        as_h2c = await send_raw(port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + upgrade + b"\r\n")
+        with_body = await send_raw(port, purchase_head + upgrade + b"\r\n" + body)
+        behind = await send_raw(
+            port,
+            b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n" + purchase_head + upgrade + b"\r\n" + body,
+        )
+
+    for served in (as_websocket, as_h2c):
+        assert served.startswith(b"HTTP/1.1 200 "), served[:300]
+        assert b"connection: close" in served.partition(b"\r\n\r\n")[0].lower()
+    assert "Upgrade" in _problem_closing(with_body, b"400 Bad Request")["detail"]
+    assert behind.startswith(b"HTTP/1.1 200 "), behind[:300]
+    _problem_closing(behind[behind.index(b"HTTP/1.1 400") :], b"400 Bad Request")
+
+
 async def test_trailer_fields_are_dropped_not_taken_for_headers(settings: Settings) -> None:
     """Trailer fields come after a chunked body, once the request's headers were judged: uvicorn
     would append them to those headers, without bound. A key sent as a trailer is no key, and
