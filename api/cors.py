@@ -1,11 +1,17 @@
 """CORS: Starlette's middleware, with the preflights it refuses answered as problems."""
 
+import time
+
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from api import metrics
 from api.problems import instance_of, problem_response
+
+# The route label of CORS preflights in the request metrics.
+PREFLIGHT = "preflight"
 
 
 class ProblemCORSMiddleware(CORSMiddleware):
@@ -18,7 +24,12 @@ class ProblemCORSMiddleware(CORSMiddleware):
             headers = Headers(scope=scope)
             # What Starlette takes for a preflight.
             if "origin" in headers and "access-control-request-method" in headers:
-                await self._preflight(scope, headers)(scope, receive, send)
+                started = time.perf_counter()
+                answer = self._preflight(scope, headers)
+                await answer(scope, receive, send)
+                # Answered before any route: counted as the routes' answers are, on its own.
+                elapsed = time.perf_counter() - started
+                metrics.record("OPTIONS", PREFLIGHT, answer.status_code, elapsed)
                 return
         await super().__call__(scope, receive, send)
 

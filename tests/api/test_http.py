@@ -14,10 +14,11 @@ import asyncpg
 import httpx
 import pytest
 import uvicorn
+from prometheus_client import REGISTRY
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 
-from api import http_server
+from api import cors, http_server
 from api.main import cors_options, create_app
 from api.openapi import render
 from shared.purchases.changes import StatusWaiters
@@ -887,6 +888,24 @@ async def test_cors_preflight_is_allowed(
     assert response.headers["access-control-allow-origin"] in ("*", ORIGIN)
     assert method.lower() in header_list(response, "access-control-allow-methods")
     assert set(asked.split(",")) <= header_list(response, "access-control-allow-headers")
+
+
+async def test_cors_preflights_are_counted_on_their_own(api: httpx.AsyncClient) -> None:
+    """Answered before any route, allowed or refused: counted under the route `preflight`."""
+
+    def counted(status: int) -> float:
+        labels = {"method": "OPTIONS", "route": cors.PREFLIGHT, "status": str(status)}
+        return REGISTRY.get_sample_value("ticketing_http_requests_total", labels) or 0.0
+
+    before = counted(200), counted(400)
+    asked = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
+    allowed = await api.options("/events", headers=asked)
+    refused = await api.options(
+        "/events", headers={**asked, "Access-Control-Request-Headers": "x-evil"}
+    )
+
+    assert (allowed.status_code, refused.status_code) == (200, 400)
+    assert (counted(200) - before[0], counted(400) - before[1]) == (1, 1)
 
 
 async def test_cors_exposes_location_and_retry_after_on_a_purchase(
