@@ -290,6 +290,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        keep_alive = self.timeout_keep_alive_task
+        if self._head_bytes is not None and keep_alive is not None:
+            # The next head has begun (pipelined behind this answer): it has until the 408 of
+            # check_arrival to arrive whole, not uvicorn's idle timeout, which would close the
+            # connection without a word.
+            keep_alive.cancel()
+            self.timeout_keep_alive_task = None
         if self._deferred is not None and not self._answering():
             raw, self._deferred = self._deferred, None
             if not self.transport.is_closing():
