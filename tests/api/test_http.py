@@ -304,10 +304,10 @@ async def test_a_request_that_does_not_arrive_in_time_is_408_or_closed(
     """uvicorn times only the wait between two requests: without a bound, a connection that
     sends nothing, half a head or a body a byte at a time is held for good, and enough of them
     take every file descriptor the process has."""
-    monkeypatch.setattr(http_server, "REQUEST_READ_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(http_server, "REQUEST_READ_TIMEOUT_S", 2.0)
     # Shorter than the timeout, as uvicorn's 5 s is than the 30 s one: a head begun behind an
     # answer must not be cut short by it.
-    async with _served(settings, keep_alive_s=0.3) as port:
+    async with _served(settings, keep_alive_s=1) as port:
         counted_before = await _unrouted(port, 408)
 
         async def held(sent: bytes) -> bytes:
@@ -499,7 +499,7 @@ def _problem_closing(answer: bytes, status: bytes) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def _served(settings: Settings, *, keep_alive_s: float = 5.0) -> AsyncIterator[int]:
+async def _served(settings: Settings, *, keep_alive_s: int = 5) -> AsyncIterator[int]:
     """The app served in this process by the protocol `python -m api` serves with; its port."""
     port = free_port()
     server = uvicorn.Server(
