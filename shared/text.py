@@ -29,7 +29,12 @@ def _single_line(value: str) -> str:
     return _printable(value, allow_newlines=False)
 
 
+KEY_MAX_BYTES = 255
+
+
 def _field_value(value: str) -> str:
+    if len(value) > KEY_MAX_BYTES:  # one character a byte, as read
+        raise ValueError(f"must be at most {KEY_MAX_BYTES} bytes")
     if value.isascii() and value.isprintable():  # the usual case
         return value
     # Any byte but the ASCII controls: those of a UTF-8 sequence (0x80-0x9F) read as Latin-1
@@ -67,7 +72,11 @@ Description = Annotated[str, Field(max_length=5000), AfterValidator(_multi_line)
 CustomerId = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_single_line)]
 # A header's value, its bytes read as Latin-1 (as HTTP reads them): a key written in UTF-8 is
 # taken byte for byte, the same key on every retry, and counted in bytes.
-IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_field_value)]
+IdempotencyKey = Annotated[
+    str,
+    Field(min_length=1, json_schema_extra={"maxLength": KEY_MAX_BYTES}),
+    AfterValidator(_field_value),
+]
 # A payment provider's reference: it is compared and shown, so nothing in it may be invisible.
 PaymentReference = Annotated[
     str, Field(min_length=1, max_length=200), AfterValidator(_printable_only)
