@@ -80,6 +80,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _read = b""  # the read being parsed (none between reads)
     _too_large = False  # the head just parsed is past the bound
     _upgrade_with_body = False  # the head just parsed asks to switch protocols, with a body
+    # Between a head read whole and the end of its request's message (its body, trailers).
+    _in_body = False
+    # Bytes read since the body last delivered any: a trailer section (or chunk extensions)
+    # past MAX_HEAD_BYTES is refused, as a head is.
+    _beside_body = 0
+    _body_read = False  # the read being parsed delivered some of the body
     # Whether the request line of the head being read has arrived whole (the parser delivers a
     # header only once the next one begins, so no header does not mean no whole line).
     _line_read = False
@@ -117,6 +123,23 @@ class BoundedHeadProtocol(HttpToolsProtocol):
                 self._refuse()
         self._began_in_this_read = False
         self._read = b""  # not kept by an idle connection
+        if self._in_body and not self.transport.is_closing():
+            self._count_beside_body(len(data))
+
+    def _count_beside_body(self, read: int) -> None:
+        """Count a read of a body being received: reads that deliver none of it (a trailer
+        section, chunk extensions) may add up to MAX_HEAD_BYTES, as a head may."""
+        if self._body_read:
+            self._body_read, self._beside_body = False, 0
+            return
+        self._beside_body += read
+        if self._beside_body > MAX_HEAD_BYTES:
+            log.warning("trailer section over %d bytes refused", MAX_HEAD_BYTES)
+            self._refuse_in_body(
+                b"431 Request Header Fields Too Large",
+                "Request header fields too large",
+                f"The trailer fields must be at most {MAX_HEAD_BYTES} bytes in all.",
+            )
 
     def _arrived_of_head(self, data: bytes) -> int:
         """About how much of `data`, the read in which the head now arriving began, is that
@@ -142,6 +165,16 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # super() would cost each header of every purchase a third more.)
         if self._head_bytes is not None:
             _uvicorn_on_header(self, name, value)
+        elif name.lower() == b"connection" and b"close" in value.lower() and self.cycle is not None:
+            # The one trailer that still counts: after `Connection: close` httptools drops
+            # whatever the connection sends, so it must end with this request's answer.
+            self._close_after(self.cycle)
+
+    def _close_after(self, cycle: RequestResponseCycle) -> None:
+        if cycle.response_complete:
+            self.transport.close()
+        else:
+            cycle.keep_alive = False
 
     def on_headers_complete(self) -> None:
         could_be_over = (self._head_bytes or 0) + len(self._read) > MAX_HEAD_BYTES
@@ -149,6 +182,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._too_large = True
             raise _HeadTooLarge
         self._head_bytes = None
+        self._in_body, self._beside_body, self._body_read = True, 0, False
         if self.parser.should_upgrade():  # Connection: upgrade, and Upgrade (h2c, websocket)
             self._ignore_upgrade()
             return
@@ -161,8 +195,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         body it would never deliver is refused rather than read as none (curl --http2 sends
         one, with `Upgrade: h2c`)."""
         if any(name in (b"content-length", b"transfer-encoding") for name, _ in self.headers):
-            length = dict(self.headers).get(b"content-length", b"")
-            if length.strip(b" \t") != b"0":
+            length = dict(self.headers).get(b"content-length", b"").strip(b" \t")
+            if not (length.isdigit() and int(length) == 0):
                 self._upgrade_with_body = True
                 raise _UpgradeWithBody
         super().on_headers_complete()
@@ -190,11 +224,18 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # uvicorn's own answer is plain text: a problem, as every other error of the API.
         status_line, title = b"400 Bad Request", "Bad request"
         detail = "The request could not be read as HTTP/1.1."
-        cycle = self.cycle
-        if cycle is None or not cycle.more_body:  # a head: its request never began
+        if not self._in_body:  # a head: its request never began
             self._answer_and_close(status_line, title, detail)
             return
-        # In the body of a request whose head was read.
+        self._refuse_in_body(status_line, title, detail)
+
+    def _refuse_in_body(self, status_line: bytes, title: str, detail: str) -> None:
+        """Refuse the request whose body (or trailer section) is being read."""
+        cycle = self.cycle
+        self._in_body = False
+        if cycle is None:  # no request was made of the head (it asked to switch protocols)
+            self._answer_and_close(status_line, title, detail)
+            return
         if cycle is not self._running:
             # Queued behind the request being served (pipelined): it never reaches the app,
             # and is answered in its turn.
@@ -217,8 +258,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         fields = sum(len(name) + len(value) + len(":\r\n") for name, value in self.headers)
         return request_line + fields + len("\r\n")
 
+    def on_body(self, body: bytes) -> None:
+        self._body_read = True
+        _uvicorn_on_body(self, body)  # as on_header: no super() per piece of every body
+
     def on_message_complete(self) -> None:
         self._arriving_since = None
+        self._in_body = False
         super().on_message_complete()
 
     def check_arrival(self, began_by: float) -> None:
@@ -344,6 +390,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
 
 _uvicorn_on_header = HttpToolsProtocol.on_header
+_uvicorn_on_body = HttpToolsProtocol.on_body
 
 
 def _last_line(data: bytes) -> bytes:

@@ -408,6 +408,13 @@ async def test_a_body_that_is_not_http_is_a_400_at_once_and_its_request_ends(
                 head.replace(b"application/json", b"text/plain") + b"2\r\n{}\r\n",
                 then=b"zz\r\n",
             )
+            # After the whole body of a request answered before it arrived: a head of its own.
+            after_it = await send_raw(
+                port,
+                b"POST /events HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\n"
+                b"content-length: 5\r\n\r\n",
+                then=b"helloGARBAGE\r\n\r\n",
+            )
         served = await send_raw(
             port, b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
         )
@@ -419,6 +426,8 @@ async def test_a_body_that_is_not_http_is_a_400_at_once_and_its_request_ends(
     assert _problem_closing(refused_behind, b"400 Bad Request")["instance"] == "/events"
     assert answered.startswith(b"HTTP/1.1 415 "), answered[:300]
     assert answered.count(b"HTTP/1.1 ") == 1, answered
+    assert after_it.startswith(b"HTTP/1.1 415 "), after_it[:300]
+    _problem_closing(after_it[after_it.index(b"HTTP/1.1 400") :], b"400 Bad Request")
     assert served.startswith(b"HTTP/1.1 200 "), served[:300]
 
 
@@ -445,13 +454,16 @@ async def test_a_request_asking_to_switch_protocols_is_served_as_a_plain_one_or_
             port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + websocket + b"\r\n"
         )
         as_h2c = await send_raw(port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + upgrade + b"\r\n")
+        no_body = await send_raw(
+            port, b"GET /healthz HTTP/1.1\r\nhost: x\r\ncontent-length: 00\r\n" + upgrade + b"\r\n"
+        )
         with_body = await send_raw(port, purchase_head + upgrade + b"\r\n" + body)
         behind = await send_raw(
             port,
             b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n" + purchase_head + upgrade + b"\r\n" + body,
         )
 
-    for served in (as_websocket, as_h2c):
+    for served in (as_websocket, as_h2c, no_body):
         assert served.startswith(b"HTTP/1.1 200 "), served[:300]
         assert b"connection: close" in served.partition(b"\r\n\r\n")[0].lower()
     assert "Upgrade" in _problem_closing(with_body, b"400 Bad Request")["detail"]
@@ -467,7 +479,7 @@ async def test_trailer_fields_are_dropped_not_taken_for_headers(settings: Settin
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             event = await create_event(client)
 
-        async def with_trailers(trailers: bytes) -> bytes:
+        async def with_trailers(trailers: bytes, *, pieces: int = 1) -> bytes:
             body = b'{"customer_id": "c", "quantity": 1}'
             return await send_raw(
                 port,
@@ -475,13 +487,25 @@ async def test_trailer_fields_are_dropped_not_taken_for_headers(settings: Settin
                 + b"host: x\r\ncontent-type: application/json\r\nconnection: close\r\n"
                 + b"transfer-encoding: chunked\r\n\r\n"
                 + b"%x\r\n%s\r\n0\r\n%s\r\n" % (len(body), body, trailers),
+                pieces=pieces,
             )
 
         keyed = [await with_trailers(b"idempotency-key: k-1\r\n") for _ in range(2)]
-        padded = await with_trailers(b"x-pad: %s\r\n" % (b"a" * 1000) * 100)
+        padded = await with_trailers(b"x-pad: %s\r\n" % (b"a" * 1000) * 60)
+        # After `Connection: close` httptools drops what follows: the answer closes.
+        closing = await send_raw(
+            port,
+            b"POST /events/%s/tickets/purchase HTTP/1.1\r\n" % event["id"].encode()
+            + b"host: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+            + b'23\r\n{"customer_id": "c", "quantity": 1}\r\n0\r\nconnection: close\r\n\r\n',
+        )
+        # One field without end, read piece by piece: refused as a head past the bound is.
+        endless = await with_trailers(b"x-big: %s\r\n" % (b"a" * 200_000), pieces=40)
 
-    for answer in (*keyed, padded):
+    for answer in (*keyed, padded, closing):
         assert answer.startswith(b"HTTP/1.1 202 "), answer[:300]
+    assert b"connection: close" in closing.partition(b"\r\n\r\n")[0].lower()
+    assert b"HTTP/1.1 431 " in endless, endless[:300]
     ids = {json.loads(answer.partition(b"\r\n\r\n")[2])["purchase_id"] for answer in keyed}
     assert len(ids) == 2, "a trailer was taken for the Idempotency-Key header"
 
