@@ -55,6 +55,13 @@ class _HeadTooLarge(Exception):
     for a request it cannot parse, and asks for a 400: see send_400_response)."""
 
 
+class _VersionNotSupported(Exception):
+    """As _HeadTooLarge, for a request line of another HTTP version than 1.0 or 1.1."""
+
+
+_HTTP_1 = frozenset({"1.1", "1.0"})
+
+
 class _UpgradeWithBody(Exception):
     """As _HeadTooLarge, for a request with a body that asks to switch protocols."""
 
@@ -80,6 +87,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _read = b""  # the read being parsed (none between reads)
     _too_large = False  # the head just parsed is past the bound
     _upgrade_with_body = False  # the head just parsed asks to switch protocols, with a body
+    _version_refused = False  # the head just parsed names another HTTP version than 1.x
     # Between a head read whole and the end of its request's message (its body, trailers).
     _in_body = False
     # Bytes read since the body last delivered any: a trailer section (or chunk extensions)
@@ -182,6 +190,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._too_large = True
             raise _HeadTooLarge
         self._head_bytes = None
+        if self.parser.get_http_version() not in _HTTP_1:
+            # httptools reads HTTP/0.9 and HTTP/2.0 request lines as well; uvicorn would answer
+            # them as HTTP/1.1.
+            self._version_refused = True
+            raise _VersionNotSupported
         self._in_body, self._beside_body, self._body_read = True, 0, False
         if self.parser.should_upgrade():  # Connection: upgrade, and Upgrade (h2c, websocket)
             self._ignore_upgrade()
@@ -212,6 +225,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         if self._too_large:  # not unparseable: too long
             self._refuse()
+            return
+        if self._version_refused:
+            self._answer_and_close(
+                b"505 HTTP Version Not Supported",
+                "HTTP version not supported",
+                "This server speaks HTTP/1.1 (and 1.0): send the request as HTTP/1.1.",
+            )
             return
         if self._upgrade_with_body:
             self._answer_and_close(

@@ -371,6 +371,11 @@ async def test_a_request_that_is_not_http_is_a_400_problem_and_counted(
         # An absolute form without a path, which uvicorn cannot read.
         no_path = await send_raw(port, b"GET http://x HTTP/1.1\r\nhost: x\r\n\r\n")
         counted = await _unrouted(port, 400)
+        other_versions = [
+            await send_raw(port, b"GET /healthz" + version + b"\r\nhost: x\r\n\r\n")
+            for version in (b" HTTP/2.0", b" HTTP/0.9", b"")
+        ]
+        http_1_0 = await send_raw(port, b"GET /healthz HTTP/1.0\r\n\r\n")
 
     assert _problem_closing(not_http, b"400 Bad Request")["instance"] == "/"
     assert _problem_closing(bad_header, b"400 Bad Request")["instance"] == "/healthz"
@@ -379,6 +384,10 @@ async def test_a_request_that_is_not_http_is_a_400_problem_and_counted(
     refused = behind[behind.index(b"HTTP/1.1 400") :]
     assert _problem_closing(refused, b"400 Bad Request")["instance"] == "/"
     assert _problem_closing(no_path, b"400 Bad Request")["instance"] == "/"
+    for answer in other_versions:
+        problem = _problem_closing(answer, b"505 HTTP Version Not Supported")
+        assert problem["instance"] == "/healthz"
+    assert http_1_0.startswith(b"HTTP/1.1 200 "), http_1_0[:300]
     assert counted["GET"] - counted_before["GET"] == 2
     assert counted["POST"] - counted_before["POST"] == 1
     assert counted["unknown"] - counted_before["unknown"] == 2
