@@ -28,6 +28,7 @@ import asyncio
 import logging
 import weakref
 from collections import deque
+from typing import NoReturn
 from urllib.parse import unquote
 
 import httptools
@@ -50,20 +51,43 @@ REQUEST_READ_TIMEOUT_S = 30.0
 UNROUTED = "unrouted"
 
 
-class _HeadTooLarge(Exception):
-    """Raised from the parser's callback, so that the parser stops there (uvicorn takes it
-    for a request it cannot parse, and asks for a 400: see send_400_response)."""
+class _Refused(Exception):
+    """Raised from the parser's callback once a head is judged, so that the parser stops there
+    (uvicorn takes it for a request it cannot parse, and asks for a 400: send_400_response
+    answers the refusal noted instead)."""
 
 
-class _VersionNotSupported(Exception):
-    """As _HeadTooLarge, for a request line of another HTTP version than 1.0 or 1.1."""
+# A refusal of the protocol's own: status line, title, detail.
+Refusal = tuple[bytes, str, str]
 
+HEAD_TOO_LARGE: Refusal = (
+    b"431 Request Header Fields Too Large",
+    "Request header fields too large",
+    f"The request line and headers must be at most {MAX_HEAD_BYTES} bytes in all.",
+)
+VERSION_NOT_SUPPORTED: Refusal = (
+    b"505 HTTP Version Not Supported",
+    "HTTP version not supported",
+    "This server speaks HTTP/1.1 (and 1.0): send the request as HTTP/1.1.",
+)
+UPGRADE_WITH_BODY: Refusal = (
+    b"400 Bad Request",
+    "Bad request",
+    "This server switches to no other protocol, and cannot read the body of a request that "
+    "asks to (Upgrade): send it without Upgrade.",
+)
+NOT_HTTP: Refusal = (
+    b"400 Bad Request",
+    "Bad request",
+    "The request could not be read as HTTP/1.1.",
+)
+TRAILERS_TOO_LARGE: Refusal = (
+    b"431 Request Header Fields Too Large",
+    "Request header fields too large",
+    f"The trailer fields must be at most {MAX_HEAD_BYTES} bytes in all.",
+)
 
 _HTTP_1 = frozenset({"1.1", "1.0"})
-
-
-class _UpgradeWithBody(Exception):
-    """As _HeadTooLarge, for a request with a body that asks to switch protocols."""
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
@@ -85,9 +109,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     # (before the first request, during a body).
     _head_bytes: int | None = None
     _read = b""  # the read being parsed (none between reads)
-    _too_large = False  # the head just parsed is past the bound
-    _upgrade_with_body = False  # the head just parsed asks to switch protocols, with a body
-    _version_refused = False  # the head just parsed names another HTTP version than 1.x
+    _refusal: Refusal | None = None  # of the head just parsed, as the parser was stopped
     # Between a head read whole and the end of its request's message (its body, trailers).
     _in_body = False
     # Bytes read since the body last delivered any: a trailer section (or chunk extensions)
@@ -143,11 +165,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._beside_body += read
         if self._beside_body > MAX_HEAD_BYTES:
             log.warning("trailer section over %d bytes refused", MAX_HEAD_BYTES)
-            self._refuse_in_body(
-                b"431 Request Header Fields Too Large",
-                "Request header fields too large",
-                f"The trailer fields must be at most {MAX_HEAD_BYTES} bytes in all.",
-            )
+            self._refuse_in_body(*TRAILERS_TOO_LARGE)
 
     def _arrived_of_head(self, data: bytes) -> int:
         """About how much of `data`, the read in which the head now arriving began, is that
@@ -176,25 +194,21 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         elif name.lower() == b"connection" and b"close" in value.lower() and self.cycle is not None:
             # The one trailer that still counts: after `Connection: close` httptools drops
             # whatever the connection sends, so it must end with this request's answer.
-            self._close_after(self.cycle)
-
-    def _close_after(self, cycle: RequestResponseCycle) -> None:
-        if cycle.response_complete:
-            self.transport.close()
-        else:
-            cycle.keep_alive = False
+            if self.cycle.response_complete:
+                self.transport.close()
+            else:
+                self.cycle.keep_alive = False
 
     def on_headers_complete(self) -> None:
         could_be_over = (self._head_bytes or 0) + len(self._read) > MAX_HEAD_BYTES
         if could_be_over and self._head_length() > MAX_HEAD_BYTES:
-            self._too_large = True
-            raise _HeadTooLarge
+            log.warning("request head over %d bytes refused", MAX_HEAD_BYTES)
+            self._stop(HEAD_TOO_LARGE)
         self._head_bytes = None
         if self.parser.get_http_version() not in _HTTP_1:
             # httptools reads HTTP/0.9 and HTTP/2.0 request lines as well; uvicorn would answer
             # them as HTTP/1.1.
-            self._version_refused = True
-            raise _VersionNotSupported
+            self._stop(VERSION_NOT_SUPPORTED)
         self._in_body, self._beside_body, self._body_read = True, 0, False
         if self.parser.should_upgrade():  # Connection: upgrade, and Upgrade (h2c, websocket)
             self._ignore_upgrade()
@@ -207,11 +221,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         httptools reads nothing past such a head, taking the rest for the new protocol's. So a
         body it would never deliver is refused rather than read as none (curl --http2 sends
         one, with `Upgrade: h2c`)."""
-        if any(name in (b"content-length", b"transfer-encoding") for name, _ in self.headers):
-            length = dict(self.headers).get(b"content-length", b"").strip(b" \t")
-            if not (length.isdigit() and int(length) == 0):
-                self._upgrade_with_body = True
-                raise _UpgradeWithBody
+        headers = dict(self.headers)
+        length = headers.get(b"content-length", b"0").strip(b" \t")
+        if b"transfer-encoding" in headers or not (length.isdigit() and int(length) == 0):
+            self._stop(UPGRADE_WITH_BODY)
         super().on_headers_complete()
         assert self.cycle is not None
         self.cycle.keep_alive = False
@@ -222,38 +235,25 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _unsupported_upgrade_warning(self) -> None:
         pass  # what follows an upgrade request's head is dropped, as its connection closes
 
+    def _stop(self, refusal: Refusal) -> NoReturn:
+        """Stop the parser at the head just parsed, to be answered with `refusal`."""
+        self._refusal = refusal
+        raise _Refused
+
     def send_400_response(self, msg: str) -> None:
-        if self._too_large:  # not unparseable: too long
-            self._refuse()
-            return
-        if self._version_refused:
-            self._answer_and_close(
-                b"505 HTTP Version Not Supported",
-                "HTTP version not supported",
-                "This server speaks HTTP/1.1 (and 1.0): send the request as HTTP/1.1.",
-            )
-            return
-        if self._upgrade_with_body:
-            self._answer_and_close(
-                b"400 Bad Request",
-                "Bad request",
-                "This server switches to no other protocol, and cannot read the body of a "
-                "request that asks to (Upgrade): send it without Upgrade.",
-            )
-            return
-        # uvicorn's own answer is plain text: a problem, as every other error of the API.
-        status_line, title = b"400 Bad Request", "Bad request"
-        detail = "The request could not be read as HTTP/1.1."
-        if not self._in_body:  # a head: its request never began
-            self._answer_and_close(status_line, title, detail)
-            return
-        self._refuse_in_body(status_line, title, detail)
+        if self._refusal is not None:  # a head judged, not unparseable
+            self._answer_and_close(*self._refusal)
+        elif not self._in_body:  # a head: its request never began
+            # uvicorn's own answer is plain text: a problem, as every other error of the API.
+            self._answer_and_close(*NOT_HTTP)
+        else:
+            self._refuse_in_body(*NOT_HTTP)
 
     def _refuse_in_body(self, status_line: bytes, title: str, detail: str) -> None:
         """Refuse the request whose body (or trailer section) is being read."""
         cycle = self.cycle
         self._in_body = False
-        if cycle is None:  # no request was made of the head (it asked to switch protocols)
+        if cycle is None:  # no request was made of any head on this connection yet
             self._answer_and_close(status_line, title, detail)
             return
         if cycle is not self._running:
@@ -309,11 +309,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _refuse(self) -> None:
         log.warning("request head over %d bytes refused", MAX_HEAD_BYTES)
-        self._answer_and_close(
-            b"431 Request Header Fields Too Large",
-            "Request header fields too large",
-            f"The request line and headers must be at most {MAX_HEAD_BYTES} bytes in all.",
-        )
+        self._answer_and_close(*HEAD_TOO_LARGE)
 
     def _answer_and_close(self, status_line: bytes, title: str, detail: str) -> None:
         """Answer a request the app never got with a problem, and close its connection: now,

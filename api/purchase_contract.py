@@ -74,14 +74,19 @@ def parse_body(model: type[Body], body: bytes) -> Body:
     except ValidationError as exc:
         if not any(error["type"] == "json_invalid" for error in exc.errors()):
             raise InvalidInput(_located("body", exc)) from None
-    try:
-        data = read_json(body)
-    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, too deep, too long a number
-        raise unreadable_json(exc) from None
+    data = _json_of(body)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise InvalidInput(_located("body", exc)) from None
+
+
+def _json_of(body: bytes) -> Any:
+    """The body's JSON value, or the InvalidInput that answers a body json cannot read."""
+    try:
+        return read_json(body)
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, too deep, too long a number
+        raise unreadable_json(exc) from None
 
 
 def idempotency_key(scope: Scope) -> str | None:
@@ -149,10 +154,7 @@ async def cancel(service: PurchaseService, scope: Scope, purchase_id: UUID, body
     a body, but one sent anyway must be JSON, as on every other route: malformed, it is a 400,
     never taken for a cancellation."""
     if body.strip(b" \t\r\n"):
-        try:
-            read_json(body)
-        except (ValueError, RecursionError) as exc:
-            raise unreadable_json(exc) from None
+        _json_of(body)
     await service.cancel(purchase_id)
     return _lifecycle_accepted(scope, purchase_id, "cancel")
 
