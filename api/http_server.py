@@ -38,6 +38,7 @@ from uvicorn.server import ServerState
 
 from api import metrics
 from api.problems import problem
+from api.response_writer import OneWriteCycle
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +349,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # The one place uvicorn starts a request's app: the request being served is known here
         # (`cycle` is the last head read, which may be queued behind it).
         self._running = cycle
+        cycle.__class__ = OneWriteCycle  # see api/response_writer.py
         super()._start_asgi_task(cycle, app)
 
     def on_response_complete(self) -> None:
