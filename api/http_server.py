@@ -19,9 +19,11 @@ for good, and a client holding enough of them takes every file descriptor the pr
 A request must arrive whole within REQUEST_READ_TIMEOUT_S of its first byte (the first one,
 of the connection's opening): an unfinished head is answered `408`, an unfinished body ends
 its connection (the app sees its client leave), and a connection that never sent a byte is
-closed. A request only notes when it began and when it has arrived; one sweep per server, every
-tenth of the timeout, finds those that took too long (a timer per request would cost each
-purchase of a flash sale more than the rest of this module does).
+closed. A request only notes when it began and when it has arrived; one sweep per server finds
+those that took too long (a timer per request would cost each purchase of a flash sale more than
+the rest of this module does). The same sweep closes a connection idle for longer than the
+keep-alive timeout, in place of the timer uvicorn arms after every answer and cancels as the
+next request comes.
 """
 
 import asyncio
@@ -129,13 +131,16 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     # Loop time the request now arriving began (the connection's opening, for the first); None
     # once it has arrived whole.
     _arriving_since: float | None = None
+    # Loop time the connection's last answer was complete, while nothing has arrived since.
+    _idle_since: float | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arriving_since = self.loop.time()
-        _watch(self.loop, self.server_state)
+        _watch(self.loop, self.server_state, self.timeout_keep_alive)
 
     def data_received(self, data: bytes) -> None:
+        self._idle_since = None
         if self._refused:
             return  # the rest of a refused head: read, so that the answer reaches the client
         self._read = data
@@ -288,8 +293,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._in_body = False
         super().on_message_complete()
 
-    def check_arrival(self, began_by: float) -> None:
-        """Refuse the request now arriving if it began before `began_by` (a loop time)."""
+    def check_times(self, now: float) -> None:
+        """Close the connection if it has been idle for longer than the keep-alive timeout (as
+        uvicorn would); refuse the request now arriving if it began more than
+        REQUEST_READ_TIMEOUT_S before `now` (a loop time)."""
+        idle_since = self._idle_since
+        if idle_since is not None and now - idle_since > self.timeout_keep_alive:
+            self._idle_since = None
+            if not self.transport.is_closing():
+                self.transport.close()
+            return
+        began_by = now - REQUEST_READ_TIMEOUT_S
         if self._arriving_since is None or self._arriving_since >= began_by:
             return
         if self.transport.is_closing():
@@ -353,14 +367,20 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        keep_alive = self.timeout_keep_alive_task
-        if self._head_bytes is not None and keep_alive is not None:
-            # The next head has begun (pipelined behind this answer): it has until the 408 of
-            # check_arrival to arrive whole, not uvicorn's idle timeout, which would close the
-            # connection without a word.
-            keep_alive.cancel()
-            self.timeout_keep_alive_task = None
+        # uvicorn's, but for its keep-alive timer: a timer armed here and cancelled by the next
+        # request cost each purchase of a flash sale more than a system call; the sweep closes
+        # a connection left idle instead.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif self._head_bytes is None:
+            # Idle from now, unless the next head has begun (pipelined behind this answer): that
+            # one has until the 408 of check_times to arrive whole.
+            self._idle_since = self.loop.time()
         if self._deferred is not None and not self._answering():
             raw, self._deferred = self._deferred, None
             if not self.transport.is_closing():
@@ -420,23 +440,25 @@ def _last_line(data: bytes) -> bytes:
 _WATCHED: "weakref.WeakSet[ServerState]" = weakref.WeakSet()
 
 
-def _watch(loop: asyncio.AbstractEventLoop, state: ServerState) -> None:
+def _watch(loop: asyncio.AbstractEventLoop, state: ServerState, keep_alive_s: float) -> None:
     """Sweep `state`'s connections from now on, for as long as it has any."""
     if state not in _WATCHED:
         _WATCHED.add(state)
-        loop.call_later(REQUEST_READ_TIMEOUT_S / 10, _sweep, loop, state)
+        # A fifth of the shorter bound: each is enforced within a fifth of itself.
+        every_s = min(REQUEST_READ_TIMEOUT_S, keep_alive_s) / 5
+        loop.call_later(every_s, _sweep, loop, state, every_s)
 
 
-def _sweep(loop: asyncio.AbstractEventLoop, state: ServerState) -> None:
-    """Refuse every request that began arriving more than REQUEST_READ_TIMEOUT_S ago (so within
-    a tenth of the timeout after it); again a tenth of the timeout later while connections are
-    open, else once the next one opens. (A chain of timers, not a task: nothing to cancel when
-    the server stops.)"""
-    began_by = loop.time() - REQUEST_READ_TIMEOUT_S
+def _sweep(loop: asyncio.AbstractEventLoop, state: ServerState, every_s: float) -> None:
+    """Close every connection idle for longer than its keep-alive timeout, and refuse every
+    request that began arriving more than REQUEST_READ_TIMEOUT_S ago; again `every_s` later while
+    connections are open, else once the next one opens. (A chain of timers, not a task: nothing
+    to cancel when the server stops.)"""
+    now = loop.time()
     for connection in list(state.connections):
         if isinstance(connection, BoundedHeadProtocol):
-            connection.check_arrival(began_by)
+            connection.check_times(now)
     if state.connections:
-        loop.call_later(REQUEST_READ_TIMEOUT_S / 10, _sweep, loop, state)
+        loop.call_later(every_s, _sweep, loop, state, every_s)
     else:
         _WATCHED.discard(state)

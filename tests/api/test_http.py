@@ -355,6 +355,43 @@ async def test_a_request_that_does_not_arrive_in_time_is_408_or_closed(
     assert served.startswith(b"HTTP/1.1 200 "), served[:300]
 
 
+async def test_a_connection_idle_past_the_keep_alive_timeout_is_closed_and_no_sooner(
+    settings: Settings,
+) -> None:
+    """uvicorn's keep-alive timeout, kept by the sweep (no timer is armed per answer): an idle
+    connection is closed within a fifth of the timeout after it, one that keeps asking is not,
+    and neither is one whose next head has begun (it has the 408's longer bound)."""
+    request = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+    async with _served(settings, keep_alive_s=1) as port:
+        idle_reader, idle = await asyncio.open_connection("127.0.0.1", port)
+        busy_reader, busy = await asyncio.open_connection("127.0.0.1", port)
+        half_reader, half = await asyncio.open_connection("127.0.0.1", port)
+        for writer in (idle, busy, half):
+            writer.write(request)
+        answered = asyncio.get_running_loop().time()
+        for reader in (idle_reader, busy_reader, half_reader):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+            await reader.readexactly(len(b'{"status":"ok"}'))
+        half.write(b"GET /healthz HTTP/1.1\r\n")  # a head begun, never finished
+        for _ in range(5):  # 2 s of a request every 0.4 s
+            await asyncio.sleep(0.4)
+            busy.write(request)
+            assert (await busy_reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+            await busy_reader.readexactly(len(b'{"status":"ok"}'))
+            if idle_reader.at_eof():
+                break
+        closed = await asyncio.wait_for(idle_reader.read(), 5)
+        idle_for = asyncio.get_running_loop().time() - answered
+        busy_open, half_open = not busy_reader.at_eof(), not half_reader.at_eof()
+        for writer in (idle, busy, half):
+            writer.close()
+
+    assert closed == b""
+    assert 1.0 <= idle_for < 1.0 + 0.2 + 0.5, idle_for  # the timeout, a sweep, some slack
+    assert busy_open
+    assert half_open
+
+
 async def test_a_request_that_is_not_http_is_a_400_problem_and_counted(
     settings: Settings,
 ) -> None:

@@ -187,15 +187,16 @@ def test_a_chunked_answer_has_its_head_written_before_its_first_piece() -> None:
     ]
 
 
-def test_the_server_python_m_api_runs_answers_a_request_in_one_write() -> None:
-    """The protocol gives each request's cycle the one-write send, pipelined ones too."""
+def test_the_server_python_m_api_answers_each_request_in_one_write_and_arms_no_timer() -> None:
+    """The protocol gives each request's cycle the one-write send, pipelined ones too; and an
+    answer arms no keep-alive timer (the server's sweep closes an idle connection)."""
 
     async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Any) -> None:
         await receive()
         await send(start(200, length(2), JSON))
         await send(body(b"{}"))
 
-    async def serve() -> list[bytes]:
+    async def serve() -> tuple[list[bytes], object, float | None]:
         config = Config(app, lifespan="off", log_level="warning")
         protocol = BoundedHeadProtocol(config=config, server_state=ServerState(), app_state={})
         transport = RecordingTransport()
@@ -205,13 +206,16 @@ def test_the_server_python_m_api_runs_answers_a_request_in_one_write() -> None:
             if len(transport.writes) >= 2:
                 break
             await asyncio.sleep(0.01)
+        timer, idle_since = protocol.timeout_keep_alive_task, protocol._idle_since
         protocol.connection_lost(None)
-        return transport.writes
+        return transport.writes, timer, idle_since
 
-    writes = asyncio.run(serve())
+    writes, timer, idle_since = asyncio.run(serve())
 
     assert len(writes) == 2, writes
     for write in writes:
         head, _, content = write.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK\r\n")
         assert content == b"{}"
+    assert timer is None
+    assert idle_since is not None
