@@ -242,10 +242,13 @@ class Bench:
         await self.reset()
         (event_id,) = await self.create_events(1, self.sizes.drain)
         await self.prefill([event_id], self.sizes.drain, per_message=per_message)
+        meter = self._pipeline_meter({})
+        meter.start()
         procs = [self.procs.worker(f"bench-{i}") for i in range(workers)]
         try:
             seconds = await self.wait_final(self.sizes.drain)
             rss = max(peak_rss_mb(p) for p in procs)
+            cpu = {"workers": sum(cpu_seconds([p.pid]) for p in procs)} | meter.stop()
         finally:
             for proc in procs:
                 self.procs.stop(proc)
@@ -257,6 +260,9 @@ class Bench:
             "purchases_per_message": per_message,
             "seconds": seconds,
             "worker_peak_rss_mb": rss,
+            # Where the drain's CPU went: the workers from their start (their start-up
+            # included), RabbitMQ and PostgreSQL over the same span.
+            "cpu_us_per_purchase": {k: 1e6 * v / self.sizes.drain for k, v in cpu.items()},
             **check,
         }
 
