@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
+from shared import amqp_receive
 from shared.retry import BROKER_UNAVAILABLE, wait_for_service
 from shared.settings import Settings
 from shared.urls import where
@@ -58,6 +59,7 @@ async def connect_any(
     """A connection to the first node that answers, trying them in turn from index `first`;
     and that node's index. Raises the last node's error when none answers."""
     urls = settings.rabbitmq_urls
+    amqp_receive.install()
     error: BaseException | None = None
     for step in range(len(urls)):
         index = (first + step) % len(urls)

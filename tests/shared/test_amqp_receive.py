@@ -1,0 +1,217 @@
+"""The buffered frame receiver returns aiormq's frames and raises aiormq's errors, whatever the
+sizes the stream arrives in; and connections read through it, deliveries of many frames whole."""
+
+import asyncio
+from collections.abc import Callable
+
+import aio_pika
+import aiormq
+import aiormq.connection
+import pamqp.frame
+import pytest
+from aiormq.connection import ReceivedFrame
+from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
+from pamqp import commands
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
+from pamqp.heartbeat import Heartbeat
+
+from shared import broker_nodes
+from shared.amqp_receive import BufferedFrameReceiver
+from shared.settings import Settings
+
+# aiormq's own, whatever install() has done to the name connections use.
+AiormqFrameReceiver = BufferedFrameReceiver.__bases__[0]
+
+Receiver = Callable[[asyncio.StreamReader], aiormq.connection.FrameReceiver]
+RECEIVERS = pytest.mark.parametrize("receiver", [AiormqFrameReceiver, BufferedFrameReceiver])
+
+
+def delivery(channel: int, tag: int, body: bytes, frame_max: int = 4096) -> list[bytes]:
+    """The frames of a delivery: method, content header, then the body in frame_max pieces."""
+    properties = commands.Basic.Properties(
+        content_type="application/json",
+        message_type="purchase.v2",
+        delivery_mode=2,
+        message_id=f"m-{tag}",
+    )
+    frames = [
+        pamqp.frame.marshal(
+            commands.Basic.Deliver("ctag", tag, tag % 2 == 0, "ex", "key.3"), channel
+        ),
+        pamqp.frame.marshal(ContentHeader(0, len(body), properties), channel),
+    ]
+    for start in range(0, len(body), frame_max):
+        frames.append(pamqp.frame.marshal(ContentBody(body[start : start + frame_max]), channel))
+    return frames
+
+
+def stream() -> bytes:
+    """Deliveries of bodies from empty to several frames long, heartbeats and a confirm between,
+    on two channels."""
+    frames = [pamqp.frame.marshal(Heartbeat(), 0)]
+    for tag, size in enumerate([0, 1, 180, 4095, 4096, 4097, 20_000], start=1):
+        body = bytes(n % 251 for n in range(size))
+        frames += delivery(1 + tag % 2, tag, body)
+        if tag == 3:
+            frames.append(pamqp.frame.marshal(Heartbeat(), 0))
+            frames.append(pamqp.frame.marshal(commands.Basic.Ack(7, multiple=True), 2))
+    return b"".join(frames)
+
+
+def as_bytes(received: ReceivedFrame) -> tuple[int, int, bytes]:
+    """A received frame, comparable: its length on the wire, its channel, and pamqp's bytes."""
+    weight, channel, frame = received
+    return weight, channel, pamqp.frame.marshal(frame, channel)
+
+
+async def read_all(receiver: aiormq.connection.FrameReceiver) -> list[tuple[int, int, bytes]]:
+    frames = []
+    while True:
+        try:
+            frames.append(as_bytes(await receiver.get_frame()))
+        except StopAsyncIteration:
+            return frames
+
+
+async def feed(reader: asyncio.StreamReader, data: bytes, piece: int) -> None:
+    """`data` in pieces of `piece` bytes, the receiver running between them."""
+    for start in range(0, len(data), piece):
+        reader.feed_data(data[start : start + piece])
+        await asyncio.sleep(0)
+
+
+def expected_frames() -> list[tuple[int, int, bytes]]:
+    data, frames, start = stream(), [], 0
+    while start < len(data):
+        weight, channel, frame = pamqp.frame.unmarshal(data[start:])
+        frames.append((weight, channel, pamqp.frame.marshal(frame, channel)))
+        start += weight
+    return frames
+
+
+@RECEIVERS
+@pytest.mark.parametrize("piece", [1, 3, 7, 8, 9, 100, 4104, 5000, 1 << 20])
+async def test_frames_come_out_whole_and_in_order_whatever_pieces_the_stream_arrives_in(
+    receiver: Receiver, piece: int
+) -> None:
+    expected = expected_frames()
+    assert len(expected) == 1 + 2 + 3 + 3 + 2 + 3 + 3 + 4 + 7  # what stream() is made of
+    reader = asyncio.StreamReader()
+    feeding = asyncio.create_task(feed(reader, stream(), piece))
+    receiving = receiver(reader)
+    frames = [as_bytes(await asyncio.wait_for(receiving.get_frame(), 10)) for _ in expected]
+    await feeding
+    assert frames == expected
+
+
+@RECEIVERS
+async def test_a_stream_that_ended_between_frames_ends_the_frames(receiver: Receiver) -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(stream())
+    reader.feed_eof()
+    assert await read_all(receiver(reader)) == expected_frames()
+
+
+@RECEIVERS
+async def test_a_stream_that_ends_while_a_frame_is_awaited_is_a_connection_error(
+    receiver: Receiver,
+) -> None:
+    reader = asyncio.StreamReader()
+    frames = delivery(1, 1, b"{}")
+    reader.feed_data(b"".join(frames))
+    receiving = receiver(reader)
+    for _ in frames:
+        await receiving.get_frame()
+    waiting = asyncio.create_task(receiving.get_frame())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    reader.feed_eof()
+    with pytest.raises(AMQPConnectionError, match="unexpectedly closed"):
+        await waiting
+
+
+@RECEIVERS
+@pytest.mark.parametrize("cut", [1, 6, 7, 20])
+async def test_a_stream_that_ends_inside_a_frame_is_a_connection_error(
+    receiver: Receiver, cut: int
+) -> None:
+    reader = asyncio.StreamReader()
+    first, second = delivery(1, 1, b"{}")[:2]
+    reader.feed_data(first + second[:cut])
+    reader.feed_eof()
+    receiving = receiver(reader)
+    assert as_bytes(await receiving.get_frame())[2] == first
+    with pytest.raises(AMQPConnectionError, match="unexpectedly closed"):
+        await receiving.get_frame()
+
+
+@RECEIVERS
+@pytest.mark.parametrize(
+    ("error", "wording"),
+    [
+        (ConnectionResetError(104, "reset by peer"), "connection reset"),
+        (ConnectionRefusedError(111, "refused"), "connection refused"),
+        (BrokenPipeError(32, "broken pipe"), "connection error"),
+        (OSError(113, "no route to host"), "communication error"),
+    ],
+)
+async def test_a_socket_error_is_a_connection_error_in_aiormq_words(
+    receiver: Receiver, error: OSError, wording: str
+) -> None:
+    reader = asyncio.StreamReader()
+    waiting = asyncio.create_task(receiver(reader).get_frame())
+    await asyncio.sleep(0.01)
+    reader.set_exception(error)
+    with pytest.raises(AMQPConnectionError, match=wording) as raised:
+        await waiting
+    assert raised.value.__cause__ is error
+
+
+@RECEIVERS
+async def test_a_broker_refusing_the_protocol_version_is_a_protocol_error(
+    receiver: Receiver,
+) -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"AMQP\x00\x00\x09\x01")  # what a broker answers a version it does not speak
+    reader.feed_eof()
+    with pytest.raises(ProtocolSyntaxError):
+        await receiver(reader).get_frame()
+
+
+@RECEIVERS
+async def test_a_frame_without_its_end_octet_is_an_invalid_frame(receiver: Receiver) -> None:
+    reader = asyncio.StreamReader()
+    ack = pamqp.frame.marshal(commands.Basic.Ack(7), 1)
+    reader.feed_data(ack[:-1] + b"\x00")
+    with pytest.raises(InvalidFrameError):
+        await receiver(reader).get_frame()
+
+
+async def test_connections_read_through_the_buffered_receiver_and_deliver_messages_whole(
+    settings: Settings,
+) -> None:
+    """A burst of small messages, and messages of several frames between them, arrive whole and
+    in order, and the connection goes on answering after them."""
+    connection = await broker_nodes.connect(settings)
+    try:
+        assert aiormq.connection.FrameReceiver is BufferedFrameReceiver
+        channel = await connection.channel()
+        queue = await channel.declare_queue(f"{settings.broker_namespace}.receive", exclusive=True)
+        bodies = [
+            (b"x" * 400_000 if n % 500 == 7 else f'{{"n": {n}}}'.encode()) for n in range(2_000)
+        ]
+        for body in bodies:
+            await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue.name)
+        received: list[bytes] = []
+        async with queue.iterator() as messages:
+            async for message in messages:
+                received.append(message.body)
+                await message.ack()
+                if len(received) == len(bodies):
+                    break
+        assert received == bodies
+        declared = await channel.declare_queue(queue.name, passive=True)
+        assert declared.declaration_result.message_count == 0
+    finally:
+        await connection.close()
