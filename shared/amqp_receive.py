@@ -35,7 +35,10 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
         frame = self._cut()
         if frame is not None:
             return frame
-        async with self.lock:  # one refill at a time: a StreamReader takes one reader
+        # One refill at a time: a StreamReader takes one reader. (Of two callers, the one that
+        # refilled may take the next frame before the one queued on the lock; aiormq has one
+        # caller, the connection's reader task, after the handshake.)
+        async with self.lock:
             while (frame := self._cut()) is None:
                 await self._refill()
             return frame
@@ -63,15 +66,23 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
         held = self._data[self._start :]
         if not held and self.reader.at_eof():
             raise StopAsyncIteration  # closed between frames: the reader ends, as aiormq's
+        missing = self._missing(held)
         try:
-            chunk = await self.reader.read(max(_READ_SIZE, self._missing(held)))
+            if len(held) >= _HEAD_SIZE:
+                # A frame begun: the rest of it at once. The StreamReader gathers it in its own
+                # buffer, where adding each read piece to `held` would copy a large frame that
+                # trickles in once per piece.
+                chunk = await self.reader.readexactly(missing)
+            else:
+                chunk = await self.reader.read(max(_READ_SIZE, missing))
+        except asyncio.IncompleteReadError as e:
+            raise _closed(len(held) + len(e.partial), len(held) + missing) from e
         except OSError as e:
             raise _connection_error(e) from e
         if not chunk:  # closed while this waited: aiormq's readexactly raises the same
-            raise AMQPConnectionError(
-                "Server connection unexpectedly closed. "
-                f"Read {len(held)} bytes but {len(held) + self._missing(held)} bytes expected",
-            )
+            raise _closed(len(held), len(held) + missing)
+        # Written only here, after the await: a read cancelled takes nothing from the reader,
+        # and leaves the buffer as it was.
         self._data, self._start = held + chunk, 0
 
     @staticmethod
@@ -81,6 +92,12 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
             return _HEAD_SIZE - len(held)
         size: int = _HEAD.unpack_from(held)[2]
         return max(0, _HEAD_SIZE + size + 1 - len(held))
+
+
+def _closed(read: int, expected: int) -> AMQPConnectionError:
+    return AMQPConnectionError(
+        f"Server connection unexpectedly closed. Read {read} bytes but {expected} bytes expected"
+    )
 
 
 def _connection_error(error: OSError) -> AMQPConnectionError:

@@ -3,12 +3,16 @@ sizes the stream arrives in; and connections read through it, deliveries of many
 
 import asyncio
 from collections.abc import Callable
+from types import CoroutineType
+from typing import cast
 
 import aio_pika
+import aio_pika.abc
 import aiormq
 import aiormq.connection
 import pamqp.frame
 import pytest
+from aiormq.abc import TaskWrapper
 from aiormq.connection import ReceivedFrame
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
 from pamqp import commands
@@ -106,6 +110,73 @@ async def test_frames_come_out_whole_and_in_order_whatever_pieces_the_stream_arr
 
 
 @RECEIVERS
+async def test_a_frame_larger_than_a_read_that_trickles_in_comes_out_whole(
+    receiver: Receiver,
+) -> None:
+    body = bytes(n % 251 for n in range(600_000))
+    frames = delivery(1, 1, body, frame_max=300_000)
+    reader = asyncio.StreamReader()
+    feeding = asyncio.create_task(feed(reader, b"".join(frames), 1448))  # a TCP segment's worth
+    receiving = receiver(reader)
+    received = [as_bytes(await asyncio.wait_for(receiving.get_frame(), 10))[2] for _ in frames]
+    await feeding
+    assert received == frames
+
+
+async def test_a_frame_that_trickles_in_is_gathered_in_one_wait_not_copied_piece_by_piece() -> None:
+    """Once a frame's header is in, the rest is awaited at once: adding each piece to what is
+    held would copy a large frame once per piece (quadratic in its size)."""
+    frame = pamqp.frame.marshal(ContentBody(b"x" * 300_000), 1)
+    reader = asyncio.StreamReader()
+    receiving = BufferedFrameReceiver(reader)
+    refills = 0
+    refill = receiving._refill
+
+    async def counted() -> None:
+        nonlocal refills
+        refills += 1
+        await refill()
+
+    receiving._refill = counted  # type: ignore[method-assign]
+    feeding = asyncio.create_task(feed(reader, frame, 1448))
+    assert as_bytes(await asyncio.wait_for(receiving.get_frame(), 10))[2] == frame
+    await feeding
+    assert refills == 2  # the header, with what came with it; then the rest
+
+
+@pytest.mark.parametrize("cut", [3, 7, 30])
+async def test_a_read_cancelled_mid_frame_loses_nothing(cut: int) -> None:
+    """A get_frame cancelled while it waits (cut inside the header, or after it) takes nothing
+    from the stream: the next one returns the frame whole. (aiormq's loses what it had read.)"""
+    first, second = delivery(1, 1, b'{"n": 1}')[:2]
+    reader = asyncio.StreamReader()
+    receiving = BufferedFrameReceiver(reader)
+    waiting = asyncio.create_task(receiving.get_frame())
+    reader.feed_data(first[:cut])
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    reader.feed_data(first[cut:] + second)
+    assert as_bytes(await receiving.get_frame())[2] == first
+    assert as_bytes(await receiving.get_frame())[2] == second
+
+
+@RECEIVERS
+async def test_a_socket_error_inside_a_frame_is_a_connection_error(receiver: Receiver) -> None:
+    first, second = delivery(1, 1, b"{}")[:2]
+    reader = asyncio.StreamReader()
+    reader.feed_data(first + second[:20])
+    receiving = receiver(reader)
+    assert as_bytes(await receiving.get_frame())[2] == first
+    waiting = asyncio.create_task(receiving.get_frame())
+    await asyncio.sleep(0.01)
+    reader.set_exception(ConnectionResetError(104, "reset by peer"))
+    with pytest.raises(AMQPConnectionError, match="connection reset"):
+        await waiting
+
+
+@RECEIVERS
 async def test_a_stream_that_ended_between_frames_ends_the_frames(receiver: Receiver) -> None:
     reader = asyncio.StreamReader()
     reader.feed_data(stream())
@@ -188,6 +259,17 @@ async def test_a_frame_without_its_end_octet_is_an_invalid_frame(receiver: Recei
         await receiver(reader).get_frame()
 
 
+def receiver_of(connection: aio_pika.abc.AbstractConnection) -> type:
+    """The class of the receiver a connection's reader task reads from (its coroutine's own)."""
+    transport = cast(aio_pika.Connection, connection).transport
+    assert transport is not None
+    amqp = cast(aiormq.Connection, transport.connection)
+    task = cast(TaskWrapper, amqp._reader_task).task
+    reader = cast("CoroutineType[object, object, None]", task.get_coro())
+    assert reader.cr_frame is not None  # running: waiting for the next frame
+    return type(reader.cr_frame.f_locals["frame_receiver"])
+
+
 async def test_connections_read_through_the_buffered_receiver_and_deliver_messages_whole(
     settings: Settings,
 ) -> None:
@@ -195,7 +277,7 @@ async def test_connections_read_through_the_buffered_receiver_and_deliver_messag
     in order, and the connection goes on answering after them."""
     connection = await broker_nodes.connect(settings)
     try:
-        assert aiormq.connection.FrameReceiver is BufferedFrameReceiver
+        assert receiver_of(connection) is BufferedFrameReceiver
         channel = await connection.channel()
         queue = await channel.declare_queue(f"{settings.broker_namespace}.receive", exclusive=True)
         bodies = [
