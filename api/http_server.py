@@ -40,6 +40,7 @@ from uvicorn.server import ServerState
 
 from api import metrics
 from api.problems import problem
+from api.proxy_headers import Proxies, unwrap
 from api.response_writer import OneWriteCycle
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         "_idle_since",
         "_in_body",
         "_line_read",
+        "_proxied",
+        "_proxies",
         "_read",
         "_refusal",
         "_refused",
@@ -152,6 +155,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _arriving_since: float | None
     # Loop time the connection's last answer was complete, while nothing has arrived since.
     _idle_since: float | None
+    # uvicorn's proxy-headers middleware, taken off the app and done here (see
+    # api/proxy_headers.py); whether this connection's client is one of the trusted proxies.
+    _proxies: Proxies | None
+    _proxied: bool
 
     def __init__(
         self,
@@ -171,9 +178,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._deferred = None
         self._running = None
         self._arriving_since = self._idle_since = None
+        self.app, self._proxies = unwrap(self.app)
+        self._proxied = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._proxied = self._proxies is not None and self._proxies.trust(self.client)
         _lean(self.flow._is_writable_event)
         self._arriving_since = self.loop.time()
         _watch(self.loop, self.server_state, self.timeout_keep_alive)
@@ -255,6 +265,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             # them as HTTP/1.1.
             self._stop(VERSION_NOT_SUPPORTED)
         self._in_body, self._beside_body, self._body_read = True, 0, False
+        if self._proxied:
+            assert self._proxies is not None
+            self._proxies.apply(self.scope)
         if self.parser.should_upgrade():  # Connection: upgrade, and Upgrade (h2c, websocket)
             self._ignore_upgrade()
             return
