@@ -40,7 +40,7 @@ from uvicorn.server import ServerState
 
 from api import metrics
 from api.problems import problem
-from api.proxy_headers import Proxies, unwrap
+from api.proxy_headers import TrustedProxies, apply_forwarded, trusts, unwrap
 from api.response_writer import OneWriteCycle
 
 log = logging.getLogger(__name__)
@@ -155,10 +155,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _arriving_since: float | None
     # Loop time the connection's last answer was complete, while nothing has arrived since.
     _idle_since: float | None
-    # uvicorn's proxy-headers middleware, taken off the app and done here (see
-    # api/proxy_headers.py); whether this connection's client is one of the trusted proxies.
-    _proxies: Proxies | None
-    _proxied: bool
+    # The trusted proxies of uvicorn's proxy-headers middleware, taken off the app and done here
+    # (see api/proxy_headers.py); the same, if this connection's client is one of them, else None.
+    _proxies: TrustedProxies | None
+    _proxied: TrustedProxies | None
 
     def __init__(
         self,
@@ -179,11 +179,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._running = None
         self._arriving_since = self._idle_since = None
         self.app, self._proxies = unwrap(self.app)
-        self._proxied = False
+        self._proxied = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._proxied = self._proxies is not None and self._proxies.trust(self.client)
+        proxies = self._proxies
+        self._proxied = proxies if proxies is not None and trusts(proxies, self.client) else None
         _lean(self.flow._is_writable_event)
         self._arriving_since = self.loop.time()
         _watch(self.loop, self.server_state, self.timeout_keep_alive)
@@ -265,9 +266,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             # them as HTTP/1.1.
             self._stop(VERSION_NOT_SUPPORTED)
         self._in_body, self._beside_body, self._body_read = True, 0, False
-        if self._proxied:
-            assert self._proxies is not None
-            self._proxies.apply(self.scope)
+        if self._proxied is not None:
+            apply_forwarded(self._proxied, self.scope)
         if self.parser.should_upgrade():  # Connection: upgrade, and Upgrade (h2c, websocket)
             self._ignore_upgrade()
             return

@@ -248,7 +248,7 @@ class Bench:
         try:
             seconds = await self.wait_final(self.sizes.drain)
             rss = max(peak_rss_mb(p) for p in procs)
-            cpu = {"workers": sum(cpu_seconds([p.pid]) for p in procs)} | meter.stop()
+            cpu = {"workers": cpu_seconds(p.pid for p in procs)} | meter.stop()
         finally:
             for proc in procs:
                 self.procs.stop(proc)

@@ -12,7 +12,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.server import ServerState
 
 from api.http_server import BoundedHeadProtocol
-from api.proxy_headers import unwrap
+from api.proxy_headers import apply_forwarded, trusts, unwrap
 from tests.api.test_response_writer import RecordingTransport
 
 Scope = dict[str, Any]
@@ -74,8 +74,8 @@ def by_the_protocol(trusted: str, scope: Scope) -> Scope:
     inner, proxies = unwrap(ProxyHeadersMiddleware(app, trusted_hosts=trusted))  # type: ignore[arg-type]
     assert inner is app
     assert proxies is not None
-    if proxies.trust(scope["client"]):
-        proxies.apply(scope)  # type: ignore[arg-type]
+    if trusts(proxies, scope["client"]):
+        apply_forwarded(proxies, scope)  # type: ignore[arg-type]
     return scope
 
 
