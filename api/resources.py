@@ -63,6 +63,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             timeout_s=settings.publish_timeout_s,
             max_in_flight=settings.publish_max_in_flight,
             linger_s=settings.publish_linger_ms / 1000,
+            full_batch=settings.publish_full_batch,
         )
         link = BrokerLink(settings, "api", on_connected=publisher.start, on_lost=publisher.detach)
         publisher.on_unconfirmed = link.suspect

@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
+from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 
 from shared import amqp_receive
 from shared.retry import BROKER_UNAVAILABLE, wait_for_service
@@ -41,16 +43,45 @@ RECONNECT_INTERVAL_S = 0.25
 UNREACHABLE: tuple[type[BaseException], ...] = (*BROKER_UNAVAILABLE, TimeoutError)
 
 
+class _KeepsWriter(TransportFactory):
+    """aiormq's own transport (TCP, or TLS for amqps), its socket writer kept for the publisher
+    (shared/amqp_publish.py writes a message straight to it when nothing is queued ahead)."""
+
+    def __init__(self, scheme: str) -> None:
+        self._made: TransportFactory = (
+            TLSTransportFactory() if scheme == "amqps" else TCPTransportFactory()
+        )
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def create(
+        self, url: Any, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, self.writer = await self._made.create(url, **kwargs)
+        return reader, self.writer
+
+
 class _Connection(aio_pika.Connection):
     """A connection that is closed when connecting fails: aio-pika leaves that one to the
-    garbage collector, which schedules a close nobody awaits (a warning per refused node)."""
+    garbage collector, which schedules a close nobody awaits (a warning per refused node). Its
+    socket writer is kept (see socket_of)."""
+
+    _made_by: _KeepsWriter | None = None
 
     async def connect(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (the base signature)
+        # A factory per connection: aio-pika hands its keyword arguments on to aiormq.
+        self._made_by = self.kwargs["transport_factory"] = _KeepsWriter(self.url.scheme)
         try:
             await super().connect(timeout)
         except BaseException:
             await self.close()
             raise
+
+
+def socket_of(connection: AbstractConnection) -> asyncio.StreamWriter | None:
+    """The socket writer of a connection made here (None for any other)."""
+    if isinstance(connection, _Connection) and connection._made_by is not None:
+        return connection._made_by.writer
+    return None
 
 
 async def connect_any(

@@ -10,6 +10,13 @@ loop's other ready work a turn, and sends once a turn brings no new purchase (or
 `linger_s`). A message costs the process more CPU than a whole request (its frames, a socket
 write that wakes the broker, a confirm read through two of aiormq's tasks), so under a flood
 fewer, fuller messages leave the CPU to requests; a lone purchase waits one turn of the loop.
+But while none of the partition's messages is in flight and the process has CPU to spare, a
+message goes out as soon as it holds `full_batch` purchases, from the request that fills it: see
+`full_batch`.
+
+Every message is written when its purchases are taken from the queue (shared/amqp_publish.py
+writes it to the socket then, or queues it behind frames already waiting), so messages leave in
+the order they were taken, whichever of the sender and a request took them.
 
 Each caller returns only once the message holding its purchase is confirmed. Messages of one
 partition go out in order on one channel, and RabbitMQ keeps a channel's order, so the queue
@@ -29,15 +36,17 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import DeliveryError, PublishError
+from aiormq.exceptions import ChannelInvalidStateError
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared.amqp_publish import ConfirmedPublisher
 from shared.broker import Topology, declare_topology, queue_depth
+from shared.broker_nodes import socket_of
 from shared.errors import BrokerUnavailable, QueueFull, ServiceUnavailable
 from shared.in_flight import InFlightWindow
 from shared.messages import CONTENT_TYPE, MESSAGE_TYPE, Accepted, encode_message
@@ -116,6 +125,7 @@ class PurchasePublisher:
         *,
         timeout_s: float,
         max_batch: int = 256,
+        full_batch: int = 32,
         max_in_flight: int = 8,
         linger_s: float = 0.001,
         window: InFlightWindow | None = None,
@@ -123,6 +133,17 @@ class PurchasePublisher:
         self._topology = topology
         self.timeout_s = timeout_s
         self.max_batch = max_batch
+        # While no message of a partition is in flight and the process has CPU to spare (the
+        # window's `spare`), one of this many purchases goes out as the last of them is handed
+        # over, not at the end of the loop's turn. A turn of a flood is
+        # every request that arrived since the last, and with nothing in flight they are all a
+        # crowd has outstanding (a closed loop: one confirm answered them all, and they came
+        # back together): sent as one message at the turn's end, they would leave the CPU idle
+        # for its confirm. So the broker confirms this one while the rest are still being read,
+        # and the crowd splits into two clumps that take turns, one read while the other is
+        # confirmed; with a message in flight already, the turn's purchases go at its end, in
+        # as few messages as before.
+        self.full_batch = full_batch
         self.linger_s = linger_s
         self.window = window or InFlightWindow(maximum=max_in_flight)
         self._senders: dict[int, _PartitionSender] = {}
@@ -131,7 +152,8 @@ class PurchasePublisher:
         self._renewed_at = float("-inf")  # loop time a new channel was last asked for
         self._renewing: asyncio.Task[None] | None = None  # a new channel opened in the background
         self._retiring: set[asyncio.Task[None]] = set()
-        self._confirmed: ConfirmedPublisher | None = None  # the current channel's
+        self._confirmed: ConfirmedPublisher | None = None  # writes on the current channel
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._declared = False  # the topology, bindings included, on some connection before
         self._proven = _Proven()
         # Told when a message was not confirmed in time (the connection's owner checks its node).
@@ -146,8 +168,8 @@ class PurchasePublisher:
         rebind, self._declared = not self._declared, False  # until this one is whole
         await declare_topology(connection, self._topology, rebind=rebind)
         self._declared = True
-        self._channel = await self._open_channel(connection)
-        self._connection = connection
+        channel, publisher = await self._open_channel(connection)
+        self._channel, self._confirmed, self._connection = channel, publisher, connection
 
     def detach(self) -> None:
         """The connection was given up while it still looks open (a node that answers nothing):
@@ -156,9 +178,22 @@ class PurchasePublisher:
         if channel is not None:
             self._retire(channel, after_s=0.0)
 
-    @staticmethod
-    async def _open_channel(connection: AbstractConnection) -> AbstractChannel:
-        return await connection.channel(publisher_confirms=True, on_return_raises=True)
+    async def _open_channel(
+        self, connection: AbstractConnection
+    ) -> tuple[AbstractChannel, ConfirmedPublisher]:
+        """A publishing channel, and what writes messages on it: on the channel underneath,
+        frames written by shared/amqp_publish.py (aio-pika's wrappers and aiormq's basic_publish
+        cost most of a message), straight to the connection's socket where it is known."""
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        amqp = cast(aiormq.Channel, await channel.get_underlay_channel())
+        publisher = ConfirmedPublisher(
+            amqp,
+            exchange=self._topology.exchange,
+            content_type=CONTENT_TYPE,
+            message_type=MESSAGE_TYPE,
+            socket=socket_of(connection),
+        )
+        return channel, publisher
 
     def _renewal_due(self) -> AbstractConnection | None:
         """The connection to open a new channel on, if one may be opened now: at most once a
@@ -195,14 +230,14 @@ class PurchasePublisher:
         messages in flight on it had their whole timeout to be confirmed."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                channel = await self._open_channel(connection)
+                channel, publisher = await self._open_channel(connection)
         except Exception as exc:  # the connection is going: its reconnect opens a channel
             log.warning("could not open a new publishing channel: %r", exc)
             return
         if connection is not self._connection:  # replaced meanwhile, with a channel of its own
             self._retire(channel, after_s=0.0)
             return
-        old, self._channel = self._channel, channel
+        old, self._channel, self._confirmed = self._channel, channel, publisher
         if old is not None:
             self._retire(old, after_s=self.timeout_s)
 
@@ -210,22 +245,6 @@ class PurchasePublisher:
         retiring = asyncio.get_running_loop().create_task(_close_quietly(channel, after_s=after_s))
         self._retiring.add(retiring)
         retiring.add_done_callback(self._retiring.discard)
-
-    def _publisher_on(self, channel: aiormq.Channel) -> ConfirmedPublisher:
-        """What publishes on `channel`: what broker.amqp_message sets, written as frames."""
-        if self._confirmed is None or self._confirmed.channel is not channel:
-            self._confirmed = ConfirmedPublisher(
-                channel,
-                exchange=self._topology.exchange,
-                content_type=CONTENT_TYPE,
-                message_type=MESSAGE_TYPE,
-            )
-        return self._confirmed
-
-    def _channel_or_fail(self) -> AbstractChannel:
-        if self._channel is None:
-            raise BrokerUnavailable("The message broker connection is down; retry shortly.")
-        return self._channel
 
     async def close(self) -> None:
         # No channel may be opened once closed: forgetting the connection also keeps a publish
@@ -273,26 +292,47 @@ class PurchasePublisher:
         # gone) cancels only its own wait, never its neighbours' publish.
         return sender.submit(command, deadline)
 
-    async def send(self, partition: int, commands: list[Accepted]) -> None:
-        """Publish one message of `commands` and wait for its confirm."""
-        if not self.is_ready:
+    def write(self, partition: int, commands: list[Accepted]) -> Awaitable[None]:
+        """Publish one message of `commands` now: its frames are written before this returns,
+        or queued behind frames still waiting to be (shared/amqp_publish.py). What this returns
+        is done once the broker confirmed the message, and raises ServiceUnavailable otherwise,
+        as does this."""
+        channel, publisher = self._channel, self._confirmed
+        if channel is None or channel.is_closed or publisher is None:
             self._renew_soon()
             raise BrokerUnavailable("The message broker connection is down; retry shortly.")
         body = encode_message(partition, commands)
         started = time.perf_counter()
-        channel = self._channel_or_fail()
+        # The deadline covers the whole publish, frames and confirm: the expiry bound relies on
+        # it.
+        deadline = self._event_loop().time() + self.timeout_s
+        routing_key, message_id = self._topology.routing_key(partition), next(_MESSAGE_IDS)
         try:
-            # The deadline covers the whole publish, frames and confirm: the expiry bound
-            # relies on it.
-            async with asyncio.timeout(self.timeout_s):
-                # Straight on the channel underneath, frames written by shared/amqp_publish.py
-                # (aio-pika's wrappers and aiormq's basic_publish cost most of a message), without
-                # waiting for them to reach the socket: the confirm is what counts, and a lost
-                # connection fails it.
-                amqp = cast(aiormq.Channel, await channel.get_underlay_channel())
-                confirmation = await self._publisher_on(amqp).publish(
-                    self._topology.routing_key(partition), body, next(_MESSAGE_IDS)
-                )
+            confirmation = publisher.publish(routing_key, body, message_id)
+        except ChannelInvalidStateError as exc:  # closed under it
+            _OUTCOME["failed"].inc()
+            log.warning("publish failed (partition %d): %r", partition, exc)
+            raise BrokerUnavailable("The message broker is unavailable; retry shortly.") from exc
+        return self._confirm(partition, len(commands), channel, confirmation, started, deadline)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        # Kept: asyncio.get_running_loop() makes a getpid() system call each time (Python 3.11).
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    async def _confirm(
+        self,
+        partition: int,
+        count: int,
+        channel: AbstractChannel,
+        confirmation: "asyncio.Future[Any]",
+        started: float,
+        deadline: float,
+    ) -> None:
+        """Wait for a written message's confirm, by `deadline` (a loop time)."""
+        try:
+            async with asyncio.timeout_at(deadline):
                 await confirmation
         except PublishError as exc:  # returned: no queue bound for the partition
             _OUTCOME["unroutable"].inc()
@@ -338,8 +378,8 @@ class PurchasePublisher:
         if channel is self._channel:
             self._proven.add(channel, partition)
         _OUTCOME["confirmed"].inc()
-        PUBLISHED_PURCHASES.inc(len(commands))
-        MESSAGE_PURCHASES.observe(len(commands))
+        PUBLISHED_PURCHASES.inc(count)
+        MESSAGE_PURCHASES.observe(count)
 
     async def _queue_full(self, partition: int) -> bool:
         """Whether the partition's queue is full, or nearly (workers may have taken some since
@@ -409,15 +449,21 @@ class _PartitionSender:
     def submit(self, command: Accepted, deadline: float | None) -> asyncio.Future[None]:
         loop = self._loop
         waiting = _Waiting(command, loop.create_future(), loop.time(), deadline)
-        self._pending.append(waiting)
+        pending = self._pending
+        pending.append(waiting)
         if deadline is not None:
             self._deadlines += 1
             waiting.confirmed.add_done_callback(self._deadline_done)
         window = self._publisher.window
-        if len(self._in_flight) < window.size:
-            self._changed.set()
-        else:  # nothing can go out before a confirm, which wakes the sender: no turn for nothing
+        if len(self._in_flight) >= window.size:
+            # Nothing can go out before a confirm, which wakes the sender: no turn for nothing.
             window.waited()
+        elif window.spare and not self._in_flight and len(pending) >= self._publisher.full_batch:
+            # A full message while none is in flight: it goes now, and is confirmed while this
+            # turn's other requests are still being read (see `full_batch`).
+            self._dispatch(self._take())
+        else:
+            self._changed.set()
         return waiting.confirmed
 
     def _deadline_done(self, _: asyncio.Future[None]) -> None:
@@ -443,9 +489,7 @@ class _PartitionSender:
                 if self._pending and len(self._in_flight) < size:
                     await self._linger()
                 while self._pending and len(self._in_flight) < size:
-                    batch = self._take()
-                    if batch:
-                        self._in_flight.add(self._loop.create_task(self._send(batch)))
+                    self._dispatch(self._take())
                 if self._pending:
                     window.waited()
                 if size != shown:
@@ -509,10 +553,28 @@ class _PartitionSender:
                 if waiting.deadline is not None and now > waiting.deadline:
                     _fail(waiting.confirmed, _too_late())
 
-    async def _send(self, batch: list[_Waiting]) -> None:
+    def _dispatch(self, batch: list[_Waiting]) -> None:
+        """Write the message of `batch` now (so messages leave in the order they were taken),
+        and wait for its confirm in a task of its own."""
+        if not batch:
+            return
+        try:
+            confirmed = self._publisher.write(
+                self._partition, [waiting.command for waiting in batch]
+            )
+        except ServiceUnavailable as exc:
+            self._settled(batch, exc)
+            return
+        except Exception:  # a bug: logged here, where no caller's traceback shows it
+            log.exception("publishing to partition %d failed unexpectedly", self._partition)
+            self._settled(batch, BrokerUnavailable("The purchase could not be queued."))
+            return
+        self._in_flight.add(self._loop.create_task(self._settle(batch, confirmed)))
+
+    async def _settle(self, batch: list[_Waiting], confirmed: Awaitable[None]) -> None:
         outcome: ServiceUnavailable | None = None
         try:
-            await self._publisher.send(self._partition, [waiting.command for waiting in batch])
+            await confirmed
         except ServiceUnavailable as exc:
             outcome = exc
         except asyncio.CancelledError:
@@ -522,20 +584,24 @@ class _PartitionSender:
             log.exception("publishing to partition %d failed unexpectedly", self._partition)
             outcome = BrokerUnavailable("The purchase could not be queued.")
         finally:
-            # The slot is free: wake the sender first, so the next message goes out before the
-            # callers of this one (woken next) spend the CPU on their answers.
             task = asyncio.current_task()
             if task is not None:
                 self._in_flight.discard(task)
-            self._changed.set()
-            now = self._loop.time()
-            for waiting in batch:
-                if outcome is not None:
-                    _fail(waiting.confirmed, outcome)
-                elif waiting.deadline is not None and now > waiting.deadline:
-                    _fail(waiting.confirmed, _too_late())
-                elif not waiting.confirmed.done():
-                    waiting.confirmed.set_result(None)
+            self._settled(batch, outcome)
+
+    def _settled(self, batch: list[_Waiting], outcome: ServiceUnavailable | None) -> None:
+        """Answer the callers of a message confirmed, or failed with `outcome`. Its slot is
+        free: the sender is woken first, so the next message goes out before these callers
+        (woken next) spend the CPU on their answers."""
+        self._changed.set()
+        now = self._loop.time()
+        for waiting in batch:
+            if outcome is not None:
+                _fail(waiting.confirmed, outcome)
+            elif waiting.deadline is not None and now > waiting.deadline:
+                _fail(waiting.confirmed, _too_late())
+            elif not waiting.confirmed.done():
+                waiting.confirmed.set_result(None)
 
 
 async def _close_quietly(channel: AbstractChannel, *, after_s: float) -> None:

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # How long a partition's sender may hold a message open while purchases keep arriving (0:
     # send at once): under a flood, fewer and fuller messages leave the CPU to requests.
     publish_linger_ms: float = Field(default=1.0, ge=0, le=100)
+    # While the API waits on confirms with CPU to spare, a partition's message goes out as soon
+    # as it holds this many purchases, instead of at the end of the event loop's turn.
+    publish_full_batch: int = Field(default=32, ge=1, le=10_000)
     event_cache_ttl_s: float = Field(default=0.5, ge=0)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     # Status requests one API process holds at once (long-poll, server-sent events); past it a

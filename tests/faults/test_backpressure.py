@@ -10,6 +10,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from shared import broker, broker_nodes
+from shared.amqp_publish import ConfirmedPublisher
 from shared.errors import QueueFull
 from shared.publisher import RENEW_CHANNEL_S, PurchasePublisher
 from shared.purchases.ids import PurchaseIds
@@ -73,7 +74,9 @@ async def test_a_nacked_purchase_is_refused_at_once_not_after_a_new_channel_open
     open_channel = publisher._open_channel
     opening = asyncio.Event()
 
-    async def slow_open(connection: AbstractConnection) -> AbstractChannel:
+    async def slow_open(
+        connection: AbstractConnection,
+    ) -> tuple[AbstractChannel, ConfirmedPublisher]:
         opening.set()
         await asyncio.sleep(3)
         return await open_channel(connection)

@@ -12,10 +12,12 @@ import pamqp.frame
 import pytest
 import pytest_asyncio
 from aio_pika.exceptions import DeliveryError, PublishError
+from aiormq.abc import ChannelFrame
 from pamqp import commands
 from pamqp.body import ContentBody
 from pamqp.common import FieldValue
 from pamqp.header import ContentHeader
+from pamqp.heartbeat import Heartbeat
 
 from shared import broker_nodes
 from shared.amqp_publish import ConfirmedPublisher, MessageFrames
@@ -88,9 +90,7 @@ async def test_published_messages_are_confirmed_and_arrive_whole_and_in_order(
     publisher = publisher_on(channel)
     # More at once than the connection's write queue holds: some wait for room, in order.
     bodies = [f'{{"n": {n}, "pad": "{"x" * 300_000 * (n % 2)}"}}'.encode() for n in range(40)]
-    confirmations = await asyncio.gather(
-        *(publisher.publish(queue, body, f"m-{n}") for n, body in enumerate(bodies))
-    )
+    confirmations = [publisher.publish(queue, body, f"m-{n}") for n, body in enumerate(bodies)]
     answers = await asyncio.gather(*confirmations)
     assert all(isinstance(answer, commands.Basic.Ack) for answer in answers)
     received = []
@@ -115,12 +115,12 @@ async def test_a_message_no_queue_takes_is_returned(
     settings: Settings, channel: aiormq.Channel
 ) -> None:
     publisher = publisher_on(channel)
-    confirmation = await publisher.publish(f"{settings.broker_namespace}.nowhere", b"{}", "lost")
+    confirmation = publisher.publish(f"{settings.broker_namespace}.nowhere", b"{}", "lost")
     with pytest.raises(PublishError):
         await confirmation
     # The channel goes on: the next publish is confirmed.
     queue = await exclusive_queue(channel, f"{settings.broker_namespace}.after")
-    ack = await (await publisher.publish(queue, b"{}", "next"))
+    ack = await publisher.publish(queue, b"{}", "next")
     assert isinstance(ack, commands.Basic.Ack)
 
 
@@ -133,15 +133,53 @@ async def test_a_message_a_full_queue_refuses_is_nacked(
         {"x-max-length": 1, "x-overflow": "reject-publish"},
     )
     publisher = publisher_on(channel)
-    assert isinstance(await (await publisher.publish(queue, b"1", "a")), commands.Basic.Ack)
+    assert isinstance(await publisher.publish(queue, b"1", "a"), commands.Basic.Ack)
     with pytest.raises(DeliveryError):
-        await (await publisher.publish(queue, b"2", "b"))
+        await publisher.publish(queue, b"2", "b")
 
 
 async def test_nothing_is_published_on_a_closed_channel(channel: aiormq.Channel) -> None:
     publisher = publisher_on(channel)
     await channel.close()
     with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
-        await publisher.publish("anywhere", b"", "y")
+        publisher.publish("anywhere", b"", "y")
     assert channel.delivery_tag == 0
     assert not channel.confirmations
+
+
+async def test_with_the_socket_known_messages_keep_their_order_behind_frames_already_queued(
+    settings: Settings,
+) -> None:
+    """Written straight to the socket while nothing is queued; behind what is queued once
+    something is (aiormq's own frames), and in a backlog of their own while the queue is full:
+    the queue receives them in publish order all the same, each confirmed."""
+    connection = await broker_nodes.connect(settings)
+    try:
+        opened = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        channel = cast(aiormq.Channel, await opened.get_underlay_channel())
+        queue = await exclusive_queue(channel, f"{settings.broker_namespace}.direct")
+        socket = broker_nodes.socket_of(connection)
+        assert socket is not None
+        publisher = ConfirmedPublisher(
+            channel,
+            exchange="",
+            content_type="application/json",
+            message_type="purchase.v2",
+            socket=socket,
+        )
+        heartbeat = ChannelFrame(payload=pamqp.frame.marshal(Heartbeat(), 0), should_close=False)
+        confirmations = [publisher.publish(queue, b'{"n": 0}', "m-0")]  # straight to the socket
+        assert channel.write_queue.empty()
+        channel.write_queue.put_nowait(heartbeat)
+        confirmations.append(publisher.publish(queue, b'{"n": 1}', "m-1"))  # behind it
+        while not channel.write_queue.full():
+            channel.write_queue.put_nowait(heartbeat)
+        confirmations += [  # in the backlog, behind the full queue
+            publisher.publish(queue, f'{{"n": {n}}}'.encode(), f"m-{n}") for n in range(2, 6)
+        ]
+        answers = await asyncio.gather(*confirmations)
+        assert all(isinstance(answer, commands.Basic.Ack) for answer in answers)
+        received = [await channel.basic_get(queue, no_ack=True) for _ in range(6)]
+        assert [m.body for m in received] == [f'{{"n": {n}}}'.encode() for n in range(6)]
+    finally:
+        await connection.close()

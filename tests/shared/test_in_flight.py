@@ -3,6 +3,8 @@ a slot and the machine has CPU to spare."""
 
 from pathlib import Path
 
+import pytest
+
 from shared.in_flight import NARROW_IDLE, WIDEN_IDLE, CpuIdle, InFlightWindow
 
 IDLE = min(1.0, WIDEN_IDLE * 3)
@@ -90,3 +92,39 @@ def test_cpu_idle_reads_the_share_of_idle_time_between_readings(tmp_path: Path) 
     idle = CpuIdle(stat)
     stat.write_text("cpu  150 0 150 750 150 0 0 0 0 0\n")  # +200 ticks, 100 of them idle/iowait
     assert idle.share() == 0.5
+
+
+class Clock:
+    """This process's CPU time, advanced by hand."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+def test_spare_while_this_process_idles_part_of_each_interval_until_it_is_nearly_always_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The process's own busy share, smoothed, decides `spare`: on below SPARE_BELOW, off only
+    above SPARE_UNTIL (between the two it holds), whatever the machine's idle share."""
+    wall = [0.0]
+    monkeypatch.setattr("shared.in_flight.time.monotonic", lambda: wall[0])
+    own = Clock()
+    w = InFlightWindow(maximum=4, cpu=Idle([IDLE] * 20), interval_s=0.0, own_cpu=own)
+    seen = []
+    for busy in (0.99, 0.99, 0.80, 0.80, 0.95, 0.95, 0.95, 1.0, 1.0, 1.0):
+        wall[0] += 1.0
+        own.seconds += busy
+        w.adapt()
+        seen.append(w.spare)
+    assert seen == [False, False, False, True, True, True, True, False, False, False]
+
+
+def test_a_maximum_of_one_never_spares() -> None:
+    own = Clock()
+    w = InFlightWindow(maximum=1, own_cpu=own, interval_s=0.0)
+    for _ in range(3):
+        w.adapt()
+    assert not w.spare

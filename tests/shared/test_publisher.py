@@ -4,6 +4,7 @@ and keeps a partition's order with several messages in flight."""
 import asyncio
 import contextlib
 import logging
+import time
 from datetime import UTC, datetime
 from uuid import uuid4
 
@@ -12,6 +13,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from shared import broker, broker_nodes
 from shared import publisher as publisher_module
+from shared.amqp_publish import ConfirmedPublisher
 from shared.errors import BrokerUnavailable
 from shared.in_flight import CpuIdle, InFlightWindow
 from shared.messages import AcceptedPurchase, PurchaseMessage
@@ -115,7 +117,9 @@ async def test_a_channel_the_broker_closed_is_reopened_at_most_once_a_second_nev
     opened = 0
     open_channel = publisher._open_channel
 
-    async def counted(connection: AbstractConnection) -> AbstractChannel:
+    async def counted(
+        connection: AbstractConnection,
+    ) -> tuple[AbstractChannel, ConfirmedPublisher]:
         nonlocal opened
         opened += 1
         return await open_channel(connection)
@@ -235,3 +239,52 @@ async def test_a_closed_publisher_refuses_every_publish_and_opens_no_channel_aga
     finally:
         await publisher.close()
         await connection.close()
+
+
+@pytest.mark.parametrize("spare", [True, False])
+async def test_with_cpu_to_spare_a_turns_first_full_message_leaves_as_it_fills(
+    settings: Settings, spare: bool
+) -> None:
+    """Two bursts of thirty purchases, each handed over in one turn of the loop, and a full
+    message is 8. While the process has CPU to spare, each burst's first 8 are written to the
+    socket as the eighth is handed over, before the turn ends (the broker has them while the
+    rest are still being read), and the other 22 go at the turn's end, in order. Without CPU to
+    spare, each burst goes as one message at its turn's end."""
+    connection = await broker_nodes.connect(settings)
+    topology = broker.Topology.from_settings(settings)
+    # The machine idles; this process idles too, or is busy every instant it is asked.
+    own_cpu = (lambda: 0.0) if spare else time.monotonic
+    window = InFlightWindow(maximum=8, cpu=AlwaysIdle(), interval_s=0.0, own_cpu=own_cpu)
+    publisher = PurchasePublisher(topology, timeout_s=5, full_batch=8, window=window)
+    event_id = uuid4()
+    bursts = [[accepted_purchase(event_id, 30 * b + i) for i in range(30)] for b in range(2)]
+    written_in_turn = []
+    try:
+        await publisher.start(connection)
+        await publisher.publish(accepted_purchase(event_id, -1))
+        for _ in range(8):  # purchases waited for a slot, and the CPU idles: as wide as it goes
+            window.waited()
+            window.adapt()
+        assert (window.size, window.spare) == (8, spare)
+        channel = publisher._confirmed.channel  # type: ignore[union-attr]
+        for burst in bursts:
+            tagged_before = channel.delivery_tag
+            waits = [publisher.publish(p) for p in burst]  # one turn: nothing awaited between
+            written_in_turn.append(channel.delivery_tag - tagged_before)
+            async with asyncio.timeout(5):
+                await asyncio.gather(*waits)
+    finally:
+        await publisher.close()
+        await connection.close()
+
+    bodies = await read_back(settings, topology.queue(topology.partition_of(event_id)))
+    messages = [PurchaseMessage.from_body(body).purchases for body in bodies][1:]
+    assert [p.purchase_id for m in messages for p in m] == [
+        p.purchase_id for burst in bursts for p in burst
+    ]
+    if spare:
+        assert written_in_turn == [1, 1]
+        assert [len(m) for m in messages] == [8, 22, 8, 22]
+    else:
+        assert written_in_turn == [0, 0]
+        assert [len(m) for m in messages] == [30, 30]
