@@ -137,7 +137,13 @@ class ConfirmedPublisher:
                 self._feeding = True
                 channel.create_task(self._feed())  # cancelled if the channel closes
         elif socket is not None and queue.empty() and not socket.is_closing():
-            socket.write(payload)
+            try:
+                socket.write(payload)
+            except BaseException:
+                # Never sent: its delivery tag is given back, or every later confirm on the
+                # channel would resolve the publish before its own (no later tag was taken).
+                self._forget(message_id)
+                raise
         else:
             queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
         return confirmation
@@ -175,6 +181,15 @@ class ConfirmedPublisher:
         channel.message_id_delivery_tag[message_id] = tag
         confirmation.add_done_callback(lambda _: self._forget_message_id(message_id, tag))
         return confirmation
+
+    def _forget(self, message_id: str) -> None:
+        """Undo the last _expect: the publish of `message_id` never went out."""
+        channel = self.channel
+        confirmation = channel.confirmations.pop(channel.delivery_tag, None)
+        self._forget_message_id(message_id, channel.delivery_tag)
+        channel.delivery_tag -= 1
+        if confirmation is not None:
+            confirmation.cancel()
 
     def _forget_message_id(self, message_id: str, tag: int) -> None:
         ids = self.channel.message_id_delivery_tag

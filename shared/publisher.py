@@ -29,6 +29,7 @@ message ahead of it. So no caller waits more than about twice the timeout.
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 import secrets
@@ -439,7 +440,8 @@ class _PartitionSender:
         self._publisher = publisher
         self._partition = partition
         self._pending: deque[_Waiting] = deque()
-        self._in_flight: set[asyncio.Task[None]] = set()
+        # Each message in flight: the task awaiting its confirm, its callers, and that confirm.
+        self._in_flight: dict[asyncio.Task[None], tuple[list[_Waiting], Awaitable[None]]] = {}
         self._changed = asyncio.Event()
         self._deadlines = 0  # callers waiting with a deadline of their own
         # Kept: asyncio.get_running_loop() makes a getpid() system call each time (Python 3.11).
@@ -501,6 +503,11 @@ class _PartitionSender:
             for task in self._in_flight:
                 task.cancel()
             await asyncio.gather(*self._in_flight, return_exceptions=True)
+            # A task cancelled before it began never ran its own answer: answered here.
+            for batch, confirmed in self._in_flight.values():
+                if inspect.iscoroutine(confirmed):
+                    confirmed.close()
+                self._settled(batch, BrokerUnavailable("The API is shutting down."))
             for waiting in self._pending:
                 _fail(waiting.confirmed, BrokerUnavailable("The API is shutting down."))
             raise
@@ -569,7 +576,8 @@ class _PartitionSender:
             log.exception("publishing to partition %d failed unexpectedly", self._partition)
             self._settled(batch, BrokerUnavailable("The purchase could not be queued."))
             return
-        self._in_flight.add(self._loop.create_task(self._settle(batch, confirmed)))
+        task = self._loop.create_task(self._settle(batch, confirmed))
+        self._in_flight[task] = (batch, confirmed)
 
     async def _settle(self, batch: list[_Waiting], confirmed: Awaitable[None]) -> None:
         outcome: ServiceUnavailable | None = None
@@ -586,7 +594,7 @@ class _PartitionSender:
         finally:
             task = asyncio.current_task()
             if task is not None:
-                self._in_flight.discard(task)
+                self._in_flight.pop(task, None)
             self._settled(batch, outcome)
 
     def _settled(self, batch: list[_Waiting], outcome: ServiceUnavailable | None) -> None:

@@ -183,3 +183,37 @@ async def test_with_the_socket_known_messages_keep_their_order_behind_frames_alr
         assert [m.body for m in received] == [f'{{"n": {n}}}'.encode() for n in range(6)]
     finally:
         await connection.close()
+
+
+class BrokenSocket:
+    """A socket writer that refuses every write while it looks open."""
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("the transport's handler is closed")
+
+
+async def test_a_message_the_socket_refused_gives_its_delivery_tag_back(
+    settings: Settings, channel: aiormq.Channel
+) -> None:
+    """Never sent, it must not keep its tag: the broker's next confirm is for the next message,
+    and would otherwise resolve this one's publish instead."""
+    queue = await exclusive_queue(channel, f"{settings.broker_namespace}.refused")
+    publisher = ConfirmedPublisher(
+        channel,
+        exchange="",
+        content_type="application/json",
+        message_type="purchase.v2",
+        socket=cast(asyncio.StreamWriter, BrokenSocket()),
+    )
+    with pytest.raises(RuntimeError):
+        publisher.publish(queue, b'{"n": 0}', "m-0")
+    assert channel.delivery_tag == 0
+    assert not channel.confirmations
+    assert not channel.message_id_delivery_tag
+    publisher._socket = None  # through aiormq's writer from now on
+    assert isinstance(await publisher.publish(queue, b'{"n": 1}', "m-1"), commands.Basic.Ack)
+    message = await channel.basic_get(queue, no_ack=True)
+    assert message.body == b'{"n": 1}'

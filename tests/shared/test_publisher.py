@@ -288,3 +288,29 @@ async def test_with_cpu_to_spare_a_turns_first_full_message_leaves_as_it_fills(
     else:
         assert written_in_turn == [0, 0]
         assert [len(m) for m in messages] == [30, 30]
+
+
+async def test_a_message_sent_early_as_the_sender_stops_still_answers_its_callers(
+    settings: Settings,
+) -> None:
+    """The sender is stopping when a request fills a message and sends it: the task that would
+    await its confirm is cancelled before it begins, and its callers are answered 503 all the
+    same, never left waiting."""
+    connection = await broker_nodes.connect(settings)
+    topology = broker.Topology.from_settings(settings)
+    window = InFlightWindow(maximum=4, cpu=AlwaysIdle(), interval_s=0.0, own_cpu=lambda: 0.0)
+    publisher = PurchasePublisher(topology, timeout_s=5, full_batch=2, window=window)
+    event_id = uuid4()
+    try:
+        await publisher.start(connection)
+        await publisher.publish(accepted_purchase(event_id, 0))
+        assert window.spare
+        sender = publisher._senders[topology.partition_of(event_id)]
+        sender._task.cancel()  # stopping: its cancellation runs before anything scheduled now
+        waits = [publisher.publish(accepted_purchase(event_id, i)) for i in (1, 2)]
+        async with asyncio.timeout(2):
+            results = await asyncio.gather(*waits, return_exceptions=True)
+    finally:
+        await publisher.close()
+        await connection.close()
+    assert all(isinstance(result, BrokerUnavailable) for result in results), results
