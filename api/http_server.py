@@ -28,6 +28,7 @@ next request comes.
 
 import asyncio
 import logging
+import re
 import weakref
 from typing import Any, NoReturn
 from urllib.parse import unquote
@@ -85,6 +86,12 @@ NOT_HTTP: Refusal = (
     "Bad request",
     "The request could not be read as HTTP/1.1.",
 )
+BAD_HOST: Refusal = (
+    b"400 Bad Request",
+    "Bad request",
+    "An HTTP/1.1 request must carry one Host header naming a valid host, with an optional port "
+    "(RFC 9112, section 3.2).",
+)
 TRAILERS_TOO_LARGE: Refusal = (
     b"431 Request Header Fields Too Large",
     "Request header fields too large",
@@ -92,6 +99,11 @@ TRAILERS_TOO_LARGE: Refusal = (
 )
 
 _HTTP_1 = frozenset({"1.1", "1.0"})
+# A Host field's value (RFC 9112 §3.2, RFC 3986 §3.2.2): an IP literal or a registered name
+# (unreserved characters, percent-encodings, sub-delimiters; an IPv4 address is one), and a port.
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Za-z:._~!$&'()*+,;=%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?"
+)
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
@@ -118,6 +130,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         "_body_read",
         "_deferred",
         "_head_bytes",
+        "_host",
+        "_hosts",
         "_idle_since",
         "_in_body",
         "_line_read",
@@ -127,6 +141,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         "_refusal",
         "_refused",
         "_running",
+        "_valid_host",
     )
 
     # What was read since the current head began, in whole reads before the current one (so
@@ -145,6 +160,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     # header only once the next one begins, so no header does not mean no whole line).
     _line_read: bool
     _began_in_this_read: bool  # the head being read began in the read being parsed
+    # The Host fields of the head being read: how many, and the last one's value.
+    _hosts: int
+    _host: bytes
+    _valid_host: bytes | None  # the last Host value found valid on this connection
     _refused: bool
     # A refusal waiting for the answers of the requests before it on the connection.
     _deferred: bytes | None
@@ -175,6 +194,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._in_body = self._body_read = self._line_read = False
         self._beside_body = 0
         self._began_in_this_read = self._refused = False
+        self._hosts, self._host, self._valid_host = 0, b"", None
         self._deferred = None
         self._running = None
         self._arriving_since = self._idle_since = None
@@ -237,6 +257,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._line_read = False
         self._began_in_this_read = True
+        self._hosts = 0
         if self._arriving_since is None:
             self._arriving_since = self.loop.time()
 
@@ -247,6 +268,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # super() would cost each header of every purchase a third more.)
         if self._head_bytes is not None:
             _uvicorn_on_header(self, name, value)
+            if self.headers[-1][0] == b"host":
+                self._hosts += 1
+                self._host = self.headers[-1][1]
         elif name.lower() == b"connection" and b"close" in value.lower() and self.cycle is not None:
             # The one trailer that still counts: after `Connection: close` httptools drops
             # whatever the connection sends, so it must end with this request's answer.
@@ -261,10 +285,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             log.warning("request head over %d bytes refused", MAX_HEAD_BYTES)
             self._stop(HEAD_TOO_LARGE)
         self._head_bytes = None
-        if self.parser.get_http_version() not in _HTTP_1:
+        version = self.parser.get_http_version()
+        if version not in _HTTP_1:
             # httptools reads HTTP/0.9 and HTTP/2.0 request lines as well; uvicorn would answer
             # them as HTTP/1.1.
             self._stop(VERSION_NOT_SUPPORTED)
+        if not self._host_valid(version):
+            self._stop(BAD_HOST)
         self._in_body, self._beside_body, self._body_read = True, 0, False
         if self._proxied is not None:
             apply_forwarded(self._proxied, self.scope)
@@ -272,6 +299,19 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._ignore_upgrade()
             return
         super().on_headers_complete()
+
+    def _host_valid(self, version: str) -> bool:
+        """RFC 9112 §3.2: one Host field, with a valid value; an HTTP/1.0 request may have none.
+        (The value is checked once per connection while it stays the same.)"""
+        if self._hosts != 1:
+            return self._hosts == 0 and version == "1.0"
+        host = self._host
+        if host is self._valid_host or host == self._valid_host:
+            return True
+        if _HOST.fullmatch(host) is None:
+            return False
+        self._valid_host = host
+        return True
 
     def _ignore_upgrade(self) -> None:
         """Serve a request that asks to switch protocols as a plain one (RFC 9110 §7.8 lets a

@@ -503,6 +503,52 @@ async def test_a_request_that_is_not_http_is_a_400_problem_and_counted(
     assert counted["unknown"] - counted_before["unknown"] == 2
 
 
+async def test_a_request_without_one_valid_host_is_a_400_problem_and_counted(
+    settings: Settings,
+) -> None:
+    """RFC 9112 §3.2: an HTTP/1.1 request without Host, with two, or with a value that names
+    no host is a 400 (a problem, closing its connection, counted before routing); an HTTP/1.0
+    request may omit Host, and every valid form is served."""
+    async with _served(settings) as port:
+        counted_before = await _unrouted(port, 400)
+        refused = [
+            await send_raw(port, b"GET /healthz HTTP/1.1\r\n" + fields + b"\r\n")
+            for fields in (
+                b"",
+                b"host: a\r\nhost: a\r\n",
+                b"host: a\r\nx-other: 1\r\nHost: b\r\n",
+                b"host: a b\r\n",
+                b"host: a/b\r\n",
+                b"host: user@a\r\n",
+                b"host: a:80:80\r\n",
+                b"host: [::1\r\n",
+            )
+        ]
+        counted = await _unrouted(port, 400)
+        served = [
+            await send_raw(
+                port, b"GET /healthz HTTP/1.1\r\nhost: " + host + b"\r\nconnection: close\r\n\r\n"
+            )
+            for host in (b"a", b"api.example.com:8000", b"127.0.0.1:80", b"[::1]:8000", b"", b"a:")
+        ]
+        # The same valid host on every request of a connection, then a bad one: refused.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n" * 2)
+            writer.write(b"GET /healthz HTTP/1.1\r\nhost: a b\r\n\r\n")
+            kept = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+
+    for answer in refused:
+        assert _problem_closing(answer, b"400 Bad Request")["instance"] == "/healthz"
+    assert counted["GET"] - counted_before["GET"] == len(refused)
+    for answer in served:
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert kept.count(b"HTTP/1.1 200 ") == 2, kept[:600]
+    assert _problem_closing(kept[kept.index(b"HTTP/1.1 400") :], b"400 Bad Request")
+
+
 async def test_a_body_that_is_not_http_is_a_400_at_once_and_its_request_ends(
     settings: Settings,
 ) -> None:
