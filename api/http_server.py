@@ -306,7 +306,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._hosts != 1:
             return self._hosts == 0 and version == "1.0"
         host = self._host
-        if host is self._valid_host or host == self._valid_host:
+        if host == self._valid_host:
             return True
         if _HOST.fullmatch(host) is None:
             return False

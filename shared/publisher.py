@@ -29,13 +29,12 @@ message ahead of it. So no caller waits more than about twice the timeout.
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -293,7 +292,7 @@ class PurchasePublisher:
         # gone) cancels only its own wait, never its neighbours' publish.
         return sender.submit(command, deadline)
 
-    def write(self, partition: int, commands: list[Accepted]) -> Awaitable[None]:
+    def write(self, partition: int, commands: list[Accepted]) -> Coroutine[Any, Any, None]:
         """Publish one message of `commands` now: its frames are written before this returns,
         or queued behind frames still waiting to be (shared/amqp_publish.py). What this returns
         is done once the broker confirmed the message, and raises ServiceUnavailable otherwise,
@@ -441,7 +440,9 @@ class _PartitionSender:
         self._partition = partition
         self._pending: deque[_Waiting] = deque()
         # Each message in flight: the task awaiting its confirm, its callers, and that confirm.
-        self._in_flight: dict[asyncio.Task[None], tuple[list[_Waiting], Awaitable[None]]] = {}
+        self._in_flight: dict[
+            asyncio.Task[None], tuple[list[_Waiting], Coroutine[Any, Any, None]]
+        ] = {}
         self._changed = asyncio.Event()
         self._deadlines = 0  # callers waiting with a deadline of their own
         # Kept: asyncio.get_running_loop() makes a getpid() system call each time (Python 3.11).
@@ -505,8 +506,7 @@ class _PartitionSender:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
             # A task cancelled before it began never ran its own answer: answered here.
             for batch, confirmed in self._in_flight.values():
-                if inspect.iscoroutine(confirmed):
-                    confirmed.close()
+                confirmed.close()
                 self._settled(batch, BrokerUnavailable("The API is shutting down."))
             for waiting in self._pending:
                 _fail(waiting.confirmed, BrokerUnavailable("The API is shutting down."))
@@ -579,7 +579,7 @@ class _PartitionSender:
         task = self._loop.create_task(self._settle(batch, confirmed))
         self._in_flight[task] = (batch, confirmed)
 
-    async def _settle(self, batch: list[_Waiting], confirmed: Awaitable[None]) -> None:
+    async def _settle(self, batch: list[_Waiting], confirmed: Coroutine[Any, Any, None]) -> None:
         outcome: ServiceUnavailable | None = None
         try:
             await confirmed

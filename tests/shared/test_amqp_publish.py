@@ -76,10 +76,16 @@ async def exclusive_queue(
     return declared.queue
 
 
-def publisher_on(channel: aiormq.Channel) -> ConfirmedPublisher:
-    """Publishes to queues by name (the default exchange)."""
+def publisher_on(
+    channel: aiormq.Channel, socket: asyncio.StreamWriter | None = None
+) -> ConfirmedPublisher:
+    """Publishes to queues by name (the default exchange); straight to `socket` if given."""
     return ConfirmedPublisher(
-        channel, exchange="", content_type="application/json", message_type="purchase.v2"
+        channel,
+        exchange="",
+        content_type="application/json",
+        message_type="purchase.v2",
+        socket=socket,
     )
 
 
@@ -160,13 +166,7 @@ async def test_with_the_socket_known_messages_keep_their_order_behind_frames_alr
         queue = await exclusive_queue(channel, f"{settings.broker_namespace}.direct")
         socket = broker_nodes.socket_of(connection)
         assert socket is not None
-        publisher = ConfirmedPublisher(
-            channel,
-            exchange="",
-            content_type="application/json",
-            message_type="purchase.v2",
-            socket=socket,
-        )
+        publisher = publisher_on(channel, socket)
         heartbeat = ChannelFrame(payload=pamqp.frame.marshal(Heartbeat(), 0), should_close=False)
         confirmations = [publisher.publish(queue, b'{"n": 0}', "m-0")]  # straight to the socket
         assert channel.write_queue.empty()
@@ -201,13 +201,7 @@ async def test_a_message_the_socket_refused_gives_its_delivery_tag_back(
     """Never sent, it must not keep its tag: the broker's next confirm is for the next message,
     and would otherwise resolve this one's publish instead."""
     queue = await exclusive_queue(channel, f"{settings.broker_namespace}.refused")
-    publisher = ConfirmedPublisher(
-        channel,
-        exchange="",
-        content_type="application/json",
-        message_type="purchase.v2",
-        socket=cast(asyncio.StreamWriter, BrokenSocket()),
-    )
+    publisher = publisher_on(channel, cast(asyncio.StreamWriter, BrokenSocket()))
     with pytest.raises(RuntimeError):
         publisher.publish(queue, b'{"n": 0}', "m-0")
     assert channel.delivery_tag == 0
