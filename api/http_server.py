@@ -27,6 +27,7 @@ next request comes.
 """
 
 import asyncio
+import contextvars
 import logging
 import re
 import weakref
@@ -36,6 +37,7 @@ from urllib.parse import unquote
 import httptools
 from uvicorn._types import ASGI3Application
 from uvicorn.config import Config
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
@@ -214,7 +216,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._refused:
             return  # the rest of a refused head: read, so that the answer reaches the client
         self._read = data
-        super().data_received(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        except httptools.HttpParserUpgrade:
+            pass  # what follows an upgrade request's head is dropped, as its connection closes
         if self._refused:  # by the parser's callbacks, as this read completed a head
             return
         # A head that this read did not complete.
@@ -253,7 +262,20 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         return min(len(data), self._head_length() + len(data) - held_back_from)
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self.scope = {  # type: ignore[typeddict-item]
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "root_path": self.root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
         self._head_bytes = 0
         self._line_read = False
         self._began_in_this_read = True
@@ -264,13 +286,16 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         # A field after a chunked body (a trailer) is dropped (RFC 9110 §6.5.1 allows it), where
         # uvicorn would add it to the request's headers, which the app has already judged, and
-        # keep every one of them without bound. (uvicorn's own method called as a function:
-        # super() would cost each header of every purchase a third more.)
+        # keep every one of them without bound.
         if self._head_bytes is not None:
-            _uvicorn_on_header(self, name, value)
-            if self.headers[-1][0] == b"host":
+            name = name.lower()
+            value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace (RFC 9110 §5.5)
+            if name == b"host":
                 self._hosts += 1
-                self._host = self.headers[-1][1]
+                self._host = value
+            elif name == b"expect" and value.lower() == b"100-continue":
+                self.expect_100_continue = True
+            self.headers.append((name, value))
         elif name.lower() == b"connection" and b"close" in value.lower() and self.cycle is not None:
             # The one trailer that still counts: after `Connection: close` httptools drops
             # whatever the connection sends, so it must end with this request's answer.
@@ -296,9 +321,53 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._proxied is not None:
             apply_forwarded(self._proxied, self.scope)
         if self.parser.should_upgrade():  # Connection: upgrade, and Upgrade (h2c, websocket)
-            self._ignore_upgrade()
+            self._ignore_upgrade(version)
             return
-        super().on_headers_complete()
+        self._begin(version)
+
+    def _begin(self, version: str) -> None:
+        """Make the request of the head just read, and start its app or queue it behind the
+        request being served (pipelined): uvicorn's own steps, but for the cycle's class (see
+        api/response_writer.py), built as such rather than given its class afterwards. (Once
+        built, an object given another class keeps its attributes in a dictionary of its own,
+        where the interpreter's fast attribute access no longer finds them: that cost every
+        request more than a tenth of what the raw-ASGI ceiling spends on one.)"""
+        scope = self.scope
+        scope["method"] = self.parser.get_method().decode("ascii")
+        if version != "1.1":
+            scope["http_version"] = version
+        url = httptools.parse_url(self.url)
+        raw_path = url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = unquote(path)
+        scope["path"] = self.root_path + path
+        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+        scope["query_string"] = url.query or b""
+        app = self.app
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        running = self.cycle
+        self.cycle = cycle = OneWriteCycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=_LeanEvent(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=version != "1.0" and self.parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        if running is None or running.response_complete:
+            self._start_asgi_task(cycle, app)
+        else:
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, app))
 
     def _host_valid(self, version: str) -> bool:
         """RFC 9112 §3.2: one Host field, with a valid value; an HTTP/1.0 request may have none.
@@ -313,7 +382,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._valid_host = host
         return True
 
-    def _ignore_upgrade(self) -> None:
+    def _ignore_upgrade(self, version: str) -> None:
         """Serve a request that asks to switch protocols as a plain one (RFC 9110 §7.8 lets a
         server ignore Upgrade; this one switches to nothing), then close its connection:
         httptools reads nothing past such a head, taking the rest for the new protocol's. So a
@@ -323,15 +392,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         length = headers.get(b"content-length", b"0").strip(b" \t")
         if b"transfer-encoding" in headers or not (length.isdigit() and int(length) == 0):
             self._stop(UPGRADE_WITH_BODY)
-        super().on_headers_complete()
-        assert self.cycle is not None
+        self._begin(version)
         self.cycle.keep_alive = False
-
-    def _should_upgrade(self) -> bool:
-        return False  # no WebSocket either: the request is served as a plain one (see above)
-
-    def _unsupported_upgrade_warning(self) -> None:
-        pass  # what follows an upgrade request's head is dropped, as its connection closes
 
     def _stop(self, refusal: Refusal) -> NoReturn:
         """Stop the parser at the head just parsed, to be answered with `refusal`."""
@@ -378,12 +440,22 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._body_read = True
-        _uvicorn_on_body(self, body)  # as on_header: no super() per piece of every body
+        cycle = self.cycle
+        if cycle.response_complete:
+            return
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
 
     def on_message_complete(self) -> None:
         self._arriving_since = None
         self._in_body = False
-        super().on_message_complete()
+        cycle = self.cycle
+        if cycle.response_complete:
+            return
+        cycle.more_body = False
+        cycle.message_event.set()
 
     def check_times(self, now: float) -> None:
         """Close the connection if it has been idle for longer than the keep-alive timeout (as
@@ -452,12 +524,15 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         return (running is not None and not running.response_complete) or bool(self.pipeline)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        # The one place uvicorn starts a request's app: the request being served is known here
+        # The one place a request's app starts: the request being served is known here
         # (`cycle` is the last head read, which may be queued behind it).
         self._running = cycle
-        cycle.__class__ = OneWriteCycle  # see api/response_writer.py
-        _lean(cycle.message_event)
-        super()._start_asgi_task(cycle, app)
+        if getattr(self.config, "reset_contextvars", False):  # uvicorn's option (0.55 on)
+            task = self.loop.create_task(cycle.run_asgi(app), context=contextvars.Context())
+        else:
+            task = self.loop.create_task(cycle.run_asgi(app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     def on_response_complete(self) -> None:
         # uvicorn's, but for its keep-alive timer: a timer armed here and cancelled by the next
@@ -532,16 +607,20 @@ class _Pipeline(list[tuple[RequestResponseCycle, ASGI3Application]]):
         self.insert(0, item)
 
 
+class _LeanEvent(asyncio.Event):
+    """An asyncio.Event with its waiters in a list (see _lean), made so from the start."""
+
+    def __init__(self) -> None:
+        self._waiters = []  # type: ignore[assignment]
+        self._value = False
+
+
 def _lean(event: asyncio.Event) -> None:
     """Keep `event`'s waiters in a list rather than asyncio's deque, for the same reason as
     _Pipeline: uvicorn keeps two events per connection (its flow control's and its request's),
     and each has at most one waiter. asyncio.Event only appends to, removes from, iterates and
     measures its waiters, as a list does."""
     event._waiters = []  # type: ignore[assignment]
-
-
-_uvicorn_on_header = HttpToolsProtocol.on_header
-_uvicorn_on_body = HttpToolsProtocol.on_body
 
 
 def _last_line(data: bytes) -> bytes:
