@@ -12,7 +12,7 @@ but the plain case (a HEAD request, a client gone, a message out of order) goes 
 `send` after the held head is written.
 """
 
-from typing import cast
+from typing import NamedTuple, cast
 
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import (
@@ -59,9 +59,8 @@ class OneWriteCycle(RequestResponseCycle):
         )
 
     def _start(self, message: dict[str, object]) -> None:
-        """uvicorn's response start, but the head of a response of declared length is held.
-        (Its header checks, the same patterns, made once over all the names and once over all
-        the values: each is a class of characters, found in a concatenation if in any part.)"""
+        """uvicorn's response start, but the head of a response of declared length is held, and
+        the header lines are written by a plan made once for each sequence of header names."""
         self.response_started = True
         self.waiting_for_100_continue = False
         status_code = cast(int, message["status"])
@@ -77,26 +76,30 @@ class OneWriteCycle(RequestResponseCycle):
                 self.scope["http_version"],
                 status_code,
             )
-        if HEADER_RE.search(b"".join(name for name, _ in headers)):
-            raise RuntimeError("Invalid HTTP header name.")
-        if HEADER_VALUE_RE.search(b"".join(value for _, value in headers)):
+        names, values = zip(*headers, strict=True) if headers else ((), ())
+        try:
+            plan = _PLANS.get(names) or _plan(names)
+        except TypeError:  # a name given as a bytearray: no key, so no plan kept
+            plan = _plan(names, keep=False)
+        # uvicorn's value check, made once over all the values: the pattern is a class of
+        # characters, found in a concatenation if in any part.
+        if HEADER_VALUE_RE.search(b"".join(values)):
             raise RuntimeError("Invalid HTTP header value.")
-        content = [STATUS_LINE[status_code]]
         has_connection_close = False
-        for name, value in headers:
-            name = name.lower()
-            if name == b"content-length" and self.chunked_encoding is None:
-                self.expected_content_length = int(value.decode())
-                self.chunked_encoding = False
-            elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                self.expected_content_length = 0
-                self.chunked_encoding = True
-            elif name == b"connection" and b"close" in [
-                token.lower().strip() for token in value.split(b",")
-            ]:
+        for kind, index in plan.framing:  # what uvicorn reads of the headers, in their order
+            value = values[index]
+            if kind is _LENGTH:
+                if self.chunked_encoding is None:
+                    self.expected_content_length = int(value.decode())
+                    self.chunked_encoding = False
+            elif kind is _ENCODING:
+                if value.lower() == b"chunked":
+                    self.expected_content_length = 0
+                    self.chunked_encoding = True
+            elif b"close" in [token.lower().strip() for token in value.split(b",")]:
                 self.keep_alive = False
                 has_connection_close = True
-            content.extend((name, b": ", value, b"\r\n"))
+        content = [STATUS_LINE[status_code], plan.lines % values]
         if not self.keep_alive and not has_connection_close:
             content.append(b"connection: close\r\n")
         if self.chunked_encoding is None and status_code not in (204, 304):
@@ -125,3 +128,42 @@ class OneWriteCycle(RequestResponseCycle):
             if not self.keep_alive:
                 self.transport.close()
             self.on_response()
+
+
+# The headers uvicorn reads as it writes them (by lower-case name).
+_LENGTH, _ENCODING, _CONNECTION = "content-length", "transfer-encoding", "connection"
+_FRAMING = {name.encode(): name for name in (_LENGTH, _ENCODING, _CONNECTION)}
+
+
+class _Plan(NamedTuple):
+    """How a head with a given sequence of header names is written: its header lines with a
+    `%b` for each value in turn, and where the headers that frame the answer are."""
+
+    lines: bytes
+    framing: tuple[tuple[str, int], ...]  # (which, index in the sequence), in order
+
+
+# By the header names of an answer, as given (the default headers' and then the app's): an app
+# answers with a few such sequences over and over, and checking and lowering each name of every
+# answer cost more than writing the rest of it.
+_PLANS: dict[tuple[bytes, ...], _Plan] = {}
+_PLANS_MAX = 512
+
+
+def _plan(names: tuple[bytes, ...], *, keep: bool = True) -> _Plan:
+    """The plan of a sequence of names, checked as uvicorn checks each (made once over all the
+    names), and kept."""
+    if HEADER_RE.search(b"".join(names)):
+        raise RuntimeError("Invalid HTTP header name.")
+    lowered = [bytes(name.lower()) for name in names]
+    plan = _Plan(
+        lines=b"".join(name.replace(b"%", b"%%") + b": %b\r\n" for name in lowered),
+        framing=tuple(
+            (_FRAMING[name], index) for index, name in enumerate(lowered) if name in _FRAMING
+        ),
+    )
+    if keep:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[names] = plan
+    return plan
