@@ -72,19 +72,24 @@ PURCHASE_ROUTE = _route(purchase_contract.PURCHASE_PATH)
 STATUS_ROUTE = _route(purchase_contract.STATUS_PATH)
 EVENTS_ROUTE = _route(purchase_contract.STATUS_EVENTS_PATH)
 
-# The event ids of the last few thousand purchase paths, by their text: a flash sale names one
-# event over and over, and parsing its id each time is a visible share of the request.
+# The event ids of the last few thousand purchase paths, by path: a flash sale names one event
+# over and over, and matching its path and parsing its id each time is a visible share of the
+# request.
 _EVENT_IDS: dict[str, UUID] = {}
 _EVENT_IDS_MAX = 4096
 
 
-def _event_id(text: str) -> UUID:
-    parsed = _EVENT_IDS.get(text)
-    if parsed is None:
+def _purchase_of(path: str) -> UUID | None:
+    """The event id of a purchase path (a canonical one), else None."""
+    event_id = _EVENT_IDS.get(path)
+    if event_id is None:
+        match = PURCHASE.fullmatch(path)
+        if match is None:
+            return None
         if len(_EVENT_IDS) >= _EVENT_IDS_MAX:
             _EVENT_IDS.clear()
-        parsed = _EVENT_IDS[text] = UUID(text)
-    return parsed
+        event_id = _EVENT_IDS[path] = UUID(match[1])
+    return event_id
 
 
 def route_path(scope: Scope) -> str:
@@ -114,17 +119,17 @@ class FastPaths:
             method = scope["method"]
             if (
                 method == "POST"
-                and (match := PURCHASE.fullmatch(route_path(scope)))
-                and self._plain_json(scope)
+                and (event_id := _purchase_of(route_path(scope))) is not None
+                and (headers := self._plain_json(scope)) is not None
             ):
-                return self._purchase(scope, receive, send, _event_id(match[1]))
+                return self._purchase(scope, receive, send, event_id, b"origin" in headers)
             if (
                 method == "GET"
                 and _plain_status_query(scope["query_string"])
                 and (match := STATUS.fullmatch(route_path(scope)))
             ):
                 answer = purchase_contract.status(purchase_service_of(app), scope, UUID(match[1]))
-                return self._serve(scope, receive, send, STATUS_ROUTE, answer)
+                return self._serve(scope, receive, send, STATUS_ROUTE, answer, _has_origin(scope))
             if (
                 method == "GET"
                 and not scope["query_string"]
@@ -139,10 +144,12 @@ class FastPaths:
                     heartbeat_s=settings.status_heartbeat_s,
                     max_s=settings.status_stream_max_s,
                 )
-                return self._serve(scope, receive, send, EVENTS_ROUTE, stream)
+                return self._serve(scope, receive, send, EVENTS_ROUTE, stream, _has_origin(scope))
         return app.framework(scope, receive, send)
 
-    async def _purchase(self, scope: Scope, receive: Receive, send: Send, event_id: UUID) -> None:
+    async def _purchase(
+        self, scope: Scope, receive: Receive, send: Send, event_id: UUID, has_origin: bool
+    ) -> None:
         # The body is read here, not in a helper of its own: this frame is the one the
         # request's task resumes when the broker confirms, and each frame more costs per
         # purchase (it takes the place of `__call__`'s, which is not a coroutine).
@@ -152,7 +159,7 @@ class FastPaths:
             await self.app.framework(scope, receive, send)
             return
         answer = purchase_contract.accept(purchase_service_of(self.app), scope, event_id, body)
-        await self._serve(scope, receive, send, PURCHASE_ROUTE, answer)
+        await self._serve(scope, receive, send, PURCHASE_ROUTE, answer, has_origin)
 
     async def _serve(
         self,
@@ -161,6 +168,7 @@ class FastPaths:
         send: Send,
         route: APIRoute,
         answer: Awaitable[Answer | EventStream],
+        has_origin: bool,
     ) -> None:
         """Answer with the contract's `answer` as the middleware stack would answer with a
         route: failures by the app's handlers, CORS headers by Starlette's CORS logic, a bug
@@ -180,7 +188,7 @@ class FastPaths:
             # is referenced, and a stream is held for minutes.
             del answer
             status = _status_of(reply)
-            await self._sending(scope, receive, send, reply)
+            await self._sending(scope, receive, send, reply, has_origin)
         except Exception as exc:
             if not (isinstance(reply, EventStream) and reply.started):
                 # With CORS headers, as any answer: without them a page sees no 500, only
@@ -188,17 +196,22 @@ class FastPaths:
                 bug = await _bug_response(scope, receive, exc)
                 if bug is not None:
                     status = bug.status_code  # counted as answered, not as the reply that failed
-                    await self._sending(scope, receive, send, bug)
+                    await self._sending(scope, receive, send, bug, has_origin)
             raise  # (a stream already under way is cut short: its 200 is sent)
         finally:
             metrics.record(scope["method"], route.path, status, time.perf_counter() - started)
 
     def _sending(
-        self, scope: Scope, receive: Receive, send: Send, reply: Answer | EventStream | Response
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        reply: Answer | EventStream | Response,
+        has_origin: bool,
     ) -> Awaitable[None]:
         """What sends `reply` with the CORS headers due, to be awaited (a plain method, for the
         same reason as `__call__`)."""
-        if not isinstance(reply, Response) and not _has_origin(scope):
+        if not isinstance(reply, Response) and not has_origin:
             # Ours carry no header CORS would merge with: add what it adds without an Origin.
             extra = self._without_origin
         else:
@@ -212,25 +225,26 @@ class FastPaths:
             return reply.send(receive, send, extra=extra)
         return reply(scope, receive, send)
 
-    def _plain_json(self, scope: Scope) -> bool:
-        """A body of declared length within the limit, sent as plain `application/json` (in
-        UTF-8, uncompressed), and no header given twice: what the request guard passes as it is and the contract reads as
-        the route would. (A repeated header of any name leaves the request to them: one dict
-        built in C tells that, where a loop over the headers in Python cost more.)"""
+    def _plain_json(self, scope: Scope) -> dict[bytes, bytes] | None:
+        """The headers by name, if they are those of a body of declared length within the limit,
+        sent as plain `application/json` (in UTF-8, uncompressed), with no header given twice:
+        what the request guard passes as it is and the contract reads as the route would; else
+        None. (A repeated header of any name leaves the request to them: one dict built in C
+        tells that, where a loop over the headers in Python cost more.)"""
         given: list[tuple[bytes, bytes]] = scope["headers"]
         headers = dict(given)
         if len(headers) != len(given) or b"transfer-encoding" in headers:
-            return False
+            return None
         length = headers.get(b"content-length", b"")
         if not (length.isascii() and length.isdigit()) or int(length) > self.max_body_bytes:
-            return False
+            return None
         if b"content-encoding" in headers:  # the request guard judges it
-            return False
+            return None
         content_type = headers.get(b"content-type", b"")
         media_type, has_parameters, _ = content_type.partition(b";")
         if has_parameters and not in_utf8(content_type):
-            return False
-        return media_type.strip().lower() == b"application/json"
+            return None
+        return headers if media_type.strip().lower() == b"application/json" else None
 
 
 def _status_of(reply: Answer | EventStream | Response) -> int:
