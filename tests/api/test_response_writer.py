@@ -2,6 +2,7 @@
 bytes uvicorn's own cycle would have written, in whatever writes."""
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -242,3 +243,22 @@ def test_the_server_python_m_api_answers_each_request_in_one_write_and_arms_no_t
         assert content == b"{}"
     assert timer is None
     assert idle_since is not None
+
+
+def test_the_protocol_gives_a_cycle_its_arguments_in_uvicorns_order() -> None:
+    """api/http_server.py builds each cycle with its arguments by position (keywords cost each
+    request more than the rest of the call): a uvicorn that reorders them fails here."""
+    assert list(inspect.signature(RequestResponseCycle.__init__).parameters) == [
+        "self",
+        "scope",
+        "transport",
+        "flow",
+        "logger",
+        "access_logger",
+        "access_log",
+        "default_headers",
+        "message_event",
+        "expect_100_continue",
+        "keep_alive",
+        "on_response",
+    ]
