@@ -5,6 +5,7 @@ import copy
 import hashlib
 import hmac
 import math
+import os
 import pickle
 import secrets
 from uuid import UUID, uuid4
@@ -12,7 +13,7 @@ from uuid import UUID, uuid4
 import asyncpg
 import httpx
 
-from shared.purchases.ids import RANDOM_BITS, PurchaseIds, uuid_of
+from shared.purchases.ids import IDS_PER_DRAW, RANDOM_BITS, PurchaseIds, uuid_of
 from shared.settings import Settings
 from tests.factories import create_event, purchase
 
@@ -40,6 +41,24 @@ def test_new_ids_have_at_least_90_random_bits() -> None:
     varying = (always_clear & ~always_set) >> 32
     assert RANDOM_BITS >= 90
     assert bin(varying).count("1") == RANDOM_BITS
+
+
+def test_a_forked_child_never_issues_the_ids_its_parent_drew() -> None:
+    """Ids are drawn many at a time: a child forked with some drawn must draw its own."""
+    ids = PurchaseIds("a-secret-of-sixteen-chars")
+    ids.new()  # the rest of its draw is issued next
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        os.write(write, ids.new().bytes)
+        os._exit(0)
+    os.waitpid(child, 0)
+    childs = UUID(bytes=os.read(read, 16))
+    os.close(read)
+    os.close(write)
+
+    assert ids.is_issued(childs)
+    assert childs not in {ids.new() for _ in range(IDS_PER_DRAW)}
 
 
 def test_a_billion_ids_collide_with_a_chance_below_one_in_a_billion() -> None:
