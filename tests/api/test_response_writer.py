@@ -164,7 +164,10 @@ CASES: dict[str, tuple[list[Message], dict[str, Any]]] = {
         {"keep_alive": False},
     ),
     "a percent sign in a name": ([start(200, (b"x-%s%d", b"%s"), length(2)), body(b"ok")], {}),
-    "a name as a bytearray": ([start(200, (bytearray(b"X-A"), b"1"), length(2)), body(b"ok")], {}),
+    "a name as a bytearray": (
+        [start(200, (bytearray(b"X-A"), b"1"), length(2)), body(b"ok")],  # type: ignore[arg-type]
+        {},
+    ),
     "no header at all": ([start(200), body(b"ok")], {"default_headers": []}),
 }
 # A head held for its body is never written if the body never comes, or its client left.
