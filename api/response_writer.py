@@ -152,7 +152,7 @@ _PLANS_MAX = 512
 
 def _plan(names: tuple[bytes, ...], *, keep: bool = True) -> _Plan:
     """The plan of a sequence of names, checked as uvicorn checks each (made once over all the
-    names), and kept."""
+    names); kept for the next answer unless `keep` is false (names that cannot be a key)."""
     if HEADER_RE.search(b"".join(names)):
         raise RuntimeError("Invalid HTTP header name.")
     lowered = [bytes(name.lower()) for name in names]

@@ -117,7 +117,7 @@ class PurchaseIds:
         tag = self._tag(head.to_bytes(NONCE_BYTES))
         return uuid_of(head << TAG_BYTES * 8 | int.from_bytes(tag))
 
-    def _tag(self, head: bytes | bytearray) -> bytes:
+    def _tag(self, head: bytes) -> bytes:
         mac = self._tagger.copy()
         mac.update(head)
         return mac.digest()
