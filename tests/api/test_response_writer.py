@@ -191,6 +191,22 @@ def test_every_answer_is_what_uvicorn_writes_and_ends_the_same_way(case: str) ->
         assert ours.state == uvicorns.state
 
 
+def test_every_byte_of_a_header_value_is_judged_as_uvicorn_judges_it() -> None:
+    """A value is checked by deleting the bytes uvicorn's pattern allows: each of the 256, in
+    the middle of a value given after a valid one, is refused exactly where uvicorn refuses it."""
+    refused = []
+    for byte in range(256):
+        messages = [start(200, length(2), (b"x-a", b"ok"), (b"x-b", b"a" + bytes((byte,)) + b"b"))]
+        messages.append(body(b"ok"))
+        uvicorns = Outcome(RequestResponseCycle, messages)
+        ours = Outcome(OneWriteCycle, messages)
+        assert (ours.sent, ours.error) == (uvicorns.sent, uvicorns.error), byte
+        if ours.error is not None:
+            refused.append(byte)
+
+    assert refused == [*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F]
+
+
 @pytest.mark.parametrize(
     "case",
     ["202 with a body", "empty body", "204 without length", "connection close by the server"],
