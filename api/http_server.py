@@ -31,7 +31,7 @@ import contextvars
 import logging
 import re
 import weakref
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 from urllib.parse import unquote
 
 import httptools
@@ -101,6 +101,9 @@ TRAILERS_TOO_LARGE: Refusal = (
 )
 
 _HTTP_1 = frozenset({"1.1", "1.0"})
+# The headers a trusted proxy's requests are read for (api/proxy_headers.py): a request with
+# neither is left as it came, without a look at each of its headers again.
+_FORWARDED = frozenset({b"x-forwarded-proto", b"x-forwarded-for"})
 # A Host field's value (RFC 9112 §3.2, RFC 3986 §3.2.2): an IP literal or a registered name
 # (unreserved characters, percent-encodings, sub-delimiters; an IPv4 address is one), and a port.
 _HOST = re.compile(
@@ -180,6 +183,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     # (see api/proxy_headers.py); the same, if this connection's client is one of them, else None.
     _proxies: TrustedProxies | None
     _proxied: TrustedProxies | None
+    _forwarded: bool  # the head being read has a header a trusted proxy's is read for
 
     def __init__(
         self,
@@ -197,6 +201,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._beside_body = 0
         self._began_in_this_read = self._refused = False
         self._hosts, self._host, self._valid_host = 0, b"", None
+        self._forwarded = False
         self._deferred = None
         self._running = None
         self._arriving_since = self._idle_since = None
@@ -280,6 +285,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._line_read = False
         self._began_in_this_read = True
         self._hosts = 0
+        self._forwarded = False
         if self._arriving_since is None:
             self._arriving_since = self.loop.time()
 
@@ -295,6 +301,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
                 self._host = value
             elif name == b"expect" and value.lower() == b"100-continue":
                 self.expect_100_continue = True
+            elif name in _FORWARDED:
+                self._forwarded = True
             self.headers.append((name, value))
         elif name.lower() == b"connection" and b"close" in value.lower() and self.cycle is not None:
             # The one trailer that still counts: after `Connection: close` httptools drops
@@ -318,7 +326,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if not self._host_valid(version):
             self._stop(BAD_HOST)
         self._in_body, self._beside_body, self._body_read = True, 0, False
-        if self._proxied is not None:
+        if self._forwarded and self._proxied is not None:
             apply_forwarded(self._proxied, self.scope)
         if self.parser.should_upgrade():  # Connection: upgrade, and Upgrade (h2c, websocket)
             self._ignore_upgrade(version)
@@ -336,14 +344,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         scope["method"] = self.parser.get_method().decode("ascii")
         if version != "1.1":
             scope["http_version"] = version
-        url = httptools.parse_url(self.url)
-        raw_path = url.path
-        path = raw_path.decode("ascii")
-        if "%" in path:
-            path = unquote(path)
-        scope["path"] = self.root_path + path
-        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
-        scope["query_string"] = url.query or b""
+        target = _TARGETS.get(self.url)
+        if target is None or target.root_path != self.root_path:
+            target = _target(self.url, self.root_path)
+        scope["path"], scope["raw_path"], scope["query_string"] = target.parts
         app = self.app
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
@@ -607,6 +611,39 @@ class _Pipeline(list[tuple[RequestResponseCycle, ASGI3Application]]):
 
     def appendleft(self, item: tuple[RequestResponseCycle, ASGI3Application]) -> None:
         self.insert(0, item)
+
+
+class _Target(NamedTuple):
+    root_path: str
+    parts: tuple[str, bytes, bytes]  # the scope's path, raw_path and query_string
+
+
+# Request targets read as uvicorn reads them, by the target as sent: a flood of purchases sends
+# one target per event over and over, and parsing and decoding each cost a request more than
+# the rest of making its scope. Only short ones are kept, and the whole is dropped once full,
+# so that targets that never repeat (status polls) cost little and hold little.
+_TARGETS: dict[bytes, _Target] = {}
+_TARGETS_MAX = 1024
+_TARGET_KEPT_BYTES = 256
+
+
+def _target(url: bytes, root_path: str) -> _Target:
+    """uvicorn's reading of a request target into the scope, kept for the next request that
+    sends the same one (under the same root path). An invalid target raises, as it does there."""
+    parsed = httptools.parse_url(url)
+    raw_path = parsed.path
+    path = raw_path.decode("ascii")
+    if "%" in path:
+        path = unquote(path)
+    target = _Target(
+        root_path,
+        (root_path + path, root_path.encode("ascii") + raw_path, parsed.query or b""),
+    )
+    if len(url) <= _TARGET_KEPT_BYTES:
+        if len(_TARGETS) >= _TARGETS_MAX:
+            _TARGETS.clear()
+        _TARGETS[url] = target
+    return target
 
 
 class _LeanEvent(asyncio.Event):

@@ -161,3 +161,19 @@ def test_without_proxy_headers_nothing_is_read() -> None:
     scope, protocol, app = seen_by_the_app(FORWARDED, peer="127.0.0.1", proxy_headers=False)
     assert (scope["scheme"], scope["client"]) == ("http", ("127.0.0.1", 40000))
     assert protocol.app is app
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (b"X-Forwarded-Proto: https", ("https", ("127.0.0.1", 40000))),
+        (b"x-forwarded-for: 198.51.100.7", ("http", ("198.51.100.7", 0))),
+    ],
+)
+def test_either_forwarded_header_alone_is_read(
+    header: bytes, expected: tuple[str, tuple[str, int]]
+) -> None:
+    scope, _, _ = seen_by_the_app(
+        b"GET /a HTTP/1.1\r\nhost: x\r\n" + header + b"\r\n\r\n", peer="127.0.0.1"
+    )
+    assert (scope["scheme"], scope["client"]) == expected
