@@ -30,11 +30,12 @@ class Answer(NamedTuple):  # a tuple: built once per request, the cheapest immut
 
     async def send(self, send: Send, *, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         """Send it as ASGI messages, with `extra` raw headers added (the middleware's)."""
-        headers = [
-            (name.encode("latin-1"), value.encode("latin-1")) for name, value in self.headers
-        ]
+        # A loop, not a comprehension: that would be a function call more per answer.
+        headers: list[tuple[bytes, bytes]] = []
+        for name, value in self.headers:
+            headers.append((name.encode("latin-1"), value.encode("latin-1")))
         if self.status not in _WITHOUT_CONTENT:  # as Starlette: these carry no length
-            headers.append((b"content-length", str(len(self.body)).encode()))
+            headers.append((b"content-length", b"%d" % len(self.body)))
         if self.media_type is not None:
             headers.append((b"content-type", self.media_type.encode()))
         headers.extend(extra)
