@@ -38,6 +38,8 @@ SUSPECT_TIMEOUT_S = 1.0
 SILENT_S = float(HEARTBEAT_S)
 # After losing its node, a process tries the others this often (503s meanwhile).
 RECONNECT_INTERVAL_S = 0.25
+# How long a connection that was lost or left is given to close politely (see _close_lost).
+LOST_CLOSE_S = 1.0
 
 # What a connect raises when the node is not there: refused, reset, timed out, closed mid-handshake.
 UNREACHABLE: tuple[type[BaseException], ...] = (*BROKER_UNAVAILABLE, TimeoutError)
@@ -251,11 +253,7 @@ class BrokerLink:
         )
 
     async def _reconnect(self, lost: AbstractConnection) -> None:
-        # A connection lost abruptly still counts as open to aio-pika: closed here, or the
-        # garbage collector schedules a close that nobody awaits.
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1.0):
-                await lost.close()
+        await _close_lost(lost)
         # The node just lost goes last: it is the likeliest to be down.
         first = self._index + 1
         while not self._closing:
@@ -265,6 +263,22 @@ class BrokerLink:
             except Exception as exc:
                 log.warning("rabbitmq: no node could be reached (%r); retrying", exc)
             await asyncio.sleep(RECONNECT_INTERVAL_S)
+
+
+async def _close_lost(connection: AbstractConnection) -> None:
+    """Close a connection that was lost or left. One lost abruptly still counts as open to
+    aio-pika, and the garbage collector would schedule a close that nobody awaits. A hung node
+    never answers the close: after a second its socket is dropped, and a second close (with no
+    transport left to wait on) marks the connection closed."""
+    socket = socket_of(connection)
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(LOST_CLOSE_S):
+            await connection.close()
+    if not connection.is_closed:
+        if socket is not None:
+            socket.transport.abort()
+        with contextlib.suppress(Exception):
+            await connection.close()
 
 
 def _silent_for(connection: AbstractConnection) -> float | None:

@@ -15,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 
 from shared import broker
-from shared.broker_nodes import BrokerLink, connect_any
+from shared.broker_nodes import BrokerLink, connect_any, socket_of
 from shared.errors import BrokerUnavailable
 from shared.messages import AcceptedPurchase
 from shared.publisher import PurchasePublisher
@@ -132,6 +132,10 @@ async def test_a_node_that_goes_silent_is_left_once_a_publish_times_out(
     once a publish on it times out, well before aiormq's three heartbeat intervals (18 s)."""
     async with _publishing_through_two_nodes(settings) as (first, second, link, publisher):
         event_id = uuid4()
+        silent = link._connection
+        assert silent is not None
+        silent_socket = socket_of(silent)
+        assert silent_socket is not None
         first.freeze()
         frozen_at = time.monotonic()
         while not (link.connected and link.node == f"127.0.0.1:{second.port}"):
@@ -141,6 +145,10 @@ async def test_a_node_that_goes_silent_is_left_once_a_publish_times_out(
             await asyncio.sleep(0.05)
         left_after_s = time.monotonic() - frozen_at
         await publisher.publish(_purchase(event_id))  # through the second node
+        # The connection left behind is closed, its socket with it, though the node never
+        # answered the close (else the garbage collector schedules a close nobody awaits).
+        assert silent.is_closed
+        assert silent_socket.is_closing()
     print(f"\nleft the silent node after {left_after_s:.1f} s")
     assert link.connects == 2
 
