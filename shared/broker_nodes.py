@@ -268,15 +268,26 @@ class BrokerLink:
 async def _close_lost(connection: AbstractConnection) -> None:
     """Close a connection that was lost or left. One lost abruptly still counts as open to
     aio-pika, and the garbage collector would schedule a close that nobody awaits. A hung node
-    never answers the close: after a second its socket is dropped, and a second close (with no
-    transport left to wait on) marks the connection closed."""
+    never answers the close: after LOST_CLOSE_S its socket is dropped, and a second close (with
+    no transport left to wait on) marks the connection closed.
+
+    The drop is timed on its own, not after the timed-out close: a node that stopped reading
+    leaves our writes in the socket's buffer, and aiormq's close then waits for that socket to
+    close however often it is cancelled (it waits again in a `finally`)."""
     socket = socket_of(connection)
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(LOST_CLOSE_S):
-            await connection.close()
+    drop = (
+        asyncio.get_running_loop().call_later(LOST_CLOSE_S, socket.transport.abort)
+        if socket is not None
+        else None
+    )
+    try:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(LOST_CLOSE_S):
+                await connection.close()
+    finally:
+        if drop is not None:
+            drop.cancel()
     if not connection.is_closed:
-        if socket is not None:
-            socket.transport.abort()
         with contextlib.suppress(Exception):
             await connection.close()
 
