@@ -134,6 +134,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         "_beside_body",
         "_body_read",
         "_deferred",
+        "_forwarded",
         "_head_bytes",
         "_host",
         "_hosts",

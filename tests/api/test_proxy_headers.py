@@ -103,6 +103,15 @@ def seen_by_the_app(
 ) -> tuple[Scope, BoundedHeadProtocol, Callable[..., Any]]:
     """The scope the app gets for `request`, sent from `peer` to the server `python -m api`
     runs (its protocol, uvicorn's settings)."""
+    scopes, protocol, app = all_seen_by_the_app(request, peer=peer, **config)
+    assert len(scopes) == 1
+    return scopes[0], protocol, app
+
+
+def all_seen_by_the_app(
+    requests: bytes, *, peer: str, **config: Any
+) -> tuple[list[Scope], BoundedHeadProtocol, Callable[..., Any]]:
+    """The scopes the app gets for `requests` (one or more, in one read), as above."""
     seen: list[Scope] = []
 
     async def app(scope: Scope, receive: Callable[..., Any], send: Any) -> None:
@@ -122,17 +131,16 @@ def seen_by_the_app(
         protocol = BoundedHeadProtocol(config=settings, server_state=ServerState(), app_state={})
         transport = FromPeer()
         protocol.connection_made(transport)
-        protocol.data_received(request)
+        protocol.data_received(requests)
         for _ in range(100):
-            if transport.writes:
+            if len(transport.writes) == requests.count(b"\r\n\r\n"):
                 break
             await asyncio.sleep(0.01)
         protocol.connection_lost(None)
         return protocol
 
     protocol = asyncio.run(serve())
-    assert len(seen) == 1
-    return seen[0], protocol, app
+    return seen, protocol, app
 
 
 FORWARDED = (
@@ -177,3 +185,14 @@ def test_either_forwarded_header_alone_is_read(
         b"GET /a HTTP/1.1\r\nhost: x\r\n" + header + b"\r\n\r\n", peer="127.0.0.1"
     )
     assert (scope["scheme"], scope["client"]) == expected
+
+
+def test_a_forwarded_request_does_not_lend_its_headers_to_the_next_on_its_connection() -> None:
+    """Pipelined: the first request's forwarded headers are read, the second has none."""
+    scopes, _, _ = all_seen_by_the_app(
+        FORWARDED + b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n", peer="127.0.0.1"
+    )
+    assert [(scope["scheme"], scope["client"]) for scope in scopes] == [
+        ("https", ("10.0.0.2", 0)),
+        ("http", ("127.0.0.1", 40000)),
+    ]

@@ -9,7 +9,13 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from api.http_server import BoundedHeadProtocol
+from api.http_server import (
+    _TARGET_KEPT_BYTES,
+    _TARGETS,
+    _TARGETS_MAX,
+    BoundedHeadProtocol,
+    _target,
+)
 from tests.api.test_response_writer import RecordingTransport
 
 Scope = dict[str, Any]
@@ -84,3 +90,17 @@ def test_a_reading_kept_under_one_root_path_is_not_taken_under_another() -> None
             f"{root_path}/a b",
             f"{root_path}/a%20b".encode(),
         )
+
+
+def test_short_targets_are_kept_long_ones_are_not_and_the_whole_is_bounded() -> None:
+    _TARGETS.clear()
+    served(BoundedHeadProtocol, b"/short?x=1", "")
+    long = b"/" + b"x" * _TARGET_KEPT_BYTES
+    served(BoundedHeadProtocol, long, "")
+
+    assert b"/short?x=1" in _TARGETS
+    assert long not in _TARGETS
+
+    for n in range(2 * _TARGETS_MAX):
+        _target(b"/t/%d" % n, "")
+        assert len(_TARGETS) <= _TARGETS_MAX
