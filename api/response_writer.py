@@ -12,7 +12,8 @@ but the plain case (a HEAD request, a client gone, a message out of order) goes 
 `send` after the held head is written.
 """
 
-from typing import NamedTuple, cast
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import (
@@ -44,7 +45,7 @@ class OneWriteCycle(RequestResponseCycle):
         elif (
             message["type"] == "http.response.start" and not self.response_started and self._plain()
         ):
-            self._start(message)  # type: ignore[arg-type]
+            self._start(message["status"], message.get("headers", []))
             return
         await super().send(message)
 
@@ -58,15 +59,12 @@ class OneWriteCycle(RequestResponseCycle):
             and not self.response_complete
         )
 
-    def _start(self, message: dict[str, object]) -> None:
+    def _start(self, status_code: int, app_headers: Iterable[tuple[bytes, bytes]]) -> None:
         """uvicorn's response start, but the head of a response of declared length is held, and
         the header lines are written by a plan made once for each sequence of header names."""
         self.response_started = True
         self.waiting_for_100_continue = False
-        status_code = cast(int, message["status"])
-        headers = self.default_headers + list(
-            cast("list[tuple[bytes, bytes]]", message.get("headers", []))
-        )
+        headers = self.default_headers + list(app_headers)
         if self.access_log:
             self.access_logger.info(
                 '%s - "%s %s HTTP/%s" %d',
