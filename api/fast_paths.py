@@ -43,6 +43,7 @@ from api.answers import Answer
 from api.deps import purchase_service_of, settings_of, status_waiters_of
 from api.errors import ProblemHandler
 from api.guards import in_utf8
+from api.kept import keep
 from api.routes import purchases
 from api.status_stream import EventStream
 
@@ -86,9 +87,7 @@ def _purchase_of(path: str) -> UUID | None:
         match = PURCHASE.fullmatch(path)
         if match is None:
             return None
-        if len(_EVENT_IDS) >= _EVENT_IDS_MAX:
-            _EVENT_IDS.clear()
-        event_id = _EVENT_IDS[path] = UUID(match[1])
+        event_id = keep(_EVENT_IDS, path, UUID(match[1]), limit=_EVENT_IDS_MAX)
     return event_id
 
 

@@ -42,6 +42,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import ServerState
 
 from api import metrics
+from api.kept import keep
 from api.problems import problem
 from api.proxy_headers import TrustedProxies, apply_forwarded, trusts, unwrap
 from api.response_writer import OneWriteCycle
@@ -641,9 +642,7 @@ def _target(url: bytes, root_path: str) -> _Target:
         (root_path + path, root_path.encode("ascii") + raw_path, parsed.query or b""),
     )
     if len(url) <= _TARGET_KEPT_BYTES:
-        if len(_TARGETS) >= _TARGETS_MAX:
-            _TARGETS.clear()
-        _TARGETS[url] = target
+        keep(_TARGETS, url, target, limit=_TARGETS_MAX)
     return target
 
 

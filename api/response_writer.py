@@ -24,6 +24,8 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
+from api import kept
+
 
 class OneWriteCycle(RequestResponseCycle):
     """uvicorn's request-response cycle, writing a response of declared length in one write.
@@ -165,7 +167,5 @@ def _plan(names: tuple[bytes, ...], *, keep: bool = True) -> _Plan:
         ),
     )
     if keep:
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[names] = plan
+        kept.keep(_PLANS, names, plan, limit=_PLANS_MAX)
     return plan
