@@ -5,7 +5,8 @@ BytesIO: about a quarter of a worker's CPU when a message carries one purchase (
 three frames). This receiver reads whatever the socket has and cuts the frames out of it, so a
 read that brought a few hundred deliveries costs one await, and a frame already in the buffer
 none. It raises what aiormq's raises, in the same cases (tests/shared/test_amqp_receive.py runs
-both over the same streams), and hands every frame to `pamqp.frame.unmarshal` as aiormq does.
+both over the same streams), and decodes every frame as `pamqp.frame.unmarshal` does, the frames
+of a delivery by shared/amqp_frames.py.
 
 aiormq builds its receiver by the module-level name `aiormq.connection.FrameReceiver` when a
 connection opens: `install()` points that name here, for every connection opened after it.
@@ -15,10 +16,11 @@ import asyncio
 import struct
 
 import aiormq.connection
-import pamqp.frame
 from aiormq.connection import ReceivedFrame
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
 from pamqp.exceptions import PAMQPException
+
+from shared import amqp_frames
 
 _HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
 _HEAD_SIZE = _HEAD.size
@@ -58,7 +60,7 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
             return None
         self._start = end
         try:
-            return pamqp.frame.unmarshal(data[start:end])
+            return amqp_frames.unmarshal(data, start, end)
         except PAMQPException as e:
             raise InvalidFrameError(str(e)) from e
 
