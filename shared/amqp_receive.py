@@ -8,13 +8,24 @@ none. It raises what aiormq's raises, in the same cases (tests/shared/test_amqp_
 both over the same streams), and decodes every frame as `pamqp.frame.unmarshal` does, the frames
 of a delivery by shared/amqp_frames.py.
 
-aiormq builds its receiver by the module-level name `aiormq.connection.FrameReceiver` when a
-connection opens: `install()` points that name here, for every connection opened after it.
+The connection's reader task hands each frame to its channel's task through a queue of the
+channel's (ten frames at most). aiormq's is an asyncio.Queue, whose bookkeeping (its size checks,
+waiters and unfinished-task count, about a dozen calls a frame) cost as much as cutting the frames
+out: each channel gets a FrameQueue instead, the same bound without the bookkeeping.
+
+aiormq builds its receiver and its channels by the module-level names
+`aiormq.connection.FrameReceiver` and `aiormq.connection.Channel` when a connection opens and
+when it opens a channel: `install()` points those names here, for every connection opened after
+it.
 """
 
 import asyncio
 import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Any
 
+import aiormq.channel
 import aiormq.connection
 from aiormq.connection import ReceivedFrame
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
@@ -113,6 +124,81 @@ def _connection_error(error: OSError) -> AMQPConnectionError:
     return AMQPConnectionError(f"Server communication error: {error!r}")
 
 
+class FrameQueue:
+    """A channel's frames, put by the connection's reader task and got by the channel's: an
+    asyncio.Queue's `put`, `get` and `task_done`, the only calls aiormq makes on it, with the
+    same bound and the same waiting (a task waits for room, or for a frame, in turn with others
+    waiting for the same)."""
+
+    __slots__ = ("_frames", "_getters", "_putters", "maxsize")
+
+    def __init__(self, maxsize: int = 0) -> None:
+        self.maxsize = maxsize  # 0: unbounded
+        self._frames: deque[Any] = deque()
+        self._getters: deque[asyncio.Future[None]] = deque()
+        self._putters: deque[asyncio.Future[None]] = deque()
+
+    def qsize(self) -> int:
+        return len(self._frames)
+
+    async def put(self, item: Any) -> None:
+        while 0 < self.maxsize <= len(self._frames):
+            await self._wait(self._putters, ready=self._has_room)
+        self._frames.append(item)
+        if self._getters:
+            _wake_next(self._getters)
+
+    async def get(self) -> Any:
+        while not self._frames:
+            await self._wait(self._getters, ready=self._has_frames)
+        item = self._frames.popleft()
+        if self._putters:
+            _wake_next(self._putters)
+        return item
+
+    def task_done(self) -> None:
+        """Nothing to count: nobody joins a channel's frames."""
+
+    def _has_room(self) -> bool:
+        return not 0 < self.maxsize <= len(self._frames)
+
+    def _has_frames(self) -> bool:
+        return bool(self._frames)
+
+    @staticmethod
+    async def _wait(waiters: deque[asyncio.Future[None]], *, ready: Callable[[], bool]) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            waiter.cancel()
+            if waiter in waiters:
+                waiters.remove(waiter)
+            elif not waiter.cancelled() and ready():
+                # Woken for a frame (or room) it will not take now: the next in line takes it.
+                _wake_next(waiters)
+            raise
+
+
+def _wake_next(waiters: deque[asyncio.Future[None]]) -> None:
+    while waiters:
+        waiter = waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(None)
+            return
+
+
+class QueuedFramesChannel(aiormq.channel.Channel):
+    """aiormq's channel, its frames held in a FrameQueue."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.frames = FrameQueue(self.frames.maxsize)  # type: ignore[assignment]
+
+
 def install() -> None:
-    """Connections opened from now on read their frames with BufferedFrameReceiver."""
+    """Connections opened from now on read their frames with BufferedFrameReceiver, and hand
+    them to their channels through FrameQueues."""
     aiormq.connection.FrameReceiver = BufferedFrameReceiver  # type: ignore[misc]
+    aiormq.connection.Channel = QueuedFramesChannel  # type: ignore[attr-defined]

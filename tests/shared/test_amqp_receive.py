@@ -21,7 +21,7 @@ from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
 from shared import broker_nodes
-from shared.amqp_receive import BufferedFrameReceiver
+from shared.amqp_receive import BufferedFrameReceiver, FrameQueue
 from shared.settings import Settings
 
 # aiormq's own, whatever install() has done to the name connections use.
@@ -279,6 +279,9 @@ async def test_connections_read_through_the_buffered_receiver_and_deliver_messag
     try:
         assert receiver_of(connection) is BufferedFrameReceiver
         channel = await connection.channel()
+        amqp = cast(aiormq.Channel, await channel.get_underlay_channel())
+        assert isinstance(amqp.frames, FrameQueue)
+        assert amqp.frames.maxsize == aiormq.Connection.FRAME_BUFFER_SIZE  # aiormq's bound
         queue = await channel.declare_queue(f"{settings.broker_namespace}.receive", exclusive=True)
         bodies = [
             (b"x" * 400_000 if n % 500 == 7 else f'{{"n": {n}}}'.encode()) for n in range(2_000)
@@ -297,3 +300,90 @@ async def test_connections_read_through_the_buffered_receiver_and_deliver_messag
         assert declared.declaration_result.message_count == 0
     finally:
         await connection.close()
+
+
+QUEUES = pytest.mark.parametrize("queue_type", [asyncio.Queue, FrameQueue])
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+@QUEUES
+async def test_a_frame_queue_hands_frames_over_in_order_within_its_bound(
+    queue_type: type[FrameQueue],
+) -> None:
+    queue = queue_type(3)
+
+    async def produce() -> None:
+        for n in range(100):
+            await queue.put(n)
+
+    producing = asyncio.create_task(produce())
+    await settle()
+    assert queue.qsize() == 3
+    assert not producing.done()  # full: the producer waits for room
+    received = [await queue.get() for _ in range(100)]
+    queue.task_done()
+    await producing
+    assert received == list(range(100))
+    assert queue.qsize() == 0
+
+
+@QUEUES
+async def test_a_getter_woken_then_cancelled_passes_its_frame_to_the_next(
+    queue_type: type[FrameQueue],
+) -> None:
+    queue = queue_type(10)
+    first = asyncio.create_task(queue.get())
+    second = asyncio.create_task(queue.get())
+    await settle()
+    await queue.put("frame")  # wakes the first getter, which has not run yet
+    first.cancel()
+    assert await asyncio.wait_for(second, 1) == "frame"
+    assert first.cancelled()
+
+
+@QUEUES
+async def test_a_getter_cancelled_while_waiting_takes_nothing(
+    queue_type: type[FrameQueue],
+) -> None:
+    queue = queue_type(10)
+    waiting = asyncio.create_task(queue.get())
+    await settle()
+    waiting.cancel()
+    await settle()
+    await queue.put("frame")
+    assert await asyncio.wait_for(queue.get(), 1) == "frame"
+
+
+@QUEUES
+async def test_a_putter_cancelled_while_waiting_for_room_puts_nothing(
+    queue_type: type[FrameQueue],
+) -> None:
+    queue = queue_type(1)
+    await queue.put("first")
+    waiting = asyncio.create_task(queue.put("second"))
+    await settle()
+    waiting.cancel()
+    await settle()
+    assert waiting.cancelled()
+    assert await queue.get() == "first"
+    assert queue.qsize() == 0
+
+
+@QUEUES
+async def test_a_putter_woken_then_cancelled_passes_the_room_to_the_next(
+    queue_type: type[FrameQueue],
+) -> None:
+    queue = queue_type(1)
+    await queue.put("first")
+    cancelled = asyncio.create_task(queue.put("cancelled"))
+    second = asyncio.create_task(queue.put("second"))
+    await settle()
+    assert await queue.get() == "first"  # room: wakes the first putter, which has not run yet
+    cancelled.cancel()
+    await asyncio.wait_for(second, 1)
+    assert await queue.get() == "second"
+    assert queue.qsize() == 0
