@@ -92,8 +92,9 @@ def table(rng: random.Random, depth: int = 0) -> dict[str, Any]:
     return {f"x-{short_text(rng)[:20]}{n}": rng.choice(values) for n in range(rng.randrange(4))}
 
 
-def properties(rng: random.Random) -> commands.Basic.Properties:
-    """A random subset of every property, each of its own type."""
+def properties(rng: random.Random, share: float = 0.5) -> commands.Basic.Properties:
+    """A random subset of every property (each given with the chance `share`), each of its own
+    type."""
     choices: dict[str, Any] = {
         "content_type": short_text(rng),
         "content_encoding": short_text(rng),
@@ -110,7 +111,7 @@ def properties(rng: random.Random) -> commands.Basic.Properties:
         "app_id": short_text(rng),
     }
     return commands.Basic.Properties(
-        **{name: value for name, value in choices.items() if rng.random() < 0.5}
+        **{name: value for name, value in choices.items() if rng.random() < share}
     )
 
 
@@ -211,12 +212,27 @@ def test_other_frames_are_pamqps(frame: bytes) -> None:
     assert decoded(frame) == by_pamqp(frame)
 
 
-def test_the_kept_layouts_are_bounded() -> None:
-    """Frames of ever new flags (garbage, not a broker's) keep at most _LAYOUTS_MAX layouts,
-    and still decode as pamqp decodes them."""
+def test_every_layout_of_properties_decodes_as_pamqp_decodes_it() -> None:
+    """Each of the 8,192 combinations of the properties a publisher may set (cluster_id must be
+    empty, so is never sent)."""
     rng = random.Random(SEED + 2)
-    for flags in range(0, 4 * (amqp_frames._LAYOUTS_MAX + 1), 2):  # the lowest bit: more words
-        payload = struct.pack(">HHQH", 60, 0, 0, flags) + rng.randbytes(64)
+    every = properties(rng, share=1.0)
+    names = [name for name in commands.Basic.Properties.__slots__ if name != "cluster_id"]
+    assert len(names) == 13
+    for chosen in range(1 << len(names)):
+        given = {name: getattr(every, name) for n, name in enumerate(names) if chosen >> n & 1}
+        header = ContentHeader(0, 10, commands.Basic.Properties(**given))
+        frame = pamqp.frame.marshal(header, 1)
+        assert decoded(frame) == by_pamqp(frame)
+        assert by_pamqp(frame)[2][0] is ContentHeader
+
+
+def test_the_kept_layouts_are_bounded() -> None:
+    """Frames of ever new flags (garbage, not a broker's) keep at most _LAYOUTS_MAX layouts, and
+    still decode, or fail, as pamqp does."""
+    rng = random.Random(SEED + 3)
+    for flags in range(0, 1 << 16, 4):  # the properties' bits: bit 1 is unused, bit 0 chains words
+        payload = struct.pack(">HHQH", 60, 0, 0, flags) + rng.randbytes(rng.randrange(16, 96))
         frame = _HEAD.pack(2, 1, len(payload)) + payload + b"\xce"
         assert decoded(frame) == by_pamqp(frame)
         assert len(amqp_frames._LAYOUTS) <= amqp_frames._LAYOUTS_MAX
