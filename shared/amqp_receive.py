@@ -194,6 +194,9 @@ class QueuedFramesChannel(aiormq.channel.Channel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # The channel's reader task, made in the constructor, first reads `frames` when the
+        # loop runs it, after this (an eager task factory, opt-in since Python 3.12, would run
+        # it at once, on the queue replaced here).
         self.frames = FrameQueue(self.frames.maxsize)  # type: ignore[assignment]
 
 

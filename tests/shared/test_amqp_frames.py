@@ -36,7 +36,8 @@ def fields(frame: object) -> Any:
     if isinstance(frame, ContentBody):
         return ContentBody, frame.value
     slots = getattr(type(frame), "__slots__", ())
-    return type(frame), [(name, getattr(frame, name, "<unset>")) for name in slots]
+    # By repr: == would take True for 1 and 1.0 for 1.
+    return type(frame), [(name, repr(getattr(frame, name, "<unset>"))) for name in slots]
 
 
 def refused(exc: Exception) -> tuple[type, str]:
@@ -225,6 +226,26 @@ def test_every_layout_of_properties_decodes_as_pamqp_decodes_it() -> None:
         frame = pamqp.frame.marshal(header, 1)
         assert decoded(frame) == by_pamqp(frame)
         assert by_pamqp(frame)[2][0] is ContentHeader
+
+
+def test_chained_flag_words_decode_as_pamqp_decodes_them() -> None:
+    """A content header's flags run on into further words while a word's lowest bit is set;
+    pamqp knows no property past the first word, but reads every word."""
+    rng = random.Random(SEED + 4)
+    for _ in range(300):
+        given = properties(rng)
+        single = pamqp.frame.marshal(ContentHeader(0, 10, given), 1)[_HEAD.size : -1]
+        (first,) = struct.unpack_from(">H", single, 12)
+        words = [first | 1]
+        for _ in range(rng.randrange(1, 4)):
+            words.append(rng.randrange(1 << 16) | 1)
+        words[-1] &= 0xFFFE  # the last word ends the chain
+        flags = struct.pack(f">{len(words)}H", *words)
+        payload = single[:12] + flags + single[14:]
+        frame = _HEAD.pack(2, 1, len(payload)) + payload + b"\xce"
+        expected = by_pamqp(frame)
+        assert expected[2][0] is ContentHeader
+        assert decoded(frame) == expected
 
 
 def test_the_kept_layouts_are_bounded() -> None:

@@ -354,6 +354,7 @@ async def test_a_getter_cancelled_while_waiting_takes_nothing(
     await settle()
     waiting.cancel()
     await settle()
+    assert not queue._getters  # its waiter is gone, not left to be skipped later
     await queue.put("frame")
     assert await asyncio.wait_for(queue.get(), 1) == "frame"
 
@@ -369,6 +370,7 @@ async def test_a_putter_cancelled_while_waiting_for_room_puts_nothing(
     waiting.cancel()
     await settle()
     assert waiting.cancelled()
+    assert not queue._putters  # its waiter is gone, not left to be skipped later
     assert await queue.get() == "first"
     assert queue.qsize() == 0
 
