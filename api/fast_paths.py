@@ -43,9 +43,9 @@ from api.answers import Answer
 from api.deps import purchase_service_of, settings_of, status_waiters_of
 from api.errors import ProblemHandler
 from api.guards import in_utf8
-from api.kept import keep
 from api.routes import purchases
 from api.status_stream import EventStream
+from shared.kept import keep
 
 if TYPE_CHECKING:
     from api.main import TicketingAPI

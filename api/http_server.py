@@ -42,10 +42,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import ServerState
 
 from api import metrics
-from api.kept import keep
 from api.problems import problem
 from api.proxy_headers import TrustedProxies, apply_forwarded, trusts, unwrap
 from api.response_writer import OneWriteCycle
+from shared.kept import keep
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
-from api import kept
+from shared import kept
 
 
 class OneWriteCycle(RequestResponseCycle):

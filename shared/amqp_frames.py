@@ -24,8 +24,10 @@ from pamqp.body import ContentBody
 from pamqp.common import FieldValue
 from pamqp.header import ContentHeader
 
-_HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
-_PAYLOAD = _HEAD.size
+from shared.kept import keep
+
+HEAD = struct.Struct(">BHI")  # a frame's type, channel and payload size, before its payload
+_PAYLOAD = HEAD.size
 # pamqp's own formats for each field (pamqp.common.Struct), signed where pamqp's are.
 _METHOD_INDEX = struct.Struct(">l")
 _DELIVERY_TAG = struct.Struct(">q")
@@ -52,7 +54,7 @@ _OCTET = decode.octet
 def unmarshal(data: bytes, start: int, end: int) -> ReceivedFrame:
     """The frame in data[start:end] (a whole one, header to frame-end octet), as
     pamqp.frame.unmarshal returns it."""
-    kind, channel, size = _HEAD.unpack_from(data, start)
+    kind, channel, size = HEAD.unpack_from(data, start)
     if size and data[end - 1] == constants.FRAME_END:
         try:
             if kind == constants.FRAME_BODY:
@@ -124,7 +126,5 @@ def _layout(flags: int) -> tuple[tuple[str, _Decoder | None], ...]:
         for name, flag, kind in _PROPERTY_TYPES
         if flags & flag
     )
-    if len(_LAYOUTS) >= _LAYOUTS_MAX:  # flags of every kind: a stream of garbage, not a broker
-        _LAYOUTS.clear()
-    _LAYOUTS[flags] = layout
-    return layout
+    # Flags of every kind are a stream of garbage, not a broker: bounded all the same.
+    return keep(_LAYOUTS, flags, layout, limit=_LAYOUTS_MAX)

@@ -20,7 +20,6 @@ it.
 """
 
 import asyncio
-import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +32,7 @@ from pamqp.exceptions import PAMQPException
 
 from shared import amqp_frames
 
-_HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
+_HEAD = amqp_frames.HEAD
 _HEAD_SIZE = _HEAD.size
 _READ_SIZE = 256 * 1024  # a read takes at most this (and at least what the frame needs)
 
